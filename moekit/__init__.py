@@ -1,0 +1,15 @@
+"""moekit: a PyTorch toolkit for Mixture-of-Experts models.
+
+Parts (one folder each; ``layers`` imports none of the others):
+    layers/    the MoE layer: routers, experts, dispatch backends, losses
+    models/    model families built on ``layers`` (decoder LM, ...)
+    train/     data, tokenizer, trainer, checkpoints
+    convert/   Hugging Face import/export
+    compress/  quantization and pruning
+    infer/     generation, offloading, serving
+    parallel/  expert parallelism and placement planning
+    analysis/  routing traces, load and specialisation reports
+    cli/       the ``moekit`` command
+"""
+
+__version__ = "0.1.0"

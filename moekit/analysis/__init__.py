@@ -1,0 +1,1 @@
+"""moekit.analysis: routing traces, expert load and specialisation reports with plots."""

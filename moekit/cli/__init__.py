@@ -1,0 +1,2 @@
+"""moekit.cli: the ``moekit`` command. Each verb lives in its own module with ``add_parser`` and
+``run``; ``main.VERBS`` lists them. Verbs only parse arguments and call library functions."""

@@ -1,0 +1,61 @@
+"""Entry point of the ``moekit`` command.
+
+Each verb is a module ``moekit.cli.<verb>`` that defines ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(args) -> int``. Modules are imported only when their verb runs, so ``moekit --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb name -> module name under moekit.cli
+VERBS: dict[str, str] = {
+    "train": "train",
+    "generate": "generate",
+    "eval": "evaluate",
+    "report": "report",
+    "trace": "trace",
+    "layer-demo": "layer_demo",
+}
+
+
+def _available() -> dict[str, object]:
+    mods = {}
+    for verb, module in VERBS.items():
+        try:
+            mods[verb] = importlib.import_module(f"moekit.cli.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"moekit.cli.{module}":
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Builds the argument parser with one subparser per available verb."""
+    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, mod in _available().items():
+        p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"moekit {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

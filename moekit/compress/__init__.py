@@ -1,0 +1,1 @@
+"""moekit.compress: expert quantization and pruning, as pure functions over built models."""

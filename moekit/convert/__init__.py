@@ -1,0 +1,1 @@
+"""moekit.convert: Hugging Face checkpoint import/export (one adapter per family)."""

@@ -1,0 +1,1 @@
+"""moekit.infer: fast generation, expert offloading and the OpenAI-compatible server."""

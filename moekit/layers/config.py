@@ -1,0 +1,209 @@
+"""Configuration of one MoE layer (:class:`MoEConfig`) and of a dense FFN (:class:`FFNConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moekit.config import JsonConfig, check_choice
+
+ROUTER_TYPES = ("topk", "top_p", "random_fixed", "expert_choice")
+SCORE_FUNCS = ("softmax", "sigmoid")
+SOFTMAX_ORDERS = ("before_topk", "after_topk")
+GROUP_SCORES = ("top2_sum", "max")
+NOISE_TYPES = ("none", "jitter", "gaussian", "gumbel")
+DROP_POLICIES = ("score", "position", "random")
+ACTIVATIONS = ("swiglu", "gelu")
+BACKENDS = ("auto", "eager", "sorted", "grouped_mm")
+
+
+@dataclass(kw_only=True)
+class FFNConfig(JsonConfig):
+    """A dense feed-forward block.
+
+    Attributes:
+        dim: model width D.
+        ffn_dim: hidden width F.
+        activation: ``"swiglu"`` (gate/up/down) or ``"gelu"`` (up/down).
+        bias: add biases to the projections.
+    """
+
+    dim: int
+    ffn_dim: int
+    activation: str = "swiglu"
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.ffn_dim <= 0:
+            raise ValueError(f"FFNConfig: dim and ffn_dim must be positive, got {self.dim}, {self.ffn_dim}")
+        check_choice("FFNConfig", "activation", self.activation, ACTIVATIONS)
+
+
+@dataclass(kw_only=True)
+class MoEConfig(JsonConfig):
+    """Everything that defines one MoE layer. Defaults give a Mixtral-style top-2 softmax layer.
+
+    Experts:
+        dim: model width D.
+        ffn_dim: hidden width F of each FFN expert.
+        num_experts: number of FFN experts.
+        num_zero_experts, num_copy_experts, num_constant_experts: MoE++ zero-computation experts,
+            indexed after the FFN experts in the order zero, copy, constant.
+        activation: ``"swiglu"`` or ``"gelu"``.
+        shared_ffn_dim: width of the always-on shared expert(s), 0 for none (DeepSeek's
+            ``n_shared_experts * moe_intermediate_size``, Qwen2-MoE's ``shared_expert_intermediate_size``).
+        shared_expert_gate: scale the shared expert by ``sigmoid(w . x)`` (Qwen2-MoE).
+        residual_moe: DeepSpeed PR-MoE residual layer: a dense MLP of width ``ffn_dim`` mixed with the
+            routed output through a learned 2-way softmax.
+
+    Router:
+        router_type: ``"topk"`` (token choice), ``"top_p"`` (dynamic), ``"random_fixed"``
+            (SMoE-Dropout: frozen random router, softmax over the chosen logits), ``"expert_choice"``.
+        top_k: experts per token for token-choice routers; capacity multiplier for expert choice.
+        score_func: ``"softmax"`` or ``"sigmoid"`` scores.
+        softmax_order: ``"before_topk"`` (Mixtral/Qwen/OLMoE) or ``"after_topk"`` (softmax over the
+            chosen logits only).
+        norm_topk_prob: renormalise the chosen weights to sum to 1.
+        routed_scaling_factor: multiplies the routed weights (DeepSeek-V3: 2.5).
+        num_expert_groups, num_limited_groups: group-limited routing; tokens choose experts only
+            inside their best ``num_limited_groups`` groups (DeepSeek-V3: 8 and 4).
+        group_score: how a group is scored: ``"top2_sum"`` (V3) or ``"max"`` (V2).
+        use_expert_bias: keep a per-expert bias that changes only which experts are chosen, never the
+            weights (aux-loss-free balancing; DeepSeek-V3's ``e_score_correction_bias``).
+        router_bias: the router linear has a bias term.
+        router_frozen: the router does not train (implied by ``random_fixed``).
+        top_p: threshold of top-p routing, in (0, 1].
+        min_k, max_k: bounds on experts per token for top-p; ``max_k=None`` means no cap.
+        top_p_renormalize: renormalise top-p weights (off in the official code).
+        noise: router noise in training: ``"jitter"`` multiplies inputs by U(1-eps, 1+eps),
+            ``"gaussian"`` adds eps*N(0,1)/E to logits, ``"gumbel"`` perturbs the choice only.
+        noise_eps: noise scale.
+        gating_residual: MoE++ gating residual; the layer adds ``W_g @ prev_logits`` to its logits.
+        zero_expert_tau: weight of zero-computation experts in the heterogeneous balance loss.
+
+    Capacity:
+        capacity_factor: ``None`` is dropless. Otherwise each expert takes at most
+            ``max(ceil(cf * T * k / E), min_capacity)`` assignments (expert choice: ``ceil(cf*T*k/E)``
+            tokens, default cf 1.0).
+        min_capacity: lower bound on capacity.
+        drop_policy: which assignments survive: by ``"score"``, by ``"position"`` (first choices
+            first, then earlier tokens), or ``"random"`` (random token selection, RTS).
+
+    Compute:
+        backend: expert compute backend: ``"auto"``, ``"eager"``, ``"sorted"``, ``"grouped_mm"``.
+    """
+
+    dim: int
+    ffn_dim: int
+    num_experts: int = 8
+    num_zero_experts: int = 0
+    num_copy_experts: int = 0
+    num_constant_experts: int = 0
+    activation: str = "swiglu"
+    shared_ffn_dim: int = 0
+    shared_expert_gate: bool = False
+    residual_moe: bool = False
+
+    router_type: str = "topk"
+    top_k: int = 2
+    score_func: str = "softmax"
+    softmax_order: str = "before_topk"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    num_expert_groups: int = 1
+    num_limited_groups: int = 1
+    group_score: str = "top2_sum"
+    use_expert_bias: bool = False
+    router_bias: bool = False
+    router_frozen: bool = False
+    top_p: float = 0.4
+    min_k: int = 1
+    max_k: int | None = None
+    top_p_renormalize: bool = False
+    noise: str = "none"
+    noise_eps: float = 1e-2
+    gating_residual: bool = False
+    zero_expert_tau: float = 0.75
+
+    capacity_factor: float | None = None
+    min_capacity: int = 4
+    drop_policy: str = "score"
+
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        name = "MoEConfig"
+        if self.dim <= 0:
+            raise ValueError(f"{name}.dim must be positive, got {self.dim}")
+        if self.ffn_dim <= 0:
+            raise ValueError(f"{name}.ffn_dim must be positive, got {self.ffn_dim}")
+        if self.num_experts < 1:
+            raise ValueError(f"{name}.num_experts must be at least 1, got {self.num_experts}")
+        for field in ("num_zero_experts", "num_copy_experts", "num_constant_experts", "shared_ffn_dim"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
+        check_choice(name, "activation", self.activation, ACTIVATIONS)
+        check_choice(name, "router_type", self.router_type, ROUTER_TYPES)
+        check_choice(name, "score_func", self.score_func, SCORE_FUNCS)
+        check_choice(name, "softmax_order", self.softmax_order, SOFTMAX_ORDERS)
+        check_choice(name, "group_score", self.group_score, GROUP_SCORES)
+        check_choice(name, "noise", self.noise, NOISE_TYPES)
+        check_choice(name, "drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice(name, "backend", self.backend, BACKENDS)
+        if self.top_k < 1:
+            raise ValueError(f"{name}.top_k must be >= 1, got {self.top_k}")
+        if self.router_type != "expert_choice" and self.top_k > self.num_total_experts:
+            raise ValueError(
+                f"{name}.top_k={self.top_k} exceeds the number of experts ({self.num_total_experts}); "
+                "lower top_k or add experts"
+            )
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"{name}.top_p must be in (0, 1], got {self.top_p}")
+        if self.min_k < 1 or self.min_k > self.num_total_experts:
+            raise ValueError(f"{name}.min_k must be in [1, {self.num_total_experts}], got {self.min_k}")
+        if self.max_k is not None and not (self.min_k <= self.max_k <= self.num_total_experts):
+            raise ValueError(
+                f"{name}.max_k must be in [min_k={self.min_k}, {self.num_total_experts}], got {self.max_k}"
+            )
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(
+                f"{name}.capacity_factor must be positive (or None for dropless), got {self.capacity_factor}"
+            )
+        if self.min_capacity < 0:
+            raise ValueError(f"{name}.min_capacity must be >= 0, got {self.min_capacity}")
+        if self.noise_eps < 0:
+            raise ValueError(f"{name}.noise_eps must be >= 0, got {self.noise_eps}")
+        if self.num_expert_groups < 1 or self.num_total_experts % self.num_expert_groups:
+            raise ValueError(
+                f"{name}.num_expert_groups={self.num_expert_groups} must divide the number of experts "
+                f"({self.num_total_experts})"
+            )
+        if not (1 <= self.num_limited_groups <= self.num_expert_groups):
+            raise ValueError(
+                f"{name}.num_limited_groups must be in [1, num_expert_groups={self.num_expert_groups}], "
+                f"got {self.num_limited_groups}"
+            )
+        if self.num_expert_groups > 1:
+            per_group = self.num_total_experts // self.num_expert_groups
+            if self.top_k > self.num_limited_groups * per_group:
+                raise ValueError(
+                    f"{name}.top_k={self.top_k} exceeds the experts reachable in num_limited_groups="
+                    f"{self.num_limited_groups} groups of {per_group}"
+                )
+            if self.router_type != "topk":
+                raise ValueError(f"{name}: group-limited routing needs router_type='topk'")
+        if self.shared_expert_gate and self.shared_ffn_dim == 0:
+            raise ValueError(f"{name}.shared_expert_gate needs shared_ffn_dim > 0")
+
+    @property
+    def num_total_experts(self) -> int:
+        """FFN experts plus zero-computation experts: the router's output width."""
+        return self.num_experts + self.num_zero_experts + self.num_copy_experts + self.num_constant_experts
+
+    @property
+    def max_experts_per_token(self) -> int:
+        """K_max: the width of the padded ``expert_ids``/``weights`` tensors."""
+        if self.router_type == "top_p":
+            return self.max_k if self.max_k is not None else self.num_total_experts
+        if self.router_type == "expert_choice":
+            return self.num_total_experts
+        return self.top_k

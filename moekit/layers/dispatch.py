@@ -1,0 +1,141 @@
+"""Dispatch stages: permute -> expert compute -> combine, and the named compute backends.
+
+Shape legend: T = tokens, D = model width, K = slots per token, E = FFN experts,
+N = (token, expert) assignments that reach an FFN expert, H/F as in ``experts.py``.
+
+The stages are separate functions so that expert parallelism can put its all-to-all between
+:func:`permute` and :func:`expert_compute` (and again before :func:`combine`), and offloading or
+quantization can swap the :class:`~moekit.layers.experts.ExpertWeights` without touching them.
+
+Backends (all match ``eager`` forward and backward; see ``tests/test_layers_oracle.py``):
+    ``eager``: a loop over experts with boolean masks. The readable oracle.
+    ``sorted``: tokens sorted by expert, then one ``F.linear`` pair per non-empty expert on a
+        contiguous slice. Fastest on CPU (measured in ``benchmarks/bench_layer.py``).
+    ``grouped_mm``: tokens sorted by expert, then ``torch._grouped_mm`` over the stacked weights.
+        Falls back to ``sorted`` where the op is missing or rejects the dtype (float64 on CPU).
+    ``auto``: ``grouped_mm`` on CUDA in bf16/fp16, ``sorted`` otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moekit.layers.experts import ExpertWeights, activate
+
+
+@dataclass
+class DispatchPlan:
+    """How assignments were permuted, so :func:`combine` can undo it.
+
+    Attributes:
+        token_idx_N: source token of each permuted row, ``[N]``.
+        weights_N: combine weight of each permuted row, ``[N]``.
+        counts: rows per expert, a Python list of length E (host-side split sizes).
+    """
+
+    token_idx_N: Tensor
+    weights_N: Tensor
+    counts: list[int]
+
+
+def permute(
+    x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, num_experts: int
+) -> tuple[Tensor, DispatchPlan]:
+    """Gathers token rows grouped by expert.
+
+    Slots with id -1 or id >= ``num_experts`` (zero-computation experts) are skipped. This syncs
+    once to read the per-expert counts, as every dropless dispatcher does for its split sizes.
+
+    Returns:
+        ``(x_ND, plan)``: rows sorted by expert (stable, so ties keep token order).
+    """
+    num_k = expert_ids_TK.shape[-1]
+    ids_N = expert_ids_TK.reshape(-1)
+    bucket_N = torch.where((ids_N < 0) | (ids_N >= num_experts), num_experts, ids_N)
+    counts_B = torch.bincount(bucket_N, minlength=num_experts + 1)
+    counts = counts_B[:num_experts].tolist()
+    num_rows = sum(counts)
+    order_N = bucket_N.argsort(stable=True)[:num_rows]
+    token_idx_N = order_N // num_k
+    plan = DispatchPlan(token_idx_N, weights_TK.reshape(-1)[order_N], counts)
+    return x_TD.index_select(0, token_idx_N), plan
+
+
+def combine(y_ND: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
+    """Weights expert outputs and sums them back per token: ``[N, D] -> [T, D]``."""
+    out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
+    weighted_ND = y_ND * plan.weights_N.to(y_ND.dtype).unsqueeze(-1)
+    return out_TD.index_add_(0, plan.token_idx_N, weighted_ND)
+
+
+def _sorted_compute(x_ND: Tensor, counts: list[int], weights: ExpertWeights) -> Tensor:
+    outputs = []
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            outputs.append(weights.expert_forward(expert, x_ND[start : start + count]))
+            start += count
+    if not outputs:
+        return x_ND.new_zeros(0, weights.dim)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+
+def _grouped_mm_available(x_ND: Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x_ND.device.type == "cpu":
+        return x_ND.dtype in (torch.float32, torch.bfloat16)
+    return x_ND.dtype in (torch.bfloat16, torch.float32)
+
+
+def _grouped_compute(x_ND: Tensor, counts: list[int], weights: ExpertWeights) -> Tensor:
+    stacked = weights.stacked()
+    if stacked is None or not _grouped_mm_available(x_ND) or x_ND.shape[0] == 0:
+        return _sorted_compute(x_ND, counts, weights)
+    w_in_EHD, w_out_EDF = stacked
+    offs_E = torch.tensor(counts, device=x_ND.device).cumsum(0).to(torch.int32)
+    h_NH = torch._grouped_mm(x_ND, w_in_EHD.transpose(-2, -1), offs=offs_E)
+    return torch._grouped_mm(activate(h_NH, weights.activation), w_out_EDF.transpose(-2, -1), offs=offs_E)
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """Maps ``"auto"`` to a concrete backend for this input's device and dtype."""
+    if backend != "auto":
+        return backend
+    if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+        return "grouped_mm"
+    return "sorted"
+
+
+def expert_compute(x_ND: Tensor, counts: list[int], weights: ExpertWeights, backend: str) -> Tensor:
+    """Runs each expert on its contiguous slice of permuted rows: ``[N, D] -> [N, D]``."""
+    if backend == "grouped_mm":
+        return _grouped_compute(x_ND, counts, weights)
+    return _sorted_compute(x_ND, counts, weights)
+
+
+def eager_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, weights: ExpertWeights) -> Tensor:
+    """The oracle: for each expert, pick its tokens with a mask, run it, add weighted outputs."""
+    out_TD = torch.zeros_like(x_TD)
+    for expert in range(weights.num_experts):
+        token_idx, slot_idx = torch.nonzero(expert_ids_TK == expert, as_tuple=True)
+        if token_idx.numel() == 0:
+            continue
+        y_ND = weights.expert_forward(expert, x_TD[token_idx])
+        out_TD.index_add_(0, token_idx, y_ND * weights_TK[token_idx, slot_idx].to(y_ND.dtype).unsqueeze(-1))
+    return out_TD
+
+
+def routed_experts(
+    x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, weights: ExpertWeights, backend: str
+) -> Tensor:
+    """All three stages for a single device: ``[T, D] -> [T, D]``."""
+    backend = resolve_backend(backend, x_TD)
+    if backend == "eager":
+        return eager_experts(x_TD, expert_ids_TK, weights_TK, weights)
+    x_ND, plan = permute(x_TD, expert_ids_TK, weights_TK, weights.num_experts)
+    y_ND = expert_compute(x_ND, plan.counts, weights, backend)
+    return combine(y_ND, plan, x_TD.shape[0])

@@ -1,0 +1,248 @@
+"""The MoE layer: a drop-in replacement for a transformer FFN.
+
+Shape legend: T = tokens (all leading dims flattened), D = model width, E = experts scored by the
+router (FFN then zero, copy, constant), K = slots per token, C = constant experts.
+
+Forward runs as route -> (capacity) -> permute -> expert compute -> combine, plus the MoE++
+zero-computation experts, the shared expert and the PR-MoE residual branch. It returns
+:class:`MoEOutput`; aux losses are unweighted and statistics are tensors, so nothing is kept in
+module or global state between calls.
+
+Gating residuals (MoE++): pass ``out.routing.router_logits`` of one MoE layer as
+``prev_logits`` of the next. The model does this; the first MoE layer gets ``None``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moekit.layers import losses
+from moekit.layers.config import FFNConfig, MoEConfig
+from moekit.layers.dispatch import routed_experts
+from moekit.layers.experts import ExpertWeights, FeedForward, StackedExpertWeights
+from moekit.layers.router import Router, apply_capacity
+
+
+@dataclass
+class RoutingInfo:
+    """What one MoE layer did in one forward. Tensors only (no ``.item()``), so it compiles.
+
+    This is also the record that routing traces write to disk.
+
+    Attributes:
+        expert_ids: ``[T, K_max]`` int64 expert ids per token, -1 where a slot is unused.
+        weights: ``[T, K_max]`` combine weights, 0 where unused.
+        router_logits: ``[T, E]`` router logits (after the gating residual).
+        tokens_per_expert: ``[E]`` assignments each expert computed (after capacity).
+        num_dropped: scalar, assignments dropped by capacity.
+        router_entropy: scalar, mean routing entropy over real tokens (nats).
+        experts_per_token: scalar, mean experts used per real token.
+        token_mask: ``[T]`` bool, False for padding, or None when every token is real.
+    """
+
+    expert_ids: Tensor
+    weights: Tensor
+    router_logits: Tensor
+    tokens_per_expert: Tensor
+    num_dropped: Tensor
+    router_entropy: Tensor
+    experts_per_token: Tensor
+    token_mask: Tensor | None = None
+
+
+@dataclass
+class MoEOutput:
+    """Result of :meth:`MoELayer.forward`.
+
+    Attributes:
+        hidden: output ``[..., D]``, the shape of the input.
+        routing: the layer's :class:`RoutingInfo`.
+        aux_losses: unweighted scalar losses: ``load_balance``, ``load_balance_first``,
+            ``seq_balance``, ``z_loss`` and ``entropy`` (see :mod:`moekit.layers.losses`).
+    """
+
+    hidden: Tensor
+    routing: RoutingInfo
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts FFN built from a :class:`MoEConfig`.
+
+    Submodules:
+        router: :class:`Router`.
+        experts: :class:`ExpertWeights` (``StackedExpertWeights`` unless replaced).
+        const_gate ``[C, 2, D]`` and const_vec ``[C, D]``: MoE++ constant experts.
+        shared: dense shared expert, with ``shared_gate`` (``Linear(D, 1)``) when gated.
+        residual_mlp and residual_coef (``Linear(D, 2)``): PR-MoE residual branch.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.router = Router(config)
+        self.experts: ExpertWeights = StackedExpertWeights(
+            config.num_experts, config.dim, config.ffn_dim, config.activation
+        )
+        num_c = config.num_constant_experts
+        if num_c:
+            self.const_gate = nn.Parameter(torch.empty(num_c, 2, config.dim))
+            nn.init.normal_(self.const_gate, std=config.dim**-0.5)
+            self.const_vec = nn.Parameter(torch.randn(num_c, config.dim))
+        if config.shared_ffn_dim:
+            self.shared = FeedForward(
+                FFNConfig(dim=config.dim, ffn_dim=config.shared_ffn_dim, activation=config.activation)
+            )
+            self.shared_gate = nn.Linear(config.dim, 1, bias=False) if config.shared_expert_gate else None
+        if config.residual_moe:
+            self.residual_mlp = FeedForward(
+                FFNConfig(dim=config.dim, ffn_dim=config.ffn_dim, activation=config.activation)
+            )
+            self.residual_coef = nn.Linear(config.dim, 2)
+        eta = torch.ones(config.num_total_experts)
+        eta[config.num_experts :] = config.zero_expert_tau
+        self.register_buffer("balance_weight", eta, persistent=False)
+
+    @property
+    def zero_ids(self) -> range:
+        """Router indices of the zero experts."""
+        start = self.config.num_experts
+        return range(start, start + self.config.num_zero_experts)
+
+    @property
+    def copy_ids(self) -> range:
+        """Router indices of the copy experts."""
+        start = self.config.num_experts + self.config.num_zero_experts
+        return range(start, start + self.config.num_copy_experts)
+
+    @property
+    def constant_ids(self) -> range:
+        """Router indices of the constant experts."""
+        start = self.config.num_experts + self.config.num_zero_experts + self.config.num_copy_experts
+        return range(start, start + self.config.num_constant_experts)
+
+    def forward(
+        self,
+        x: Tensor,
+        token_mask: Tensor | None = None,
+        prev_logits: Tensor | None = None,
+        k: int | None = None,
+    ) -> MoEOutput:
+        """Routes and computes.
+
+        Args:
+            x: ``[..., D]`` token states.
+            token_mask: ``[...]`` bool, False for padding: excluded from compute, counts,
+                capacity, balance statistics and bias updates. Padding rows get only the shared
+                and residual branches.
+            prev_logits: ``[..., E]`` previous MoE layer's ``routing.router_logits`` (gating residual).
+            k: top-k for this call (any k in [1, E]; SMoE-Dropout's self-slimming, dynamic k).
+
+        Returns:
+            :class:`MoEOutput` with ``hidden`` shaped like ``x``.
+        """
+        cfg = self.config
+        lead_shape = x.shape[:-1]
+        x_TD = x.reshape(-1, cfg.dim)
+        num_t = x_TD.shape[0]
+        mask_T = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
+        prev_TE = None if prev_logits is None else prev_logits.reshape(num_t, -1)
+
+        route = self.router(x_TD, mask_T, prev_TE, k)
+        expert_ids_TK, weights_TK = route.expert_ids_TK, route.weights_TK
+        if cfg.capacity_factor is not None and cfg.router_type != "expert_choice":
+            num_valid = torch.tensor(num_t, device=x.device) if mask_T is None else mask_T.sum()
+            expert_ids_TK, weights_TK = apply_capacity(
+                expert_ids_TK,
+                weights_TK,
+                cfg.num_total_experts,
+                cfg.capacity_factor,
+                cfg.min_capacity,
+                cfg.drop_policy,
+                num_valid,
+                k or cfg.top_k,
+            )
+
+        out_TD = routed_experts(x_TD, expert_ids_TK, weights_TK, self.experts, cfg.backend)
+        if cfg.num_copy_experts or cfg.num_constant_experts:
+            out_TD = out_TD + self._zero_compute_experts(x_TD, expert_ids_TK, weights_TK)
+        if cfg.residual_moe:
+            coef_T2 = torch.softmax(self.residual_coef(x_TD), dim=-1)
+            out_TD = out_TD * coef_T2[:, :1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
+        if cfg.shared_ffn_dim:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            out_TD = out_TD + shared_TD
+
+        routing, aux = self._statistics(route, expert_ids_TK, weights_TK, mask_T, lead_shape)
+        return MoEOutput(out_TD.reshape(*lead_shape, cfg.dim), routing, aux)
+
+    def _zero_compute_experts(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        # Dense [T, E] weight table: cheap (E is small) and handles any number of slots per token.
+        num_e = self.config.num_total_experts
+        valid_TK = expert_ids_TK >= 0
+        w_TE = weights_TK.new_zeros(x_TD.shape[0], num_e + 1)
+        w_TE.scatter_add_(1, torch.where(valid_TK, expert_ids_TK, num_e), weights_TK * valid_TK)
+        w_TE = w_TE[:, :num_e].to(x_TD.dtype)
+        out_TD = torch.zeros_like(x_TD)
+        if self.config.num_copy_experts:
+            copy = self.copy_ids
+            out_TD = out_TD + w_TE[:, copy.start : copy.stop].sum(-1, keepdim=True) * x_TD
+        if self.config.num_constant_experts:
+            const = self.constant_ids
+            w_TC = w_TE[:, const.start : const.stop]
+            alpha_TC2 = torch.softmax(torch.einsum("td,cjd->tcj", x_TD, self.const_gate), dim=-1)
+            out_TD = out_TD + (w_TC * alpha_TC2[..., 0]).sum(-1, keepdim=True) * x_TD
+            out_TD = out_TD + (w_TC * alpha_TC2[..., 1]) @ self.const_vec
+        return out_TD
+
+    def _statistics(
+        self, route, expert_ids_TK: Tensor, weights_TK: Tensor, mask_T: Tensor | None, lead_shape: torch.Size
+    ) -> tuple[RoutingInfo, dict[str, Tensor]]:
+        num_e = self.config.num_total_experts
+        probs_TE, logits_TE, choice_TK = route.probs_TE, route.logits_TE, route.choice_ids_TK
+        eta_E = self.balance_weight if self.config.num_experts < num_e else None
+        counts_E = losses.assignment_counts(expert_ids_TK, num_e)
+        chosen = (choice_TK >= 0).sum()
+        used_T = (expert_ids_TK >= 0).sum(-1).to(torch.float32)
+        mean_k = used_T.mean() if mask_T is None else (used_T * mask_T).sum() / mask_T.sum().clamp_min(1)
+        entropy = losses.router_entropy(probs_TE, mask_T)
+        aux = {
+            "load_balance": losses.load_balance_loss(probs_TE, choice_TK, mask_T, eta_E),
+            "load_balance_first": losses.load_balance_loss(
+                probs_TE, choice_TK, mask_T, eta_E, first_choice_only=True
+            ),
+            "z_loss": losses.z_loss(logits_TE, mask_T),
+            "entropy": entropy,
+        }
+        if len(lead_shape) >= 2:
+            seq_len = lead_shape[-1]
+            num_b = probs_TE.shape[0] // max(seq_len, 1)
+            aux["seq_balance"] = losses.seq_balance_loss(
+                probs_TE.view(num_b, seq_len, num_e),
+                choice_TK.view(num_b, seq_len, -1),
+                None if mask_T is None else mask_T.view(num_b, seq_len),
+                eta_E,
+            )
+        else:
+            aux["seq_balance"] = aux["load_balance"]
+        routing = RoutingInfo(
+            expert_ids=expert_ids_TK,
+            weights=weights_TK,
+            router_logits=logits_TE,
+            tokens_per_expert=counts_E,
+            num_dropped=chosen - (expert_ids_TK >= 0).sum(),
+            router_entropy=entropy.detach(),
+            experts_per_token=mean_k,
+            token_mask=mask_T,
+        )
+        return routing, aux
+
+
+def dense_equivalent(config: MoEConfig) -> FFNConfig:
+    """The dense FFN config with the same active FLOPs as a token-choice MoE layer (width k*F)."""
+    return FFNConfig(dim=config.dim, ffn_dim=config.ffn_dim * config.top_k, activation=config.activation)

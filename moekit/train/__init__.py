@@ -1,0 +1,1 @@
+"""moekit.train: corpora, tokenizer, the training loop and atomic checkpoints."""
