@@ -74,8 +74,12 @@ class JsonConfig:
     @classmethod
     def from_json(cls: type[T], text_or_path: str | Path) -> T:
         """Parses a JSON string, or reads a JSON file when given a path that exists."""
-        p = Path(text_or_path)
-        text = p.read_text() if len(str(text_or_path)) < 4096 and p.exists() else str(text_or_path)
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text_or_path)
+            if not path.is_file():
+                raise ValueError(f"{cls.__name__}: {path} is neither a JSON object nor a JSON file")
+            text = path.read_text()
         return cls.from_dict(json.loads(text))
 
     def replace(self: T, **changes: Any) -> T:
