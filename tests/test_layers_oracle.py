@@ -63,15 +63,21 @@ def _grads(layer, x, out, g):
     return torch.autograd.grad((out * g).sum(), [x, *params], allow_unused=True)
 
 
+# (batch, seq): decode sizes take the host-grouping path, the last one the permute path.
+SHAPES = [(1, 1), (2, 3), (4, 20)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_backend_matches_reference(case, backend):
+def test_backend_matches_reference(case, backend, shape):
     layer = _layer(dict(CASES[case]), backend)
-    x = torch.randn(3, 7, D, dtype=torch.float64, requires_grad=True)
-    prev = torch.randn(3, 7, layer.config.num_total_experts, dtype=torch.float64)
+    x = torch.randn(*shape, D, dtype=torch.float64, requires_grad=True)
+    prev = torch.randn(*shape, layer.config.num_total_experts, dtype=torch.float64)
     prev = prev if layer.config.gating_residual else None
-    mask = torch.ones(3, 7, dtype=torch.bool)
-    mask[0, :2] = False  # left padding in one row
+    mask = torch.ones(*shape, dtype=torch.bool)
+    if shape[1] > 2:
+        mask[0, :2] = False  # left padding in one row
     out = layer(x, token_mask=mask, prev_logits=prev).hidden
     ref = reference_forward(layer, x, token_mask=mask, prev_logits=prev)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

@@ -56,6 +56,18 @@ class ExpertWeights(nn.Module):
         w_in_HD, w_out_DF = self.expert_tensors(expert)
         return F.linear(activate(F.linear(x_ND, w_in_HD), self.activation), w_out_DF)
 
+    def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
+        """Runs expert e on the e-th contiguous slice of ``x_ND`` (``counts[e]`` rows): ``[N, D]``."""
+        outputs = []
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                outputs.append(self.expert_forward(expert, x_ND[start : start + count]))
+                start += count
+        if not outputs:
+            return x_ND.new_zeros(0, self.dim)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
     def expert_tensors(self, expert: int) -> tuple[Tensor, Tensor]:
         """Returns ``(w_in [H, D], w_out [D, F])`` of one expert, in compute precision."""
         raise NotImplementedError
@@ -93,6 +105,22 @@ class StackedExpertWeights(ExpertWeights):
     def stacked(self) -> tuple[Tensor, Tensor]:
         """Returns the stacked parameters themselves."""
         return self.w_in, self.w_out
+
+    def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
+        """Loop of ``F.linear`` pairs over contiguous slices (see :meth:`ExpertWeights.forward_sorted`)."""
+        # unbind once: indexing w_in[e] per expert would make autograd build a full [E, H, D]
+        # zero gradient for every expert; unbind's backward stacks them in one allocation.
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+        outputs = []
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                x = x_ND[start : start + count]
+                outputs.append(F.linear(activate(F.linear(x, w_in[expert]), self.activation), w_out[expert]))
+                start += count
+        if not outputs:
+            return x_ND.new_zeros(0, self.dim)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, activation={self.activation}"

@@ -14,6 +14,7 @@ Gating residuals (MoE++): pass ``out.routing.router_logits`` of one MoE layer as
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -30,27 +31,73 @@ from moekit.layers.router import Router, apply_capacity
 class RoutingInfo:
     """What one MoE layer did in one forward. Tensors only (no ``.item()``), so it compiles.
 
-    This is also the record that routing traces write to disk.
+    This is also the record that routing traces write to disk. The statistics are properties
+    computed on access from the stored tensors, so a forward that never reads them (decoding)
+    does not pay for them.
 
     Attributes:
         expert_ids: ``[T, K_max]`` int64 expert ids per token, -1 where a slot is unused.
         weights: ``[T, K_max]`` combine weights, 0 where unused.
         router_logits: ``[T, E]`` router logits (after the gating residual).
-        tokens_per_expert: ``[E]`` assignments each expert computed (after capacity).
-        num_dropped: scalar, assignments dropped by capacity.
-        router_entropy: scalar, mean routing entropy over real tokens (nats).
-        experts_per_token: scalar, mean experts used per real token.
+        router_probs: ``[T, E]`` routing distribution (softmax, or normalised sigmoid scores).
+        choice_ids: ``[T, K_max]`` expert ids chosen before capacity dropping.
         token_mask: ``[T]`` bool, False for padding, or None when every token is real.
     """
 
     expert_ids: Tensor
     weights: Tensor
     router_logits: Tensor
-    tokens_per_expert: Tensor
-    num_dropped: Tensor
-    router_entropy: Tensor
-    experts_per_token: Tensor
+    router_probs: Tensor
+    choice_ids: Tensor
     token_mask: Tensor | None = None
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        """``[E]`` float32 assignments each expert computed (after capacity; padding excluded)."""
+        return losses.assignment_counts(self.expert_ids, self.router_logits.shape[-1])
+
+    @property
+    def num_dropped(self) -> Tensor:
+        """Scalar: assignments dropped by capacity."""
+        return (self.choice_ids >= 0).sum() - (self.expert_ids >= 0).sum()
+
+    @property
+    def router_entropy(self) -> Tensor:
+        """Scalar: mean routing entropy over real tokens, in nats (detached)."""
+        return losses.router_entropy(self.router_probs.detach(), self.token_mask)
+
+    @property
+    def experts_per_token(self) -> Tensor:
+        """Scalar: mean number of experts used per real token."""
+        used_T = (self.expert_ids >= 0).sum(-1).to(torch.float32)
+        if self.token_mask is None:
+            return used_T.mean()
+        return (used_T * self.token_mask).sum() / self.token_mask.sum().clamp_min(1)
+
+
+class AuxLosses(Mapping):
+    """A read-only dict of unweighted scalar aux losses, each computed on first access.
+
+    Decoding never reads them, so it never pays for them; training reads the ones it weights.
+    """
+
+    def __init__(self, thunks: dict[str, Callable[[], Tensor]]) -> None:
+        self._thunks = thunks
+        self._values: dict[str, Tensor] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._values:
+            self._values[name] = self._thunks[name]()
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._thunks)
+
+    def __len__(self) -> int:
+        return len(self._thunks)
+
+    def __repr__(self) -> str:
+        return f"AuxLosses({sorted(self._thunks)})"
 
 
 @dataclass
@@ -66,7 +113,7 @@ class MoEOutput:
 
     hidden: Tensor
     routing: RoutingInfo
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    aux_losses: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 class MoELayer(nn.Module):
@@ -202,43 +249,34 @@ class MoELayer(nn.Module):
 
     def _statistics(
         self, route, expert_ids_TK: Tensor, weights_TK: Tensor, mask_T: Tensor | None, lead_shape: torch.Size
-    ) -> tuple[RoutingInfo, dict[str, Tensor]]:
+    ) -> tuple[RoutingInfo, AuxLosses]:
         num_e = self.config.num_total_experts
         probs_TE, logits_TE, choice_TK = route.probs_TE, route.logits_TE, route.choice_ids_TK
         eta_E = self.balance_weight if self.config.num_experts < num_e else None
-        counts_E = losses.assignment_counts(expert_ids_TK, num_e)
-        chosen = (choice_TK >= 0).sum()
-        used_T = (expert_ids_TK >= 0).sum(-1).to(torch.float32)
-        mean_k = used_T.mean() if mask_T is None else (used_T * mask_T).sum() / mask_T.sum().clamp_min(1)
-        entropy = losses.router_entropy(probs_TE, mask_T)
-        aux = {
-            "load_balance": losses.load_balance_loss(probs_TE, choice_TK, mask_T, eta_E),
-            "load_balance_first": losses.load_balance_loss(
-                probs_TE, choice_TK, mask_T, eta_E, first_choice_only=True
-            ),
-            "z_loss": losses.z_loss(logits_TE, mask_T),
-            "entropy": entropy,
-        }
-        if len(lead_shape) >= 2:
+        routing = RoutingInfo(expert_ids_TK, weights_TK, logits_TE, probs_TE, choice_TK, mask_T)
+
+        def seq_balance() -> Tensor:
+            if len(lead_shape) < 2:
+                return losses.load_balance_loss(probs_TE, choice_TK, mask_T, eta_E)
             seq_len = lead_shape[-1]
             num_b = probs_TE.shape[0] // max(seq_len, 1)
-            aux["seq_balance"] = losses.seq_balance_loss(
+            return losses.seq_balance_loss(
                 probs_TE.view(num_b, seq_len, num_e),
                 choice_TK.view(num_b, seq_len, -1),
                 None if mask_T is None else mask_T.view(num_b, seq_len),
                 eta_E,
             )
-        else:
-            aux["seq_balance"] = aux["load_balance"]
-        routing = RoutingInfo(
-            expert_ids=expert_ids_TK,
-            weights=weights_TK,
-            router_logits=logits_TE,
-            tokens_per_expert=counts_E,
-            num_dropped=chosen - (expert_ids_TK >= 0).sum(),
-            router_entropy=entropy.detach(),
-            experts_per_token=mean_k,
-            token_mask=mask_T,
+
+        aux = AuxLosses(
+            {
+                "load_balance": lambda: losses.load_balance_loss(probs_TE, choice_TK, mask_T, eta_E),
+                "load_balance_first": lambda: losses.load_balance_loss(
+                    probs_TE, choice_TK, mask_T, eta_E, first_choice_only=True
+                ),
+                "seq_balance": seq_balance,
+                "z_loss": lambda: losses.z_loss(logits_TE, mask_T),
+                "entropy": lambda: losses.router_entropy(probs_TE, mask_T),
+            }
         )
         return routing, aux
 
