@@ -7,7 +7,7 @@ Shape: dim 1024, expert FFN 2816, 8 experts, top-2, fp32 CPU (defaults; see --he
 
 Every row is timed in interleaved rounds (candidate A, B, C, A, B, C, ...) and reports the
 median, so slow drifts of the machine hit all candidates alike. Ratios are time / moekit time
-unless stated otherwise.
+unless stated otherwise. "moekit auto" is the layer's default backend.
 
 * dense: a SwiGLU FFN of width k*F, i.e. the same active FLOPs as the MoE layer.
 * hf-eager / hf-grouped_mm: transformers' ``MixtralSparseMoeBlock`` with the same weights.
@@ -42,7 +42,7 @@ def timed_rounds(candidates: dict, rounds: int, warmup: int = 2) -> dict[str, fl
 
 def build(args):
     torch.manual_seed(0)
-    cfg = MoEConfig(dim=args.dim, ffn_dim=args.ffn, num_experts=args.experts, top_k=args.k, backend="sorted")
+    cfg = MoEConfig(dim=args.dim, ffn_dim=args.ffn, num_experts=args.experts, top_k=args.k, backend="auto")
     moe = MoELayer(cfg)
     with torch.no_grad():
         moe.router.weight.normal_(std=0.02)
@@ -50,6 +50,8 @@ def build(args):
         moe.experts.w_out.normal_(std=0.02)
     moe_grouped = MoELayer(cfg.replace(backend="grouped_mm"))
     moe_grouped.load_state_dict(moe.state_dict())
+    moe_sorted = MoELayer(cfg.replace(backend="sorted"))
+    moe_sorted.load_state_dict(moe.state_dict())
     dense = FeedForward(dense_equivalent(cfg))
     hf = {}
     try:
@@ -72,7 +74,7 @@ def build(args):
             hf[impl] = block
     except ImportError:
         print("transformers not installed: skipping the transformers columns")
-    return cfg, moe, moe_grouped, dense, hf
+    return cfg, moe, moe_sorted, moe_grouped, dense, hf
 
 
 def check_same_outputs(moe, moe_grouped, hf, dim):
@@ -110,8 +112,9 @@ def main() -> None:
     if args.quick:
         args.dim, args.ffn, args.prefill, args.rounds, args.decode_rounds = 128, 256, 128, 2, 3
     torch.set_num_threads(args.threads)
-    cfg, moe, moe_grouped, dense, hf = build(args)
+    cfg, moe, moe_sorted, moe_grouped, dense, hf = build(args)
     check_same_outputs(moe, moe_grouped, hf, args.dim)
+    check_same_outputs(moe, moe_sorted, {}, args.dim)
     print(
         f"# one MoE layer: D={args.dim} F={args.ffn} E={args.experts} k={args.k}, fp32, "
         f"{args.threads} threads, torch {torch.__version__}"
@@ -125,6 +128,7 @@ def main() -> None:
         base = res["moekit"]
         cells = [
             f"{base * 1e3:.2f}",
+            f"{res['sorted'] / base:.2f}",
             f"{res['grouped'] / base:.2f}",
             f"{res['dense'] / base:.2f}" if "dense" in res else "-",
             f"{res['hf-eager'] / base:.2f}" if "hf-eager" in res else "-",
@@ -138,6 +142,7 @@ def main() -> None:
         x = torch.randn(1, args.prefill, args.dim)
         cands = {
             "moekit": lambda: moe(x),
+            "sorted": lambda: moe_sorted(x),
             "grouped": lambda: moe_grouped(x),
             "dense": lambda: dense(x),
         }
@@ -148,6 +153,7 @@ def main() -> None:
             bound, touched, nbytes = gemv_bound_fn(cfg, moe, xd.view(t, -1))
             cands = {
                 "moekit": lambda xd=xd: moe(xd),
+                "sorted": lambda xd=xd: moe_sorted(xd),
                 "grouped": lambda xd=xd: moe_grouped(xd),
                 "dense": lambda xd=xd: dense(xd),
                 "bound": bound,
@@ -172,6 +178,7 @@ def main() -> None:
 
     cands = {
         "moekit": fb(lambda x: moe(x).hidden),
+        "sorted": fb(lambda x: moe_sorted(x).hidden),
         "grouped": fb(lambda x: moe_grouped(x).hidden),
         "dense": fb(dense),
     }
@@ -182,7 +189,7 @@ def main() -> None:
         except Exception as e:  # a backend without a CPU backward is reported, not fatal
             print(f"(hf {k} backward unavailable: {type(e).__name__})")
     res = timed_rounds(cands, max(3, args.rounds // 2), warmup=1)
-    for m in (moe, moe_grouped, dense, *hf.values()):
+    for m in (moe, moe_sorted, moe_grouped, dense, *hf.values()):
         m.zero_grad(set_to_none=True)
     row(f"forward+backward T={args.prefill}", res)
 

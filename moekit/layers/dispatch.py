@@ -9,11 +9,13 @@ quantization can swap the :class:`~moekit.layers.experts.ExpertWeights` without 
 
 Backends (all match ``eager`` forward and backward; see ``tests/test_layers_oracle.py``):
     ``eager``: a loop over experts with boolean masks. The readable oracle.
-    ``sorted``: tokens sorted by expert, then one ``F.linear`` pair per non-empty expert on a
-        contiguous slice. Fastest on CPU (measured in ``benchmarks/bench_layer.py``).
+    ``sorted``: tokens sorted by expert, then one matmul pair per non-empty expert on a
+        contiguous slice, with a hand-written backward (``experts.SortedExpertsFunction``).
+        Fastest on CPU for prefill and training (``benchmarks/bench_layer.py``).
     ``grouped_mm``: tokens sorted by expert, then ``torch._grouped_mm`` over the stacked weights.
         Falls back to ``sorted`` where the op is missing or rejects the dtype (float64 on CPU).
-    ``auto``: ``grouped_mm`` on CUDA in bf16/fp16, ``sorted`` otherwise.
+    ``auto``: ``grouped_mm`` on CUDA in bf16/fp16 and for decode-size batches on CPU,
+        ``sorted`` otherwise (see :func:`resolve_backend`).
 
 At decode sizes (at most ``SMALL_BATCH_ASSIGNMENTS`` slots) :func:`permute` groups the ids on the
 host; the oracle tests cover both paths.
@@ -119,11 +121,17 @@ def _grouped_compute(x_ND: Tensor, counts: list[int], weights: ExpertWeights) ->
     return torch._grouped_mm(activate(h_NH, weights.activation), w_out_EDF.transpose(-2, -1), offs=offs_E)
 
 
-def resolve_backend(backend: str, x: Tensor) -> str:
-    """Maps ``"auto"`` to a concrete backend for this input's device and dtype."""
+def resolve_backend(backend: str, x: Tensor, num_assignments: int) -> str:
+    """Maps ``"auto"`` to a concrete backend for this input's device, dtype and size.
+
+    Measured on CPU (benchmarks/bench_layer.py): ``grouped_mm`` is a few percent faster at decode
+    sizes, the hand-written ``sorted`` loop is faster for prefill and for training.
+    """
     if backend != "auto":
         return backend
     if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+        return "grouped_mm"
+    if num_assignments <= SMALL_BATCH_ASSIGNMENTS and _grouped_mm_available(x):
         return "grouped_mm"
     return "sorted"
 
@@ -151,7 +159,7 @@ def routed_experts(
     x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, weights: ExpertWeights, backend: str
 ) -> Tensor:
     """All three stages for a single device: ``[T, D] -> [T, D]``."""
-    backend = resolve_backend(backend, x_TD)
+    backend = resolve_backend(backend, x_TD, expert_ids_TK.numel())
     if backend == "eager":
         return eager_experts(x_TD, expert_ids_TK, weights_TK, weights)
     x_ND, plan = permute(x_TD, expert_ids_TK, weights_TK, weights.num_experts)
