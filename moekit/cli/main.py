@@ -12,11 +12,6 @@ import sys
 
 # verb name -> module name under moekit.cli
 VERBS: dict[str, str] = {
-    "train": "train",
-    "generate": "generate",
-    "eval": "evaluate",
-    "report": "report",
-    "trace": "trace",
     "layer-demo": "layer_demo",
 }
 
