@@ -120,9 +120,10 @@ def main() -> None:
         f"{args.threads} threads, torch {torch.__version__}"
     )
     print(
-        "| case | moekit sorted (ms) | moekit grouped_mm / sorted | dense same FLOPs / moekit | hf eager / moekit | hf grouped_mm / moekit | GEMV bound (ms) | moekit / bound |"
+        "| case | moekit auto (ms) | moekit sorted / auto | moekit grouped_mm / auto | dense same FLOPs / moekit "
+        "| hf eager / moekit | hf grouped_mm / moekit | GEMV bound (ms) | moekit / bound |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
 
     def row(name, res, bound=None):
         base = res["moekit"]
