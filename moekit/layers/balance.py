@@ -67,6 +67,8 @@ class ExpertBiasBalancer:
         for layer, counts in zip(self.layers, self._counts):
             bias = layer.router.expert_bias
             if bias is not None and counts is not None:
+                if layer.stats_reduce is not None:  # expert/data parallel: count the global batch
+                    counts = layer.stats_reduce(counts)
                 update_expert_bias(bias, counts, self.rate, self.recenter)
         self._counts = [None] * len(self.layers)
 

@@ -51,6 +51,16 @@ class ExpertWeights(nn.Module):
     ffn_dim: int
     activation: str
 
+    def routed_forward(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str) -> Tensor:
+        """All dispatch stages for these experts: ``[T, D] -> [T, D]`` weighted sum of expert outputs.
+
+        The single-device default runs permute -> expert compute -> combine. Expert parallelism
+        overrides this to put its all-to-all exchanges between the stages.
+        """
+        from moekit.layers.dispatch import routed_experts
+
+        return routed_experts(x_TD, expert_ids_TK, weights_TK, self, backend)
+
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
         """Runs expert ``expert`` on ``x_ND [N, D]``; returns ``[N, D]``."""
         w_in_HD, w_out_DF = self.expert_tensors(expert)

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from moekit.layers import losses
 from moekit.layers.config import FFNConfig, MoEConfig
-from moekit.layers.dispatch import routed_experts
 from moekit.layers.experts import ExpertWeights, FeedForward, StackedExpertWeights
 from moekit.layers.router import Router, apply_capacity
 
@@ -149,6 +148,9 @@ class MoELayer(nn.Module):
                 FFNConfig(dim=config.dim, ffn_dim=config.ffn_dim, activation=config.activation)
             )
             self.residual_coef = nn.Linear(config.dim, 2)
+        # Set by a parallelism package: sums a tensor over the data/expert-parallel group (with
+        # autograd) so balance statistics cover the global batch. None on a single process.
+        self.stats_reduce: Callable[[Tensor], Tensor] | None = None
         eta = torch.ones(config.num_total_experts)
         eta[config.num_experts :] = config.zero_expert_tau
         self.register_buffer("balance_weight", eta, persistent=False)
@@ -213,7 +215,7 @@ class MoELayer(nn.Module):
                 k or cfg.top_k,
             )
 
-        out_TD = routed_experts(x_TD, expert_ids_TK, weights_TK, self.experts, cfg.backend)
+        out_TD = self.experts.routed_forward(x_TD, expert_ids_TK, weights_TK, cfg.backend)
         if cfg.num_copy_experts or cfg.num_constant_experts:
             out_TD = out_TD + self._zero_compute_experts(x_TD, expert_ids_TK, weights_TK)
         if cfg.residual_moe:
@@ -253,11 +255,12 @@ class MoELayer(nn.Module):
         num_e = self.config.num_total_experts
         probs_TE, logits_TE, choice_TK = route.probs_TE, route.logits_TE, route.choice_ids_TK
         eta_E = self.balance_weight if self.config.num_experts < num_e else None
+        reduce = self.stats_reduce
         routing = RoutingInfo(expert_ids_TK, weights_TK, logits_TE, probs_TE, choice_TK, mask_T)
 
         def seq_balance() -> Tensor:
             if len(lead_shape) < 2:
-                return losses.load_balance_loss(probs_TE, choice_TK, mask_T, eta_E)
+                return losses.load_balance_loss(probs_TE, choice_TK, mask_T, eta_E, reduce=reduce)
             seq_len = lead_shape[-1]
             num_b = probs_TE.shape[0] // max(seq_len, 1)
             return losses.seq_balance_loss(
@@ -265,17 +268,20 @@ class MoELayer(nn.Module):
                 choice_TK.view(num_b, seq_len, -1),
                 None if mask_T is None else mask_T.view(num_b, seq_len),
                 eta_E,
+                reduce=reduce,
             )
 
         aux = AuxLosses(
             {
-                "load_balance": lambda: losses.load_balance_loss(probs_TE, choice_TK, mask_T, eta_E),
+                "load_balance": lambda: losses.load_balance_loss(
+                    probs_TE, choice_TK, mask_T, eta_E, reduce=reduce
+                ),
                 "load_balance_first": lambda: losses.load_balance_loss(
-                    probs_TE, choice_TK, mask_T, eta_E, first_choice_only=True
+                    probs_TE, choice_TK, mask_T, eta_E, first_choice_only=True, reduce=reduce
                 ),
                 "seq_balance": seq_balance,
-                "z_loss": lambda: losses.z_loss(logits_TE, mask_T),
-                "entropy": lambda: losses.router_entropy(probs_TE, mask_T),
+                "z_loss": lambda: losses.z_loss(logits_TE, mask_T, reduce),
+                "entropy": lambda: losses.router_entropy(probs_TE, mask_T, reduce),
             }
         )
         return routing, aux
