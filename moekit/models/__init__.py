@@ -2,4 +2,39 @@
 
 Contract: models are single-device ``nn.Module``s built from a config dataclass. Parallelism,
 offloading and quantization are applied to a built model by their own packages.
+
+The decoder LM:
+    ``MoEForCausalLM(ModelConfig)(input_ids, attention_mask=None, labels=None, ...) ->
+    CausalLMOutput(loss, lm_loss, logits, aux_loss, aux_losses, routing, past_key_values)``,
+    with Hugging Face calling conventions (shifted labels, -100 ignored, left padding, KV cache).
+    ``save_pretrained``/``from_pretrained`` use ``config.json`` + ``model.safetensors``.
+
+Layout:
+    config.py      ModelConfig (MoE placement rule, rope scaling, q/k norm, loss coefficients)
+    decoder.py     RMSNorm, RoPE, Attention + KVCache, DecoderLayer, MoEForCausalLM
+    generation.py  generate (greedy / sampling, KV cache, left-padded batches)
+    io.py          save/load of moekit folders (safetensors only)
+    presets.py     named configs (moe-tiny, moe-small, ..., dense twins)
+
+To add a family: express it as ModelConfig fields (add a field with a neutral default when a
+family needs a switch the decoder lacks), add a preset whose docstring cites the HF config, and
+put the HF key map in ``moekit.convert``; parameter names here never follow HF.
 """
+
+from moekit.models.config import ModelConfig
+from moekit.models.decoder import CausalLMOutput, KVCache, MoEForCausalLM
+from moekit.models.generation import generate
+from moekit.models.io import is_moekit_folder
+from moekit.models.presets import PRESETS, get_preset, list_presets
+
+__all__ = [
+    "PRESETS",
+    "CausalLMOutput",
+    "KVCache",
+    "ModelConfig",
+    "MoEForCausalLM",
+    "generate",
+    "get_preset",
+    "is_moekit_folder",
+    "list_presets",
+]

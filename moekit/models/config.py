@@ -1,0 +1,380 @@
+"""Configuration of the MoE decoder language model (:class:`ModelConfig`).
+
+One flat dataclass with the per-layer MoE template nested as a :class:`~moekit.layers.MoEConfig`.
+Field names are moekit's own (``num_`` prefix for counts); Hugging Face names appear only in the
+converters' key maps. The fields cover what the HF MoE families need:
+
+    Mixtral      moe (softmax top-2), sliding_window, rope_theta
+    Qwen2-MoE    attention_bias, moe.shared_ffn_dim + moe.shared_expert_gate, moe.norm_topk_prob,
+                 moe_layer_freq (decoder_sparse_step), explicit moe_layer_indices (mlp_only_layers)
+    Qwen3-MoE    qk_norm="per_head", head_dim, moe.norm_topk_prob
+    OLMoE        qk_norm="full" (RMSNorm over the whole q/k projection width)
+    DeepSeek-V3  num_dense_first_layers (first_k_dense_replace), moe.score_func="sigmoid", expert
+                 groups, moe.use_expert_bias, moe.routed_scaling_factor, rope_scaling "yarn"
+                 (multi-head latent attention itself is not modelled here)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from moekit.config import JsonConfig, check_choice
+from moekit.layers.config import ACTIVATIONS, MoEConfig
+
+MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit", "none")
+QK_NORMS = ("none", "per_head", "full")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+# Keys each rope_scaling type accepts (HF's names). "rope_type" (HF >= 4.45) and "type" (older)
+# both name the type.
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "yarn": {
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "attention_factor",
+        "truncate",
+    },
+    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+}
+_ROPE_REQUIRED = {
+    "default": set(),
+    "linear": {"factor"},
+    "yarn": set(),  # factor may be derived from max_position_embeddings / original_max_position_embeddings
+    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+}
+_AUX_COEFS = ("aux_loss_coef", "z_loss_coef", "seq_balance_coef", "entropy_loss_coef")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(JsonConfig):
+    """A decoder-only language model whose FFNs are dense or MoE, chosen per layer.
+
+    Shape:
+        vocab_size: V.
+        dim: model width D.
+        num_layers: decoder layers L.
+        num_heads: query heads H.
+        num_kv_heads: key/value heads (GQA); ``None`` means ``num_heads`` (plain multi-head).
+        head_dim: per-head width; ``None`` means ``dim // num_heads`` (see :attr:`attn_head_dim`).
+        ffn_dim: width of the dense FFN (unused, may be 0, when every layer is MoE).
+        dense_ffn_activation: ``"swiglu"`` or ``"gelu"`` for dense layers.
+
+    MoE placement (see :meth:`is_moe_layer`):
+        moe: the per-layer MoE template; ``None`` makes a dense model. ``moe.dim`` must equal ``dim``.
+        moe_placement: ``"all"``, ``"every_other"`` (odd layers 1, 3, ...), ``"first_half"``,
+            ``"second_half"``, ``"explicit"`` (exactly ``moe_layer_indices``) or ``"none"``.
+        moe_layer_indices: the MoE layers for ``"explicit"``.
+        num_dense_first_layers: the first N layers stay dense (DeepSeek ``first_k_dense_replace``).
+        moe_layer_freq: layer i can be MoE only if ``(i + 1) % moe_layer_freq == 0`` (Qwen2-MoE
+            ``decoder_sparse_step``).
+        experts_per_layer: FFN experts of each MoE layer in order (PR-MoE pyramids); ``None`` uses
+            ``moe.num_experts`` everywhere. ``moe.gating_residual`` lives in the template too.
+
+    Attention:
+        rope_theta: RoPE base.
+        rope_scaling: ``None`` or an HF-style dict with ``"rope_type"`` (or ``"type"``) in
+            ``"linear"`` (factor), ``"yarn"`` (factor, original_max_position_embeddings, beta_fast,
+            beta_slow, mscale, mscale_all_dim, attention_factor, truncate) or ``"llama3"`` (factor,
+            original_max_position_embeddings, low_freq_factor, high_freq_factor).
+        max_position_embeddings: positions the RoPE tables are precomputed for (they grow on demand).
+        qk_norm: ``"none"``, ``"per_head"`` (RMSNorm over head_dim, Qwen3) or ``"full"`` (RMSNorm
+            over the whole q/k projection width, OLMoE).
+        attention_bias: biases on the q/k/v projections (Qwen2); the output projection has none.
+        sliding_window: each token sees itself and the previous ``sliding_window - 1`` tokens.
+
+    Other:
+        rms_norm_eps: RMSNorm epsilon.
+        tie_word_embeddings: ``lm_head`` shares the embedding matrix.
+        initializer_range: std of the normal init.
+
+    Loss coefficients (the model applies them; aux losses are averaged over MoE layers):
+        aux_loss_coef: on ``aux_losses["load_balance"]``.
+        z_loss_coef: on ``aux_losses["z_loss"]``.
+        seq_balance_coef: on ``aux_losses["seq_balance"]`` (DeepSeek-V3 sequence-wise balance).
+        entropy_loss_coef: on ``aux_losses["entropy"]`` (top-p routing's dynamic loss).
+    """
+
+    vocab_size: int
+    dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn_dim: int = 0
+    dense_ffn_activation: str = "swiglu"
+
+    moe: MoEConfig | None = None
+    moe_placement: str = "all"
+    moe_layer_indices: tuple[int, ...] | None = None
+    num_dense_first_layers: int = 0
+    moe_layer_freq: int = 1
+    experts_per_layer: tuple[int, ...] | None = None
+
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    qk_norm: str = "none"
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    seq_balance_coef: float = 0.0
+    entropy_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        name = "ModelConfig"
+        for field in ("vocab_size", "dim", "num_layers", "num_heads", "max_position_embeddings"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{name}.{field} must be positive, got {getattr(self, field)}")
+        if self.moe_layer_indices is not None:
+            self.moe_layer_indices = tuple(self.moe_layer_indices)
+        if self.experts_per_layer is not None:
+            self.experts_per_layer = tuple(self.experts_per_layer)
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ValueError(
+                f"{name}.head_dim must be positive (or None for dim // num_heads), got {self.head_dim}"
+            )
+        if self.head_dim is None and self.dim % self.num_heads:
+            raise ValueError(
+                f"{name}.num_heads={self.num_heads} does not divide dim={self.dim}; change num_heads "
+                "or set head_dim explicitly"
+            )
+        if self.num_kv_heads is not None and (self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+            raise ValueError(
+                f"{name}.num_kv_heads={self.num_kv_heads} must be positive and divide num_heads={self.num_heads}"
+            )
+        if self.ffn_dim < 0:
+            raise ValueError(f"{name}.ffn_dim must be >= 0, got {self.ffn_dim}")
+        check_choice(name, "dense_ffn_activation", self.dense_ffn_activation, ACTIVATIONS)
+        check_choice(name, "moe_placement", self.moe_placement, MOE_PLACEMENTS)
+        check_choice(name, "qk_norm", self.qk_norm, QK_NORMS)
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"{name}.rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"{name}.rope_theta must be positive, got {self.rope_theta}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"{name}.sliding_window must be positive or None, got {self.sliding_window}")
+        if self.initializer_range <= 0:
+            raise ValueError(f"{name}.initializer_range must be positive, got {self.initializer_range}")
+        for field in _AUX_COEFS:
+            if getattr(self, field) < 0:
+                raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
+        self._check_rope_scaling()
+        self._check_placement()
+        if self.ffn_dim == 0 and self.num_moe_layers < self.num_layers:
+            raise ValueError(
+                f"{name}.ffn_dim must be positive: layers {self.dense_layer_indices} are dense "
+                "(set ffn_dim, or place MoE in every layer)"
+            )
+
+    def _check_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        if not isinstance(rs, dict):
+            raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {type(rs).__name__}")
+        rope_type = self.rope_type
+        check_choice("ModelConfig", "rope_scaling['rope_type']", rope_type, ROPE_TYPES)
+        params = {k: v for k, v in rs.items() if k not in ("rope_type", "type")}
+        unknown = sorted(set(params) - _ROPE_KEYS[rope_type])
+        if unknown:
+            raise ValueError(
+                f"ModelConfig.rope_scaling: unknown key(s) {unknown} for rope_type={rope_type!r}; "
+                f"valid keys are {sorted(_ROPE_KEYS[rope_type])}"
+            )
+        missing = sorted(_ROPE_REQUIRED[rope_type] - set(params))
+        if missing:
+            raise ValueError(f"ModelConfig.rope_scaling: rope_type={rope_type!r} needs key(s) {missing}")
+        factor = params.get("factor")
+        if factor is not None and factor < 1.0:
+            raise ValueError(f"ModelConfig.rope_scaling['factor'] must be >= 1, got {factor}")
+        if rope_type == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
+            raise ValueError("ModelConfig.rope_scaling: llama3 needs high_freq_factor > low_freq_factor")
+
+    def _check_placement(self) -> None:
+        name = "ModelConfig"
+        if self.moe is not None and self.moe.dim != self.dim:
+            raise ValueError(f"{name}.moe.dim={self.moe.dim} must equal dim={self.dim}")
+        if self.moe_layer_freq < 1:
+            raise ValueError(f"{name}.moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
+        if not (0 <= self.num_dense_first_layers <= self.num_layers):
+            raise ValueError(
+                f"{name}.num_dense_first_layers must be in [0, num_layers={self.num_layers}], "
+                f"got {self.num_dense_first_layers}"
+            )
+        if self.moe_placement == "explicit":
+            idx = self.moe_layer_indices
+            if idx is None:
+                raise ValueError(f"{name}.moe_layer_indices is required when moe_placement='explicit'")
+            if any(not (0 <= i < self.num_layers) for i in idx) or len(set(idx)) != len(idx):
+                raise ValueError(
+                    f"{name}.moe_layer_indices={list(idx)} must be distinct layer indices in [0, {self.num_layers})"
+                )
+            if self.moe_layer_freq != 1 or self.num_dense_first_layers != 0:
+                raise ValueError(
+                    f"{name}: moe_placement='explicit' lists the MoE layers itself; set moe_layer_freq=1 "
+                    "and num_dense_first_layers=0"
+                )
+        elif self.moe_layer_indices is not None:
+            raise ValueError(
+                f"{name}.moe_layer_indices is only used with moe_placement='explicit' "
+                f"(got moe_placement={self.moe_placement!r}); remove it or switch to 'explicit'"
+            )
+        if self.moe is None and self.moe_placement == "explicit":
+            raise ValueError(f"{name}.moe is None but moe_placement='explicit' lists MoE layers; set moe")
+        if self.experts_per_layer is not None:
+            if self.moe is None:
+                raise ValueError(f"{name}.experts_per_layer needs moe to be set")
+            if len(self.experts_per_layer) != self.num_moe_layers:
+                raise ValueError(
+                    f"{name}.experts_per_layer has {len(self.experts_per_layer)} entries but the model has "
+                    f"{self.num_moe_layers} MoE layers {self.moe_layer_ids}; give one count per MoE layer"
+                )
+            for i in self.moe_layer_ids:
+                try:
+                    self.moe_config(i)
+                except ValueError as err:
+                    raise ValueError(f"{name}.experts_per_layer: MoE layer {i} is invalid: {err}") from err
+            if self.moe.gating_residual and len(set(self.experts_per_layer)) > 1:
+                raise ValueError(
+                    f"{name}.experts_per_layer={list(self.experts_per_layer)}: moe.gating_residual needs the "
+                    "same expert count in every MoE layer (the residual maps logits [E] -> [E])"
+                )
+
+    @property
+    def attn_head_dim(self) -> int:
+        """The per-head width actually used: ``head_dim`` or ``dim // num_heads``."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.num_heads
+
+    @property
+    def attn_num_kv_heads(self) -> int:
+        """The key/value head count actually used: ``num_kv_heads`` or ``num_heads``."""
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def rope_type(self) -> str:
+        """``"default"`` without scaling, else ``rope_scaling["rope_type"]`` (or HF's older ``"type"``)."""
+        if not self.rope_scaling:
+            return "default"
+        return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i`` uses the MoE FFN.
+
+        ``"explicit"`` means exactly ``i in moe_layer_indices``. Otherwise layer i is MoE iff the
+        placement selects it (``all``; ``every_other``: i odd; ``first_half``: i < L // 2;
+        ``second_half``: i >= L // 2; ``none``: never) and ``i >= num_dense_first_layers`` and
+        ``(i + 1) % moe_layer_freq == 0``.
+        """
+        if not (0 <= i < self.num_layers):
+            raise IndexError(f"layer {i} out of range [0, {self.num_layers})")
+        if self.moe is None or self.moe_placement == "none":
+            return False
+        if self.moe_placement == "explicit":
+            return i in (self.moe_layer_indices or ())
+        half = self.num_layers // 2
+        selected = {
+            "all": True,
+            "every_other": i % 2 == 1,
+            "first_half": i < half,
+            "second_half": i >= half,
+        }[self.moe_placement]
+        return selected and i >= self.num_dense_first_layers and (i + 1) % self.moe_layer_freq == 0
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        """Indices of the MoE layers, ascending."""
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    @property
+    def dense_layer_indices(self) -> list[int]:
+        """Indices of the dense-FFN layers, ascending."""
+        return [i for i in range(self.num_layers) if not self.is_moe_layer(i)]
+
+    @property
+    def num_moe_layers(self) -> int:
+        """How many layers are MoE."""
+        return len(self.moe_layer_ids)
+
+    def moe_config(self, i: int) -> MoEConfig:
+        """The :class:`MoEConfig` of MoE layer ``i`` (the template with its expert count)."""
+        if not self.is_moe_layer(i):
+            raise ValueError(f"layer {i} is not an MoE layer (MoE layers: {self.moe_layer_ids})")
+        assert self.moe is not None
+        if self.experts_per_layer is None:
+            return self.moe
+        num_experts = self.experts_per_layer[self.moe_layer_ids.index(i)]
+        return self.moe if num_experts == self.moe.num_experts else self.moe.replace(num_experts=num_experts)
+
+    def rope_inv_freq_and_scale(self) -> tuple[list[float], float]:
+        """RoPE inverse frequencies ``[head_dim // 2]`` and the cos/sin scale, per ``rope_scaling``.
+
+        Follows transformers' ``modeling_rope_utils`` for "linear", "yarn" and "llama3", so
+        converted checkpoints see the same frequencies. Pure Python (float64), no torch.
+        """
+        dim = self.attn_head_dim
+        base = self.rope_theta
+        inv = [base ** (-(2 * j) / dim) for j in range(dim // 2)]
+        rs = self.rope_scaling or {}
+        rope_type = self.rope_type
+        if rope_type == "default":
+            return inv, 1.0
+        if rope_type == "linear":
+            return [f / rs["factor"] for f in inv], 1.0
+        if rope_type == "llama3":
+            factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+            old_len = rs["original_max_position_embeddings"]
+            low_wavelen, high_wavelen = old_len / low, old_len / high
+            out = []
+            for f in inv:
+                wavelen = 2 * math.pi / f
+                if wavelen < high_wavelen:
+                    out.append(f)
+                elif wavelen > low_wavelen:
+                    out.append(f / factor)
+                else:
+                    smooth = (old_len / wavelen - low) / (high - low)
+                    out.append((1 - smooth) * f / factor + smooth * f)
+            return out, 1.0
+        # yarn
+        orig = rs.get("original_max_position_embeddings") or self.max_position_embeddings
+        factor = rs.get("factor") or self.max_position_embeddings / orig
+
+        def get_mscale(scale: float, mscale: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+        attention_factor = rs.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = get_mscale(factor)
+        beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+        def correction_dim(num_rotations: float) -> float:
+            return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if rs.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # avoids a zero-width ramp, as transformers does
+        out = []
+        for j, f in enumerate(inv):
+            extrapolation = 1.0 - min(max((j - low) / (high - low), 0.0), 1.0)
+            out.append(f / factor * (1 - extrapolation) + f * extrapolation)
+        return out, float(attention_factor)

@@ -1,0 +1,571 @@
+"""The MoE decoder language model: RMSNorm, RoPE, GQA attention with a KV cache, decoder layers.
+
+Shape legend: B = batch, S = new tokens in this call, P = tokens already in the KV cache,
+K = P + S keys, D = model width, H = query heads, G = key/value heads, Dh = head width,
+V = vocabulary, T = B * S tokens (flattened for the MoE layers), E = experts.
+
+Conventions follow Hugging Face's Llama/Qwen3 family so converters only rename keys: pre-norm
+layers, rotate-half RoPE, SwiGLU, ``attention_mask`` ``[B, P + S]`` with 1 for real tokens,
+labels shifted inside the model with -100 ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from moekit.layers import FeedForward, FFNConfig, MoELayer, MoEOutput, RoutingInfo
+from moekit.layers.experts import StackedExpertWeights
+from moekit.layers.moe import AuxLosses
+from moekit.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
+# Aux-loss names the model weights, paired with their ModelConfig coefficient.
+AUX_LOSS_COEFS = {
+    "load_balance": "aux_loss_coef",
+    "z_loss": "z_loss_coef",
+    "seq_balance": "seq_balance_coef",
+    "entropy": "entropy_loss_coef",
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in float32: ``[..., N] -> [..., N]``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalises over the last dim; the result has ``x``'s dtype."""
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables (rotate-half layout), precomputed in float32 and grown on demand.
+
+    Buffers (not saved): ``cos``/``sin`` ``[N, Dh]`` for positions ``0..N-1``, already multiplied
+    by the rope-scaling attention factor (YaRN).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # Kept as Python floats, not a buffer, so model.to(bfloat16) cannot round them.
+        self.inv_freq, self.attention_factor = config.rope_inv_freq_and_scale()
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(config.max_position_embeddings, torch.device("cpu"))
+
+    def _build(self, num_positions: int, device: torch.device) -> None:
+        # float64 angles: position * freq loses digits in float32 at long positions.
+        pos_N = torch.arange(num_positions, dtype=torch.float64, device=device)
+        inv_freq_F = torch.tensor(self.inv_freq, dtype=torch.float64, device=device)
+        angles_NF = pos_N[:, None] * inv_freq_F[None, :]
+        angles_ND = torch.cat([angles_NF, angles_NF], dim=-1)
+        self.cos = (angles_ND.cos() * self.attention_factor).to(torch.float32)
+        self.sin = (angles_ND.sin() * self.attention_factor).to(torch.float32)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would round the tables; rebuild them in float32 on the new device.
+        super()._apply(fn, recurse)
+        self._build(self.cos.shape[0], self.cos.device)
+        return self
+
+    def forward(self, position_ids_BS: Tensor, num_positions: int | None = None) -> tuple[Tensor, Tensor]:
+        """Returns ``(cos, sin)``, each float32 ``[B, 1, S, Dh]``, for integer positions ``[B, S]``.
+
+        ``num_positions`` is an upper bound on ``max(position_ids) + 1`` when the caller knows
+        one; it saves a device sync.
+        """
+        if num_positions is None:
+            num_positions = int(position_ids_BS.max()) + 1 if position_ids_BS.numel() else 0
+        if num_positions > self.cos.shape[0]:
+            self._build(max(num_positions, 2 * self.cos.shape[0]), self.cos.device)
+        return self.cos[position_ids_BS].unsqueeze(1), self.sin[position_ids_BS].unsqueeze(1)
+
+
+def apply_rotary(x_BHSd: Tensor, cos_B1Sd: Tensor, sin_B1Sd: Tensor) -> Tensor:
+    """Rotates ``[B, H, S, Dh]`` by the position tables (rotate-half convention), in float32."""
+    x32 = x_BHSd.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos_B1Sd + rotated * sin_B1Sd).to(x_BHSd.dtype)
+
+
+class KVCache:
+    """Per-layer key/value cache for a batch, preallocated and grown in chunks.
+
+    Each layer holds ``keys``/``values`` ``[B, G, capacity, Dh]``; :meth:`update` writes the new
+    tokens in place and returns views of the filled part, so decoding does not reallocate per
+    token. When the capacity runs out it grows to the next multiple of ``chunk_size`` (one copy).
+
+    Args:
+        num_layers: decoder layers.
+        max_length: initial capacity (e.g. prompt + new tokens, so generation never grows).
+        chunk_size: growth granularity in tokens.
+    """
+
+    def __init__(self, num_layers: int, max_length: int = 0, chunk_size: int = 256) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"KVCache: chunk_size must be positive, got {chunk_size}")
+        self.num_layers, self.max_length, self.chunk_size = num_layers, max_length, chunk_size
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    @property
+    def seq_len(self) -> int:
+        """P: tokens cached so far (layer 0's count; all layers agree between forwards)."""
+        return self.lengths[0]
+
+    def capacity(self, layer_idx: int) -> int:
+        """Tokens layer ``layer_idx`` can hold before growing."""
+        k = self.keys[layer_idx]
+        return 0 if k is None else k.shape[2]
+
+    def update(self, layer_idx: int, k_BGSd: Tensor, v_BGSd: Tensor) -> tuple[Tensor, Tensor]:
+        """Appends S new keys/values ``[B, G, S, Dh]``; returns all ``[B, G, P + S, Dh]`` (views)."""
+        length, new = self.lengths[layer_idx], k_BGSd.shape[2]
+        end = length + new
+        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
+        if old_k is not None and old_k.shape[:2] != k_BGSd.shape[:2]:
+            raise ValueError(
+                f"KVCache layer {layer_idx}: cached batch/heads {tuple(old_k.shape[:2])} != new "
+                f"{tuple(k_BGSd.shape[:2])}; use a fresh cache for a new batch"
+            )
+        if end > self.capacity(layer_idx):
+            capacity = max(self.max_length, math.ceil(end / self.chunk_size) * self.chunk_size)
+            b, g, _, d = k_BGSd.shape
+            new_k = k_BGSd.new_empty(b, g, capacity, d)
+            new_v = v_BGSd.new_empty(b, g, capacity, v_BGSd.shape[-1])
+            if old_k is not None and length:
+                new_k[:, :, :length] = old_k[:, :, :length]
+                new_v[:, :, :length] = old_v[:, :, :length]
+            self.keys[layer_idx], self.values[layer_idx] = new_k, new_v
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:, :, length:end] = k_BGSd
+        values[:, :, length:end] = v_BGSd
+        self.lengths[layer_idx] = end
+        return keys[:, :, :end], values[:, :, :end]
+
+    def crop(self, length: int) -> None:
+        """Forgets every token after the first ``length`` (speculative decoding rollback)."""
+        self.lengths = [min(n, length) for n in self.lengths]
+
+
+class Attention(nn.Module):
+    """Causal self-attention with GQA, optional q/k RMSNorm, qkv bias and a KV cache.
+
+    Parameters:
+        q_proj ``[H*Dh, D]``, k_proj/v_proj ``[G*Dh, D]`` (biases when ``attention_bias``),
+        o_proj ``[D, H*Dh]``; q_norm/k_norm over ``Dh`` (per_head) or ``H*Dh``/``G*Dh`` (full).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_heads, config.attn_num_kv_heads
+        self.head_dim = config.attn_head_dim
+        self.qk_norm = config.qk_norm
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.dim, q_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.dim, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.dim, kv_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_width, config.dim, bias=False)
+        if config.qk_norm == "per_head":
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(q_width, config.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_width, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos_B1Sd: Tensor,
+        sin_B1Sd: Tensor,
+        mask_B1SK: Tensor | None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Attends S new tokens to the cached and new keys.
+
+        Args:
+            x_BSD: ``[B, S, D]`` normed hidden states.
+            cos_B1Sd, sin_B1Sd: RoPE tables for the new tokens' positions.
+            mask_B1SK: bool ``[B, 1, S, K]`` (True = may attend), or None for plain causal
+                attention without a cache.
+            cache: the KV cache to append to and read from.
+
+        Returns:
+            ``[B, S, D]``.
+        """
+        b, s, _ = x_BSD.shape
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BHSd = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BGSd = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGSd = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "per_head":
+            q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
+        q_BHSd = apply_rotary(q_BHSd, cos_B1Sd, sin_B1Sd)
+        k_BGSd = apply_rotary(k_BGSd, cos_B1Sd, sin_B1Sd)
+        if cache is not None:
+            k_BGSd, v_BGSd = cache.update(self.layer_idx, k_BGSd, v_BGSd)
+        gqa = self.num_kv_heads != self.num_heads
+        out_BHSd = F.scaled_dot_product_attention(
+            q_BHSd, k_BGSd, v_BGSd, attn_mask=mask_B1SK, is_causal=mask_B1SK is None, enable_gqa=gqa
+        )
+        return self.o_proj(out_BHSd.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))``; ``mlp`` is dense or MoE.
+
+    Submodules: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``
+    (:class:`~moekit.layers.FeedForward` or :class:`~moekit.layers.MoELayer`).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.input_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
+        if self.is_moe:
+            self.mlp: nn.Module = MoELayer(config.moe_config(layer_idx))
+        else:
+            self.mlp = FeedForward(
+                FFNConfig(dim=config.dim, ffn_dim=config.ffn_dim, activation=config.dense_ffn_activation)
+            )
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos_B1Sd: Tensor,
+        sin_B1Sd: Tensor,
+        mask_B1SK: Tensor | None = None,
+        token_mask_BS: Tensor | None = None,
+        prev_logits_TE: Tensor | None = None,
+        moe_k: int | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, MoEOutput | None]:
+        """Returns ``(x_BSD, moe_output)``; ``moe_output`` is None for dense layers.
+
+        ``token_mask_BS`` (bool, False for padding) keeps padding out of routing statistics;
+        ``prev_logits_TE`` feeds the gating residual; ``moe_k`` overrides the layer's top-k.
+        """
+        h_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
+        normed_BSD = self.post_attention_layernorm(h_BSD)
+        if not self.is_moe:
+            return h_BSD + self.mlp(normed_BSD), None
+        out = self.mlp(normed_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k)
+        return h_BSD + out.hidden, out
+
+
+@dataclass
+class CausalLMOutput:
+    """What :meth:`MoEForCausalLM.forward` returns.
+
+    Attributes:
+        loss: scalar ``lm_loss + aux_loss``, or None without labels.
+        lm_loss: scalar mean next-token cross-entropy over non-ignored labels, or None.
+        logits: ``[B, S, V]``.
+        aux_loss: scalar, the coefficient-weighted aux total (0 for dense models).
+        aux_losses: unweighted aux losses averaged over MoE layers (``load_balance``,
+            ``load_balance_first``, ``seq_balance``, ``z_loss``, ``entropy``), each computed on
+            first access; empty for dense models.
+        routing: one :class:`~moekit.layers.RoutingInfo` per MoE layer, in layer order.
+        past_key_values: the :class:`KVCache` when ``use_cache``, else None.
+    """
+
+    loss: Tensor | None
+    lm_loss: Tensor | None
+    logits: Tensor
+    aux_loss: Tensor
+    aux_losses: Mapping[str, Tensor] = field(default_factory=dict)
+    routing: list[RoutingInfo] = field(default_factory=list)
+    past_key_values: KVCache | None = None
+
+
+def build_attention_mask(
+    attention_mask_BK: Tensor | None,
+    batch: int,
+    num_new: int,
+    num_past: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> Tensor | None:
+    """The boolean SDPA mask ``[B, 1, S, K]`` (True = may attend), or None for plain causal.
+
+    Causal over cache slots, minus padded keys, minus keys outside the sliding window. Each query
+    may always see itself, so rows of padding queries are never fully masked (SDPA would return
+    NaN for them); their outputs are unused.
+    """
+    if attention_mask_BK is None and num_past == 0 and sliding_window is None:
+        return None
+    num_keys = num_past + num_new
+    q_S1 = torch.arange(num_past, num_keys, device=device)[:, None]
+    k_1K = torch.arange(num_keys, device=device)[None, :]
+    allowed_SK = k_1K <= q_S1
+    if sliding_window is not None:
+        allowed_SK = allowed_SK & (q_S1 - k_1K < sliding_window)
+    allowed_BSK = allowed_SK.expand(batch, num_new, num_keys)
+    if attention_mask_BK is not None:
+        allowed_BSK = allowed_BSK & attention_mask_BK.to(torch.bool)[:, None, :]
+        allowed_BSK = allowed_BSK | (k_1K == q_S1)
+    return allowed_BSK.unsqueeze(1)
+
+
+class MoEForCausalLM(nn.Module):
+    """Decoder-only LM whose FFNs are dense or MoE per :meth:`ModelConfig.is_moe_layer`.
+
+    Submodules: ``embed_tokens`` (``[V, D]``), ``layers`` (``nn.ModuleList`` of
+    :class:`DecoderLayer`), ``norm``, ``lm_head`` (``[V, D]``, tied to the embedding when
+    ``tie_word_embeddings``), ``rotary``.
+
+    Attributes:
+        config: the :class:`ModelConfig`.
+        gradient_checkpointing: recompute each layer in backward (set by the trainer; only in
+            training mode and without a KV cache).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE FFNs in layer order (what ``routing`` aligns with)."""
+        return [layer.mlp for layer in self.layers if layer.is_moe]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialises every weight here, in one place.
+
+        Linear and embedding weights ~ N(0, initializer_range), biases 0, norms 1. Projections that
+        write into the residual stream (``o_proj``, FFN/expert ``w_out``) get std divided by
+        sqrt(2 * num_layers) so the stream's variance does not grow with depth (GPT-2). Experts use
+        the same std as dense FFNs, so a 1-expert MoE starts like a dense model. Trainable routers
+        start at N(0, initializer_range): near-uniform routing. Frozen routers (SMoE-Dropout) keep
+        the layer's own init because their logit scale is their routing sharpness forever. The
+        gating-residual projection and the expert bias stay zero: a new layer routes as if it had
+        neither.
+        """
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, StackedExpertWeights):
+                nn.init.normal_(module.w_in, std=std)
+                nn.init.normal_(module.w_out, std=out_std)
+        for layer in self.layers:
+            nn.init.normal_(layer.self_attn.o_proj.weight, std=out_std)
+            mlp = layer.mlp
+            if isinstance(mlp, FeedForward):
+                nn.init.normal_(mlp.w_out.weight, std=out_std)
+                continue
+            router = mlp.router
+            if router.weight.requires_grad:
+                nn.init.normal_(router.weight, std=std)
+                if router.bias is not None:
+                    nn.init.zeros_(router.bias)
+            else:
+                router.reset_parameters()
+            if router.residual_weight is not None:
+                nn.init.zeros_(router.residual_weight)
+            if router.expert_bias is not None:
+                router.expert_bias.zero_()
+            if mlp.config.num_constant_experts:
+                # The MoE++ code draws v ~ N(0, 1); here the residual stream has std ~0.02, so v
+                # that large would swamp it. Use the model's init scale instead.
+                nn.init.normal_(mlp.const_gate, std=std)
+                nn.init.normal_(mlp.const_vec, std=std)
+            if mlp.config.shared_ffn_dim:
+                nn.init.normal_(mlp.shared.w_out.weight, std=out_std)
+            if mlp.config.residual_moe:
+                nn.init.normal_(mlp.residual_mlp.w_out.weight, std=out_std)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_router_logits: bool = False,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        position_ids: Tensor | None = None,
+        moe_k: int | None = None,
+    ) -> CausalLMOutput:
+        """Runs the model (Hugging Face calling conventions).
+
+        Args:
+            input_ids: ``[B, S]`` int64 token ids (the new tokens when a cache is given).
+            attention_mask: ``[B, P + S]``, 1 for real tokens and 0 for padding (left padding for
+                generation); covers the cached tokens too. None means every token is real.
+            labels: ``[B, S]`` targets aligned with ``input_ids``; shifted inside (token t predicts
+                label t + 1); -100 is ignored.
+            output_router_logits: accepted for HF compatibility; ``routing`` is always returned.
+            past_key_values: a :class:`KVCache` from an earlier call (P cached tokens).
+            use_cache: return a cache (a new one when ``past_key_values`` is None).
+            position_ids: ``[B, S]``; by default the cumulative sum of ``attention_mask`` minus 1
+                (so left padding does not shift positions), else ``P + arange(S)``.
+            moe_k: experts per token for every MoE layer in this call (overrides ``top_k``).
+
+        Returns:
+            :class:`CausalLMOutput`.
+        """
+        del output_router_logits  # routing is cheap and always returned
+        cfg = self.config
+        batch, num_new = input_ids.shape
+        device = input_ids.device
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(cfg.num_layers)
+        num_past = cache.seq_len if cache is not None else 0
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, num_past + num_new):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, "
+                    f"{num_past + num_new}) = (batch, cached + new tokens)"
+                )
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: take the fast causal path
+        num_positions = None  # unknown for caller-given positions
+        if position_ids is None:
+            num_positions = num_past + num_new
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, num_past:]
+            else:
+                position_ids = torch.arange(num_past, num_past + num_new, device=device).expand(batch, -1)
+        token_mask_BS = None if attention_mask is None else attention_mask[:, num_past:].to(torch.bool)
+        mask_B1SK = build_attention_mask(attention_mask, batch, num_new, num_past, cfg.sliding_window, device)
+        cos, sin = self.rotary(position_ids, num_positions)
+
+        x_BSD = self.embed_tokens(input_ids)
+        routing: list[RoutingInfo] = []
+        layer_aux: list[Mapping[str, Tensor]] = []
+        prev_logits_TE = None
+        use_residual = cfg.moe is not None and cfg.moe.gating_residual
+        checkpointing = self.gradient_checkpointing and self.training and cache is None
+        for layer in self.layers:
+            args = (
+                x_BSD,
+                cos,
+                sin,
+                mask_B1SK,
+                token_mask_BS,
+                prev_logits_TE if use_residual else None,
+                moe_k,
+            )
+            if checkpointing:
+                x_BSD, moe_out = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x_BSD, moe_out = layer(*args, cache=cache)
+            if moe_out is not None:
+                routing.append(moe_out.routing)
+                layer_aux.append(moe_out.aux_losses)
+                prev_logits_TE = moe_out.routing.router_logits
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+
+        aux_losses = _mean_aux_losses(layer_aux)
+        aux_loss = logits_BSV.new_zeros((), dtype=torch.float32)
+        for name, coef_field in AUX_LOSS_COEFS.items():
+            coef = getattr(cfg, coef_field)
+            if coef and name in aux_losses:
+                aux_loss = aux_loss + coef * aux_losses[name].float()
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits_BSV, labels)
+            loss = lm_loss + aux_loss
+        return CausalLMOutput(loss, lm_loss, logits_BSV, aux_loss, aux_losses, routing, cache)
+
+    def num_parameters(self, active_only: bool = False) -> int:
+        """Parameter count; tied weights count once.
+
+        With ``active_only``, FFN-expert weights of each MoE layer count ``top_k / E`` of their
+        size (E = all experts the router scores, so MoE++ zero-computation experts dilute it);
+        routers, shared experts, dense layers, attention and embeddings count fully.
+        """
+        expert_params = {}
+        if active_only:
+            for mlp in self.moe_layers:
+                frac = mlp.config.top_k / mlp.config.num_total_experts
+                for p in mlp.experts.parameters():
+                    expert_params[id(p)] = frac
+        seen, total = set(), 0.0
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel() * expert_params.get(id(p), 1.0)
+        return round(total)
+
+    def generate(self, input_ids: Tensor, **kwargs) -> Tensor:
+        """See :func:`moekit.models.generation.generate`; returns ``[B, S + new]`` ids."""
+        from moekit.models.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def save_pretrained(self, path: str | Path, format: str = "moekit") -> None:
+        """Writes ``config.json`` and ``model.safetensors`` (see :mod:`moekit.models.io`)."""
+        from moekit.models.io import save_pretrained
+
+        save_pretrained(self, path, format=format)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> MoEForCausalLM:
+        """Loads a folder written by :meth:`save_pretrained` (safetensors only)."""
+        from moekit.models.io import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype)
+
+
+def _mean_aux_losses(layer_aux: list[Mapping[str, Tensor]]) -> Mapping[str, Tensor]:
+    """Averages per-layer aux losses lazily: a loss no one reads is never computed."""
+    if not layer_aux:
+        return {}
+    names = list(layer_aux[0])
+
+    def mean_of(name: str):
+        return lambda: torch.stack([aux[name].float() for aux in layer_aux]).mean()
+
+    return AuxLosses({name: mean_of(name) for name in names})
+
+
+def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
+    """Mean next-token cross-entropy in float32: position t predicts ``labels[t + 1]``; -100 ignored."""
+    logits_NV = logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1]).float()
+    targets_N = labels_BS[:, 1:].reshape(-1).to(logits_NV.device)
+    total = F.cross_entropy(logits_NV, targets_N, ignore_index=-100, reduction="sum")
+    # Sum / count rather than mean, so a batch with no targets gives 0, not NaN.
+    return total / (targets_N != -100).sum().clamp_min(1)
