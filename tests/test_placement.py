@@ -94,3 +94,19 @@ def test_apply_placement_preserves_the_function():
     torch.testing.assert_close(run(x), before, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="plans 1 MoE layers, the model has 2"):
         apply_placement(model, Placement([[0, 1, 0, 1]], 2))
+
+
+def test_plan_cli(tmp_path, capsys):
+    from moekit.analysis import save_trace
+    from moekit.cli.main import main
+
+    path = save_trace(
+        synthetic_trace(num_layers=2, num_experts=4, num_tokens=400), tmp_path / "t.safetensors"
+    )
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--trace", str(path), "--devices", "2", "--out", str(out), "--time-limit", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "round_robin" in text and "ilp" in text
+    assert len(Placement.from_json(out).device_of) == 2
+    assert main(["plan", "--trace", str(path), "--devices", "3", "--out", str(out)]) == 2
+    assert "do not divide over 3 devices" in capsys.readouterr().err

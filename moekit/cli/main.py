@@ -12,6 +12,8 @@ import sys
 
 # verb name -> module name under moekit.cli
 VERBS: dict[str, str] = {
+    "train": "train",
+    "plan": "plan",
     "layer-demo": "layer_demo",
 }
 
