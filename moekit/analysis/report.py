@@ -52,19 +52,29 @@ def _series(records: list[dict], key: str, kind: str | None = None) -> tuple[lis
     return xs, ys
 
 
+def _unigram(records: list[dict]) -> float | None:
+    for r in records:
+        for key in ("unigram_val_loss", "unigram_loss"):
+            if r.get(key) is not None:
+                return float(r[key])
+    return None
+
+
 def plot_loss_curves(records: list[dict], out_path: str | os.PathLike, title: str = "") -> Path:
     """Train loss, validation loss and the unigram baseline against steps."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for key, label in (("lm_loss", "train LM loss"), ("loss", "train loss (with aux)")):
-        xs, ys = _series([r for r in records if "val_loss" not in r], key)
+        xs, ys = _series(
+            [r for r in records if "val_loss" not in r and r.get("event", "train") == "train"], key
+        )
         if xs:
             ax.plot(xs, ys, label=label, alpha=0.8)
             break
     xs, ys = _series(records, "val_loss")
     if xs:
         ax.plot(xs, ys, "o-", label="validation loss")
-    unigram = next((r["unigram_loss"] for r in records if r.get("unigram_loss") is not None), None)
+    unigram = _unigram(records)
     if unigram is not None:
         ax.axhline(unigram, color="gray", linestyle="--", label=f"unigram baseline ({unigram:.2f})")
     ax.set_xlabel("step")
@@ -176,13 +186,19 @@ def write_report(
                 f"Final validation loss {last['val_loss']:.4f} "
                 f"(perplexity {math.exp(min(last['val_loss'], 50)):.2f}) at step {last.get('step')}."
             )
-        unigram = next((r["unigram_loss"] for r in records if r.get("unigram_loss") is not None), None)
+        unigram = _unigram(records)
         if unigram is not None:
             lines.append(f"Unigram baseline: {unigram:.4f}.")
         lines.append("")
         if plot_router_entropy(records, out / "router_entropy.png"):
             lines += ["## Router entropy", "", "![router entropy](router_entropy.png)", ""]
-        loads = [r["tokens_per_expert"] for r in records if isinstance(r.get("tokens_per_expert"), list)]
+        loads = [
+            r["tokens_per_expert"]
+            for r in records
+            if isinstance(r.get("tokens_per_expert"), list)
+            and r["tokens_per_expert"]
+            and isinstance(r["tokens_per_expert"][0], list)
+        ]
         if loads and trace is None:
             plot_expert_load(loads[-1], out / "expert_load.png", "expert load at the last logged step")
             lines += ["## Expert load", "", "![expert load](expert_load.png)", ""]

@@ -13,6 +13,10 @@ import sys
 # verb name -> module name under moekit.cli
 VERBS: dict[str, str] = {
     "train": "train",
+    "generate": "generate",
+    "eval": "evaluate",
+    "trace": "trace",
+    "report": "report",
     "plan": "plan",
     "layer-demo": "layer_demo",
 }
