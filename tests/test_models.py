@@ -22,6 +22,16 @@ from moekit.models import (
 V, D = 64, 32
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These models are tiny: a second thread buys nothing, and on a shared 2-core machine spinning
+    # OpenMP workers made the overfit test 30x slower under load.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(**kw) -> ModelConfig:
     """dim 32, 2 layers, 4 heads / 2 kv heads, 4 experts top-2 unless overridden."""
     moe_kw = kw.pop("moe_kw", {})

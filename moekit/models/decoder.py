@@ -12,8 +12,9 @@ labels shifted inside the model with -100 ignored.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,6 @@ from moekit.layers import FeedForward, FFNConfig, MoELayer, MoEOutput, RoutingIn
 from moekit.layers.experts import StackedExpertWeights
 from moekit.layers.moe import AuxLosses
 from moekit.models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-    from pathlib import Path
 
 # Aux-loss names the model weights, paired with their ModelConfig coefficient.
 AUX_LOSS_COEFS = {
@@ -284,21 +281,32 @@ class CausalLMOutput:
         loss: scalar ``lm_loss + aux_loss``, or None without labels.
         lm_loss: scalar mean next-token cross-entropy over non-ignored labels, or None.
         logits: ``[B, S, V]``.
-        aux_loss: scalar, the coefficient-weighted aux total (0 for dense models).
         aux_losses: unweighted aux losses averaged over MoE layers (``load_balance``,
             ``load_balance_first``, ``seq_balance``, ``z_loss``, ``entropy``), each computed on
             first access; empty for dense models.
         routing: one :class:`~moekit.layers.RoutingInfo` per MoE layer, in layer order.
         past_key_values: the :class:`KVCache` when ``use_cache``, else None.
+        aux_loss: (property) float32 scalar, the coefficient-weighted aux total (0 for dense
+            models). Computed on first access, so decoding, which never reads it, never pays for it.
     """
 
     loss: Tensor | None
     lm_loss: Tensor | None
     logits: Tensor
-    aux_loss: Tensor
     aux_losses: Mapping[str, Tensor] = field(default_factory=dict)
     routing: list[RoutingInfo] = field(default_factory=list)
     past_key_values: KVCache | None = None
+    aux_loss_fn: Callable[[], Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Scalar float32: the weighted aux-loss total (computed once, on first access)."""
+        if "_aux_loss" not in self.__dict__:
+            fn = self.aux_loss_fn
+            self.__dict__["_aux_loss"] = (
+                fn() if fn is not None else self.logits.new_zeros((), dtype=torch.float32)
+            )
+        return self.__dict__["_aux_loss"]
 
 
 def build_attention_mask(
@@ -498,16 +506,20 @@ class MoEForCausalLM(nn.Module):
         logits_BSV = self.lm_head(self.norm(x_BSD))
 
         aux_losses = _mean_aux_losses(layer_aux)
-        aux_loss = logits_BSV.new_zeros((), dtype=torch.float32)
-        for name, coef_field in AUX_LOSS_COEFS.items():
-            coef = getattr(cfg, coef_field)
-            if coef and name in aux_losses:
-                aux_loss = aux_loss + coef * aux_losses[name].float()
-        lm_loss = loss = None
+
+        def weighted_aux() -> Tensor:
+            total = logits_BSV.new_zeros((), dtype=torch.float32)
+            for name, coef_field in AUX_LOSS_COEFS.items():
+                coef = getattr(cfg, coef_field)
+                if coef and name in aux_losses:
+                    total = total + coef * aux_losses[name].float()
+            return total
+
+        out = CausalLMOutput(None, None, logits_BSV, aux_losses, routing, cache, aux_loss_fn=weighted_aux)
         if labels is not None:
-            lm_loss = causal_lm_loss(logits_BSV, labels)
-            loss = lm_loss + aux_loss
-        return CausalLMOutput(loss, lm_loss, logits_BSV, aux_loss, aux_losses, routing, cache)
+            out.lm_loss = causal_lm_loss(logits_BSV, labels)
+            out.loss = out.lm_loss + out.aux_loss
+        return out
 
     def num_parameters(self, active_only: bool = False) -> int:
         """Parameter count; tied weights count once.
