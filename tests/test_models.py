@@ -311,8 +311,27 @@ def test_rope_tables_stay_float32_in_bf16():
 
 GEN_VARIANTS = [
     dict(),
-    dict(qk_norm="per_head", sliding_window=4),
-    dict(qk_norm="full", attention_bias=True, moe_kw=dict(gating_residual=True, num_zero_experts=1)),
+    dict(qk_norm="per_head", sliding_window=4),  # Qwen3-MoE / Mixtral
+    dict(qk_norm="full", moe_kw=dict(norm_topk_prob=False)),  # OLMoE
+    # Qwen2-MoE: qkv bias, gated shared expert, decoder_sparse_step=2.
+    dict(attention_bias=True, moe_layer_freq=2, moe_kw=dict(shared_ffn_dim=16, shared_expert_gate=True)),
+    # DeepSeek-V3: dense first layer, sigmoid group-limited routing with expert bias, yarn.
+    dict(
+        num_layers=3,
+        num_dense_first_layers=1,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        moe_kw=dict(
+            score_func="sigmoid",
+            num_expert_groups=2,
+            num_limited_groups=1,
+            use_expert_bias=True,
+            routed_scaling_factor=2.5,
+        ),
+    ),
+    # MoE++ with gating residual, top-p routing, PR-MoE pyramid.
+    dict(moe_kw=dict(gating_residual=True, num_zero_experts=1, num_copy_experts=1, num_constant_experts=1)),
+    dict(moe_kw=dict(router_type="top_p", top_p=0.4)),
+    dict(experts_per_layer=(2, 4), moe_kw=dict(residual_moe=True)),
 ]
 
 

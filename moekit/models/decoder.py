@@ -526,7 +526,8 @@ class MoEForCausalLM(nn.Module):
 
         With ``active_only``, FFN-expert weights of each MoE layer count ``top_k / E`` of their
         size (E = all experts the router scores, so MoE++ zero-computation experts dilute it);
-        routers, shared experts, dense layers, attention and embeddings count fully.
+        routers, shared experts, dense layers, attention and embeddings count fully. For top-p
+        and expert-choice routers ``top_k`` is only the nominal k, so the count is nominal too.
         """
         expert_params = {}
         if active_only:
