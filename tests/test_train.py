@@ -44,7 +44,23 @@ TINY_MODEL = {
     "moe": {"dim": 32, "ffn_dim": 32, "num_experts": 4, "top_k": 2},
 }
 
-WORDS = ["def", "class", "return", "self", "value", "index", "token", "expert", "router", "layer", "import", "yield", "lambda", "for", "while"]
+WORDS = [
+    "def",
+    "class",
+    "return",
+    "self",
+    "value",
+    "index",
+    "token",
+    "expert",
+    "router",
+    "layer",
+    "import",
+    "yield",
+    "lambda",
+    "for",
+    "while",
+]
 
 
 def _write_corpus(root, num_docs: int = 14, seed: int = 0):
