@@ -492,3 +492,30 @@ def test_cli_trains_and_resumes(tmp_path, corpus, capsys):
     assert "at step 3" in capsys.readouterr().out
     for action in parser._actions:
         assert action.help, f"{action.dest} has no help text"
+
+
+def test_time_limit_stops_with_eval_and_checkpoint(tmp_path, corpus):
+    res = train(_config(tmp_path, corpus, time_limit_s=1e-3, eval_interval=100), progress=False)
+    assert res.stop_reason == "time_limit" and res.step == 1
+    assert np.isfinite(res.val_loss) and load_checkpoint(res.out_dir).state["step"] == 1
+
+
+def test_expert_bias_balancer_runs(tmp_path, corpus):
+    from safetensors.torch import load_file as load
+
+    biased = {**TINY_MODEL, "moe": {**TINY_MODEL["moe"], "use_expert_bias": True}}
+    res = train(
+        _config(
+            tmp_path, corpus, model_overrides=biased, bias_update_rate=0.01, max_steps=2, eval_interval=100
+        ),
+        progress=False,
+    )
+    weights = load(str(res.checkpoint_dir / "model.safetensors"))
+    bias = [v for k, v in weights.items() if k.endswith("expert_bias")]
+    assert len(bias) == 2 and any(b.abs().sum() > 0 for b in bias)
+
+
+@pytest.mark.parametrize("flags", [{"dtype": "bf16"}, {"gradient_checkpointing": True, "grad_accum": 2}])
+def test_bf16_and_checkpointing_smoke(tmp_path, corpus, flags):
+    res = train(_config(tmp_path, corpus, max_steps=2, eval_interval=100, **flags), progress=False)
+    assert res.step == 2 and all(np.isfinite(loss) for _, loss in res.losses)
