@@ -1,0 +1,293 @@
+"""Trace-replay simulation of expert offloading: policies, the Belady oracle, and hardware profiles.
+
+A routing trace (``moekit trace``) fixes which experts each token needs at each MoE layer.
+Replaying it through a cache model answers "how fast would decoding be with this cache size,
+this policy, this prefetcher, on this hardware?" before buying the hardware. The timing model
+mirrors :mod:`moekit.infer.offload` step by step:
+
+* tokens are decoded one at a time; each MoE layer first spends ``non_expert_s`` (attention,
+  norms and its share of the embedding/lm_head work), then runs its experts one after another;
+* an expert not resident waits for its load on the single storage link
+  (``expert_bytes / storage_bw``); a prefetch issued when the previous layer starts its experts
+  runs on the same link in the background and is waited for only if it is late;
+* computing an expert takes ``expert_bytes / mem_bw`` (decode is memory-bound) or
+  ``expert_flops / compute_flops``, whichever is larger.
+
+Policies: ``lru``, ``lfu`` and ``belady`` (evict the entry whose next use is farthest away: the
+best any demand policy can do, computable only with the future in hand, i.e. on a trace).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Key = tuple[int, int]
+
+
+@dataclass
+class HardwareProfile:
+    """What the simulated machine can do.
+
+    Attributes:
+        storage_bw: bytes/s of the link experts are loaded over (SSD, PCIe, throttled store).
+        mem_bw: bytes/s at which resident weights stream through compute (a GEMV's rate).
+        compute_flops: FLOP/s for the expert matmuls.
+        non_expert_s: seconds per token per MoE layer outside the experts.
+    """
+
+    storage_bw: float
+    mem_bw: float
+    compute_flops: float = float("inf")
+    non_expert_s: float = 0.0
+
+
+@dataclass
+class SimResult:
+    """Outcome of one replay.
+
+    Attributes:
+        hits, misses: demand lookups served resident / that waited for a load.
+        bytes_read: bytes loaded over the storage link.
+        prefetches, prefetch_used: prefetch loads issued, and of those used before eviction.
+        seconds: modelled wall time of the replay.
+        num_tokens: tokens replayed.
+    """
+
+    hits: int
+    misses: int
+    bytes_read: int
+    prefetches: int
+    prefetch_used: int
+    seconds: float
+    num_tokens: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of lookups that did not wait for a demand load."""
+        return self.hits / max(1, self.hits + self.misses)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Modelled decode speed."""
+        return self.num_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes loaded per token."""
+        return self.bytes_read / max(1, self.num_tokens)
+
+    def as_dict(self) -> dict:
+        """Plain numbers for reports."""
+        return {
+            "hit_rate": round(self.hit_rate, 4),
+            "bytes_per_token": round(self.bytes_per_token),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "prefetch_accuracy": round(self.prefetch_used / self.prefetches, 4) if self.prefetches else None,
+        }
+
+
+def access_steps(trace, max_tokens: int | None = None) -> list[list[list[int]]]:
+    """Per token, per MoE layer, the experts it uses (in slot order, -1 removed)."""
+    num_t = trace.num_tokens if max_tokens is None else min(max_tokens, trace.num_tokens)
+    rows = [ids[:num_t].tolist() for ids in trace.expert_ids]
+    return [
+        [[e for e in rows[layer][t] if e >= 0] for layer in range(trace.num_layers)] for t in range(num_t)
+    ]
+
+
+class _Cache:
+    """Entry-count-free cache of keys under a byte budget, with lru/lfu/belady eviction."""
+
+    def __init__(
+        self, budget: int, policy: str, sizes: Callable[[Key], int], future: list[Key] | None
+    ) -> None:
+        if policy not in ("lru", "lfu", "belady"):
+            raise ValueError(f"policy={policy!r} is not valid; choose 'lru', 'lfu' or 'belady'")
+        if policy == "belady" and future is None:
+            raise ValueError("the belady policy needs the future access sequence")
+        self.budget, self.policy, self.sizes = budget, policy, sizes
+        self.entries: OrderedDict[Key, float] = OrderedDict()  # key -> time it is available
+        self.used = 0
+        self.freq: dict[Key, int] = {}
+        self.prefetched: dict[Key, bool] = {}
+        self.next_use: dict[Key, list[int]] = {}
+        if future is not None:
+            for pos, key in enumerate(future):
+                self.next_use.setdefault(key, []).append(pos)
+            for positions in self.next_use.values():
+                positions.reverse()  # pop() gives the earliest remaining position
+        self.pos = 0
+
+    def touch(self, key: Key) -> None:
+        self.freq[key] = self.freq.get(key, 0) + 1
+        if key in self.entries:
+            self.entries.move_to_end(key)
+
+    def advance(self, key: Key) -> None:
+        uses = self.next_use.get(key)
+        while uses and uses[-1] <= self.pos:
+            uses.pop()
+        self.pos += 1
+
+    def _victim(self, protect: set[Key]) -> Key | None:
+        cands = [k for k in self.entries if k not in protect]
+        if not cands:
+            return None
+        if self.policy == "lru":
+            return cands[0]
+        if self.policy == "lfu":
+            return min(cands, key=lambda k: self.freq.get(k, 0))
+        far = float("inf")
+        return max(cands, key=lambda k: self.next_use[k][-1] if self.next_use.get(k) else far)
+
+    def make_room(self, nbytes: int, protect: set[Key]) -> tuple[bool, int]:
+        unused_prefetches = 0
+        while self.used + nbytes > self.budget:
+            victim = self._victim(protect)
+            if victim is None:
+                return False, unused_prefetches
+            self.entries.pop(victim)
+            self.used -= self.sizes(victim)
+            if self.prefetched.pop(victim, False):
+                unused_prefetches += 1
+        return True, unused_prefetches
+
+    def insert(self, key: Key, available_at: float, prefetched: bool = False) -> None:
+        self.entries[key] = available_at
+        self.used += self.sizes(key)
+        if prefetched:
+            self.prefetched[key] = True
+
+
+def replay(
+    trace,
+    cache_bytes: int,
+    expert_bytes: int | Callable[[Key], int],
+    hardware: HardwareProfile,
+    policy: str = "lru",
+    prefetch: Callable[[int, int, list[int]], list[int]] | None = None,
+    expert_flops: float = 0.0,
+    max_tokens: int | None = None,
+) -> SimResult:
+    """Replays a trace token by token under a cache, a policy, a prefetcher and a hardware profile.
+
+    Args:
+        trace: a :class:`~moekit.analysis.RoutingTrace`.
+        cache_bytes: budget for resident plus in-flight experts.
+        expert_bytes: bytes of one expert entry (or a function of ``(layer, expert)``).
+        hardware: the machine.
+        policy: ``"lru"``, ``"lfu"`` or ``"belady"``.
+        prefetch: ``f(token, layer, experts_used_at_layer) -> experts to prefetch for layer+1``.
+        expert_flops: FLOPs of one expert on one token (``2 * 3 * D * F`` for SwiGLU).
+        max_tokens: replay at most this many tokens.
+    """
+    sizes = expert_bytes if callable(expert_bytes) else (lambda key, b=expert_bytes: b)
+    steps = access_steps(trace, max_tokens)
+    future = [(layer, e) for step in steps for layer, experts in enumerate(step) for e in sorted(experts)]
+    cache = _Cache(cache_bytes, policy, sizes, future if policy == "belady" else None)
+    t = 0.0
+    link_free = 0.0
+    hits = misses = bytes_read = prefetches = prefetch_used = 0
+    num_layers = trace.num_layers
+    for token, step in enumerate(steps):
+        for layer, experts in enumerate(step):
+            t += hardware.non_expert_s
+            if prefetch is not None and layer + 1 < num_layers:
+                protect = {(layer, e) for e in experts}
+                for e in prefetch(token, layer, experts):
+                    key = (layer + 1, e)
+                    if key in cache.entries:
+                        continue
+                    ok, _ = cache.make_room(sizes(key), protect | {key})
+                    if not ok:
+                        break
+                    start = max(t, link_free)
+                    link_free = start + sizes(key) / hardware.storage_bw
+                    cache.insert(key, link_free, prefetched=True)
+                    bytes_read += sizes(key)
+                    prefetches += 1
+            for e in sorted(experts):  # moekit's dispatch runs a layer's experts in id order
+                key = (layer, e)
+                cache.touch(key)
+                if key in cache.entries:
+                    ready = cache.entries[key]
+                    if cache.prefetched.pop(key, False):
+                        prefetch_used += 1
+                    if ready > t:
+                        misses += 1
+                        t = ready
+                    else:
+                        hits += 1
+                else:
+                    cache.make_room(sizes(key), {key})
+                    start = max(t, link_free)
+                    link_free = start + sizes(key) / hardware.storage_bw
+                    cache.insert(key, link_free)
+                    bytes_read += sizes(key)
+                    misses += 1
+                    t = link_free
+                cache.advance(key)
+                compute = max(sizes(key) / hardware.mem_bw, expert_flops / hardware.compute_flops)
+                t += compute
+    return SimResult(hits, misses, bytes_read, prefetches, prefetch_used, t, len(steps))
+
+
+def belady_hit_rate(trace, cache_entries: int, max_tokens: int | None = None) -> float:
+    """Hit rate of the optimal offline policy with room for ``cache_entries`` equal-sized experts."""
+    steps = access_steps(trace, max_tokens)
+    seq = [(layer, e) for step in steps for layer, experts in enumerate(step) for e in sorted(experts)]
+    nxt = [0] * len(seq)
+    last: dict[Key, int] = {}
+    for i in range(len(seq) - 1, -1, -1):
+        nxt[i] = last.get(seq[i], len(seq) + i)
+        last[seq[i]] = i
+    resident: dict[Key, int] = {}
+    heap: list[tuple[int, Key]] = []
+    hits = 0
+    for i, key in enumerate(seq):
+        if key in resident:
+            hits += 1
+        elif len(resident) >= cache_entries:
+            while True:
+                neg, victim = heapq.heappop(heap)
+                if resident.get(victim) == -neg:
+                    del resident[victim]
+                    break
+        resident[key] = nxt[i]
+        heapq.heappush(heap, (-nxt[i], key))
+    return hits / max(1, len(seq))
+
+
+def transition_prefetcher(trace, top_k: int = 2) -> Callable[[int, int, list[int]], list[int]]:
+    """The statistical (EdgeMoE) predictor for replays: likely next experts given this layer's first choice."""
+    tables = []
+    for layer in range(trace.num_layers - 1):
+        first = trace.expert_ids[layer][:, 0]
+        nxt = trace.expert_ids[layer + 1]
+        counts = torch.zeros(trace.num_experts[layer], trace.num_experts[layer + 1])
+        for slot in range(nxt.shape[1]):
+            ok = (first >= 0) & (nxt[:, slot] >= 0)
+            counts.index_put_((first[ok], nxt[ok, slot]), torch.ones(int(ok.sum())), accumulate=True)
+        tables.append(counts.topk(min(top_k, counts.shape[1]), dim=-1).indices.tolist())
+
+    def predict(token: int, layer: int, experts: list[int]) -> list[int]:
+        if layer >= len(tables) or not experts:
+            return []
+        return list(tables[layer][experts[0]])
+
+    return predict
+
+
+def oracle_prefetcher(trace) -> Callable[[int, int, list[int]], list[int]]:
+    """Prefetches exactly the experts the next layer will use (an upper bound for predictors)."""
+    steps = access_steps(trace)
+
+    def predict(token: int, layer: int, experts: list[int]) -> list[int]:
+        return steps[token][layer + 1] if layer + 1 < len(steps[token]) else []
+
+    return predict
