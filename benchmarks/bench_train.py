@@ -1,0 +1,192 @@
+"""Training throughput: moekit against transformers' MixtralForCausalLM of the same sizes, side by side.
+
+    python benchmarks/bench_train.py              # moe-small sizes, batch 16 x 256, fp32
+    python benchmarks/bench_train.py --quick      # smoke test
+
+One training step = forward with labels (LM loss + load-balance aux loss) + backward + AdamW
+step + zero_grad. Candidates run in interleaved rounds; the median step time is reported as
+tokens/s. moekit runs the same architecture as Mixtral (no q/k norm, untied embeddings) and,
+as a second row, its default preset (with per-head q/k RMSNorm).
+
+The profile times each part of a moekit step in isolation, forward + backward with the step's
+shapes: embeddings, attention (with its norms and rope), router, experts (the MoE layer minus
+its router), lm_head + loss, and the optimizer. Their sum is printed beside the measured step,
+so the breakdown is checked, not guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moekit.models import MoEForCausalLM, get_preset
+
+
+def timed_rounds(candidates: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call, interleaved rounds."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(rounds):
+        for k, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def hf_mixtral(cfg, impl: str):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    moe = cfg.moe
+    hcfg = MixtralConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=moe.ffn_dim,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.attn_num_kv_heads,
+        head_dim=cfg.attn_head_dim,
+        num_local_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        router_aux_loss_coef=cfg.aux_loss_coef,
+        output_router_logits=True,
+        tie_word_embeddings=False,
+    )
+    hcfg._experts_implementation = impl
+    hcfg._attn_implementation = "sdpa"
+    return MixtralForCausalLM(hcfg)
+
+
+def step_fn(model, batch, is_hf: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=False)
+    inputs, labels = batch[:, :-1], batch[:, 1:]
+
+    def step():
+        if is_hf:
+            out = model(input_ids=inputs, labels=batch[:, :-1], output_router_logits=True)
+        else:
+            out = model(inputs, labels=batch[:, :-1])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    del labels
+    return step
+
+
+def profile_parts(model: MoEForCausalLM, batch: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Seconds of forward+backward of each part with the step's shapes (see module docstring)."""
+    cfg = model.config
+    num_b, seq = batch.shape[0], batch.shape[1] - 1
+    inputs = batch[:, :-1]
+    hidden = torch.randn(num_b, seq, cfg.dim, requires_grad=True)
+    g = torch.randn(num_b, seq, cfg.dim)
+    layer = model.layers[0]
+    pos = torch.arange(seq).expand(num_b, seq)
+    cos, sin = model.rotary(pos, seq)
+    moe = layer.mlp
+
+    def emb():
+        model.embed_tokens(inputs).backward(g)
+
+    def attn():
+        out = layer.self_attn(layer.input_layernorm(hidden), cos, sin, None, None)
+        out.backward(g)
+
+    def router():
+        r = moe.router(hidden.reshape(-1, cfg.dim))
+        (r.weights_TK.sum() + r.probs_TE.sum()).backward()
+
+    def moe_full():
+        out = moe(layer.post_attention_layernorm(hidden))
+        (out.hidden * g).sum().backward()
+
+    def head():
+        logits = model.lm_head(model.norm(hidden))
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def optim():
+        opt.step()
+
+    res = timed_rounds(
+        {
+            "embeddings": emb,
+            "attention": attn,
+            "router": router,
+            "moe": moe_full,
+            "lm_head+loss": head,
+            "optimizer": optim,
+        },
+        rounds,
+    )
+    model.zero_grad(set_to_none=True)
+    n = cfg.num_layers
+    return {
+        "embeddings": res["embeddings"],
+        "attention (all layers)": n * res["attention"],
+        "router (all layers)": n * res["router"],
+        "experts (all layers)": n * (res["moe"] - res["router"]),
+        "lm_head + loss": res["lm_head+loss"],
+        "optimizer": res["optimizer"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="moe-small")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.batch_size, args.seq_len, args.rounds = 2, 32, 2
+    torch.manual_seed(0)
+    default_cfg = get_preset(args.preset)
+    if args.quick:
+        default_cfg = get_preset("moe-tiny")
+    mixtral_like = default_cfg.replace(qk_norm="none")
+    batch = torch.randint(0, default_cfg.vocab_size, (args.batch_size, args.seq_len + 1))
+    tokens = args.batch_size * args.seq_len
+    models = {
+        "moekit (Mixtral architecture)": (MoEForCausalLM(mixtral_like).train(), False),
+        "moekit (default preset, q/k norm)": (MoEForCausalLM(default_cfg).train(), False),
+        "transformers Mixtral, experts=eager": (hf_mixtral(mixtral_like, "eager").train(), True),
+        "transformers Mixtral, experts=grouped_mm": (hf_mixtral(mixtral_like, "grouped_mm").train(), True),
+    }
+    steps = {name: step_fn(m, batch, hf) for name, (m, hf) in models.items()}
+    res = timed_rounds(steps, args.rounds)
+    base = res["moekit (Mixtral architecture)"]
+    print(
+        f"# training step, {args.preset} sizes, batch {args.batch_size} x {args.seq_len}, fp32, {torch.get_num_threads()} threads"
+    )
+    print("| model | step (s) | tokens/s | moekit speed-up |")
+    print("|---|---|---|---|")
+    for name, t in res.items():
+        print(f"| {name} | {t:.3f} | {tokens / t:,.0f} | {t / base:.2f}x |")
+    parts = profile_parts(models["moekit (Mixtral architecture)"][0], batch, args.rounds)
+    total = sum(parts.values())
+    print(
+        f"\n# where a moekit step goes (parts timed alone; sum {total:.3f} s vs measured step {base:.3f} s)"
+    )
+    print("| part | seconds | share |")
+    print("|---|---|---|")
+    for name, t in parts.items():
+        print(f"| {name} | {t:.3f} | {t / total:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
