@@ -195,6 +195,7 @@ def save_checkpoint(
     rng: tuple[dict[str, Tensor], dict[str, Any]],
     extra_tensors: dict[str, Tensor] | None = None,
     keep_previous: bool = True,
+    optimizer_flat: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
 ) -> Path:
     """Writes ``<root>/last`` atomically and returns its path.
 
@@ -208,6 +209,8 @@ def save_checkpoint(
         rng: :func:`capture_rng_state` output (taken by the caller at the point to resume from).
         extra_tensors: more tensors for ``rng_state.safetensors`` (the sampler's generator state).
         keep_previous: keep the replaced ``last`` as ``previous`` instead of deleting it.
+        optimizer_flat: the optimizer state already flattened (and, under expert parallelism,
+            gathered to full shapes); None flattens ``optimizer`` here.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -219,7 +222,7 @@ def save_checkpoint(
     try:
         _save_model(tmp, model)
         save_tokenizer(tokenizer, tmp)
-        opt_tensors, opt_meta = flatten_optimizer(optimizer, param_names)
+        opt_tensors, opt_meta = optimizer_flat or flatten_optimizer(optimizer, param_names)
         _save_optimizer(tmp, opt_tensors)
         rng_tensors, rng_scalars = rng
         save_file({**rng_tensors, **(extra_tensors or {})}, str(tmp / RNG_FILE))

@@ -487,6 +487,15 @@ def evaluate(model: nn.Module, batches: list[Tensor], config: TrainConfig, moe_k
     return total / max(count, 1)
 
 
+class _NullLog:
+    """The run log of a non-zero rank: writes nothing."""
+
+    path = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Discards ``record``."""
+
+
 class _RunLog:
     """Appends JSON records to ``train_log.jsonl`` (flushed per record, so a crash loses nothing)."""
 
@@ -535,8 +544,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     """
     from moekit.layers import ExpertBiasBalancer, MoELayer
     from moekit.models import MoEForCausalLM
+    from moekit.parallel import distributed as dist_mod
 
     t_start = time.perf_counter()
+    # Under torchrun: data parallel over ranks, experts sharded over the same ranks.
+    ctx = dist_mod.init_from_env()
+    is_main = ctx is None or ctx.is_main
     out_dir = config.resolved_out_dir()
     ckpt_root = out_dir / "checkpoints"
     previous_det = torch.are_deterministic_algorithms_enabled()
@@ -569,6 +582,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         if config.k_schedule is not None:
             _check_k_schedule(config.k_schedule, model)
 
+        if ctx is not None and any(isinstance(m, MoELayer) for m in model.modules()):
+            from moekit.parallel import parallelize_experts
+
+            parallelize_experts(model)
         model.gradient_checkpointing = config.gradient_checkpointing
         model.train()
         apply_freeze(model, config.freeze)
@@ -582,20 +599,30 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
             balancer = ExpertBiasBalancer(model, rate)
             balancer.attach(optimizer)
 
-        sampler = data_mod.WindowSampler(tokens.train, config.seq_len, config.batch_size, config.seed)
+        # Each rank draws its own windows: a different stream per rank from one seed.
+        sampler_seed = config.seed if ctx is None else config.seed + 1_000_003 * ctx.rank
+        sampler = data_mod.WindowSampler(tokens.train, config.seq_len, config.batch_size, sampler_seed)
         val_batches = data_mod.eval_batches(tokens.val, config.seq_len, config.batch_size, config.eval_steps)
         step, num_tokens, history = 0, 0, []
         if loaded is not None:
             st = loaded.state
             step, num_tokens = int(st["step"]), int(st["num_tokens"])
             history = list(st.get("history", []))
-            ckpt.restore_optimizer(optimizer, param_names, loaded.optimizer_tensors, st["optimizer"])
+            opt_tensors = loaded.optimizer_tensors
+            if ctx is not None:
+                opt_tensors = dist_mod.slice_optimizer_tensors(model, opt_tensors)
+            ckpt.restore_optimizer(optimizer, param_names, opt_tensors, st["optimizer"])
             sampler.load_state_dict({**st["sampler"], "generator": loaded.rng_tensors["sampler_generator"]})
             ckpt.restore_rng_state(loaded.rng_tensors, st["rng"])
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config.to_json(out_dir / "train_config.json")
-        log = _RunLog(out_dir / "train_log.jsonl", step if loaded is not None else None)
+        if is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            config.to_json(out_dir / "train_config.json")
+        log = (
+            _RunLog(out_dir / "train_log.jsonl", step if loaded is not None else None)
+            if is_main
+            else _NullLog()
+        )
         if loaded is None:
             log.write(
                 {
@@ -607,6 +634,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                     "num_train_docs": tokens.num_train_docs,
                     "num_val_docs": tokens.num_val_docs,
                     "num_params": sum(p.numel() for p in model.parameters()),
+                    "world_size": 1 if ctx is None else ctx.world_size,
                     "num_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "total_steps": total_steps,
                     "model_config": model.config.to_dict(),
@@ -624,17 +652,41 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                 "unigram_val_loss": unigram,
                 "tokenizer_hash": tokenizer_hash(tok),
             }
-            return ckpt.save_checkpoint(
-                ckpt_root,
-                model,
-                tok,
-                optimizer,
-                param_names,
-                state,
-                rng_snapshot,
-                extra_tensors={"sampler_generator": sampler_snapshot["generator"]},
-                keep_previous=config.keep_previous,
-            )
+            if ctx is None:
+                return ckpt.save_checkpoint(
+                    ckpt_root,
+                    model,
+                    tok,
+                    optimizer,
+                    param_names,
+                    state,
+                    rng_snapshot,
+                    extra_tensors={"sampler_generator": sampler_snapshot["generator"]},
+                    keep_previous=config.keep_previous,
+                )
+            # Every rank gathers (collectives); rank 0 writes the single-device format.
+            from moekit.parallel import full_state_dict
+
+            full = full_state_dict(model)
+            flat_tensors, flat_meta = ckpt.flatten_optimizer(optimizer, param_names)
+            flat_tensors = dist_mod.gather_optimizer_tensors(model, flat_tensors)
+            if is_main:
+                shadow = MoEForCausalLM(model.config)
+                shadow.load_state_dict(full)
+                ckpt.save_checkpoint(
+                    ckpt_root,
+                    shadow,
+                    tok,
+                    optimizer,
+                    param_names,
+                    state,
+                    rng_snapshot,
+                    extra_tensors={"sampler_generator": sampler_snapshot["generator"]},
+                    keep_previous=config.keep_previous,
+                    optimizer_flat=(flat_tensors, flat_meta),
+                )
+            torch.distributed.barrier()
+            return ckpt_root / ckpt.LAST
 
         losses: list[tuple[int, float]] = []
         window: list[dict[str, float]] = []
@@ -643,7 +695,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         num_tokens_here = 0
         val_loss = float("nan")
         last_saved_step = step if loaded is not None else -1
-        bar = _progress_bar(progress, step, total_steps)
+        bar = _progress_bar(progress and is_main, step, total_steps)
         routing_sums: list[Tensor | None] = []
         entropies: list[float] = []
         try:
@@ -656,10 +708,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                 lr = lr_at(step, config, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                rec = _train_step(model, optimizer, sampler, config, moe_k, balancer)
+                rec = _train_step(model, optimizer, sampler, config, moe_k, balancer, ctx)
                 step += 1
-                num_tokens += config.tokens_per_step
-                num_tokens_here += config.tokens_per_step
+                world = 1 if ctx is None else ctx.world_size
+                num_tokens += config.tokens_per_step * world
+                num_tokens_here += config.tokens_per_step * world
                 dt = time.perf_counter() - t_step
                 losses.append((step, rec["loss"]))
                 window.append(rec)
@@ -697,6 +750,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
                 out_of_time = (
                     config.time_limit_s is not None and time.perf_counter() - t_start >= config.time_limit_s
                 )
+                if ctx is not None:  # all ranks must stop at the same step, or collectives hang
+                    flag = torch.tensor(float(out_of_time))
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    out_of_time = bool(flag.item())
                 if step % config.save_interval == 0 or step == total_steps or out_of_time:
                     if out_of_time and step != total_steps and step % config.eval_interval != 0:
                         val_loss = evaluate(model, val_batches, config, moe_k)
@@ -771,7 +828,7 @@ def _progress_bar(progress: bool, step: int, total: int):
 
 
 def _train_step(
-    model, optimizer, sampler, config: TrainConfig, moe_k: int | None, balancer
+    model, optimizer, sampler, config: TrainConfig, moe_k: int | None, balancer, ctx=None
 ) -> dict[str, Any]:
     """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
     totals: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
@@ -802,7 +859,12 @@ def _train_step(
                 tpe.append(counts)
                 entropy.append(float(info.router_entropy) / config.grad_accum)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if config.grad_clip > 0:
+    if ctx is not None:
+        from moekit.parallel import distributed as dist_mod
+
+        dist_mod.sync_replicated_grads(model, ctx)
+        grad_norm = dist_mod.clip_grad_norm_global(model, params, config.grad_clip, ctx)
+    elif config.grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=False))
     else:
         grad_norm = float(
