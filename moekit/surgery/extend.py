@@ -1,0 +1,422 @@
+"""Extension (MoExtend, Zhong et al. 2024): add experts to a trained MoE for a new task or modality,
+train only the new experts and their router rows, keep every old weight bit-identical.
+
+Shape legend: T = tokens, D = model width, E = old FFN experts, N = new experts, H/F as in
+``moekit.layers.experts``.
+
+Why wrappers: the new router rows must live in their own parameter. A single ``[E + N, D]`` router
+weight would put old and new rows in one tensor, so weight decay, AdamW state and gradient
+clipping could not leave the old rows alone. :class:`ExtendedRouter` (a ``Router`` subclass)
+holds ``weight`` ``[E, D]`` (old, frozen) and ``new_weight`` ``[N, D]`` (and ``new_bias`` ``[N]``
+when asked) and computes ``logits = cat(x W_old^T, x W_new^T + b_new)``; the old logits come from
+the very same ``F.linear`` call as before, so they are bit-identical. :class:`SplitExpertWeights`
+(an ``ExpertWeights`` subclass, the layer's documented extension point) keeps old and new expert
+stacks apart the same way and runs each through the layer's own sorted kernel. ``moekit.layers``
+is not modified.
+
+The training form cannot be saved as is (the loader builds plain routers); call
+:func:`consolidate_extension` first: it folds the new rows and experts into a plain model with
+``experts_per_layer`` raised (and ``router_bias`` on when ``new_bias`` is used), same function.
+
+Old-task invariance: with ``router_init="isolated"`` the new rows are zero and ``new_bias`` is
+-1e4, so the new experts' softmax mass underflows to exactly 0 and no token picks them: the
+model's logits are bit-identical to the original's (tested; on batches above the layer's
+decode-size threshold of 64 assignments, where the original model also uses the sorted kernel).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import JsonConfig, check_choice
+from moekit.layers import ExpertWeights, MoEConfig, MoELayer, Router
+from moekit.layers.experts import SortedExpertsFunction
+from moekit.models import MoEForCausalLM
+from moekit.surgery.common import (
+    Batches,
+    as_batches,
+    build_model,
+    expert_usage,
+    require_plain_experts,
+    train_steps,
+)
+
+EXTEND_LAYERS = ("all", "explicit", "shift")
+EXTEND_EXPERT_INITS = ("most_used", "mean", "random")
+EXTEND_ROUTER_INITS = ("copy_source", "random", "isolated")
+SHIFT_METRICS = ("js", "kl", "std")
+
+# Freeze specs for TrainConfig.freeze / apply_freeze: everything except the new parameters.
+EXTENSION_FREEZE = [r"re:^(?!.*\.(new_w_in|new_w_out|new_weight|new_bias)$)"]
+# Router calibration after extension: only the new router rows (and their bias) train.
+CALIBRATION_FREEZE = [r"re:^(?!.*\.router\.(new_weight|new_bias)$)"]
+
+
+@dataclass(kw_only=True)
+class ExtendConfig(JsonConfig):
+    """How to extend an MoE.
+
+    Attributes:
+        num_new_experts: N, new experts per extended layer.
+        layers: ``"all"`` MoE layers, ``"explicit"`` (``layer_indices``), or ``"shift"``: the
+            ``shift_fraction`` of MoE layers whose expert-load distribution moves most between old
+            and new data (MoExtend extends the top half).
+        layer_indices: decoder layer indices for ``"explicit"``.
+        shift_fraction: share of MoE layers to extend for ``"shift"`` (at least one).
+        shift_metric: ``"js"`` (Jensen-Shannon), ``"kl"`` (KL(new || old)) or ``"std"`` (MoExtend's
+            std over experts of q - p).
+        expert_init: ``"most_used"`` (copy of the old expert the new data selects most, MoExtend),
+            ``"mean"`` (average of the old experts) or ``"random"`` (the model's init).
+        router_init: ``"copy_source"`` (the source expert's router row, MoExtend; with
+            ``"mean"``/``"random"`` experts the mean old row), ``"random"`` (N(0, 0.02)) or
+            ``"isolated"`` (zero rows and ``new_bias`` -1e4: new experts unreachable, exact old
+            behaviour; raise the bias, or train with a moderate one, to let them in).
+        new_bias: initial value of a trainable per-new-expert logit bias, None for no bias
+            (``"isolated"`` uses -1e4 when None).
+        seed: seeds random inits.
+    """
+
+    num_new_experts: int = 1
+    layers: str = "shift"
+    layer_indices: tuple[int, ...] | None = None
+    shift_fraction: float = 0.5
+    shift_metric: str = "js"
+    expert_init: str = "most_used"
+    router_init: str = "copy_source"
+    new_bias: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        name = "ExtendConfig"
+        check_choice(name, "layers", self.layers, EXTEND_LAYERS)
+        check_choice(name, "shift_metric", self.shift_metric, SHIFT_METRICS)
+        check_choice(name, "expert_init", self.expert_init, EXTEND_EXPERT_INITS)
+        check_choice(name, "router_init", self.router_init, EXTEND_ROUTER_INITS)
+        if self.layer_indices is not None:
+            self.layer_indices = tuple(self.layer_indices)
+        if self.num_new_experts < 1:
+            raise ValueError(f"{name}.num_new_experts must be >= 1, got {self.num_new_experts}")
+        if self.layers == "explicit" and not self.layer_indices:
+            raise ValueError(f"{name}.layer_indices is required when layers='explicit'")
+        if not 0 < self.shift_fraction <= 1:
+            raise ValueError(f"{name}.shift_fraction must be in (0, 1], got {self.shift_fraction}")
+        if self.new_bias is not None and not math.isfinite(self.new_bias):
+            raise ValueError(f"{name}.new_bias must be finite, got {self.new_bias}")
+
+
+class ExtendedRouter(Router):
+    """A :class:`~moekit.layers.Router` with extra rows in their own parameters.
+
+    Parameters:
+        weight: ``[E, D]`` old rows (and ``bias`` ``[E]`` when the old router had one).
+        new_weight: ``[N, D]`` new rows.
+        new_bias: ``[N]`` logit bias of the new rows, or None.
+        expert_bias: ``[E + N]`` buffer (aux-loss-free balancing), when the old router had one.
+    """
+
+    def __init__(
+        self, old: Router, new_config: MoEConfig, new_weight: Tensor, new_bias: Tensor | None
+    ) -> None:
+        super().__init__(old.config)
+        if old.config.gating_residual or old.config.router_type in ("random_fixed", "expert_choice", "top_p"):
+            raise ValueError(
+                "extend: routers with a gating residual, random_fixed, top_p or expert_choice routing are not "
+                "supported; use a top-k router"
+            )
+        self.load_state_dict(old.state_dict())
+        self.to(old.weight.dtype)
+        self.weight.requires_grad_(old.weight.requires_grad)
+        self.config = new_config
+        self.new_weight = nn.Parameter(new_weight.to(old.weight.dtype).clone())
+        self.new_bias = None if new_bias is None else nn.Parameter(new_bias.to(old.weight.dtype).clone())
+        if old.expert_bias is not None:
+            extended = torch.cat([old.expert_bias, old.expert_bias.new_zeros(new_weight.shape[0])])
+            self.expert_bias = extended  # reassigning a registered buffer keeps it a buffer
+
+    def logits(self, x_TD: Tensor, prev_logits_TE: Tensor | None = None) -> Tensor:
+        """``[T, E + N]``: the old rows exactly as :meth:`Router.logits`, then the new rows."""
+        cfg = self.config
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)  # as Router.logits: gating in >= fp32
+        x_TD = x_TD.to(dtype)
+        if self.training and cfg.noise == "jitter" and cfg.noise_eps > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - cfg.noise_eps, 1.0 + cfg.noise_eps)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        old_TE = F.linear(x_TD, self.weight.to(dtype), bias)
+        new_bias = self.new_bias.to(dtype) if self.new_bias is not None else None
+        new_TN = F.linear(x_TD, self.new_weight.to(dtype), new_bias)
+        logits_TE = torch.cat([old_TE, new_TN], dim=-1)
+        if self.training and cfg.noise == "gaussian" and cfg.noise_eps > 0:
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * (cfg.noise_eps / logits_TE.shape[-1])
+        return logits_TE
+
+
+class SplitExpertWeights(ExpertWeights):
+    """Old and new experts in separate stacked parameters.
+
+    Parameters:
+        w_in ``[E, H, D]``, w_out ``[E, D, F]``: the old experts (same names as the default storage).
+        new_w_in ``[N, H, D]``, new_w_out ``[N, D, F]``: the new experts.
+    """
+
+    def __init__(
+        self, w_in: Tensor, w_out: Tensor, new_w_in: Tensor, new_w_out: Tensor, activation: str
+    ) -> None:
+        super().__init__()
+        self.num_old = w_in.shape[0]
+        self.num_experts = w_in.shape[0] + new_w_in.shape[0]
+        self.dim, self.ffn_dim, self.activation = w_in.shape[2], w_out.shape[2], activation
+        self.w_in, self.w_out = nn.Parameter(w_in.clone()), nn.Parameter(w_out.clone())
+        self.new_w_in, self.new_w_out = nn.Parameter(new_w_in.clone()), nn.Parameter(new_w_out.clone())
+
+    def expert_tensors(self, expert: int) -> tuple[Tensor, Tensor]:
+        """``(w_in [H, D], w_out [D, F])`` of expert ``expert`` (old ids first)."""
+        if expert < self.num_old:
+            return self.w_in[expert], self.w_out[expert]
+        return self.new_w_in[expert - self.num_old], self.new_w_out[expert - self.num_old]
+
+    def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
+        """Old experts' rows through the old stack, new experts' rows through the new one."""
+        old_counts, new_counts = counts[: self.num_old], counts[self.num_old :]
+        num_old_rows = sum(old_counts)
+        parts = []
+        if num_old_rows:
+            parts.append(
+                SortedExpertsFunction.apply(
+                    x_ND[:num_old_rows], self.w_in, self.w_out, old_counts, self.activation
+                )
+            )
+        if sum(new_counts):
+            parts.append(
+                SortedExpertsFunction.apply(
+                    x_ND[num_old_rows:], self.new_w_in, self.new_w_out, new_counts, self.activation
+                )
+            )
+        if not parts:
+            return x_ND.new_zeros(0, self.dim)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _distribution(load_E: Tensor) -> Tensor:
+    p = load_E.to(torch.float64) + 1e-6
+    return p / p.sum()
+
+
+def load_shift(old_load: Tensor, new_load: Tensor, metric: str = "js") -> float:
+    """How far the expert-load distribution moved: ``[E]`` counts -> a scalar (see ``ExtendConfig.shift_metric``)."""
+    p, q = _distribution(old_load), _distribution(new_load)
+    if metric == "kl":
+        return float((q * (q / p).log()).sum())
+    if metric == "std":
+        return float((q - p).std())
+    m = (p + q) / 2
+    return float(0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum())
+
+
+@torch.no_grad()
+def routing_shift(
+    model: MoEForCausalLM, old_data: Batches, new_data: Batches, metric: str = "js"
+) -> list[float]:
+    """Per MoE layer, the shift of the expert-load distribution from old to new data.
+
+    Uses :func:`moekit.analysis.record_trace` on each data set. Returns one float per MoE layer.
+    """
+    from moekit.analysis import record_trace
+
+    old = record_trace(model, [(b, None) for b in as_batches(old_data)]).load()
+    new = record_trace(model, [(b, None) for b in as_batches(new_data)]).load()
+    return [load_shift(p, q, metric) for p, q in zip(old, new)]
+
+
+def select_layers_by_shift(model: MoEForCausalLM, shifts: list[float], fraction: float) -> list[int]:
+    """The decoder indices of the ``ceil(fraction * L_moe)`` MoE layers with the largest shift."""
+    ids = model.config.moe_layer_ids
+    num = max(1, math.ceil(fraction * len(ids)))
+    order = sorted(range(len(ids)), key=lambda j: -shifts[j])[:num]
+    return sorted(ids[j] for j in order)
+
+
+@torch.no_grad()
+def extend_experts(
+    model: MoEForCausalLM,
+    config: ExtendConfig,
+    new_data: Batches | None = None,
+    old_data: Batches | None = None,
+) -> MoEForCausalLM:
+    """Adds ``num_new_experts`` experts to chosen MoE layers (training form, see the module doc).
+
+    Args:
+        model: a trained moekit MoE (top-k routers, FFN experts only); not modified.
+        config: :class:`ExtendConfig`.
+        new_data: ``[B, S]`` batches of the new task; needed for ``expert_init="most_used"`` and
+            ``layers="shift"``.
+        old_data: ``[B, S]`` batches of the old task; needed for ``layers="shift"``.
+
+    Returns:
+        A deep copy with :class:`ExtendedRouter` and :class:`SplitExpertWeights` in the extended
+        layers and ``config.experts_per_layer`` raised. Freeze with :data:`EXTENSION_FREEZE`.
+    """
+    require_plain_experts(model, "extend")
+    cfg = model.config
+    if not cfg.num_moe_layers:
+        raise ValueError("extend: the model has no MoE layer")
+    new_data, old_data = as_batches(new_data), as_batches(old_data)
+    if config.layers == "shift":
+        if not new_data or not old_data:
+            raise ValueError("extend: layers='shift' needs old_data and new_data batches")
+        layers = select_layers_by_shift(
+            model, routing_shift(model, old_data, new_data, config.shift_metric), config.shift_fraction
+        )
+    elif config.layers == "all":
+        layers = list(cfg.moe_layer_ids)
+    else:
+        layers = sorted(set(config.layer_indices or ()))
+        for i in layers:
+            if not (0 <= i < cfg.num_layers) or not cfg.is_moe_layer(i):
+                raise ValueError(
+                    f"ExtendConfig.layer_indices: layer {i} is not an MoE layer ({cfg.moe_layer_ids})"
+                )
+    if config.expert_init == "most_used" and not new_data:
+        raise ValueError("extend: expert_init='most_used' needs new_data batches")
+    usage = expert_usage(model, new_data, "tokens") if config.expert_init == "most_used" else None
+    gen = torch.Generator().manual_seed(config.seed)
+    out = copy.deepcopy(model)
+    num_new = config.num_new_experts
+    counts = [cfg.moe_config(i).num_experts for i in cfg.moe_layer_ids]
+    new_bias_value = config.new_bias
+    if config.router_init == "isolated" and new_bias_value is None:
+        new_bias_value = -1e4
+    for i in layers:
+        j = cfg.moe_layer_ids.index(i)
+        mlp: MoELayer = out.layers[i].mlp
+        old_cfg = mlp.config
+        w_in, w_out = mlp.experts.stacked() if mlp.experts.stacked() is not None else _stack(mlp.experts)
+        std = cfg.initializer_range
+        if config.expert_init == "most_used":
+            src = int(usage[j][: old_cfg.num_experts].argmax())
+            new_in, new_out = (
+                w_in[src : src + 1].repeat(num_new, 1, 1),
+                w_out[src : src + 1].repeat(num_new, 1, 1),
+            )
+            row = mlp.router.weight[src]
+        elif config.expert_init == "mean":
+            new_in = w_in.mean(0, keepdim=True).repeat(num_new, 1, 1)
+            new_out = w_out.mean(0, keepdim=True).repeat(num_new, 1, 1)
+            row = mlp.router.weight.mean(0)
+        else:
+            new_in = (
+                torch.randn((num_new, *w_in.shape[1:]), generator=gen, dtype=torch.float64).to(w_in.dtype)
+                * std
+            )
+            new_out = torch.randn((num_new, *w_out.shape[1:]), generator=gen, dtype=torch.float64).to(
+                w_out.dtype
+            ) * (std / math.sqrt(2 * cfg.num_layers))
+            row = mlp.router.weight.mean(0)
+        if config.router_init == "copy_source":
+            new_w = row.unsqueeze(0).repeat(num_new, 1)
+        elif config.router_init == "random":
+            new_w = torch.randn(num_new, cfg.dim, generator=gen, dtype=torch.float64) * std
+        else:
+            new_w = torch.zeros(num_new, cfg.dim)
+        new_b = None if new_bias_value is None else torch.full((num_new,), float(new_bias_value))
+        new_moe_cfg = old_cfg.replace(num_experts=old_cfg.num_experts + num_new)
+        mlp.router = ExtendedRouter(mlp.router, new_moe_cfg, new_w, new_b)
+        mlp.experts = SplitExpertWeights(
+            w_in.detach(), w_out.detach(), new_in.detach(), new_out.detach(), old_cfg.activation
+        )
+        mlp.config = new_moe_cfg
+        mlp.balance_weight = torch.ones(new_moe_cfg.num_total_experts, dtype=mlp.balance_weight.dtype)
+        counts[j] += num_new
+    moe = cfg.moe
+    assert moe is not None
+    if new_bias_value is not None and not moe.router_bias:
+        moe = moe.replace(router_bias=True)
+    out.config = cfg.replace(moe=moe, experts_per_layer=tuple(counts))
+    out.eval()
+    return out
+
+
+def _stack(experts: ExpertWeights) -> tuple[Tensor, Tensor]:
+    pairs = [experts.expert_tensors(e) for e in range(experts.num_experts)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def extended_layers(model: MoEForCausalLM) -> list[int]:
+    """Decoder indices of the layers holding an :class:`ExtendedRouter`."""
+    return [
+        i
+        for i, layer in enumerate(model.layers)
+        if isinstance(getattr(layer.mlp, "router", None), ExtendedRouter)
+    ]
+
+
+@torch.no_grad()
+def consolidate_extension(model: MoEForCausalLM) -> MoEForCausalLM:
+    """Folds an extended model into a plain :class:`MoEForCausalLM` (savable, same function).
+
+    Router rows become ``cat(weight, new_weight)`` ``[E + N, D]``, experts ``cat`` along the expert
+    axis; with ``new_bias`` the router gets a bias ``cat(old bias or 0, new_bias)`` and layers
+    without one get zeros. Not modified: ``model``.
+    """
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(("router.new_weight", "router.new_bias", "experts.new_w_in", "experts.new_w_out")):
+            continue
+        state[name] = t.detach().clone()
+    moe = model.config.moe
+    for i in model.config.moe_layer_ids:
+        p = f"layers.{i}.mlp."
+        mlp = model.layers[i].mlp
+        router = mlp.router
+        num_e = mlp.config.num_total_experts
+        if isinstance(router, ExtendedRouter):
+            state[p + "router.weight"] = torch.cat([router.weight, router.new_weight]).detach().clone()
+            state[p + "experts.w_in"] = torch.cat([mlp.experts.w_in, mlp.experts.new_w_in]).detach().clone()
+            state[p + "experts.w_out"] = (
+                torch.cat([mlp.experts.w_out, mlp.experts.new_w_out]).detach().clone()
+            )
+        if moe is not None and moe.router_bias:
+            old_b = (
+                router.bias if router.bias is not None else router.weight.new_zeros(router.weight.shape[0])
+            )
+            new_b = getattr(router, "new_bias", None)
+            if isinstance(router, ExtendedRouter):
+                new_b = (
+                    new_b if new_b is not None else router.new_weight.new_zeros(router.new_weight.shape[0])
+                )
+                state[p + "router.bias"] = torch.cat([old_b, new_b]).detach().clone()
+            elif p + "router.bias" not in state:
+                state[p + "router.bias"] = router.weight.new_zeros(num_e)
+    dtype = next(model.parameters()).dtype
+    return build_model(model.config, state, dtype)
+
+
+def extension_freeze_check(model: MoEForCausalLM) -> list[str]:
+    """The parameter names :data:`EXTENSION_FREEZE` leaves trainable (the new ones only)."""
+    from moekit.train import select_frozen
+
+    names = [n for n, _ in model.named_parameters()]
+    frozen = select_frozen(names, EXTENSION_FREEZE)
+    return sorted(set(names) - frozen)
+
+
+def calibrate_router(
+    model: MoEForCausalLM, batches: Batches, steps: int = 50, lr: float = 1e-3
+) -> MoEForCausalLM:
+    """Router calibration after extension: trains only the new router rows (and ``new_bias``) on a
+    mix of old- and new-task ``[B, S + 1]`` batches, so the new experts are chosen where they help.
+
+    MoExtend instead trains a small MLP on the routing probabilities (p' = p + MLP(p)) jointly with
+    the new experts; that needs a hook inside the router's top-k, which moekit.layers does not
+    expose. Returns a trained copy; ``model`` is not modified.
+    """
+    out = copy.deepcopy(model)
+    if not extended_layers(out):
+        raise ValueError("calibrate_router: the model has no extended layer (run extend_experts first)")
+    train_steps(out, batches, steps, lr=lr, freeze=CALIBRATION_FREEZE)
+    return out
