@@ -19,14 +19,15 @@ from moekit.parallel.placement import (
 )
 
 
+@pytest.mark.parametrize("traffic", ["stay", "home"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ilp_is_optimal_on_tiny_instances(seed):
+def test_ilp_is_optimal_on_tiny_instances(seed, traffic):
     trace = synthetic_trace(num_layers=3, num_experts=4, num_tokens=300, seed=seed)
     stats = trace_stats(trace, 2)
-    plan = solve_ilp(stats, 2, load_slack=0.5, time_limit_s=20)
+    plan = solve_ilp(stats, 2, load_slack=0.5, time_limit_s=20, traffic=traffic)
     assert plan is not None
-    moves = simulate(stats, plan).token_moves
-    assert moves == pytest.approx(brute_force(stats, 2, 0.5))
+    moves = simulate(stats, plan, traffic=traffic).token_moves
+    assert moves == pytest.approx(brute_force(stats, 2, 0.5, traffic))
     assert moves == pytest.approx(plan.extra_objective)
 
 

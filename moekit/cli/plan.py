@@ -23,6 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--slots-per-device", type=int, default=None, help="expert slots per device; spare slots get replicas"
     )
     p.add_argument("--dim", type=int, default=1, help="model width, to report all-to-all bytes per step")
+    p.add_argument(
+        "--traffic",
+        choices=["stay", "home"],
+        default="home",
+        help="traffic model: 'home' (tokens return to their rank after each layer, as moekit's executor) "
+        "or 'stay' (tokens stay on their last expert's device, MoETuner)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit,
         slots_per_device=args.slots_per_device,
         dim=args.dim,
+        traffic=args.traffic,
     )
     result.placement.to_json(args.out)
     base = result.reports["round_robin"]

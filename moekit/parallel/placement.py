@@ -6,11 +6,16 @@ Model of the cost (what :func:`simulate` reports and the ILP minimises):
 
 * **Load.** Each device computes the assignments of the experts it hosts. A layer's step time
   follows its busiest device, so the imbalance of a layer is ``max_d load / mean_d load``.
-* **Traffic.** A token lives on the device of its first-choice expert of the previous MoE layer
-  (at the first MoE layer, on its home device ``sequence_id % N``). Each of its chosen experts
-  hosted elsewhere costs one send and one return of a ``D``-wide row. Tokens routed to expert i
-  in layer l tend to go to a few experts in layer l+1 (MoETuner's cross-layer dependency), so
-  co-locating those pairs saves traffic.
+* **Traffic**, in one of two models (``traffic=``):
+
+  - ``"stay"`` (MoETuner): a token lives on the device of its first-choice expert of the
+    previous MoE layer (at the first MoE layer, on its home device ``sequence_id % N``). Each of
+    its chosen experts hosted elsewhere costs one send and one return of a ``D``-wide row.
+    Tokens routed to expert i in layer l tend to go to a few experts in layer l+1 (the
+    cross-layer dependency), so co-locating those pairs saves traffic.
+  - ``"home"``: every layer sends a token from its home device (its data-parallel rank) to each
+    chosen expert and back, as moekit's expert-parallel executor, DeepSpeed and Megatron do.
+    Placing experts where their tokens' sequences live saves traffic.
 
 The ILP (scipy's HiGHS MILP) places each expert on one device with exactly E/N experts per
 device, bounds every layer's load by ``(1 + load_slack)`` times the mean, and minimises the
@@ -41,13 +46,17 @@ class TraceStats:
         load_LE: assignments per expert, ``[L, E]``.
         transition: per consecutive layer pair ``l -> l+1``, ``[E, E]`` counts of tokens whose
             first choice in layer l is i and that choose j in layer l+1.
-        first_home: per home device, ``[N, E]`` counts of first-MoE-layer assignments by the
-            token's home device.
+        home_LNE: per layer and home device, ``[L, N, E]`` assignment counts.
     """
 
     load_LE: np.ndarray
     transition: list[np.ndarray]
-    first_home_NE: np.ndarray
+    home_LNE: np.ndarray
+
+    @property
+    def first_home_NE(self) -> np.ndarray:
+        """``[N, E]`` first-MoE-layer assignments by home device."""
+        return self.home_LNE[0]
 
 
 def trace_stats(trace: RoutingTrace, num_devices: int) -> TraceStats:
@@ -69,12 +78,13 @@ def trace_stats(trace: RoutingTrace, num_devices: int) -> TraceStats:
             np.add.at(mat, (first[ok], nxt[ok, slot]), 1)
         transition.append(mat)
     home = (trace.sequence_ids.numpy() % num_devices).astype(int)
-    ids0 = trace.expert_ids[0].numpy()
-    first_home = np.zeros((num_devices, num_e))
-    for slot in range(ids0.shape[1]):
-        ok = ids0[:, slot] >= 0
-        np.add.at(first_home, (home[ok], ids0[ok, slot]), 1)
-    return TraceStats(load, transition, first_home)
+    home_lne = np.zeros((trace.num_layers, num_devices, num_e))
+    for layer, ids_tk in enumerate(trace.expert_ids):
+        ids = ids_tk.numpy()
+        for slot in range(ids.shape[1]):
+            ok = ids[:, slot] >= 0
+            np.add.at(home_lne[layer], (home[ok], ids[ok, slot]), 1)
+    return TraceStats(load, transition, home_lne)
 
 
 @dataclass
@@ -192,8 +202,11 @@ def _device_share(placement: Placement, layer: int, num_e: int) -> np.ndarray:
     return share
 
 
-def simulate(stats: TraceStats, placement: Placement, dim: int = 1, bytes_per_value: int = 2) -> SimReport:
-    """Per-device load, imbalance and all-to-all bytes of ``placement`` on a trace."""
+def simulate(
+    stats: TraceStats, placement: Placement, dim: int = 1, bytes_per_value: int = 2, traffic: str = "stay"
+) -> SimReport:
+    """Per-device load, imbalance and all-to-all bytes of ``placement`` on a trace (see module docstring)."""
+    _check_traffic(traffic)
     num_l, num_e = stats.load_LE.shape
     if len(placement.device_of) != num_l or any(len(r) != num_e for r in placement.device_of):
         raise ValueError(
@@ -204,6 +217,14 @@ def simulate(stats: TraceStats, placement: Placement, dim: int = 1, bytes_per_va
         [stats.load_LE[layer] @ _device_share(placement, layer, num_e) for layer in range(num_l)]
     )
     ratios = loads.max(1) / np.maximum(loads.mean(1), 1e-9)
+    if traffic == "home":
+        moves = sum(
+            float((stats.home_LNE[layer] * (1.0 - _device_share(placement, layer, num_e).T)).sum())
+            for layer in range(num_l)
+        )
+        return SimReport(
+            loads, float(ratios.mean()), float(ratios.max()), moves, 2.0 * moves * dim * bytes_per_value
+        )
     # First MoE layer: a token at home device h moves unless its expert is hosted on h.
     share0 = _device_share(placement, 0, num_e)
     moves = float((stats.first_home_NE * (1.0 - share0.T)).sum())
@@ -219,7 +240,14 @@ def _cost(report: SimReport, load_weight: float) -> float:
     return report.token_moves + load_weight * report.imbalance
 
 
-def greedy(stats: TraceStats, num_devices: int, load_slack: float = 0.1) -> Placement:
+def _check_traffic(traffic: str) -> None:
+    if traffic not in ("stay", "home"):
+        raise ValueError(
+            f"traffic={traffic!r} is not valid; choose 'stay' (MoETuner) or 'home' (return-home EP)"
+        )
+
+
+def greedy(stats: TraceStats, num_devices: int, load_slack: float = 0.1, traffic: str = "stay") -> Placement:
     """Layer by layer: heaviest expert first, onto the device it shares most traffic with that
     still has a free slot and stays under the load bound (the least-loaded device otherwise)."""
     num_l, num_e = stats.load_LE.shape
@@ -229,8 +257,8 @@ def greedy(stats: TraceStats, num_devices: int, load_slack: float = 0.1) -> Plac
     for layer in range(num_l):
         load = stats.load_LE[layer]
         bound = (1 + load_slack) * load.sum() / num_devices
-        if layer == 0:
-            affinity = stats.first_home_NE.T  # [E, N]
+        if layer == 0 or traffic == "home":
+            affinity = stats.home_LNE[layer].T  # [E, N]
         else:
             prev = np.zeros((num_e, num_devices))
             prev[np.arange(num_e), device_of[-1]] = 1.0
@@ -251,7 +279,11 @@ def greedy(stats: TraceStats, num_devices: int, load_slack: float = 0.1) -> Plac
 
 
 def solve_ilp(
-    stats: TraceStats, num_devices: int, load_slack: float = 0.1, time_limit_s: float = 10.0
+    stats: TraceStats,
+    num_devices: int,
+    load_slack: float = 0.1,
+    time_limit_s: float = 10.0,
+    traffic: str = "stay",
 ) -> Placement | None:
     """MoETuner-style ILP with HiGHS; returns None when no feasible solution is found in time.
 
@@ -272,14 +304,23 @@ def solve_ilp(
     def xi(layer: int, e: int, d: int) -> int:
         return (layer * num_e + e) * num_devices + d
 
-    pairs = [(layer, i, j) for layer, mat in enumerate(stats.transition) for i, j in zip(*np.nonzero(mat))]
+    _check_traffic(traffic)
+    home_layers = range(num_l) if traffic == "home" else range(1)
+    pairs = (
+        []
+        if traffic == "home"
+        else [(layer, i, j) for layer, mat in enumerate(stats.transition) for i, j in zip(*np.nonzero(mat))]
+    )
     num_c = len(pairs) * num_devices
     num_var = num_x + num_c
     obj = np.zeros(num_var)
-    const_moves = float(stats.first_home_NE.sum()) + sum(float(m.sum()) for m in stats.transition)
-    for e in range(num_e):
-        for d in range(num_devices):
-            obj[xi(0, e, d)] -= stats.first_home_NE[d, e]  # tokens already home need no move
+    const_moves = float(sum(stats.home_LNE[layer].sum() for layer in home_layers))
+    if traffic == "stay":
+        const_moves += sum(float(m.sum()) for m in stats.transition)
+    for layer in home_layers:
+        for e in range(num_e):
+            for d in range(num_devices):
+                obj[xi(layer, e, d)] -= stats.home_LNE[layer, d, e]  # tokens already there need no move
     for p, (layer, i, j) in enumerate(pairs):
         for d in range(num_devices):
             obj[num_x + p * num_devices + d] -= stats.transition[layer][i, j]
@@ -386,6 +427,7 @@ def plan_placement(
     slots_per_device: int | None = None,
     dim: int = 1,
     load_weight: float = 0.0,
+    traffic: str = "stay",
 ) -> PlanResult:
     """Plans a placement: best of ILP, greedy and round-robin under the simulated cost.
 
@@ -399,15 +441,15 @@ def plan_placement(
     for name, fn in (
         ("round_robin", lambda: round_robin(num_l, num_e, num_devices)),
         ("contiguous", lambda: contiguous(num_l, num_e, num_devices)),
-        ("greedy", lambda: greedy(stats, num_devices, load_slack)),
-        ("ilp", lambda: solve_ilp(stats, num_devices, load_slack, time_limit_s)),
+        ("greedy", lambda: greedy(stats, num_devices, load_slack, traffic)),
+        ("ilp", lambda: solve_ilp(stats, num_devices, load_slack, time_limit_s, traffic)),
     ):
         t0 = time.perf_counter()
         plan = fn()
         seconds[name] = time.perf_counter() - t0
         if plan is not None:
             candidates[name] = plan
-    reports = {name: simulate(stats, p, dim) for name, p in candidates.items()}
+    reports = {name: simulate(stats, p, dim, traffic=traffic) for name, p in candidates.items()}
     bound = 1 + load_slack + 1e-9
 
     def key(name: str) -> tuple:
@@ -418,11 +460,11 @@ def plan_placement(
     chosen = candidates[best]
     if slots_per_device is not None:
         chosen = replicate_hot_experts(stats, chosen, slots_per_device)
-        reports[chosen.method] = simulate(stats, chosen, dim)
+        reports[chosen.method] = simulate(stats, chosen, dim, traffic=traffic)
     return PlanResult(chosen, reports, seconds)
 
 
-def brute_force(stats: TraceStats, num_devices: int, load_slack: float) -> float:
+def brute_force(stats: TraceStats, num_devices: int, load_slack: float, traffic: str = "stay") -> float:
     """Minimum token moves over every balanced placement (tiny instances only; for tests)."""
     num_l, num_e = stats.load_LE.shape
     per = num_e // num_devices
@@ -438,7 +480,7 @@ def brute_force(stats: TraceStats, num_devices: int, load_slack: float) -> float
         layer_options.append(opts)
     best = float("inf")
     for combo in itertools.product(*layer_options):
-        rep = simulate(stats, Placement(list(combo), num_devices))
+        rep = simulate(stats, Placement(list(combo), num_devices), traffic=traffic)
         best = min(best, rep.token_moves)
     return best
 
