@@ -28,14 +28,34 @@ single-process equality holds for dropless routing.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed.nn.functional import all_reduce as _all_reduce_with_grad
+from torch.distributed.nn.functional import all_to_all_single as _all_to_all_single
 
 from moekit.layers import ExpertWeights, MoELayer, StackedExpertWeights, combine, permute
 from moekit.layers.experts import SortedExpertsFunction
+
+
+def _quiet(fn, *args, **kwargs):
+    # torch 2.13 marks these autograd collectives deprecated in favour of functional collectives
+    # that have no CPU autograd path for variable splits yet; silence only that notice.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*distributed.nn.functional.*")
+        return fn(*args, **kwargs)
+
+
+def all_to_all_single(*args, **kwargs):
+    """Autograd all-to-all with variable splits (``torch.distributed.nn.functional``)."""
+    return _quiet(_all_to_all_single, *args, **kwargs)
+
+
+def all_reduce_with_grad(t: Tensor, group=None) -> Tensor:
+    """Sum over the group whose backward sums the gradients too."""
+    return _quiet(_all_reduce_with_grad, t, group=group)
 
 
 def _group_size_rank(group) -> tuple[int, int]:
