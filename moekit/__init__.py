@@ -13,3 +13,12 @@ Parts (one folder each; ``layers`` imports none of the others):
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Lazy top-level API: ``moekit.from_pretrained`` imports torch and the converters on first use."""
+    if name == "from_pretrained":
+        from moekit.convert import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")

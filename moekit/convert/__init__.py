@@ -1,1 +1,160 @@
-"""moekit.convert: Hugging Face checkpoint import/export (one adapter per family)."""
+"""moekit.convert: Hugging Face import/export with one adapter per family.
+
+Contract:
+    ``from_pretrained(path, dtype=None) -> MoEForCausalLM`` reads an HF folder (``config.json`` +
+    safetensors, single file or sharded with ``model.safetensors.index.json``) or a moekit folder.
+    The HF ``model_type`` picks the family adapter; the adapter translates the config (refusing,
+    with a ``ValueError`` naming it, any option moekit cannot represent) and lists where every
+    moekit tensor lives in the checkpoint. Both the per-expert layout (``experts.{e}.w1/w2/w3``,
+    ``experts.{e}.gate_proj/up_proj/down_proj``) and transformers 5's fused layout
+    (``experts.gate_up_proj [E, 2F, D]``, ``experts.down_proj [E, D, F]``) import. The model is built
+    first and each tensor is copied into its slice while its shard is open (never two copies of
+    the weights); pickled ``.bin`` files are refused. ``dtype`` selects the run dtype (default: the
+    checkpoint's).
+
+    ``save_hf(model, path, family=None, max_shard_bytes=5 GiB)`` (also
+    ``model.save_pretrained(path, format="hf")``) writes ``config.json`` with the family's
+    ``model_type``/``architectures``, the weights in the layout transformers 5.24's own
+    ``save_pretrained`` writes (per expert), sharded with an index above ``max_shard_bytes``, and
+    the tokenizer files of ``tokenizer_dir`` (default: the folder the model was loaded from). The
+    family is chosen from the config unless given; options no family expresses (top-p routing,
+    MoE++ experts, gating residuals, per-layer expert counts, expert choice, capacity, ...) raise
+    ``ValueError`` naming the option.
+
+Layout:
+    checkpoint.py        safetensors shard reading/writing, tokenizer files
+    families/base.py     the adapter contract (Target, Piece, FamilyAdapter)
+    families/<type>.py   one adapter per HF model_type (all HF tensor names live there)
+    families/__init__.py the registry (``get_family``, ``family_for``)
+
+To add a family, see :mod:`moekit.convert.families`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.convert.checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    checkpoint_dtype,
+    copy_tokenizer_files,
+    hf_tensors,
+    load_into,
+    weight_map,
+    write_shards,
+)
+from moekit.convert.families import FAMILIES, family_for, get_family
+from moekit.models.config import ModelConfig
+from moekit.models.decoder import MoEForCausalLM
+
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float64: "float64",
+}
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """``path/config.json`` as a dict; ValueError when missing or without ``model_type``."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{file} not found: not a Hugging Face or moekit model folder")
+    data = json.loads(file.read_text())
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ValueError(f"{file} has no 'model_type'; cannot tell which family it is")
+    return data
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Translates an HF config dict into a :class:`ModelConfig` (ValueError for unknown types/options)."""
+    return get_family(str(hf["model_type"])).config_from_hf(hf)
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoEForCausalLM:
+    """Loads an HF or moekit folder as a :class:`~moekit.models.MoEForCausalLM`.
+
+    Args:
+        path: the folder.
+        dtype: run dtype; None keeps the checkpoint's (float32, bfloat16 or float16).
+
+    Raises:
+        ValueError: unknown ``model_type``, an unsupported config option, pickled weights, or a
+            missing / mis-shaped tensor (each message names it).
+    """
+    folder = Path(path)
+    hf = read_hf_config(folder)
+    if hf["model_type"] == "moekit":
+        return MoEForCausalLM.from_pretrained(folder, dtype=dtype)
+    adapter = get_family(str(hf["model_type"]))
+    config = adapter.config_from_hf(hf)
+    mapping = weight_map(folder)
+    run_dtype = dtype or checkpoint_dtype(mapping)
+    model = MoEForCausalLM(config).to(run_dtype)
+    state = model.state_dict(keep_vars=False)
+    targets = adapter.targets(config)
+    expected = set(state) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    unmapped = sorted(expected - {t.name for t in targets})
+    if unmapped:
+        raise ValueError(f"{adapter.model_type} adapter does not map moekit tensor(s) {unmapped[:5]}")
+    load_into(state, targets, mapping)
+    model.eval()
+    model.name_or_path = str(folder)
+    model.hf_token_ids = {k: hf[k] for k in TOKEN_ID_KEYS if k in hf}
+    return model
+
+
+def hf_config_for(model: MoEForCausalLM, family: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(adapter, HF config dict)`` for exporting ``model`` (ValueError naming a blocking option)."""
+    adapter = get_family(family) if family is not None else family_for(model.config)
+    hf = adapter.config_to_hf(model.config)
+    dtype = next(model.parameters()).dtype
+    hf["dtype"] = DTYPE_NAMES.get(dtype, "float32")
+    hf.update(getattr(model, "hf_token_ids", {}) or {})
+    return adapter, hf
+
+
+def save_hf(
+    model: MoEForCausalLM,
+    path: str | Path,
+    family: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Writes ``model`` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Args:
+        model: the model.
+        path: output folder (created).
+        family: HF ``model_type`` to write; None picks it from the config.
+        max_shard_bytes: shard above this size (writes ``model.safetensors.index.json``).
+        tokenizer_dir: copy tokenizer/generation files from here (default: where the model came from).
+
+    Returns:
+        The folder.
+    """
+    adapter, hf = hf_config_for(model, family)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    write_shards(hf_tensors(state, adapter.targets(model.config)), folder, max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    src = tokenizer_dir if tokenizer_dir is not None else getattr(model, "name_or_path", None)
+    copy_tokenizer_files(Path(src) if src else None, folder)
+    return folder
+
+
+__all__ = [
+    "FAMILIES",
+    "config_from_hf",
+    "family_for",
+    "from_pretrained",
+    "get_family",
+    "hf_config_for",
+    "save_hf",
+]

@@ -11,7 +11,8 @@ converters' key maps. The fields cover what the HF MoE families need:
     OLMoE        qk_norm="full" (RMSNorm over the whole q/k projection width)
     DeepSeek-V3  num_dense_first_layers (first_k_dense_replace), moe.score_func="sigmoid", expert
                  groups, moe.use_expert_bias, moe.routed_scaling_factor, rope_scaling "yarn"
-                 (multi-head latent attention itself is not modelled here)
+                 attention_type="mla" (multi-head latent attention: q_lora_rank, kv_lora_rank,
+                 qk_nope_head_dim, qk_rope_head_dim, v_head_dim), rope_interleave
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from moekit.layers.config import ACTIVATIONS, MoEConfig
 
 MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit", "none")
 QK_NORMS = ("none", "per_head", "full")
+ATTENTION_TYPES = ("mha", "mla")
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 # Keys each rope_scaling type accepts (HF's names). "rope_type" (HF >= 4.45) and "type" (older)
@@ -89,6 +91,15 @@ class ModelConfig(JsonConfig):
             over the whole q/k projection width, OLMoE).
         attention_bias: biases on the q/k/v projections (Qwen2); the output projection has none.
         sliding_window: each token sees itself and the previous ``sliding_window - 1`` tokens.
+        attention_type: ``"mha"`` (GQA with q/k/v projections, see :class:`~moekit.models.decoder.Attention`)
+            or ``"mla"`` (DeepSeek multi-head latent attention, :class:`~moekit.models.mla.MLAttention`;
+            ``num_kv_heads``, ``head_dim``, ``qk_norm`` and ``attention_bias`` do not apply).
+        q_lora_rank: MLA query compression rank; ``None`` projects queries directly (DeepSeek-V2-Lite).
+        kv_lora_rank: MLA key/value latent width (what the KV cache stores per token).
+        qk_nope_head_dim, qk_rope_head_dim: MLA per-head query/key widths without and with RoPE.
+        v_head_dim: MLA per-head value width.
+        rope_interleave: the rotary dims are stored as interleaved pairs ``(x0, x1), (x2, x3), ...``
+            instead of halves (DeepSeek checkpoints); the math de-interleaves before rotating.
 
     Other:
         rms_norm_eps: RMSNorm epsilon.
@@ -125,6 +136,13 @@ class ModelConfig(JsonConfig):
     qk_norm: str = "none"
     attention_bias: bool = False
     sliding_window: int | None = None
+    attention_type: str = "mha"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
 
@@ -160,6 +178,22 @@ class ModelConfig(JsonConfig):
         check_choice(name, "dense_ffn_activation", self.dense_ffn_activation, ACTIVATIONS)
         check_choice(name, "moe_placement", self.moe_placement, MOE_PLACEMENTS)
         check_choice(name, "qk_norm", self.qk_norm, QK_NORMS)
+        check_choice(name, "attention_type", self.attention_type, ATTENTION_TYPES)
+        if self.attention_type == "mla":
+            for field in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, field) <= 0:
+                    raise ValueError(f"{name}.{field} must be positive with attention_type='mla'")
+            if self.qk_nope_head_dim < 0 or self.qk_rope_head_dim % 2:
+                raise ValueError(
+                    f"{name}: MLA needs qk_nope_head_dim >= 0 and an even qk_rope_head_dim, got "
+                    f"{self.qk_nope_head_dim}, {self.qk_rope_head_dim}"
+                )
+            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+                raise ValueError(f"{name}.q_lora_rank must be positive or None, got {self.q_lora_rank}")
+            if self.qk_norm != "none":
+                raise ValueError(f"{name}.qk_norm={self.qk_norm!r} does not apply to attention_type='mla'")
+        elif self.rope_interleave:
+            raise ValueError(f"{name}.rope_interleave is only implemented for attention_type='mla'")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"{name}.rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
@@ -264,6 +298,11 @@ class ModelConfig(JsonConfig):
         return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
 
     @property
+    def rope_head_dim(self) -> int:
+        """Width the RoPE tables cover: ``qk_rope_head_dim`` for MLA, else :attr:`attn_head_dim`."""
+        return self.qk_rope_head_dim if self.attention_type == "mla" else self.attn_head_dim
+
+    @property
     def rope_type(self) -> str:
         """``"default"`` without scaling, else ``rope_scaling["rope_type"]`` (or HF's older ``"type"``)."""
         if not self.rope_scaling:
@@ -324,7 +363,7 @@ class ModelConfig(JsonConfig):
         Follows transformers' ``modeling_rope_utils`` for "linear", "yarn" and "llama3", so
         converted checkpoints see the same frequencies. Pure Python (float64), no torch.
         """
-        dim = self.attn_head_dim
+        dim = self.rope_head_dim
         base = self.rope_theta
         inv = [base ** (-(2 * j) / dim) for j in range(dim // 2)]
         rs = self.rope_scaling or {}

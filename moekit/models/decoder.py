@@ -240,7 +240,12 @@ class DecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.is_moe = config.is_moe_layer(layer_idx)
         self.input_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        if config.attention_type == "mla":
+            from moekit.models.mla import MLAttention
+
+            self.self_attn: nn.Module = MLAttention(config, layer_idx)
+        else:
+            self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(config.moe_config(layer_idx))
@@ -550,7 +555,8 @@ class MoEForCausalLM(nn.Module):
         return generate(self, input_ids, **kwargs)
 
     def save_pretrained(self, path: str | Path, format: str = "moekit") -> None:
-        """Writes ``config.json`` and ``model.safetensors`` (see :mod:`moekit.models.io`)."""
+        """Writes ``config.json`` and ``model.safetensors`` (see :mod:`moekit.models.io`); ``format="hf"``
+        writes a Hugging Face folder through :func:`moekit.convert.save_hf`."""
         from moekit.models.io import save_pretrained
 
         save_pretrained(self, path, format=format)

@@ -51,10 +51,14 @@ def save_pretrained(model: MoEForCausalLM, path: str | Path, format: str = "moek
     Args:
         model: the model to save.
         path: the folder (created if missing).
-        format: ``"moekit"``; ``"hf"`` is reserved for the Hugging Face exporter.
+        format: ``"moekit"``, or ``"hf"`` for a Hugging Face folder (see :func:`moekit.convert.save_hf`;
+            the family is chosen from the config).
     """
     if format == "hf":
-        raise NotImplementedError("HF export lands with moekit.convert")
+        from moekit.convert import save_hf  # lazy: moekit.convert imports this package
+
+        save_hf(model, path)
+        return
     if format != "moekit":
         raise ValueError(
             f"save_pretrained: format={format!r} is not valid; choose one of {list(SAVE_FORMATS)}"
