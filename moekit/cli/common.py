@@ -35,7 +35,10 @@ def load_model_and_tokenizer(path: str | Path, dtype: str = "fp32"):
     from moekit.train import load_tokenizer
 
     folder = resolve_model_dir(path)
-    model = MoEForCausalLM.from_pretrained(folder, dtype=getattr(torch, DTYPES[dtype]))
+    from moekit.compress import is_quantized_folder, load_quantized  # quantized folders: moekit.compress
+
+    load = load_quantized if is_quantized_folder(folder) else MoEForCausalLM.from_pretrained
+    model = load(folder, dtype=getattr(torch, DTYPES[dtype]))
     model.eval()
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(

@@ -136,6 +136,7 @@ class OffloadStats:
         prefetches: prefetch loads issued; prefetch_used: of those, how many were used before eviction.
         bytes_read: bytes read from the store (demand and prefetch).
         stall_s: seconds the compute thread waited for loads.
+        fallbacks: misses served by a resident low-bit copy instead of waiting (HOBBIT).
     """
 
     hits: int = 0
@@ -145,6 +146,7 @@ class OffloadStats:
     prefetch_used: int = 0
     bytes_read: int = 0
     stall_s: float = 0.0
+    fallbacks: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -169,6 +171,7 @@ class OffloadStats:
             "prefetch_accuracy": round(self.prefetch_accuracy, 4),
             "bytes_read": self.bytes_read,
             "stall_s": round(self.stall_s, 4),
+            "fallbacks": self.fallbacks,
         }
 
 
@@ -254,6 +257,12 @@ class ExpertCache:
         with self._lock:
             entry.future = None
 
+    def is_resident(self, layer: int, expert: int) -> bool:
+        """True when the expert is loaded (a lookup now would not wait)."""
+        with self._lock:
+            entry = self._entries.get((layer, expert))
+            return entry is not None and entry.future is None
+
     def get(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
         """The weights of one expert, loading it (and evicting others) if needed."""
         key = (layer, expert)
@@ -313,6 +322,8 @@ class OffloadedExperts(ExpertWeights):
         num_experts, dim, ffn_dim, activation: as the resident experts.
         predictor: ``f(layer_index, x_TD, expert_ids_TK) -> experts of the next MoE layer`` to
             prefetch, or None.
+        fallback: experts to run when an expert is not resident (e.g. ``moekit.compress``'s
+            low-bit ``QuantizedExperts``), or None to wait for the load.
     """
 
     def __init__(
@@ -325,8 +336,12 @@ class OffloadedExperts(ExpertWeights):
         activation: str,
         predictor: Predictor | None = None,
         num_layers: int = 1,
+        fallback: ExpertWeights | None = None,
     ) -> None:
         super().__init__()
+        # HOBBIT: a resident low-bit copy of this layer's experts, run on a miss instead of
+        # waiting for the load (which is started in the background for later tokens).
+        self.fallback = fallback
         self.cache, self.layer_index, self.predictor, self.num_layers = (
             cache,
             layer_index,
@@ -345,8 +360,15 @@ class OffloadedExperts(ExpertWeights):
         start = 0
         for expert, count in enumerate(counts):
             if count:
-                w_in, w_out = self.cache.get(self.layer_index, expert)
                 rows = slice(start, start + count)
+                if self.fallback is not None and not self.cache.is_resident(self.layer_index, expert):
+                    self.cache.prefetch([(self.layer_index, expert)])
+                    with self.cache.stats.lock:
+                        self.cache.stats.fallbacks += 1
+                    y_ND[rows] = self.fallback.expert_forward(expert, x_ND[rows])
+                    start += count
+                    continue
+                w_in, w_out = self.cache.get(self.layer_index, expert)
                 h = torch.mm(x_ND[rows], w_in.t())
                 torch.mm(activate(h, self.activation), w_out.t(), out=y_ND[rows])
                 start += count
@@ -417,6 +439,7 @@ def offload_model(
     prefetch: str | None = None,
     bandwidth: float | None = None,
     trace=None,
+    fallback: list[ExpertWeights] | None = None,
 ) -> ExpertCache:
     """Moves every MoE layer's experts to a store and serves them through one cache, in place.
 
@@ -427,6 +450,7 @@ def offload_model(
         policy: ``"lru"`` or ``"lfu"``.
         prefetch: None, ``"pregate"`` or ``"stats"`` (needs ``trace``).
         bandwidth: throttle store reads to this many bytes/s.
+        fallback: per MoE layer, resident low-bit experts to run on a miss (HOBBIT); None waits.
 
     Returns:
         The cache (its ``stats`` hold the counters).
@@ -458,6 +482,14 @@ def offload_model(
     for index, layer in enumerate(layers):
         old = layer.experts
         layer.experts = OffloadedExperts(
-            cache, index, old.num_experts, old.dim, old.ffn_dim, old.activation, predictor, len(layers)
+            cache,
+            index,
+            old.num_experts,
+            old.dim,
+            old.ffn_dim,
+            old.activation,
+            predictor,
+            len(layers),
+            None if fallback is None else fallback[index],
         )
     return cache

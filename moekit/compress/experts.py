@@ -1,0 +1,64 @@
+"""Quantized experts: :class:`QuantizedExperts`, an :class:`~moekit.layers.ExpertWeights` whose
+experts are :class:`~moekit.compress.kernels.PackedLinear` pairs, one bit width per expert.
+
+Shape legend: E = experts, D = model width, F = expert hidden width, H = input-projection rows
+(2F for SwiGLU), N = rows given to one expert.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moekit.compress.kernels import PackedLinear
+from moekit.layers import ExpertWeights
+from moekit.layers.experts import activate
+
+
+class QuantizedExperts(ExpertWeights):
+    """E experts, each ``w_out(act(w_in(x)))`` with quantized ``w_in [H, D]`` and ``w_out [D, F]``.
+
+    Submodules: ``w_in`` and ``w_out``, ``nn.ModuleList`` of E :class:`PackedLinear` each (state
+    keys ``w_in.{e}.qweight`` etc.). ``stacked()`` stays None, so dispatch uses the sorted path.
+
+    Args:
+        w_in, w_out: the per-expert quantized projections.
+        activation: ``"swiglu"`` or ``"gelu"``.
+    """
+
+    def __init__(self, w_in: list[PackedLinear], w_out: list[PackedLinear], activation: str) -> None:
+        super().__init__()
+        if len(w_in) != len(w_out) or not w_in:
+            raise ValueError(f"QuantizedExperts: got {len(w_in)} w_in and {len(w_out)} w_out projections")
+        self.w_in, self.w_out = nn.ModuleList(w_in), nn.ModuleList(w_out)
+        self.num_experts = len(w_in)
+        self.dim = w_in[0].in_features
+        self.ffn_dim = w_out[0].in_features
+        self.activation = activation
+
+    @property
+    def bits(self) -> list[int]:
+        """Bit width of each expert (its ``w_in``; both projections share it)."""
+        return [m.bits for m in self.w_in]
+
+    def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
+        """Runs expert ``expert`` with its quantized kernels: ``[N, D] -> [N, D]``."""
+        return self.w_out[expert](activate(self.w_in[expert](x_ND), self.activation))
+
+    def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
+        """Expert e on the e-th contiguous slice (``counts[e]`` rows): ``[N, D] -> [N, D]``."""
+        y_ND = x_ND.new_empty(x_ND.shape[0], self.dim)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                y_ND[start : start + count] = self.expert_forward(expert, x_ND[start : start + count])
+                start += count
+        return y_ND
+
+    def expert_tensors(self, expert: int) -> tuple[Tensor, Tensor]:
+        """Dequantized ``(w_in [H, D], w_out [D, F])`` in the dtype of the kernel buffers' scales."""
+        dtype = torch.float32
+        return self.w_in[expert].dequantized_weight(dtype), self.w_out[expert].dequantized_weight(dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, bits={self.bits}"

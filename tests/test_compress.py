@@ -1,0 +1,265 @@
+"""moekit.compress: quantization bounds, GPTQ, MILP optimality, checkpoints, kernels, pruning, GGUF.
+
+Tiny models only (moe-tiny: dim 64, 2 layers, 4 experts), single-threaded; < 90 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+
+from moekit.compress import (
+    MixedPrecisionConfig,
+    PackedLinear,
+    PruneConfig,
+    QuantConfig,
+    QuantizedExperts,
+    allocate_bits,
+    brute_force_allocation,
+    collect_layer_inputs,
+    dynamic_prune,
+    expert_calls_saved,
+    expert_stats,
+    is_quantized_folder,
+    load_quantized,
+    quantize_experts,
+    quantize_model,
+    quantize_rtn,
+    save_quantized,
+    solve_allocation,
+)
+from moekit.compress.quant import effective_bits, pack_codes, unpack_codes
+from moekit.layers.experts import activate
+from moekit.models import MoEForCausalLM, get_preset
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _tiny(seed: int = 0) -> MoEForCausalLM:
+    torch.manual_seed(seed)
+    return MoEForCausalLM(get_preset("moe-tiny")).eval()
+
+
+def _batches(n: int = 3, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (2, 48), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_error_within_half_scale_and_packing_round_trips(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(24, 256) * torch.rand(24, 1)
+    qt = quantize_rtn(w, bits, 64)
+    assert qt.packed.dtype == torch.uint8 and qt.packed.shape == (24, 256 * bits // 8)
+    codes = qt.codes()
+    assert int(codes.max()) <= 2**bits - 1
+    assert torch.equal(unpack_codes(pack_codes(codes, bits), bits, 256), codes)
+    err_RG = (w - qt.dequantize()).abs().view(24, 4, 64).amax(-1)
+    assert (err_RG <= qt.scale.float() / 2 * (1 + 1e-5) + 1e-7).all()
+    # more bits, less error
+    if bits < 8:
+        finer = quantize_rtn(w, 8, 64)
+        assert (w - finer.dequantize()).norm() < (w - qt.dequantize()).norm()
+
+
+def test_unsupported_bits_and_methods_name_the_choices():
+    with pytest.raises(ValueError, match=r"bits=5.*\[2, 3, 4, 8\]"):
+        QuantConfig(bits=5)
+    with pytest.raises(ValueError, match=r"method='awq'.*\['rtn', 'gptq'\]"):
+        QuantConfig(method="awq")
+    with pytest.raises(ValueError, match=r"bits=1"):
+        quantize_rtn(torch.randn(4, 64), 1, 64)
+    with pytest.raises(ValueError, match="candidate_bits"):
+        MixedPrecisionConfig(candidate_bits=(2, 6))
+    with pytest.raises(ValueError, match="group_size=48 does not divide"):
+        quantize_rtn(torch.randn(4, 64), 4, 48)
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_model(_tiny(), QuantConfig(method="gptq", group_size=64))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_kernels_match_dequantized_fp32(bits):
+    torch.manual_seed(0)
+    w = torch.randn(96, 128) * 0.05
+    x = torch.randn(7, 128)
+    auto = PackedLinear(quantize_rtn(w, bits, 64), bias=torch.randn(96))
+    assert auto.kernel == ("int8group" if bits == 8 else "int4pack")
+    ref = x @ auto.dequantized_weight().t() + auto.bias
+    deq = PackedLinear(quantize_rtn(w, bits, 64), bias=auto.bias, kernel="dequant")
+    torch.testing.assert_close(deq(x), ref, rtol=1e-5, atol=1e-5)
+    # bfloat16 activations in the kernels: about 3 significant digits
+    err = (auto(x) - ref).abs().max() / ref.abs().max()
+    assert err < 2e-2, float(err)
+    assert auto(x.bfloat16()).dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def _expert_output_error(layer, experts, inputs) -> float:
+    total = 0.0
+    for e in range(layer.config.num_experts):
+        x_ND, _ = inputs.routed(e)
+        w_in, w_out = layer.experts.expert_tensors(e)
+        ref = activate(x_ND @ w_in.t(), "swiglu") @ w_out.t()
+        total += float(((experts.expert_forward(e, x_ND) - ref) ** 2).sum())
+    return total
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_gptq_lowers_output_error_vs_rtn_on_calibration_data(bits):
+    model = _tiny()
+    layer = model.moe_layers[0]
+    inputs = collect_layer_inputs(model, _batches(4), [0])[0]
+    cfg = QuantConfig(bits=bits, method="gptq", group_size=64, kernel="dequant")
+    rtn = quantize_experts(layer, [bits] * 4, cfg.replace(method="rtn"))
+    gptq = quantize_experts(layer, [bits] * 4, cfg, inputs)
+    e_rtn = _expert_output_error(layer, rtn, inputs)
+    e_gptq = _expert_output_error(layer, gptq, inputs)
+    assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_milp_respects_budget_and_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    candidates = [2, 3, 4, 8]
+    num_l, num_e = 2, 3
+    params = [[int(p) for p in torch.randint(1000, 5000, (num_e,), generator=g)] for _ in range(num_l)]
+    # error falls with bits, at expert-specific rates
+    costs = [
+        [[float(torch.rand(1, generator=g)) * 4.0 ** (-b) for b in candidates] for _ in range(num_e)]
+        for _ in range(num_l)
+    ]
+    for avg in (2.3, 2.9, 3.4, 4.6, 6.0):
+        milp = solve_allocation(costs, params, candidates, avg, 128)
+        brute = brute_force_allocation(costs, params, candidates, avg, 128)
+        assert milp.avg_bits <= avg + 1e-9
+        assert milp.cost == pytest.approx(brute.cost, rel=1e-9, abs=1e-15)
+    with pytest.raises(ValueError, match="below the cheapest"):
+        solve_allocation(costs, params, candidates, 2.0, 128)
+    assert len(list(itertools.product(candidates, repeat=num_l * num_e))) == 4096
+
+
+def test_mixed_precision_end_to_end_respects_budget_and_beats_uniform():
+    model = _tiny()
+    mcfg = MixedPrecisionConfig(avg_bits=3.0, candidate_bits=(2, 3, 4), group_size=64)
+    stats = expert_stats(model, _batches(2), mcfg.candidate_bits, mcfg.group_size)
+    assert len(stats.error) == 2 and len(stats.error[0]) == 4 and len(stats.error[0][0]) == 3
+    assert all(abs(sum(f) - 1) < 1e-5 for f in stats.freq)
+    alloc = allocate_bits(stats, mcfg)
+    assert alloc.avg_bits <= 3.0 + 1e-9
+    # uniform 2 bits is the best uniform choice under this budget (3 + 24/64 > 3)
+    from moekit.compress import uniform_allocation
+
+    assert alloc.cost <= uniform_allocation(stats, 2, 64).cost
+    q = quantize_model(copy.deepcopy(model), QuantConfig(group_size=64, expert_bits=alloc.bits))
+    assert [layer.experts.bits for layer in q.moe_layers] == alloc.bits
+    assert effective_bits(2, 64) == pytest.approx(2.375)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantized_checkpoint_round_trips(tmp_path, method):
+    model = _tiny()
+    cfg = QuantConfig(bits=4, method=method, group_size=64, include_non_experts=True, non_expert_bits=8)
+    q = quantize_model(model, cfg, _batches(2))
+    assert isinstance(q.moe_layers[0].experts, QuantizedExperts)
+    assert isinstance(q.lm_head, PackedLinear) and isinstance(q.layers[0].self_attn.q_proj, PackedLinear)
+    ids = torch.randint(0, 512, (2, 16))
+    before = q(ids).logits
+    save_quantized(q, tmp_path / "q")
+    assert is_quantized_folder(tmp_path / "q")
+    cfg_json = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert (
+        cfg_json["quantization"]["method"] == method
+        and cfg_json["quantization"]["expert_bits"] == [[4] * 4] * 2
+    )
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("layers.0.mlp.experts.w_in.0.qweight").dtype == torch.uint8
+    assert "layers.0.mlp.experts.w_in" not in keys and "lm_head.qweight" in keys
+    loaded = load_quantized(tmp_path / "q")
+    torch.testing.assert_close(loaded(ids).logits, before, rtol=0, atol=0)
+    # the quantized model stays close to the float one
+    ref = _tiny()(ids).logits
+    assert (before - ref).abs().max() < 0.2 * ref.abs().max()
+    bf16 = load_quantized(tmp_path / "q", dtype=torch.bfloat16)
+    assert bf16(ids).logits.dtype == torch.bfloat16
+
+
+def test_dynamic_pruning_noop_at_zero_and_saves_calls():
+    model = _tiny()
+    keys = set(model.state_dict())
+    ids = torch.randint(0, 512, (2, 32))
+    ref = model(ids)
+    dynamic_prune(model, PruneConfig(threshold=0.0))
+    out = model(ids)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    assert expert_calls_saved(out.routing) == 0.0
+    dynamic_prune(model, PruneConfig(threshold=1.0))
+    out = model(ids)
+    saved = expert_calls_saved(out.routing)
+    assert 0.3 < saved <= 0.5  # top-2: at most the second slot of every token
+    assert set(model.state_dict()) == keys
+    for r in out.routing:
+        assert ((r.expert_ids >= 0).sum(-1) >= 1).all()
+        torch.testing.assert_close(r.weights.sum(-1), torch.ones(r.weights.shape[0]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="threshold"):
+        PruneConfig(threshold=1.5)
+
+
+def test_offload_low_bit_fallback_runs_on_misses(tmp_path):
+    from moekit.infer.offload import offload_model
+
+    model = _tiny()
+    ids = torch.randint(0, 512, (1, 12))
+    low = quantize_model(copy.deepcopy(model), QuantConfig(bits=4, group_size=64))
+    fallback = [layer.experts for layer in low.moe_layers]
+    one_expert = 128 * 64 * 4 + 64 * 64 * 4
+    cache = offload_model(model, tmp_path / "store", cache_bytes=2 * one_expert, fallback=fallback)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    cache.close()
+    assert out.shape == (1, 16)
+    assert cache.stats.fallbacks > 0
+    assert cache.stats.as_dict()["fallbacks"] == cache.stats.fallbacks
+
+
+def _export_and_read(model, path, out_type):
+    gguf = pytest.importorskip("gguf", reason="GGUF export needs the `gguf` package (extra: compress)")
+    from moekit.compress.gguf_export import export_gguf
+
+    export_gguf(model, path, out_type)
+    return gguf, gguf.GGUFReader(str(path))
+
+
+@pytest.mark.parametrize("out_type", ["f32", "f16", "q8_0", "q4_0"])
+def test_gguf_written_and_readable(tmp_path, out_type):
+    model = _tiny()
+    gguf, reader = _export_and_read(model, tmp_path / f"m-{out_type}.gguf", out_type)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = model.config
+    want = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}[out_type]
+    assert len(tensors) == 3 + cfg.num_layers * 12
+    assert tensors["blk.0.ffn_gate_exps.weight"].tensor_type.name == want
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    # GGUF lists dims innermost first: [D, F, E] for a torch [E, F, D]
+    assert [int(d) for d in tensors["blk.0.ffn_gate_exps.weight"].shape] == [64, 64, 4]
+    assert [int(d) for d in tensors["blk.0.ffn_down_exps.weight"].shape] == [64, 64, 4]
+    assert [int(d) for d in tensors["output.weight"].shape] == [64, 512]
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "qwen3moe"
+    count = reader.fields["qwen3moe.expert_count"]
+    assert int(count.parts[count.data[0]][0]) == 4
+    if out_type == "f32":
+        got = torch.from_numpy(tensors["blk.0.ffn_up_exps.weight"].data.copy())
+        torch.testing.assert_close(got, model.layers[0].mlp.experts.w_in.detach()[:, 64:])
