@@ -144,7 +144,6 @@ class Router(nn.Module):
     # Token choice: top-k (softmax or sigmoid, with groups and selection bias).
     def _top_k(self, logits_TE: Tensor, k: int) -> RouterOutput:
         cfg = self.config
-        num_t, num_e = logits_TE.shape
         if cfg.router_type == "random_fixed" or cfg.softmax_order == "after_topk":
             # SMoE-Dropout and Moirai: choose on raw logits, softmax over the chosen k only.
             select_TE = logits_TE
