@@ -464,3 +464,22 @@ def test_cli_upcycle_prune_merge_extend(tmp_path, capsys):
             extend_verb,
             ["--model", str(tmp_path / "u"), "--out", str(tmp_path / "e"), "--new-data", str(tmp_path)],
         )
+
+
+def test_contrast_extension_and_bias_calibration_keep_old_outputs():
+    from moekit.surgery import calibrate_new_bias
+
+    model = make(moe_config(num_experts=4))
+    old, new = tokens(4, 17, 0, 50), tokens(4, 17, 50, VOCAB, seed=2)
+    ref = model(old).logits
+    ext = extend_experts(
+        model, ExtendConfig(layers="all", router_init="contrast", contrast_leak=0.0), new, old
+    )
+    assert ext.layers[0].mlp.router.new_bias is not None
+    train_steps(ext, [torch.cat([new, new[:, :1]], 1)], 5, lr=5e-2, freeze=EXTENSION_FREEZE)
+    cal = calibrate_new_bias(ext, old, leak=0.0)
+    used_new = [(r.expert_ids >= 4).any().item() for r in cal(old).routing]
+    assert not any(used_new)  # no old token picks a new expert after calibration
+    torch.testing.assert_close(cal(old).logits, ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="no new_bias"):
+        calibrate_new_bias(extend_experts(model, ExtendConfig(layers="all"), new), old)

@@ -16,7 +16,7 @@ Operations (paper followed; docs/surgery.md lists what differs from the papers' 
     scale.py     :func:`grow` scale-up before scale-out (AquilaMoE EfficientScale; Net2Net/bert2BERT)
     dmu.py       :func:`dmu_upcycle` diversified multiplet upcycling (CLIP-MoE)
     mixture.py   :func:`merge_dense_models` mixture of dense fine-tunes (mergekit-moe, Branch-Train-MiX)
-    extend.py    :func:`extend_experts` + :func:`consolidate_extension` + :func:`calibrate_router`
+    extend.py    :func:`extend_experts` + :func:`consolidate_extension` + :func:`calibrate_new_bias`
                  (MoExtend), layer choice by routing shift
     prune.py     :func:`prune_experts` usage-based expert pruning (DeepSpeed multitask MoE)
     merge.py     :func:`merge_experts` agglomerative expert merging
@@ -47,6 +47,7 @@ from moekit.surgery.extend import (
     ExtendConfig,
     ExtendedRouter,
     SplitExpertWeights,
+    calibrate_new_bias,
     calibrate_router,
     consolidate_extension,
     extend_experts,
@@ -74,6 +75,7 @@ __all__ = [
     "PruneConfig",
     "SplitExpertWeights",
     "UpcycleConfig",
+    "calibrate_new_bias",
     "calibrate_router",
     "changed_tensors",
     "check_same_shapes",

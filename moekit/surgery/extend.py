@@ -42,14 +42,16 @@ from moekit.surgery.common import (
     Batches,
     as_batches,
     build_model,
+    collect_ffn_inputs,
     expert_usage,
     require_plain_experts,
+    router_rows_from_directions,
     train_steps,
 )
 
 EXTEND_LAYERS = ("all", "explicit", "shift")
 EXTEND_EXPERT_INITS = ("most_used", "mean", "random")
-EXTEND_ROUTER_INITS = ("copy_source", "random", "isolated")
+EXTEND_ROUTER_INITS = ("copy_source", "random", "isolated", "contrast")
 SHIFT_METRICS = ("js", "kl", "std")
 
 # Freeze specs for TrainConfig.freeze / apply_freeze: everything except the new parameters.
@@ -76,7 +78,13 @@ class ExtendConfig(JsonConfig):
         router_init: ``"copy_source"`` (the source expert's router row, MoExtend; with
             ``"mean"``/``"random"`` experts the mean old row), ``"random"`` (N(0, 0.02)) or
             ``"isolated"`` (zero rows and ``new_bias`` -1e4: new experts unreachable, exact old
-            behaviour; raise the bias, or train with a moderate one, to let them in).
+            behaviour; raise the bias, or train with a moderate one, to let them in), or
+            ``"contrast"``: the row points from the old data's mean FFN input to the new data's
+            (mergekit "hidden"-style, scaled to ``contrast_logit_std`` logit std), and a trainable
+            ``new_bias`` is calibrated on the old data so that only ``contrast_leak`` of old tokens
+            would pick the new expert (needs ``old_data`` and ``new_data``).
+        contrast_logit_std: logit std of the ``"contrast"`` row on old + new FFN inputs.
+        contrast_leak: share of old-data tokens whose top-k the new expert enters at init.
         new_bias: initial value of a trainable per-new-expert logit bias, None for no bias
             (``"isolated"`` uses -1e4 when None).
         seed: seeds random inits.
@@ -90,6 +98,8 @@ class ExtendConfig(JsonConfig):
     expert_init: str = "most_used"
     router_init: str = "copy_source"
     new_bias: float | None = None
+    contrast_logit_std: float = 2.0
+    contrast_leak: float = 0.01
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,6 +116,10 @@ class ExtendConfig(JsonConfig):
             raise ValueError(f"{name}.layer_indices is required when layers='explicit'")
         if not 0 < self.shift_fraction <= 1:
             raise ValueError(f"{name}.shift_fraction must be in (0, 1], got {self.shift_fraction}")
+        if self.contrast_logit_std <= 0:
+            raise ValueError(f"{name}.contrast_logit_std must be positive, got {self.contrast_logit_std}")
+        if not 0 <= self.contrast_leak < 1:
+            raise ValueError(f"{name}.contrast_leak must be in [0, 1), got {self.contrast_leak}")
         if self.new_bias is not None and not math.isfinite(self.new_bias):
             raise ValueError(f"{name}.new_bias must be finite, got {self.new_bias}")
 
@@ -284,6 +298,11 @@ def extend_experts(
     if config.expert_init == "most_used" and not new_data:
         raise ValueError("extend: expert_init='most_used' needs new_data batches")
     usage = expert_usage(model, new_data, "tokens") if config.expert_init == "most_used" else None
+    if config.router_init == "contrast":
+        if not new_data or not old_data:
+            raise ValueError("extend: router_init='contrast' needs old_data and new_data batches")
+        old_feats = collect_ffn_inputs(model, old_data, layers)
+        new_feats = collect_ffn_inputs(model, new_data, layers)
     gen = torch.Generator().manual_seed(config.seed)
     out = copy.deepcopy(model)
     num_new = config.num_new_experts
@@ -321,9 +340,24 @@ def extend_experts(
             new_w = row.unsqueeze(0).repeat(num_new, 1)
         elif config.router_init == "random":
             new_w = torch.randn(num_new, cfg.dim, generator=gen, dtype=torch.float64) * std
+        elif config.router_init == "contrast":
+            x_old, x_new = old_feats[i].to(torch.float64), new_feats[i].to(torch.float64)
+            direction = (x_new.mean(0) - x_old.mean(0)).unsqueeze(0)
+            new_w = router_rows_from_directions(
+                direction, torch.cat([x_old, x_new]), config.contrast_logit_std
+            )
+            old_logits = x_old @ mlp.router.weight.to(torch.float64).t()
+            if mlp.router.bias is not None:
+                old_logits = old_logits + mlp.router.bias.to(torch.float64)
+            kth = old_logits.topk(old_cfg.top_k, dim=-1).values[:, -1]
+            margin = (x_old @ new_w.t()).squeeze(-1) - kth
+            bias = -float(torch.quantile(margin, 1.0 - config.contrast_leak))
+            new_w = new_w.repeat(num_new, 1)
         else:
             new_w = torch.zeros(num_new, cfg.dim)
         new_b = None if new_bias_value is None else torch.full((num_new,), float(new_bias_value))
+        if config.router_init == "contrast":
+            new_b = torch.full((num_new,), bias + (new_bias_value or 0.0))
         new_moe_cfg = old_cfg.replace(num_experts=old_cfg.num_experts + num_new)
         mlp.router = ExtendedRouter(mlp.router, new_moe_cfg, new_w, new_b)
         mlp.experts = SplitExpertWeights(
@@ -334,7 +368,7 @@ def extend_experts(
         counts[j] += num_new
     moe = cfg.moe
     assert moe is not None
-    if new_bias_value is not None and not moe.router_bias:
+    if (new_bias_value is not None or config.router_init == "contrast") and not moe.router_bias:
         moe = moe.replace(router_bias=True)
     out.config = cfg.replace(moe=moe, experts_per_layer=tuple(counts))
     out.eval()
@@ -419,4 +453,38 @@ def calibrate_router(
     if not extended_layers(out):
         raise ValueError("calibrate_router: the model has no extended layer (run extend_experts first)")
     train_steps(out, batches, steps, lr=lr, freeze=CALIBRATION_FREEZE)
+    return out
+
+
+@torch.no_grad()
+def calibrate_new_bias(model: MoEForCausalLM, old_data: Batches, leak: float = 0.0) -> MoEForCausalLM:
+    """Closed-form router calibration: resets each new expert's ``new_bias`` so that it enters the
+    top-k of at most ``leak`` of the old-data tokens (measured on ``old_data``, ``[B, S]`` batches).
+
+    With ``norm_topk_prob`` (or softmax after top-k), a token whose top-k holds no new expert gets the
+    same weights as before extension (the new experts' softmax mass cancels in the renormalisation),
+    so old-task outputs move only on the leaked tokens, while new-task tokens whose new-expert logit
+    clears the old experts keep using it. Returns a calibrated copy; ``model`` is not modified.
+    """
+    if not 0 <= leak < 1:
+        raise ValueError(f"calibrate_new_bias: leak must be in [0, 1), got {leak}")
+    layers = extended_layers(model)
+    if not layers:
+        raise ValueError("calibrate_new_bias: the model has no extended layer (run extend_experts first)")
+    out = copy.deepcopy(model)
+    for i in layers:
+        router = out.layers[i].mlp.router
+        if router.new_bias is None:
+            raise ValueError(
+                f"calibrate_new_bias: layer {i} has no new_bias; extend with new_bias or 'contrast'"
+            )
+        x_old = collect_ffn_inputs(out, old_data, [i])[i].to(torch.float64)
+        old_logits = x_old @ router.weight.to(torch.float64).t()
+        if router.bias is not None:
+            old_logits = old_logits + router.bias.to(torch.float64)
+        kth = old_logits.topk(out.layers[i].mlp.config.top_k, dim=-1).values[:, -1:]
+        margin = x_old @ router.new_weight.to(torch.float64).t() - kth  # [N, num_new], without the bias
+        q = torch.quantile(margin, 1.0 - leak, dim=0) if leak > 0 else margin.amax(0)
+        # Strictly below the old k-th logit on (1 - leak) of the tokens (a small safety margin).
+        router.new_bias.copy_((-q - 1e-3).to(router.new_bias.dtype))
     return out
