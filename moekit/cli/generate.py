@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moekit.cli._offload import add_offload_arguments, maybe_offload
 from moekit.cli.common import add_model_argument, load_model_and_tokenizer
 
 HELP = "Generate text from a model folder, streamed to the terminal (--temperature 0 is greedy)."
+DECODES = ("greedy", "sample", "scmoe")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,6 +23,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--top-p", type=float, default=None, help="sample from the smallest nucleus with mass >= p"
     )
     p.add_argument("--seed", type=int, default=0, help="makes sampling repeatable")
+    p.add_argument(
+        "--decode",
+        choices=DECODES,
+        default=None,
+        help="greedy, sample, or scmoe (self-contrast of strong vs weak routing, greedy over the contrast "
+        "scores); default: sample when --temperature > 0, else greedy",
+    )
+    p.add_argument("--scmoe-alpha", type=float, default=0.1, help="SCMoE plausibility threshold")
+    p.add_argument("--scmoe-beta", type=float, default=0.5, help="SCMoE contrast strength")
+    p.add_argument(
+        "--scmoe-weak",
+        default="rank:3",
+        help="SCMoE weak routing: rank:K (only the K-th ranked expert, 1-based) or top:K",
+    )
+    p.add_argument("--k", type=int, default=None, help="experts per token at inference (dynamic k)")
+    add_offload_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,18 +72,47 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed = text
 
-    gen = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        model.generate(
-            torch.tensor([ids]),
+    from moekit.infer.decoding import SelfContrastSession
+    from moekit.infer.generate import Sampler, generate
+
+    decode = args.decode or ("sample" if args.temperature > 0 else "greedy")
+    if decode == "sample" and args.temperature <= 0:
+        raise ValueError("--decode sample needs --temperature > 0")
+    sampler = Sampler(
+        temperature=args.temperature if decode == "sample" else 0.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    cache, tmp = maybe_offload(model, args)
+    prompt_ids = torch.tensor([ids])
+    source = None
+    if decode == "scmoe":
+        source = SelfContrastSession(
+            model,
+            prompt_ids,
             max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0,
-            temperature=max(args.temperature, 1e-6),
-            top_k=args.top_k,
-            top_p=args.top_p,
-            eos_token_id=eos,
-            generator=gen,
-            streamer=stream,
+            alpha=args.scmoe_alpha,
+            beta=args.scmoe_beta,
+            weak=args.scmoe_weak,
+            moe_k=args.k,
         )
-    sys.stdout.write("\n")
+    try:
+        generate(
+            model,
+            prompt_ids,
+            max_new_tokens=args.max_new_tokens,
+            sampler=sampler,
+            eos_token_id=eos,
+            moe_k=args.k,
+            streamer=stream,
+            source=source,
+        )
+    finally:
+        sys.stdout.write("\n")
+        if cache is not None:
+            print(f"offload: {cache.stats.as_dict()}", file=sys.stderr)
+            cache.close()
+        if tmp is not None:
+            tmp.cleanup()
     return 0

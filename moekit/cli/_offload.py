@@ -1,0 +1,87 @@
+"""Expert-offloading flags shared by ``moekit generate`` and ``moekit serve`` (see moekit.infer.offload)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_offload_arguments(p: argparse.ArgumentParser) -> None:
+    """Expert-offloading flags shared by ``generate`` and ``serve`` (see moekit.infer.offload)."""
+    p.add_argument(
+        "--expert-cache-bytes",
+        default=None,
+        help="offload experts and keep this many bytes of them resident: a byte count (e.g. 2e8) or a "
+        "percentage of all expert bytes (e.g. 50%%); default: no offloading",
+    )
+    p.add_argument("--policy", choices=["lru", "lfu"], default="lru", help="expert cache eviction policy")
+    p.add_argument(
+        "--prefetch",
+        choices=["none", "pregate", "stats"],
+        default="none",
+        help="prefetch the next layer's experts (stats needs --trace)",
+    )
+    p.add_argument("--trace", default=None, help="routing trace (moekit trace) for --prefetch stats")
+    p.add_argument("--store", default=None, help="expert store folder (default: a temporary folder)")
+    p.add_argument(
+        "--store-bandwidth",
+        type=float,
+        default=None,
+        help="throttle store reads to this many bytes/s (e.g. 2e9)",
+    )
+
+
+def parse_cache_bytes(text: str, total_expert_bytes: int) -> int:
+    """``"123"``/``"2e8"`` -> bytes; ``"50%"`` -> that share of ``total_expert_bytes``."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return int(total_expert_bytes * share / 100)
+        value = float(text)
+    except ValueError:
+        raise ValueError(
+            f"--expert-cache-bytes {text!r}: give a byte count (e.g. 2e8) or a percentage in (0, 100] (e.g. 50%)"
+        ) from None
+    if value <= 0:
+        raise ValueError(f"--expert-cache-bytes must be positive, got {text!r}")
+    return int(value)
+
+
+def maybe_offload(model, args: argparse.Namespace):
+    """Applies offloading when ``--expert-cache-bytes`` is given; returns ``(cache, tempdir)`` or Nones."""
+    if args.expert_cache_bytes is None:
+        if args.prefetch != "none" or args.store or args.store_bandwidth:
+            raise ValueError("--prefetch/--store/--store-bandwidth need --expert-cache-bytes (offloading)")
+        return None, None
+    import tempfile
+
+    from moekit.infer.offload import offload_model
+
+    if not model.moe_layers:
+        raise ValueError("--expert-cache-bytes: the model has no MoE layers to offload")
+    total = sum(p.numel() * p.element_size() for mlp in model.moe_layers for p in mlp.experts.parameters())
+    budget = parse_cache_bytes(args.expert_cache_bytes, total)
+    trace = None
+    if args.prefetch == "stats":
+        if not args.trace:
+            raise ValueError("--prefetch stats needs --trace FILE (a routing trace from `moekit trace`)")
+        from moekit.analysis import load_trace
+
+        trace = load_trace(args.trace)
+    tmp = None
+    store = args.store
+    if store is None:
+        tmp = tempfile.TemporaryDirectory(prefix="moekit-experts-")
+        store = tmp.name
+    cache = offload_model(
+        model,
+        store,
+        budget,
+        policy=args.policy,
+        prefetch=None if args.prefetch == "none" else args.prefetch,
+        bandwidth=args.store_bandwidth,
+        trace=trace,
+    )
+    return cache, tmp

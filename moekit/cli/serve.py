@@ -1,0 +1,61 @@
+"""``moekit serve``: an OpenAI-compatible HTTP server (``/v1/completions``, ``/v1/chat/completions``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moekit.cli._offload import add_offload_arguments, maybe_offload
+from moekit.cli.common import add_model_argument, load_model_and_tokenizer
+
+HELP = "Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming), on 127.0.0.1 by default."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds the verb's flags."""
+    add_model_argument(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument(
+        "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for"
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="prompt + max_tokens bound (default: the model's positions)",
+    )
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the folder name)")
+    add_offload_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Loads the model (offloaded if asked) and serves until interrupted."""
+    import uvicorn
+
+    from moekit.infer.server import ServerConfig, chat_template_of, create_app
+
+    model, tok, folder = load_model_and_tokenizer(args.model, args.dtype)
+    cache, tmp = maybe_offload(model, args)
+    # runs/NAME/checkpoints/last serves as "NAME"; any other folder under its own name.
+    name = folder.parent.parent.name if folder.name == "last" else folder.name
+    config = ServerConfig(
+        model_name=args.model_name or name,
+        max_tokens_limit=args.max_tokens_limit,
+        max_context=args.max_context,
+        chat_template=chat_template_of(folder),
+    )
+    app = create_app(model, tok, config)
+    print(
+        f"moekit serve: model {config.model_name!r} from {folder} on http://{args.host}:{args.port}",
+        file=sys.stderr,
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        if cache is not None:
+            print(f"moekit serve: offload counters {cache.stats.as_dict()}", file=sys.stderr)
+            cache.close()
+        if tmp is not None:
+            tmp.cleanup()
+    return 0

@@ -1,0 +1,162 @@
+"""Fast generation (moekit.infer.generate) and MoE decoding strategies (moekit.infer.decoding).
+
+Tiny float64 models, so argmax ties and batch-shape rounding cannot flip tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moekit.infer.decoding import SelfContrastSession, WeakRouting, contrast_scores, weak_routing
+from moekit.infer.generate import DecodeSession, Sampler, generate, iter_tokens
+from moekit.models import MoEForCausalLM
+from moekit.models.presets import moe_tiny
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MoEForCausalLM(moe_tiny()).double().eval()
+
+
+def _prompt(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(2, 512, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_matches_reference_generate_greedy_and_sampled(model):
+    ids = _prompt(7, 1)
+    assert torch.equal(generate(model, ids, max_new_tokens=12), model.generate(ids, max_new_tokens=12))
+    fast = generate(
+        model,
+        ids,
+        max_new_tokens=12,
+        sampler=Sampler(temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(5)),
+    )
+    ref = model.generate(
+        ids,
+        max_new_tokens=12,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert torch.equal(fast, ref)
+
+
+def test_batched_left_padded_equals_one_by_one(model):
+    prompts = [_prompt(n, seed) for seed, n in enumerate((9, 3, 6))]
+    width = max(p.shape[1] for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, p in enumerate(prompts):
+        batch[row, width - p.shape[1] :] = p[0]
+        mask[row, width - p.shape[1] :] = 1
+    out = generate(model, batch, mask, max_new_tokens=10)
+    for row, p in enumerate(prompts):
+        alone = generate(model, p, max_new_tokens=10)
+        assert torch.equal(out[row, width:], alone[0, p.shape[1] :]), row
+
+
+def test_eos_stops_and_pads(model):
+    ids = _prompt(5, 2)
+    free = generate(model, ids, max_new_tokens=8)
+    eos = int(free[0, 5 + 2])  # the third generated token
+    stopped = generate(model, ids, max_new_tokens=8, eos_token_id=eos)
+    assert stopped.shape[1] <= 5 + 3 and int(stopped[0, -1]) == eos
+
+
+def test_session_rejects_right_padding(model):
+    with pytest.raises(ValueError, match="left"):
+        DecodeSession(model, _prompt(4, 0), torch.tensor([[1, 1, 1, 0]]), 4)
+
+
+def test_dynamic_k_changes_experts_used(model):
+    ids = _prompt(6, 3)
+    counts = {}
+    for k in (1, 2, 3):
+        session = DecodeSession(model, ids, max_new_tokens=5, moe_k=k, count_experts=True)
+        list(iter_tokens(session, 5))
+        counts[k] = session.expert_assignments
+    # (6 prompt + 4 decoded) tokens x 2 MoE layers x k experts each.
+    assert counts == {k: 10 * 2 * k for k in (1, 2, 3)}
+
+
+def test_scmoe_beta_zero_is_greedy(model):
+    ids = _prompt(8, 4)
+    greedy = generate(model, ids, max_new_tokens=10)
+    session = SelfContrastSession(model, ids, max_new_tokens=10, alpha=0.1, beta=0.0, weak="rank:2")
+    assert torch.equal(generate(model, ids, max_new_tokens=10, source=session), greedy)
+
+
+def test_scmoe_respects_plausibility_mask(model):
+    ids = _prompt(8, 5)
+    alpha = 0.3
+    session = SelfContrastSession(model, ids, max_new_tokens=8, alpha=alpha, beta=2.0, weak="rank:3")
+    for next_B in iter_tokens(session, 8):
+        probs_V = session.last_strong_BV[0].softmax(-1)
+        assert probs_V[int(next_B[0])] >= alpha * probs_V.max() - 1e-12
+    # And the score function on its own: exactly the tokens above alpha * max survive.
+    strong, weak = torch.randn(3, 50), torch.randn(3, 50)
+    scores = contrast_scores(strong, weak, alpha=alpha, beta=0.5)
+    p = strong.softmax(-1)
+    assert torch.equal(torch.isfinite(scores), p >= alpha * p.max(-1, keepdim=True).values * (1 - 1e-6))
+    kept = torch.isfinite(scores)
+    expected = 1.5 * strong.log_softmax(-1) - 0.5 * weak.log_softmax(-1)
+    torch.testing.assert_close(scores[kept], expected[kept].float())
+
+
+def test_rank_routing_keeps_only_the_kth_expert_and_restores(model):
+    x = torch.randn(1, 5, model.config.dim, dtype=torch.float64)
+    layer = model.moe_layers[0]
+    top3 = layer(x, k=3).routing.expert_ids
+    with weak_routing(model, WeakRouting.parse("rank:3")) as moe_k:
+        assert moe_k is None
+        routing = layer(x).routing
+    assert torch.equal(routing.expert_ids, top3[:, 2:3])
+    assert torch.equal(routing.weights, torch.ones_like(routing.weights))
+    assert "forward" not in vars(layer.router)
+    with pytest.raises(ValueError, match="only 4 experts"), weak_routing(model, WeakRouting(k=5)):
+        pass
+    with pytest.raises(ValueError, match="rank:K"):
+        WeakRouting.parse("third")
+
+
+def test_scmoe_weak_top1_and_sampling_are_valid(model):
+    ids = _prompt(6, 6)
+    session = SelfContrastSession(model, ids, max_new_tokens=6, weak="top:1", beta=0.5)
+    sampler = Sampler(temperature=1.0, generator=torch.Generator().manual_seed(0))
+    out = generate(model, ids, max_new_tokens=6, source=session, sampler=sampler)
+    assert out.shape == (1, 12) and int(out.min()) >= 0
+    assert math.isfinite(float(session.last_strong_BV.sum()))
+
+
+def test_cli_generate_scmoe_dynamic_k_offloaded(tmp_path, capsys):
+    from moekit.cli.main import main
+    from moekit.train.tokenizer import save_tokenizer, train_tokenizer
+
+    folder = tmp_path / "tiny"
+    torch.manual_seed(0)
+    MoEForCausalLM(moe_tiny()).save_pretrained(folder)
+    save_tokenizer(train_tokenizer(["def f(x):\n    return x + 1\n" * 30], vocab_size=300), folder)
+    base = ["generate", "--model", str(folder), "--prompt", "def ", "--max-new-tokens", "6"]
+    assert main([*base, "--decode", "scmoe", "--scmoe-weak", "rank:2", "--k", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    offload = ["--expert-cache-bytes", "50%", "--prefetch", "pregate", "--store", str(tmp_path / "store")]
+    assert main([*base, "--decode", "greedy", *offload]) == 0
+    captured = capsys.readouterr()
+    assert "offload:" in captured.err and "hits" in captured.err
+    assert main([*base, "--decode", "greedy", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == captured.out  # offloading does not change greedy tokens
+    assert main([*base, "--prefetch", "stats", "--expert-cache-bytes", "1e4"]) == 2
+    assert "--trace" in capsys.readouterr().err
