@@ -374,3 +374,77 @@ def test_mla_cache_matches_no_cache():
     b = model.generate(prompt, attention_mask=mask, max_new_tokens=8, use_cache=False)
     assert torch.equal(a, b)
     assert isinstance(cfg.moe, MoEConfig)
+
+
+def test_cli_convert(tmp):
+    import argparse
+
+    from moekit.cli import convert as cli
+
+    make_hf("mixtral").save_pretrained(tmp / "cli-src")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    for fmt in ("moekit", "hf"):
+        args = parser.parse_args(
+            ["--from", str(tmp / "cli-src"), "--to", str(tmp / f"cli-{fmt}"), "--format", fmt]
+        )
+        assert cli.run(args) == 0
+    a, b = from_pretrained(tmp / "cli-moekit"), from_pretrained(tmp / "cli-hf")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert json.loads((tmp / "cli-hf" / "config.json").read_text())["model_type"] == "mixtral"
+
+
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "original_max_position_embeddings": 8,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("deepseek_v3", dict(rope_parameters=YARN, max_position_embeddings=64)),
+        ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False)),
+        ("llama", dict(rope_parameters=LLAMA3)),
+        ("mixtral", dict(sliding_window=5, tie_word_embeddings=True)),
+        ("qwen2_moe", dict(decoder_sparse_step=2, mlp_only_layers=[])),
+    ],
+)
+def test_family_options(family, overrides, tmp):
+    hf = make_hf(family, **overrides)
+    src = tmp / f"opts-{family}-{'-'.join(overrides)}"
+    hf.save_pretrained(src)
+    model = from_pretrained(src)
+    x = ids(2, 20)
+    with torch.no_grad():
+        assert (hf(x).logits - model(x).logits).abs().max() < 1e-5
+    save_hf(model, src.with_name(src.name + "-out"))
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(src.with_name(src.name + "-out")).eval()
+    with torch.no_grad():
+        assert (hf2(x).logits - model(x).logits).abs().max() < 1e-5
+
+
+def test_deepseek_bf16_keeps_router_fp32(tmp):
+    hf = make_hf("deepseek_v3")
+    hf.to(torch.bfloat16).save_pretrained(tmp / "ds-bf16")
+    model = from_pretrained(tmp / "ds-bf16")
+    router = model.layers[1].mlp.router
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert router.weight.dtype == torch.float32 and router.expert_bias.dtype == torch.float32
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp / "ds-bf16", dtype=torch.bfloat16)
+    assert torch.equal(router.expert_bias, hf_bf16.model.layers[1].mlp.gate.e_score_correction_bias)
+    assert model(ids()).logits.dtype == torch.bfloat16

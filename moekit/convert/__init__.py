@@ -96,6 +96,9 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoEFo
     mapping = weight_map(folder)
     run_dtype = dtype or checkpoint_dtype(mapping)
     model = MoEForCausalLM(config).to(run_dtype)
+    if adapter.fp32_routers:
+        for moe in model.moe_layers:
+            moe.router.float()  # routing runs in float32 anyway; keeps the checkpoint's fp32 values
     state = model.state_dict(keep_vars=False)
     targets = adapter.targets(config)
     expected = set(state) - ({"lm_head.weight"} if config.tie_word_embeddings else set())

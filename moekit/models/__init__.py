@@ -12,6 +12,7 @@ The decoder LM:
 Layout:
     config.py      ModelConfig (MoE placement rule, rope scaling, q/k norm, loss coefficients)
     decoder.py     RMSNorm, RoPE, Attention + KVCache, DecoderLayer, MoEForCausalLM
+    mla.py         MLAttention (DeepSeek multi-head latent attention, latent KV cache)
     generation.py  generate (greedy / sampling, KV cache, left-padded batches)
     io.py          save/load of moekit folders (safetensors only)
     presets.py     named configs (moe-tiny, moe-small, ..., dense twins)

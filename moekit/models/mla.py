@@ -107,7 +107,13 @@ class MLAttention(nn.Module):
         k_nope_BHKn, v_BHKv = kv_BKHx.transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)
         k_BHKq = torch.cat([k_nope_BHKn, k_rope_B1Sr.expand(b, h, num_k, self.rope_dim)], dim=-1)
         q_BHSq = torch.cat([q_nope, q_rope], dim=-1)
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.v_dim < qk_dim:
+            # SDPA's fused CPU/GPU kernels need equal q/k/v head widths; with Dv != Dq it falls back to
+            # the math path (6x slower at 512 tokens). Zero-padding v is exact: the padded columns
+            # come out zero and are cut off.
+            v_BHKv = F.pad(v_BHKv, (0, qk_dim - self.v_dim))
         out_BHSv = F.scaled_dot_product_attention(
             q_BHSq, k_BHKq, v_BHKv, attn_mask=mask_B1SK, is_causal=mask_B1SK is None, scale=self.scale
-        )
+        )[..., : self.v_dim]
         return self.o_proj(out_BHSv.transpose(1, 2).reshape(b, s, h * self.v_dim))

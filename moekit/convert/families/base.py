@@ -175,6 +175,8 @@ class FamilyAdapter:
 
     model_type: str = ""
     architecture: str = ""
+    # transformers keeps these routers in float32 whatever the run dtype (``_keep_in_fp32_modules``).
+    fp32_routers: bool = False
 
     def config_from_hf(self, hf: dict[str, Any]) -> ModelConfig:
         """Translates an HF config dict (ValueError naming an unsupported option)."""

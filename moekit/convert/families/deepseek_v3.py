@@ -27,6 +27,7 @@ class DeepseekV3Adapter(LlamaAdapter):
 
     model_type = "deepseek_v3"
     architecture = "DeepseekV3ForCausalLM"
+    fp32_routers = True  # gate.weight and e_score_correction_bias stay float32, as in transformers
     defaults = LlamaAdapter.defaults | {
         "max_position_embeddings": 4096,
         "n_shared_experts": 1,
