@@ -457,13 +457,39 @@ def test_cli_upcycle_prune_merge_extend(tmp_path, capsys):
     )
     assert MoEForCausalLM.from_pretrained(tmp_path / "x").config.moe.num_experts == 2
     assert "upcycled" in capsys.readouterr().out
-    with pytest.raises(
-        ValueError, match="tokenizer"
-    ):  # extension reads new-task text with the model's tokenizer
+    # extension reads new-task text with the model's tokenizer
+    with pytest.raises(ValueError, match="tokenizer"):
         call(
             extend_verb,
             ["--model", str(tmp_path / "u"), "--out", str(tmp_path / "e"), "--new-data", str(tmp_path)],
         )
+    from moekit.train import save_tokenizer, train_tokenizer
+
+    make(moe_config(num_experts=4, vocab_size=300)).save_pretrained(tmp_path / "v")
+    save_tokenizer(train_tokenizer(["def f(x):\n    return x + 1\n" * 40], 300), tmp_path / "v")
+    (tmp_path / "old.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    (tmp_path / "new.txt").write_text("12+34=46;\n" * 60)
+    argv = [
+        "--model",
+        str(tmp_path / "v"),
+        "--out",
+        str(tmp_path / "e"),
+        "--new-data",
+        str(tmp_path / "new.txt"),
+    ]
+    argv += [
+        "--calib",
+        str(tmp_path / "old.txt"),
+        "--router-init",
+        "contrast",
+        "--seq-len",
+        "16",
+        "--calib-batches",
+        "2",
+    ]
+    assert call(extend_verb, argv) == 0
+    ext = MoEForCausalLM.from_pretrained(tmp_path / "e")
+    assert sorted(ext.config.experts_per_layer) == [4, 5] and (tmp_path / "e" / "tokenizer.json").is_file()
 
 
 def test_contrast_extension_and_bias_calibration_keep_old_outputs():

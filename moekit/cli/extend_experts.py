@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift-fraction", type=float, help="share of MoE layers to extend for --layers shift")
     p.add_argument("--expert-init", choices=["most_used", "mean", "random"], help="new expert init")
     p.add_argument(
-        "--router-init", choices=["copy_source", "random", "isolated"], help="new router rows init"
+        "--router-init",
+        choices=["copy_source", "random", "isolated", "contrast"],
+        help="new router rows init",
     )
     p.add_argument("--new-bias", type=float, help="initial logit bias of the new experts")
 
