@@ -155,9 +155,16 @@ def test_grow_exact_schemes_float64(config):
     torch.testing.assert_close(grown(x).logits, dense(x).logits, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("qk_norm", ["per_head", "none", "full"])
-def test_grow_width_is_exact_up_to_float32_norms(qk_norm):
-    dense = make(dense_config(qk_norm=qk_norm), dtype=torch.float64)
+@pytest.mark.parametrize("variant", ["per_head", "none", "full", "mla"])
+def test_grow_width_is_exact_up_to_float32_norms(variant):
+    if variant == "mla":
+        mla = dict(
+            attention_type="mla", kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8
+        )
+        cfg = dense_config(qk_norm="none", num_kv_heads=None, q_lora_rank=16, **mla)
+    else:
+        cfg = dense_config(qk_norm=variant)
+    dense = make(cfg, dtype=torch.float64)
     x = tokens()
     grown = grow(dense, GrowConfig(dim=48, ffn_dim=96, num_new_layers=1))
     assert grown.config.dim == 48 and grown.config.num_layers == 3

@@ -273,7 +273,9 @@ def train_steps(
     ``lr_at``): ``steps`` AdamW steps over ``batches`` cycled in order, loss = LM + weighted aux.
 
     Trains ``model`` in place (callers pass a copy) and returns the per-step losses. Each batch is
-    ``[B, S + 1]``: inputs ``[:, :-1]``, targets ``[:, 1:]``.
+    ``[B, S + 1]``: inputs ``[:, :-1]``, targets ``[:, 1:]``. Every parameter is made trainable
+    first (except frozen-by-design routers), then ``freeze`` decides what stays fixed, so earlier
+    freezing does not leak between stages. No expert-bias balancer runs here.
     """
     from moekit.train import TrainConfig, apply_freeze, build_optimizer, lr_at
 

@@ -15,7 +15,7 @@ ffn ``fpi``            new unit j copies a random old unit g(j); the output     
 width ``zero``         new residual coordinates stay 0: zero new embedding columns   up to float32
                        and zero rows of every projection writing the stream (o_proj, rounding: moekit's
                        FFN w_out); random new columns of every projection reading   RMSNorm runs in
-                       it. RMSNorm averages over D2, so its weights are multiplied  float32
+                       it (q/k/v, or MLA's q/q_a/kv_a, FFN w_in). RMSNorm averages over D2, so its weights are multiplied  float32
                        by sqrt(D/D2) and ``rms_norm_eps`` by D/D2; q/k RMSNorm shares
                        that eps, so q_proj/k_proj are scaled by sqrt(D/D2) to cancel
                        it (q/k norms are scale-invariant apart from eps)
@@ -140,6 +140,18 @@ def grow(model: MoEForCausalLM, config: GrowConfig) -> MoEForCausalLM:
     return build_model(new_cfg, state, model_dtype(model))
 
 
+# Projections that read the residual stream (MHA q/k/v, MLA q / q_a / kv_a, FFN input, shared
+# expert input); their new input columns are random. Writers get zero rows.
+_STREAM_READERS = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.q_a_proj.weight",
+    "self_attn.kv_a_proj.weight",
+    "mlp.w_in.weight",
+)
+
+
 def _grow_width(
     state: dict[str, Tensor], cfg, dim2: int, config: GrowConfig, gen: torch.Generator
 ) -> dict[str, Tensor]:
@@ -156,9 +168,7 @@ def _grow_width(
             out[name] = torch.cat([w, w.new_zeros(w.shape[0], extra)], 1)  # writes the stream: zero
         elif name.endswith("norm.weight") and "self_attn." not in name:  # input/post-attention/final norms
             out[name] = torch.cat([w, w.new_ones(extra)]) * norm_scale
-        elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "mlp.w_in.weight")) or (
-            name == "lm_head.weight"
-        ):
+        elif name.endswith(_STREAM_READERS) or (name == "lm_head.weight"):
             new_cols = rand(w.shape[0], extra)
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 new_cols.zero_()  # tied to the embedding, which must write zeros
