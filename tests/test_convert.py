@@ -429,6 +429,8 @@ def test_family_options(family, overrides, tmp):
     src = tmp / f"opts-{family}-{'-'.join(overrides)}"
     hf.save_pretrained(src)
     model = from_pretrained(src)
+    if overrides.get("tie_word_embeddings"):
+        assert model.lm_head.weight is model.embed_tokens.weight
     x = ids(2, 20)
     with torch.no_grad():
         assert (hf(x).logits - model(x).logits).abs().max() < 1e-5

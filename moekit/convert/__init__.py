@@ -7,9 +7,10 @@ Contract:
     with a ``ValueError`` naming it, any option moekit cannot represent) and lists where every
     moekit tensor lives in the checkpoint. Both the per-expert layout (``experts.{e}.w1/w2/w3``,
     ``experts.{e}.gate_proj/up_proj/down_proj``) and transformers 5's fused layout
-    (``experts.gate_up_proj [E, 2F, D]``, ``experts.down_proj [E, D, F]``) import. The model is built
-    first and each tensor is copied into its slice while its shard is open (never two copies of
-    the weights); pickled ``.bin`` files are refused. ``dtype`` selects the run dtype (default: the
+    (``experts.gate_up_proj [E, 2F, D]``, ``experts.down_proj [E, D, F]``) import. The model is
+    allocated once, uninitialised, in the run dtype (built on the meta device), and each tensor is
+    copied into its slice while its shard is open (never two copies of the weights); pickled
+    ``.bin`` files are refused. ``dtype`` selects the run dtype (default: the
     checkpoint's).
 
     ``save_hf(model, path, family=None, max_shard_bytes=5 GiB)`` (also
@@ -76,6 +77,30 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return get_family(str(hf["model_type"])).config_from_hf(hf)
 
 
+def build_empty(config: ModelConfig, dtype: torch.dtype) -> MoEForCausalLM:
+    """The model with uninitialised weights allocated once, in ``dtype`` (the checkpoint fills them).
+
+    Built on the meta device (no random init, no float32 copy of a bf16 model), then given real
+    memory. Non-persistent buffers are rebuilt: the RoPE tables by ``RotaryEmbedding`` itself, the
+    MoE balance weights (1 for FFN experts, ``zero_expert_tau`` for zero-computation experts) here.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = MoEForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device="cpu")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty gives each module its own tensor
+    with torch.no_grad():
+        for moe in model.moe_layers:
+            moe.balance_weight.fill_(1.0)
+            moe.balance_weight[moe.config.num_experts :] = moe.config.zero_expert_tau
+    return model
+
+
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoEForCausalLM:
     """Loads an HF or moekit folder as a :class:`~moekit.models.MoEForCausalLM`.
 
@@ -95,7 +120,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoEFo
     config = adapter.config_from_hf(hf)
     mapping = weight_map(folder)
     run_dtype = dtype or checkpoint_dtype(mapping)
-    model = MoEForCausalLM(config).to(run_dtype)
+    model = build_empty(config, run_dtype)
     if adapter.fp32_routers:
         for moe in model.moe_layers:
             moe.router.float()  # routing runs in float32 anyway; keeps the checkpoint's fp32 values
