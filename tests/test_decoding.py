@@ -160,3 +160,36 @@ def test_cli_generate_scmoe_dynamic_k_offloaded(tmp_path, capsys):
     assert capsys.readouterr().out == captured.out  # offloading does not change greedy tokens
     assert main([*base, "--prefetch", "stats", "--expert-cache-bytes", "1e4"]) == 2
     assert "--trace" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["plain", "sigmoid_bias_shared", "dense_first"])
+def test_fast_decode_path_matches_general_layers(variant):
+    from moekit.infer.generate import fast_decode_supported
+
+    cfg = moe_tiny()
+    if variant == "sigmoid_bias_shared":
+        moe = cfg.moe.replace(
+            score_func="sigmoid", use_expert_bias=True, shared_ffn_dim=32, routed_scaling_factor=2.0
+        )
+        cfg = cfg.replace(moe=moe, qk_norm="none")
+    elif variant == "dense_first":
+        cfg = cfg.replace(num_dense_first_layers=1, num_layers=3)
+    torch.manual_seed(1)
+    model = MoEForCausalLM(cfg).double().eval()
+    if variant == "sigmoid_bias_shared":
+        for mlp in model.moe_layers:
+            mlp.router.expert_bias.normal_(0, 0.1)
+    assert fast_decode_supported(model)
+    batch = torch.randint(2, 512, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(batch)
+    mask[1, :2] = 0
+    outs = []
+    for fast in (True, False):
+        session = DecodeSession(model, batch, mask, max_new_tokens=6, moe_k=3, count_experts=True)
+        session.fast = fast
+        scores = [session.prefill()]
+        for _ in range(5):
+            scores.append(session.step(scores[-1].argmax(-1)))
+        outs.append((torch.stack(scores), session.expert_assignments))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-9, atol=1e-9)
+    assert outs[0][1] == outs[1][1]

@@ -179,6 +179,8 @@ class SelfContrastSession:
         self.strong_session = DecodeSession(model, input_ids, attention_mask, max_new_tokens, moe_k=moe_k)
         # The weak KV cache must be built with the weak routing too (the paper's second cache).
         self.weak_session = DecodeSession(model, input_ids, attention_mask, max_new_tokens)
+        if self.weak.mode == "rank":
+            self.weak_session.fast = False  # rank routing lives in the routers the fast path skips
         with weak_routing(model, self.weak):
             pass  # validates the routing against the model now, not at the first token
 
