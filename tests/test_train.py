@@ -519,3 +519,36 @@ def test_expert_bias_balancer_runs(tmp_path, corpus):
 def test_bf16_and_checkpointing_smoke(tmp_path, corpus, flags):
     res = train(_config(tmp_path, corpus, max_steps=2, eval_interval=100, **flags), progress=False)
     assert res.step == 2 and all(np.isfinite(loss) for _, loss in res.losses)
+
+
+def test_init_from_a_model_folder_trains_it(tmp_path, corpus):
+    """`init_from` starts from a saved model (e.g. a surgery result) with its own tokenizer."""
+    from moekit.models import MoEForCausalLM
+
+    first = train(_config(tmp_path, corpus, max_steps=2), progress=False)
+    # A vanishing lr: the second run must end (numerically) where it started, at the first run's weights.
+    second = train(
+        _config(
+            tmp_path,
+            corpus,
+            max_steps=2,
+            lr=1e-10,
+            min_lr=1e-10,
+            out_dir=str(tmp_path / "run2"),
+            init_from=str(first.checkpoint_dir),
+        ),
+        progress=False,
+    )
+    assert second.step == 2
+    a = MoEForCausalLM.from_pretrained(first.checkpoint_dir).state_dict()
+    b = MoEForCausalLM.from_pretrained(second.checkpoint_dir).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    fresh = MoEForCausalLM(a_cfg := MoEForCausalLM.from_pretrained(first.checkpoint_dir).config).state_dict()
+    assert a_cfg.num_layers >= 1 and not torch.allclose(
+        fresh["lm_head.weight"], b["lm_head.weight"], atol=1e-3
+    )
+    assert (tmp_path / "run2" / "checkpoints" / "last" / "tokenizer.json").read_text() == (
+        first.checkpoint_dir / "tokenizer.json"
+    ).read_text()

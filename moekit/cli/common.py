@@ -47,6 +47,28 @@ def load_model_and_tokenizer(path: str | Path, dtype: str = "fp32"):
     return model, load_tokenizer(folder), folder
 
 
+def eos_token_id(tokenizer, folder: Path) -> int:
+    """The end-of-text id: from an HF ``config.json``/``tokenizer_config.json``, else moekit's own token."""
+    import json
+
+    from moekit.train.tokenizer import special_token_id
+
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        eos = json.loads(cfg.read_text()).get("eos_token_id")
+        if isinstance(eos, list) and eos:
+            eos = eos[0]
+        if isinstance(eos, int):
+            return eos
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        token = json.loads(tok_cfg.read_text()).get("eos_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
+    return special_token_id(tokenizer)
+
+
 def run_train_config(folder: Path):
     """The TrainConfig of the run that produced ``folder`` (checkpoints/last -> run), or None."""
     from moekit.train import TrainConfig
@@ -68,7 +90,6 @@ def evaluation_tokens(tokenizer, folder: Path, corpus: list[str] | None, split: 
 
     from moekit.train import resolve_corpus, split_documents
     from moekit.train.data import read_text
-    from moekit.train.tokenizer import special_token_id
 
     cfg = run_train_config(folder)
     if corpus:
@@ -79,7 +100,7 @@ def evaluation_tokens(tokenizer, folder: Path, corpus: list[str] | None, split: 
         )
         train_docs, val_docs = split_documents(docs, cfg.val_fraction if cfg else 0.05)
         docs = val_docs if split == "val" and val_docs else train_docs
-    eos = special_token_id(tokenizer)
+    eos = eos_token_id(tokenizer, folder)
     ids: list[int] = []
     for doc in docs:
         ids.extend(tokenizer.encode(read_text(doc)).ids)

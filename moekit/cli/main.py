@@ -17,7 +17,14 @@ VERBS: dict[str, str] = {
     "eval": "evaluate",
     "trace": "trace",
     "report": "report",
+    "convert": "convert",
     "plan": "plan",
+    "upcycle": "upcycle",
+    "grow": "grow",
+    "prune-experts": "prune_experts",
+    "merge-experts": "merge_experts",
+    "extend-experts": "extend_experts",
+    "moe-merge": "moe_merge",
     "layer-demo": "layer_demo",
 }
 

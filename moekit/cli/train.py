@@ -14,6 +14,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="a TrainConfig JSON file; flags given here override it")
     p.add_argument("--preset", help="model preset (default moe-small; see moekit.models.list_presets())")
     p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from this model folder (e.g. `moekit upcycle` output or an imported HF model) instead of a preset",
+    )
+    p.add_argument(
         "--corpus",
         action="append",
         metavar="PATH",
@@ -71,6 +76,8 @@ def build_config(args: argparse.Namespace):
         base = TrainConfig().to_dict()
     if args.preset:
         base["preset"] = args.preset
+    if getattr(args, "init_from", None):
+        base["init_from"] = args.init_from
     if args.out:
         base["out_dir"] = args.out
     if args.resume:

@@ -139,6 +139,9 @@ class TrainConfig(JsonConfig):
 
     Model:
         preset: a ``moekit.models`` preset name.
+        init_from: start from this model folder instead of a fresh preset (a surgery result, an
+            imported Hugging Face model, a checkpoint); its tokenizer is used when it has one.
+            ``preset`` and ``model_overrides`` are then ignored.
         model_overrides: ModelConfig fields to change (nested dicts merge, e.g. ``{"moe": {"top_k": 1}}``).
         aux_loss_coef, z_loss_coef: override the ModelConfig coefficients; ``None`` keeps the preset's.
         bias_update_rate: speed of the aux-loss-free expert-bias update for routers with
@@ -184,6 +187,8 @@ class TrainConfig(JsonConfig):
     freeze: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False
     dtype: str = "fp32"
+
+    init_from: str | None = None
 
     corpus: list[str] | None = None
     max_corpus_bytes: int | None = 12_000_000
@@ -279,8 +284,10 @@ class TrainConfig(JsonConfig):
         return min(budgets)
 
     def resolved_out_dir(self) -> Path:
-        """``out_dir``, or ``runs/<preset>``."""
-        return Path(self.out_dir) if self.out_dir else Path("runs") / self.preset
+        """``out_dir``, or ``runs/<preset>`` (``runs/<init_from folder name>`` when starting from a folder)."""
+        if self.out_dir:
+            return Path(self.out_dir)
+        return Path("runs") / (Path(self.init_from).name if self.init_from else self.preset)
 
 
 @dataclass
@@ -566,6 +573,26 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         if loaded is not None:
             tok = load_tokenizer(loaded.path)
             model = MoEForCausalLM.from_pretrained(loaded.path)
+        elif config.init_from is not None:
+            from moekit.cli.common import resolve_model_dir
+
+            source = resolve_model_dir(config.init_from)
+            model = MoEForCausalLM.from_pretrained(source)
+            if config.aux_loss_coef is not None or config.z_loss_coef is not None:
+                model.config = model.config.replace(
+                    aux_loss_coef=model.config.aux_loss_coef
+                    if config.aux_loss_coef is None
+                    else config.aux_loss_coef,
+                    z_loss_coef=model.config.z_loss_coef
+                    if config.z_loss_coef is None
+                    else config.z_loss_coef,
+                )
+            has_tok = (source / "tokenizer.json").is_file() and not config.tokenizer_dir
+            tok = (
+                load_tokenizer(source)
+                if has_tok
+                else _prepare_tokenizer(config, train_docs, model.config.vocab_size)
+            )
         else:
             vocab_size = build_model_config(config).vocab_size
             tok = _prepare_tokenizer(config, train_docs, vocab_size)
@@ -907,6 +934,7 @@ def _check_k_schedule(schedule: KSchedule, model: nn.Module) -> None:
 # Fields that define the model or the data: resuming with different values would not continue the run.
 _RESUME_FIXED = (
     "preset",
+    "init_from",
     "model_overrides",
     "corpus",
     "max_corpus_bytes",
