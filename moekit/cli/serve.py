@@ -45,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         chat_template=chat_template_of(folder),
     )
-    app = create_app(model, tok, config)
+
+    def report() -> None:
+        if cache is not None:
+            print(f"moekit serve: offload counters {cache.stats.as_dict()}", file=sys.stderr)
+
+    app = create_app(model, tok, config, on_shutdown=report)
     print(
         f"moekit serve: model {config.model_name!r} from {folder} on http://{args.host}:{args.port}",
         file=sys.stderr,
@@ -54,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         if cache is not None:
-            print(f"moekit serve: offload counters {cache.stats.as_dict()}", file=sys.stderr)
             cache.close()
         if tmp is not None:
             tmp.cleanup()

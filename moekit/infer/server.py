@@ -314,7 +314,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None = None):
+def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None = None, on_shutdown=None):
     """Builds the FastAPI app serving ``model`` (a :class:`~moekit.models.MoEForCausalLM` in eval mode).
 
     Args:
@@ -322,6 +322,8 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
         tokenizer: a ``tokenizers.Tokenizer``.
         config: names, limits and the chat template.
         eos_token_id: the stop token (default: the tokenizer's ``<|endoftext|>``).
+        on_shutdown: called once when the server shuts down (uvicorn re-raises SIGTERM after its
+            shutdown, so code after ``uvicorn.run`` may never run; this does).
     """
     from moekit.train.tokenizer import EOS_TOKEN, special_token_id
 
@@ -333,6 +335,8 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
     async def lifespan(_app):
         yield
         engine.executor.shutdown(wait=False, cancel_futures=True)
+        if on_shutdown is not None:
+            on_shutdown()
 
     app = FastAPI(
         title="moekit", description="OpenAI-compatible completions for a moekit model", lifespan=lifespan
