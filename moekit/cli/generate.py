@@ -49,13 +49,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be at least 1")
     if args.temperature < 0:
         raise ValueError("--temperature must be >= 0 (0 is greedy)")
-    model, tok, _ = load_model_and_tokenizer(args.model, args.dtype)
-    from moekit.train.tokenizer import special_token_id
+    model, tok, folder = load_model_and_tokenizer(args.model, args.dtype)
+    from moekit.cli.common import eos_token_id
 
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise ValueError("the prompt encodes to no tokens; pass a non-empty --prompt")
-    eos = special_token_id(tok)
+    eos = eos_token_id(tok, folder)
     generated: list[int] = []
     printed = ""
     sys.stdout.write(args.prompt)

@@ -17,6 +17,7 @@ VERBS: dict[str, str] = {
     "eval": "evaluate",
     "trace": "trace",
     "report": "report",
+    "serve": "serve",
     "convert": "convert",
     "plan": "plan",
     "upcycle": "upcycle",

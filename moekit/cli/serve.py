@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         if cache is not None:
             print(f"moekit serve: offload counters {cache.stats.as_dict()}", file=sys.stderr)
 
-    app = create_app(model, tok, config, on_shutdown=report)
+    from moekit.cli.common import eos_token_id
+
+    app = create_app(model, tok, config, eos_token_id=eos_token_id(tok, folder), on_shutdown=report)
     print(
         f"moekit serve: model {config.model_name!r} from {folder} on http://{args.host}:{args.port}",
         file=sys.stderr,
