@@ -8,9 +8,16 @@ Kernels (measured in docs/compression.md, ``benchmarks/bench_compress.py kernels
         bfloat16 activations). Also serves 3- and 2-bit codes, which fit in a nibble: the codes
         and the zero point are unchanged, only the kernel form is 4 bits wide. Needs
         g in {32, 64, 128, 256}.
+    ``int4x2``: 8-bit codes as two nibble planes (``q = 16 hi + lo``) through the same int4
+        kernel; the zero point splits into nibbles too, so the math is the stored codes' exactly
+        (up to bfloat16 scales). The ``"exact"`` choice for 8 bits; about fp32 speed.
     ``int8group``: ``torch.ops.aten._weight_int8pack_mm`` once per group (it has one scale per
         output row), codes shifted to int8 and the zero point folded into one small
         ``[N, G] @ [G, R]`` correction. bfloat16 activations.
+    ``fbgemm`` (8 bits, the default there): ``torch.ops.quantized.linear_dynamic`` on the
+        weight re-quantized per output channel (symmetric int8); activations are quantized to
+        8 bits per tensor on the fly. The fastest 8-bit kernel measured, but an approximation
+        of the stored codes (the saved checkpoint keeps the group-wise codes).
     ``dequant``: dequantize the stored codes, then a float matmul. Works for every width and
         every dtype, and is slow (it rebuilds the float matrix on each call).
 
@@ -21,6 +28,8 @@ constructed, in non-persistent buffers.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,6 +37,7 @@ from torch import Tensor, nn
 from moekit.compress.quant import QuantizedTensor
 
 INT4_GROUPS = (32, 64, 128, 256)
+KERNEL_NAMES = ("int4pack", "int4x2", "int8group", "fbgemm", "dequant")
 
 
 def int4_kernel_available() -> bool:
@@ -40,15 +50,46 @@ def int8_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+def fbgemm_available() -> bool:
+    """True when this build has the x86 dynamic int8 linear (fbgemm / x86 engine)."""
+    engines = torch.backends.quantized.supported_engines
+    return ("fbgemm" in engines or "x86" in engines) and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
 def choose_kernel(bits: int, group_size: int, requested: str = "auto") -> str:
-    """The kernel for a width: ``int4pack`` for <= 4 bits, ``int8group`` for 8, else ``dequant``."""
+    """The kernel for a matrix of ``bits``-bit codes.
+
+    ``requested``:
+        ``"auto"``: the fastest measured kernel: ``int4pack`` for <= 4 bits, ``fbgemm`` for 8
+            (an approximation of the codes; see :class:`PackedLinear`), else ``dequant``.
+        ``"exact"``: kernels that execute the stored codes (up to bfloat16 activations and
+            scales): ``int4pack`` for <= 4 bits, ``int4x2`` for 8.
+        ``"dequant"``: always dequantize-then-matmul.
+        a name from :data:`KERNEL_NAMES`: that kernel (ValueError when it cannot run ``bits``).
+    """
+    if requested not in ("auto", "exact", *KERNEL_NAMES):
+        raise ValueError(
+            f"kernel={requested!r} is not valid; choose one of {['auto', 'exact', *KERNEL_NAMES]}"
+        )
+    int4_ok = group_size in INT4_GROUPS and int4_kernel_available()
     if requested == "dequant":
         return "dequant"
-    if bits <= 4 and group_size in INT4_GROUPS and int4_kernel_available():
-        return "int4pack"
-    if bits == 8 and int8_kernel_available():
-        return "int8group"
-    return "dequant"
+    if requested in ("auto", "exact"):
+        if bits <= 4 and int4_ok:
+            return "int4pack"
+        if bits == 8 and requested == "auto" and fbgemm_available():
+            return "fbgemm"
+        if bits == 8 and int4_ok:
+            return "int4x2"
+        if bits == 8 and int8_kernel_available():
+            return "int8group"
+        return "dequant"
+    fits = {"int4pack": bits <= 4, "int4x2": bits == 8, "int8group": bits == 8, "fbgemm": bits == 8}[
+        requested
+    ]
+    if not fits:
+        raise ValueError(f"kernel={requested!r} does not run {bits}-bit codes")
+    return requested
 
 
 class PackedLinear(nn.Module):
@@ -60,7 +101,7 @@ class PackedLinear(nn.Module):
     Args:
         qt: the quantized weight.
         bias: optional ``[R]``.
-        kernel: ``"auto"`` or ``"dequant"`` (see :func:`choose_kernel`).
+        kernel: ``"auto"``, ``"exact"``, ``"dequant"`` or a kernel name (see :func:`choose_kernel`).
     """
 
     def __init__(self, qt: QuantizedTensor, bias: Tensor | None = None, kernel: str = "auto") -> None:
@@ -101,6 +142,29 @@ class PackedLinear(nn.Module):
             # tinygemm convention: w = (q - 8) * s + zf, so zf = (8 - z) * s.
             sz_GR2 = torch.stack([scale_RG, (8 - zero_RG) * scale_RG], dim=-1).transpose(0, 1).contiguous()
             self.register_buffer("k_scale_zero", sz_GR2.to(torch.bfloat16), persistent=False)
+        elif self.kernel == "int4x2":
+            # q - z = 16 (hi - z_hi) + (lo - z_lo) with nibbles of q and of z: two int4 planes,
+            # each centred near the kernel's offset 8 when z is near 128 (symmetric weights).
+            codes = qt.codes().to(torch.int32)
+            z = qt.zero.to(torch.int32)
+            planes, sz = [], []
+            for plane_codes, plane_zero, mult in ((codes >> 4, z >> 4, 16.0), (codes & 15, z & 15, 1.0)):
+                s_RG = scale_RG * mult
+                planes.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(plane_codes, 1))
+                sz.append(torch.stack([s_RG, (8 - plane_zero.float()) * s_RG], dim=-1).transpose(0, 1))
+            self.register_buffer("k_weight", torch.stack(planes), persistent=False)
+            self.register_buffer(
+                "k_scale_zero", torch.stack(sz).to(torch.bfloat16).contiguous(), persistent=False
+            )
+        elif self.kernel == "fbgemm":
+            # Approximate: the group-wise weight is re-quantized per output channel (symmetric
+            # int8) and fbgemm also quantizes activations per tensor on the fly. Not saved.
+            w = qt.dequantize()
+            s_R = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # quantized-tensor deprecation notice
+                qw = torch.quantize_per_channel(w, s_R, torch.zeros(num_r, dtype=torch.long), 0, torch.qint8)
+            self._fbgemm_packed = torch.ops.quantized.linear_prepack(qw, None)
         elif self.kernel == "int8group":
             codes = qt.codes().view(num_r, num_c // g, g)
             q_GRg = (codes.to(torch.int16) - 128).to(torch.int8).transpose(0, 1).contiguous()
@@ -123,6 +187,13 @@ class PackedLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x_NC.to(torch.bfloat16), self.k_weight, self.group_size, self.k_scale_zero
             ).to(x.dtype)
+        elif self.kernel == "int4x2":
+            xb = x_NC.to(torch.bfloat16)
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = mm(xb, self.k_weight[0], self.group_size, self.k_scale_zero[0]).float()
+            y = (y + mm(xb, self.k_weight[1], self.group_size, self.k_scale_zero[1])).to(x.dtype)
+        elif self.kernel == "fbgemm":
+            y = torch.ops.quantized.linear_dynamic(x_NC.float().contiguous(), self._fbgemm_packed).to(x.dtype)
         elif self.kernel == "int8group":
             y = self._int8_forward(x_NC).to(x.dtype)
         else:
