@@ -70,16 +70,7 @@ def decode(model, prompt, num_new):
 
 
 def trace_of(routing, num_experts) -> RoutingTrace:
-    num_layers = len(routing[0])
-    ids = [torch.tensor([step[layer] for step in routing]) for layer in range(num_layers)]
-    return RoutingTrace(
-        tokens=torch.zeros(len(routing), dtype=torch.long),
-        sequence_ids=torch.zeros(len(routing), dtype=torch.long),
-        expert_ids=ids,
-        weights=[torch.ones_like(i, dtype=torch.float32) for i in ids],
-        layer_indices=list(range(num_layers)),
-        num_experts=[num_experts] * num_layers,
-    )
+    return RoutingTrace.from_steps(routing, num_experts, "decode")
 
 
 def gemv_bandwidth(nbytes: int) -> float:

@@ -18,16 +18,7 @@ from moekit.parallel.placement import synthetic_trace
 
 
 def _trace_from_steps(steps, num_experts):
-    num_layers = len(steps[0])
-    ids = [torch.tensor([step[layer] for step in steps]) for layer in range(num_layers)]
-    return RoutingTrace(
-        tokens=torch.zeros(len(steps), dtype=torch.long),
-        sequence_ids=torch.zeros(len(steps), dtype=torch.long),
-        expert_ids=ids,
-        weights=[torch.ones_like(i, dtype=torch.float32) for i in ids],
-        layer_indices=list(range(num_layers)),
-        num_experts=[num_experts] * num_layers,
-    )
+    return RoutingTrace.from_steps(steps, num_experts)
 
 
 def _brute_force_hits(seq, capacity):

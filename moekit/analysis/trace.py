@@ -73,6 +73,38 @@ class RoutingTrace:
             out.append(torch.bincount(ids, minlength=num_e).to(torch.float32))
         return out
 
+    @classmethod
+    def from_steps(cls, steps: list[list[list[int]]], num_experts: int, model: str = "") -> RoutingTrace:
+        """A one-sequence trace from decode steps: ``steps[t][layer]`` lists token t's experts there.
+
+        Every layer must give every token the same number of experts (pad with -1 otherwise).
+        """
+        num_layers = len(steps[0])
+        ids = [torch.tensor([step[layer] for step in steps], dtype=torch.long) for layer in range(num_layers)]
+        return cls(
+            tokens=torch.zeros(len(steps), dtype=torch.long),
+            sequence_ids=torch.zeros(len(steps), dtype=torch.long),
+            expert_ids=ids,
+            weights=[(i >= 0).to(torch.float32) for i in ids],
+            layer_indices=list(range(num_layers)),
+            num_experts=[num_experts] * num_layers,
+            model=model,
+        )
+
+    def transition_topk(self, top_k: int = 2) -> list[Tensor]:
+        """Per layer pair ``l -> l+1``: ``[E_l, top_k]`` most frequent next experts given a token's
+        first choice at layer l (the statistics EdgeMoE predicts with)."""
+        tables = []
+        for layer in range(self.num_layers - 1):
+            first = self.expert_ids[layer][:, 0]
+            nxt = self.expert_ids[layer + 1]
+            counts = torch.zeros(self.num_experts[layer], self.num_experts[layer + 1])
+            for slot in range(nxt.shape[1]):
+                ok = (first >= 0) & (nxt[:, slot] >= 0)
+                counts.index_put_((first[ok], nxt[ok, slot]), torch.ones(int(ok.sum())), accumulate=True)
+            tables.append(counts.topk(min(top_k, counts.shape[1]), dim=-1).indices)
+        return tables
+
     def validate(self) -> None:
         """Raises ``ValueError`` when shapes or ids are inconsistent."""
         num_t = self.num_tokens

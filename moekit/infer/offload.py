@@ -411,15 +411,7 @@ def transition_predictor(trace, top_k: int = 2) -> Predictor:
     For the tokens of a step, the predicted set is the union over tokens of the ``top_k`` most
     likely next experts given each token's first choice.
     """
-    mats = []
-    for layer in range(trace.num_layers - 1):
-        first = trace.expert_ids[layer][:, 0]
-        nxt = trace.expert_ids[layer + 1]
-        counts = torch.zeros(trace.num_experts[layer], trace.num_experts[layer + 1])
-        for slot in range(nxt.shape[1]):
-            ok = (first >= 0) & (nxt[:, slot] >= 0)
-            counts.index_put_((first[ok], nxt[ok, slot]), torch.ones(int(ok.sum())), accumulate=True)
-        mats.append(counts.topk(min(top_k, counts.shape[1]), dim=-1).indices)
+    mats = trace.transition_topk(top_k)
 
     def predict(index: int, x_TD: Tensor, expert_ids_TK: Tensor) -> list[int]:
         if index >= len(mats):

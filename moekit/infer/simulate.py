@@ -24,8 +24,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 Key = tuple[int, int]
 
 
@@ -265,15 +263,7 @@ def belady_hit_rate(trace, cache_entries: int, max_tokens: int | None = None) ->
 
 def transition_prefetcher(trace, top_k: int = 2) -> Callable[[int, int, list[int]], list[int]]:
     """The statistical (EdgeMoE) predictor for replays: likely next experts given this layer's first choice."""
-    tables = []
-    for layer in range(trace.num_layers - 1):
-        first = trace.expert_ids[layer][:, 0]
-        nxt = trace.expert_ids[layer + 1]
-        counts = torch.zeros(trace.num_experts[layer], trace.num_experts[layer + 1])
-        for slot in range(nxt.shape[1]):
-            ok = (first >= 0) & (nxt[:, slot] >= 0)
-            counts.index_put_((first[ok], nxt[ok, slot]), torch.ones(int(ok.sum())), accumulate=True)
-        tables.append(counts.topk(min(top_k, counts.shape[1]), dim=-1).indices.tolist())
+    tables = [t.tolist() for t in trace.transition_topk(top_k)]
 
     def predict(token: int, layer: int, experts: list[int]) -> list[int]:
         if layer >= len(tables) or not experts:
