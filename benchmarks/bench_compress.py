@@ -132,7 +132,12 @@ def bench_kernels(args) -> None:
 
 
 def small_trained_model() -> Path:
-    """``runs/moe-small/checkpoints/last`` or a quick moe-small run in ``runs/compress-small``."""
+    """``runs/moe-small/checkpoints/last`` or a quick run in ``runs/compress-small``.
+
+    The quick run is moe-small narrowed to dim 128 (experts F=256, 8 experts top-2, 4 layers) on
+    128-token windows, so that under 4 minutes of shared CPU it trains enough steps for its
+    experts to matter (a 40-step moe-small run stayed near init and no quantization changed it).
+    """
     for cand in (ROOT / "runs/moe-small/checkpoints/last", ROOT / "runs/compress-small/checkpoints/last"):
         if (cand / "model.safetensors").is_file():
             return cand
@@ -140,9 +145,14 @@ def small_trained_model() -> Path:
 
     cfg = TrainConfig(
         preset="moe-small",
-        max_steps=160,
-        time_limit_s=220.0,
-        warmup_steps=15,
+        model_overrides={"dim": 128, "head_dim": 16, "moe": {"dim": 128, "ffn_dim": 256}},
+        seq_len=128,
+        batch_size=16,
+        max_steps=700,
+        time_limit_s=230.0,
+        lr=3e-3,
+        warmup_steps=20,
+        eval_interval=250,
         save_interval=1000,
         out_dir=str(ROOT / "runs/compress-small"),
     )
