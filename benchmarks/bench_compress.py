@@ -5,6 +5,7 @@ Usage (each section at most twice; 2 shared cores)::
     .venv/bin/python benchmarks/bench_compress.py kernels   # CPU kernel microbenchmark
     .venv/bin/python benchmarks/bench_compress.py quality   # small trained model: ppl, MILP, pruning, fallback
     .venv/bin/python benchmarks/bench_compress.py speed     # Mixtral-shaped random model: size, decode tok/s
+    .venv/bin/python benchmarks/bench_compress.py offload   # quantized expert store: bytes per miss, tok/s
 
 Results are printed as JSON lines and appended to ``benchmarks/results/compress.jsonl``; the
 numbers and their reading are in docs/compression.md. The quality section uses
@@ -323,6 +324,49 @@ def bench_quality(args) -> None:
         )
 
 
+def bench_offload(args) -> None:
+    """Offloading with the experts kept quantized in the store: bytes per miss and decode speed
+    at a throttled store, next to the float store (same cache size in experts)."""
+    from moekit.cli.common import evaluation_tokens, load_model_and_tokenizer
+    from moekit.compress import QuantConfig, quantize_model
+    from moekit.compress.offload import offload_quantized_model
+    from moekit.infer.offload import offload_model
+    from moekit.train import eval_batches
+
+    model, tok, folder = load_model_and_tokenizer(small_trained_model())
+    val = eval_batches(evaluation_tokens(tok, folder, None, "val"), 256, 4, 2)
+    prompt = val[0][:1, :32]
+    for bits in (None, 8, 4):
+        m = copy.deepcopy(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            if bits is None:
+                one = 3 * model.config.moe.dim * model.config.moe.ffn_dim * 4
+                cache = offload_model(m, tmp, cache_bytes=8 * one, bandwidth=args.bandwidth)
+            else:
+                m = quantize_model(m, QuantConfig(bits=bits))
+                from moekit.compress.offload import QuantizedExpertStore
+
+                QuantizedExpertStore.write(m, tmp)
+                one = QuantizedExpertStore(tmp).expert_bytes(0, 0)
+                cache = offload_quantized_model(m, tmp, cache_bytes=8 * one, bandwidth=args.bandwidth)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                m.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
+            dt = time.perf_counter() - t0
+            cache.close()
+        emit(
+            {
+                "section": "offload_quantized_store",
+                "expert_bits": bits or 32,
+                "bytes_per_expert": one,
+                "bandwidth_MBps": args.bandwidth / 1e6,
+                "cache_experts": 8,
+                "decode_tok_s": round(args.new_tokens / dt, 2),
+                **cache.stats.as_dict(),
+            }
+        )
+
+
 # ----------------------------------------------------------------------------- speed
 
 
@@ -424,7 +468,7 @@ def bench_speed(args) -> None:
 def main() -> None:
     """Parses the section name and runs it."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("section", choices=["kernels", "quality", "speed"])
+    p.add_argument("section", choices=["kernels", "quality", "speed", "offload"])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--calib-batches", type=int, default=8)
@@ -438,7 +482,13 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"kernels": bench_kernels, "quality": bench_quality, "speed": bench_speed}[args.section](args)
+    sections = {
+        "kernels": bench_kernels,
+        "quality": bench_quality,
+        "speed": bench_speed,
+        "offload": bench_offload,
+    }
+    sections[args.section](args)
 
 
 if __name__ == "__main__":

@@ -398,3 +398,25 @@ def test_llama_cpp_greedy_tokens_match_moekit_at_f32(tiny_run, tmp_path):
         if len(theirs) == 8:
             break
     assert theirs == ours
+
+
+@pytest.mark.parametrize("prefetch", [None, "pregate"])
+def test_offloaded_quantized_experts_stay_packed_and_match_resident(tmp_path, prefetch):
+    from moekit.compress.offload import QuantizedExpertStore, offload_quantized_model
+
+    q = quantize_model(_tiny(), QuantConfig(bits=4, group_size=64))
+    ids = torch.randint(0, 512, (1, 10))
+    with torch.no_grad():
+        want = q.generate(ids, max_new_tokens=5, do_sample=False)
+        want_logits = q(ids).logits
+    cache = offload_quantized_model(q, tmp_path / "qstore", cache_bytes=3 * 14_000, prefetch=prefetch)
+    with torch.no_grad():
+        got = q.generate(ids, max_new_tokens=5, do_sample=False)
+        got_logits = q(ids).logits
+    cache.close()
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=0)
+    store = QuantizedExpertStore(tmp_path / "qstore")
+    float_bytes = (128 * 64 + 64 * 64) * 4
+    assert store.expert_bytes(0, 0) < float_bytes / 6  # 4 bits + scales/zeros instead of 32
+    assert cache.stats.misses > 0 and cache.stats.bytes_read % store.expert_bytes(0, 0) == 0
