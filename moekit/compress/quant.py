@@ -69,10 +69,14 @@ def unpack_codes(packed: Tensor, bits: int, num_cols: int) -> Tensor:
     if bits == 8:
         return packed
     num_r = packed.shape[0]
-    b = packed.to(torch.int64).view(num_r, num_cols // 8, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    word = (b << byte_shifts).sum(-1)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    if bits in (2, 4):  # whole codes per byte, lowest bits first: plain uint8 shifts
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(num_r, num_cols)
+    wide = torch.int32 if bits * 8 < 32 else torch.int64  # 8 codes of 3 bits: a 24-bit word
+    b = packed.to(wide).view(num_r, num_cols // 8, bits)
+    byte_shifts = torch.arange(bits, dtype=wide) * 8
+    word = (b << byte_shifts).sum(-1, dtype=wide)
+    shifts = torch.arange(8, dtype=wide) * bits
     return ((word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8).view(num_r, num_cols)
 
 
@@ -104,7 +108,9 @@ class QuantizedTensor:
         """``(q - z) * s`` as ``[R, C]`` in ``dtype`` (computed in float32)."""
         num_r, num_c = self.shape
         q_RGg = self.codes().view(num_r, -1, self.group_size).to(torch.float32)
-        w = (q_RGg - self.zero.to(torch.float32).unsqueeze(-1)) * self.scale.to(torch.float32).unsqueeze(-1)
+        w = q_RGg.sub_(self.zero.to(torch.float32).unsqueeze(-1)).mul_(
+            self.scale.to(torch.float32).unsqueeze(-1)
+        )
         return w.view(num_r, num_c).to(dtype)
 
     @property
