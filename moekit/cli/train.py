@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 HELP = "Train a model preset on a text corpus (default: moe-small on the Python stdlib, ~10 min on 2 cores)."
@@ -12,6 +13,9 @@ HELP = "Train a model preset on a text corpus (default: moe-small on the Python 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the verb's flags. Each one sets a ``TrainConfig`` field; unset flags keep the config's value."""
     p.add_argument("--config", metavar="FILE", help="a TrainConfig JSON file; flags given here override it")
+    p.add_argument(
+        "--no-report", action="store_true", help="skip writing the report (plots + report.md) at the end"
+    )
     p.add_argument("--preset", help="model preset (default moe-small; see moekit.models.list_presets())")
     p.add_argument(
         "--init-from",
@@ -127,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     result = train(config, resume=args.resume, progress=sys.stderr.isatty())
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     gap = result.unigram_loss - result.val_loss
     print(f"stopped:          {result.stop_reason} at step {result.step} ({result.num_tokens:,} tokens)")
     print(f"checkpoint:       {result.checkpoint_dir}")
@@ -137,4 +143,9 @@ def run(args: argparse.Namespace) -> int:
         f"the model is {gap:.3f} nats/token below it"
     )
     print(f"throughput:       {result.tokens_per_s:,.0f} tokens/s over {result.elapsed_s:.0f} s")
+    if not args.no_report and result.stop_reason != "interrupted":
+        from moekit.cli.report import report_for_run
+
+        md = report_for_run(result.out_dir)
+        print(f"report:           {md} (loss, expert load and router entropy plots beside it)")
     return 130 if result.stop_reason == "interrupted" else 0
