@@ -98,6 +98,8 @@ def plot_expert_load(load_LE: list[list[float]], out_path: str | os.PathLike, ti
         mat[i, : len(row)] = r / r.sum().clamp_min(1)
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * num_e + 2), max(2.5, 0.45 * len(load_LE) + 1.5)))
     im = ax.imshow(mat.numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(num_e))
+    ax.set_yticks(range(len(load_LE)))
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_title(title or "share of assignments per expert (uniform = 1/E)")
