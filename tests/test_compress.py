@@ -420,3 +420,19 @@ def test_offloaded_quantized_experts_stay_packed_and_match_resident(tmp_path, pr
     float_bytes = (128 * 64 + 64 * 64) * 4
     assert store.expert_bytes(0, 0) < float_bytes / 6  # 4 bits + scales/zeros instead of 32
     assert cache.stats.misses > 0 and cache.stats.bytes_read % store.expert_bytes(0, 0) == 0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int4_kernel_form_alone_holds_the_codes_exactly(bits):
+    torch.manual_seed(bits)
+    for g in (32, 64, 128):
+        w = torch.randn(80, 256) * 0.05 + 0.02 * torch.randn(80, 1)
+        qt = quantize_rtn(w, bits, g)
+        pl = PackedLinear(qt)
+        assert pl.qweight is None  # the packed copy is dropped; state_dict recovers it
+        assert torch.equal(pl.state_dict()["qweight"], qt.packed)
+        assert torch.equal(pl.dequantized_weight(), qt.dequantize())
+        other = PackedLinear(quantize_rtn(torch.randn(80, 256), bits, g))
+        other.load_state_dict(pl.state_dict())
+        x = torch.randn(3, 256)
+        torch.testing.assert_close(other(x), pl(x), rtol=0, atol=0)

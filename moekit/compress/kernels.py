@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.compress.quant import QuantizedTensor
+from moekit.compress.quant import QuantizedTensor, pack_codes
 
 INT4_GROUPS = (32, 64, 128, 256)
 KERNEL_NAMES = ("int4pack", "int4x2", "int8group", "fbgemm", "dequant")
@@ -114,17 +114,56 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.kernel = choose_kernel(qt.bits, qt.group_size, kernel)
         self._build_kernel_form(qt)
+        if self.kernel == "int4pack":
+            # The int4 kernel layout holds the codes too, so the portable packed copy is dropped
+            # (half the resident bytes of a 4-bit matrix). state_dict() recovers it exactly from
+            # the kernel form (see _recover_codes); loading rebuilds the kernel form from it.
+            self.qweight = None
+        self._register_state_dict_hook(PackedLinear._add_codes_to_state)
+        self._register_load_state_dict_pre_hook(PackedLinear._load_codes, with_module=True)
 
     def quantized(self) -> QuantizedTensor:
-        """The stored form as a :class:`QuantizedTensor` (shares memory with the buffers)."""
+        """The stored form as a :class:`QuantizedTensor` (codes recovered from the int4 kernel form
+        when the packed copy was dropped)."""
+        packed = self.qweight if self.qweight is not None else pack_codes(self._recover_codes(), self.bits)
         return QuantizedTensor(
-            self.qweight,
-            self.scale,
-            self.zero,
+            packed, self.scale, self.zero, self.bits, self.group_size, (self.out_features, self.in_features)
+        )
+
+    @torch.no_grad()
+    def _recover_codes(self) -> Tensor:
+        """Codes ``[R, C]`` uint8 read back from the int4 kernel form by multiplying it with the
+        identity: the kernel returns ``(q' - 8) s + zf`` (bfloat16), and ``|q' - 8| <= 8`` keeps
+        the rounding error far below half a step, so ``round((w - zf) / s) + 8`` is exact."""
+        num_c, g = self.in_features, self.group_size
+        eye = torch.eye(num_c, dtype=torch.bfloat16)
+        w_CR = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.k_weight, g, self.k_scale_zero).float()
+        sz = self.k_scale_zero.float()  # [G, R, 2]
+        s_RC = sz[..., 0].t().repeat_interleave(g, dim=1)
+        zf_RC = sz[..., 1].t().repeat_interleave(g, dim=1)
+        shift = 8 - 2 ** (self.bits - 1)
+        q = torch.round((w_CR.t() - zf_RC) / s_RC) + 8 - shift
+        return q.clamp(0, 2**self.bits - 1).to(torch.uint8)
+
+    @staticmethod
+    def _add_codes_to_state(module, state_dict, prefix, local_metadata) -> None:
+        if module.qweight is None:
+            state_dict[prefix + "qweight"] = pack_codes(module._recover_codes(), module.bits)
+
+    def _load_codes(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        if self.qweight is not None or prefix + "qweight" not in state_dict:
+            return
+        qt = QuantizedTensor(
+            state_dict.pop(prefix + "qweight"),
+            state_dict.get(prefix + "scale", self.scale),
+            state_dict.get(prefix + "zero", self.zero),
             self.bits,
             self.group_size,
             (self.out_features, self.in_features),
         )
+        self._build_kernel_form(qt)
 
     def _build_kernel_form(self, qt: QuantizedTensor) -> None:
         num_r, num_c, g = self.out_features, self.in_features, self.group_size
