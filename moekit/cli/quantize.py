@@ -36,7 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--calib-batches", type=int, default=8, help="calibration batches of 4 x --calib-seq-len tokens"
     )
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window")
-    p.add_argument("--kernel", default="auto", help="auto or dequant")
+    p.add_argument(
+        "--kernel",
+        default="auto",
+        choices=["auto", "exact", "dequant"],
+        help="auto: fastest measured CPU kernels; exact: kernels that run the stored codes; dequant: float matmul",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
