@@ -436,3 +436,16 @@ def test_int4_kernel_form_alone_holds_the_codes_exactly(bits):
         other.load_state_dict(pl.state_dict())
         x = torch.randn(3, 256)
         torch.testing.assert_close(other(x), pl(x), rtol=0, atol=0)
+
+
+def test_gptq_on_all_linears_lowers_logit_error_vs_rtn():
+    model = _tiny()
+    calib = _batches(4)
+    with torch.no_grad():
+        ref = [model(b).logits for b in calib]
+        errs = {}
+        for method in ("rtn", "gptq"):
+            cfg = QuantConfig(bits=3, method=method, group_size=64, include_non_experts=True)
+            q = quantize_model(copy.deepcopy(model), cfg, calib)
+            errs[method] = sum(float(((q(b).logits - r) ** 2).mean()) for b, r in zip(calib, ref))
+    assert errs["gptq"] < 0.95 * errs["rtn"], errs

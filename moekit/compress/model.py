@@ -88,6 +88,29 @@ def _non_expert_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linea
 
 
 @torch.no_grad()
+def _linear_hessians(model: nn.Module, linears: list[nn.Linear], batches: list[Tensor]) -> dict[int, Tensor]:
+    """``sum x x^T`` ``[C, C]`` (float64) of each linear's inputs over one pass on ``batches``."""
+    sums: dict[int, Tensor] = {}
+
+    def hook(module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        h = x.t() @ x
+        sums[id(module)] = sums[id(module)] + h if id(module) in sums else h
+
+    handles = [lin.register_forward_pre_hook(hook) for lin in linears]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return sums
+
+
+@torch.no_grad()
 def quantize_model(
     model: nn.Module, config: QuantConfig, calib_batches: list[Tensor] | None = None
 ) -> nn.Module:
@@ -102,7 +125,8 @@ def quantize_model(
 
     Returns:
         The model, with each MoE layer's ``experts`` a :class:`QuantizedExperts` and (with
-        ``include_non_experts``) non-expert linears replaced by :class:`PackedLinear`.
+        ``include_non_experts``) non-expert linears replaced by :class:`PackedLinear` (with GPTQ,
+        their Hessians come from one calibration pass after the experts were quantized).
         ``model.quant_config`` holds the config with the widths used.
     """
     if config.method == "gptq" and not calib_batches:
@@ -120,8 +144,16 @@ def quantize_model(
         all_bits.append(bits)
     if config.include_non_experts:
         nb = config.non_expert_bits or config.bits
-        for parent, name, lin in _non_expert_linears(model):
-            qt = quantize_rtn(lin.weight.detach().float(), nb, config.group_size)
+        targets = _non_expert_linears(model)
+        hessians = (
+            _linear_hessians(model, [lin for _, _, lin in targets], calib_batches)
+            if config.method == "gptq"
+            else {}
+        )
+        for parent, name, lin in targets:
+            qt = _quantize(
+                lin.weight.detach().float(), nb, config.group_size, hessians.get(id(lin)), config.gptq_damp
+            )
             setattr(parent, name, PackedLinear(qt, lin.bias, kernel=config.kernel))
     model.quant_config = config.replace(expert_bits=all_bits)
     return model
