@@ -19,6 +19,8 @@ VERBS: dict[str, str] = {
     "report": "report",
     "serve": "serve",
     "convert": "convert",
+    "quantize": "quantize",
+    "export-gguf": "export_gguf",
     "plan": "plan",
     "upcycle": "upcycle",
     "grow": "grow",
