@@ -25,13 +25,7 @@ from moekit.compress.calibrate import moe_layers
 from moekit.compress.experts import QuantizedExperts
 from moekit.compress.kernels import PackedLinear
 from moekit.compress.quant import QuantizedTensor
-from moekit.infer.offload import (
-    ExpertCache,
-    ExpertStore,
-    OffloadedExperts,
-    pregate_predictor,
-    transition_predictor,
-)
+from moekit.infer.offload import ExpertCache, ExpertStore, OffloadedExperts, make_predictor
 from moekit.layers import ExpertWeights
 from moekit.layers.experts import activate
 
@@ -193,16 +187,7 @@ def offload_quantized_model(
     if store.num_experts != [layer.config.num_experts for layer in layers]:
         raise ValueError(f"{store_dir} holds experts {store.num_experts}; use a fresh store folder")
     cache = ExpertCache(store, cache_bytes, policy)
-    if prefetch is None:
-        predictor = None
-    elif prefetch == "pregate":
-        predictor = pregate_predictor(model)
-    elif prefetch == "stats":
-        if trace is None:
-            raise ValueError("prefetch='stats' needs a routing trace (moekit trace) to learn from")
-        predictor = transition_predictor(trace)
-    else:
-        raise ValueError(f"prefetch={prefetch!r} is not valid; choose None, 'pregate' or 'stats'")
+    predictor = make_predictor(model, prefetch, trace)
     for index, layer in enumerate(layers):
         old = layer.experts
         layer.experts = OffloadedQuantizedExperts(

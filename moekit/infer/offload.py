@@ -423,6 +423,19 @@ def transition_predictor(trace, top_k: int = 2) -> Predictor:
     return predict
 
 
+def make_predictor(model: nn.Module, prefetch: str | None, trace=None) -> Predictor | None:
+    """The prefetch predictor named by ``prefetch``: None, ``"pregate"`` or ``"stats"`` (needs ``trace``)."""
+    if prefetch is None:
+        return None
+    if prefetch == "pregate":
+        return pregate_predictor(model)
+    if prefetch == "stats":
+        if trace is None:
+            raise ValueError("prefetch='stats' needs a routing trace (moekit trace) to learn from")
+        return transition_predictor(trace)
+    raise ValueError(f"prefetch={prefetch!r} is not valid; choose None, 'pregate' or 'stats'")
+
+
 def offload_model(
     model: nn.Module,
     store_dir: str | os.PathLike,
@@ -461,16 +474,7 @@ def offload_model(
             f"{store_dir} holds experts {store.num_experts}, the model has {wanted}; use a fresh store folder"
         )
     cache = ExpertCache(store, cache_bytes, policy)
-    if prefetch is None:
-        predictor = None
-    elif prefetch == "pregate":
-        predictor = pregate_predictor(model)
-    elif prefetch == "stats":
-        if trace is None:
-            raise ValueError("prefetch='stats' needs a routing trace (moekit trace) to learn from")
-        predictor = transition_predictor(trace)
-    else:
-        raise ValueError(f"prefetch={prefetch!r} is not valid; choose None, 'pregate' or 'stats'")
+    predictor = make_predictor(model, prefetch, trace)
     for index, layer in enumerate(layers):
         old = layer.experts
         layer.experts = OffloadedExperts(
