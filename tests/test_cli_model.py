@@ -56,3 +56,19 @@ def test_trace_then_report(run_dir, tmp_path, capsys):
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_convert_a_trained_run_to_hf_and_transformers_agrees(run_dir, tmp_path):
+    """A model trained by `moekit train` runs in transformers with the same logits."""
+    import torch
+    import transformers
+
+    import moekit
+
+    out = tmp_path / "hf"
+    assert main(["convert", "--from", str(run_dir), "--to", str(out), "--format", "hf"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    mk = moekit.from_pretrained(run_dir / "checkpoints" / "last")
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, mk(ids).logits, rtol=1e-4, atol=1e-5)

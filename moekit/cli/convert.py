@@ -12,7 +12,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the verb's flags."""
-    p.add_argument("--from", dest="src", required=True, help="input folder (HF safetensors or moekit)")
+    p.add_argument(
+        "--from",
+        dest="src",
+        required=True,
+        help="input folder: HF safetensors, a moekit model, or a run folder (its last checkpoint)",
+    )
     p.add_argument("--to", dest="dst", required=True, help="output folder (created)")
     p.add_argument("--format", choices=("hf", "moekit"), default="hf", help="output format")
     p.add_argument(
@@ -34,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise FileNotFoundError(f"--from {src}: no such folder")
+    from moekit.cli.common import resolve_model_dir
+
+    src = resolve_model_dir(src)  # a run folder means its last checkpoint
     if args.format == "moekit" and args.family is not None:
         raise ValueError("--family only applies to --format hf")
     dtype = getattr(torch, args.dtype) if args.dtype else None
