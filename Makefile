@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.moekit-installed
 
-.PHONY: run test test-slow lint format bench venv
+.PHONY: run test lint format bench venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -19,9 +19,6 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	.venv/bin/ruff check .
