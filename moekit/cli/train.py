@@ -125,13 +125,15 @@ def run(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     out = config.resolved_out_dir()
-    print(
-        f"training {config.preset} for {config.total_steps} steps x {config.tokens_per_step} tokens "
-        f"(time limit {config.time_limit_s or 'none'} s) -> {out}",
-        file=sys.stderr,
-    )
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks
+    if is_main:
+        print(
+            f"training {config.init_from or config.preset} for {config.total_steps} steps x "
+            f"{config.tokens_per_step} tokens (time limit {config.time_limit_s or 'none'} s) -> {out}",
+            file=sys.stderr,
+        )
     result = train(config, resume=args.resume, progress=sys.stderr.isatty())
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+    if not is_main:
         return 0
     gap = result.unigram_loss - result.val_loss
     print(f"stopped:          {result.stop_reason} at step {result.step} ({result.num_tokens:,} tokens)")
