@@ -25,7 +25,7 @@ from moekit.compress.calibrate import moe_layers
 from moekit.compress.experts import QuantizedExperts
 from moekit.compress.kernels import PackedLinear
 from moekit.compress.quant import QuantizedTensor
-from moekit.infer.offload import ExpertCache, ExpertStore, OffloadedExperts, make_predictor
+from moekit.infer.offload import ExpertCache, ExpertStore, OffloadedExperts, serve_from_store
 from moekit.layers import ExpertWeights
 from moekit.layers.experts import activate
 
@@ -184,24 +184,9 @@ def offload_quantized_model(
         QuantizedExpertStore.write(model, store_dir)
     kernel = getattr(getattr(model, "quant_config", None), "kernel", "auto")
     store = QuantizedExpertStore(store_dir, bandwidth=bandwidth, kernel=kernel)
-    if store.num_experts != [layer.config.num_experts for layer in layers]:
-        raise ValueError(f"{store_dir} holds experts {store.num_experts}; use a fresh store folder")
-    cache = ExpertCache(store, cache_bytes, policy)
-    predictor = make_predictor(model, prefetch, trace)
-    for index, layer in enumerate(layers):
-        old = layer.experts
-        layer.experts = OffloadedQuantizedExperts(
-            cache,
-            index,
-            old.num_experts,
-            old.dim,
-            old.ffn_dim,
-            old.activation,
-            predictor,
-            len(layers),
-            None if fallback is None else fallback[index],
-        )
-    return cache
+    return serve_from_store(
+        model, layers, store, cache_bytes, policy, prefetch, trace, fallback, OffloadedQuantizedExperts
+    )
 
 
 __all__ = ["OffloadedQuantizedExperts", "QuantizedExpertStore", "offload_quantized_model"]

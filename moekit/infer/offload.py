@@ -468,16 +468,36 @@ def offload_model(
         ExpertStore.write(model, store_dir)
     dtype = next(model.parameters()).dtype
     store = ExpertStore(store_dir, bandwidth=bandwidth, dtype=dtype)
+    return serve_from_store(
+        model, layers, store, cache_bytes, policy, prefetch, trace, fallback, OffloadedExperts
+    )
+
+
+def serve_from_store(
+    model: nn.Module,
+    layers: list[MoELayer],
+    store,
+    cache_bytes: int,
+    policy: str,
+    prefetch: str | None,
+    trace,
+    fallback: list[ExpertWeights] | None,
+    experts_cls: type[OffloadedExperts],
+) -> ExpertCache:
+    """Puts one cache over ``store`` and gives every MoE layer an ``experts_cls`` reading from it.
+
+    Shared by resident-precision and quantized offloading (``moekit.compress.offload``).
+    """
     if store.num_experts != [layer.config.num_experts for layer in layers]:
         wanted = [layer.config.num_experts for layer in layers]
         raise ValueError(
-            f"{store_dir} holds experts {store.num_experts}, the model has {wanted}; use a fresh store folder"
+            f"{store.root} holds experts {store.num_experts}, the model has {wanted}; use a fresh store folder"
         )
     cache = ExpertCache(store, cache_bytes, policy)
     predictor = make_predictor(model, prefetch, trace)
     for index, layer in enumerate(layers):
         old = layer.experts
-        layer.experts = OffloadedExperts(
+        layer.experts = experts_cls(
             cache,
             index,
             old.num_experts,
