@@ -11,6 +11,14 @@ The bound: a decode step must read every non-expert weight except the embedding 
 the experts the step routes to, and the KV cache, once. Bytes per token divided by the bandwidth
 of a large matrix-vector product measured in the same run gives the fastest possible step.
 
+Engines and references are timed in interleaved rounds (each round times every engine once and
+measures the bandwidth once), and the table reports the median over rounds: this machine's memory
+bandwidth drifts by 10-30% within a minute, and a best-case bandwidth against a typical decode
+time (or the reverse) would misstate the ratio. Besides the bound, a *matmul floor* row times the
+weight matmuls one decode step performs (same shapes, two random experts per layer) back to back
+with nothing else: the fastest this BLAS can stream these shapes, so ``engine / floor`` is the
+engine's own overhead.
+
 Timing is process CPU time with one torch thread by default: on a shared machine (other jobs on
 the same cores) wall time mostly measures how long the scheduler parks the process, and OpenMP
 barriers across oversubscribed cores add waits that are not the engine's. With one thread, CPU time
@@ -24,6 +32,7 @@ time goes instead). Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -99,22 +108,6 @@ def to_hf_mixtral(model: MoEForCausalLM):
     return hf.eval()
 
 
-def gemv_bandwidth(num_bytes: int = 512 * 2**20, repeats: int = 8) -> float:
-    """Bytes/s a large fp32 matrix-vector product streams (best of ``repeats``)."""
-    cols = 8192
-    rows = num_bytes // (4 * cols)
-    w = torch.randn(rows, cols)
-    x = torch.randn(cols)
-    torch.mv(w, x)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.process_time()
-        torch.mv(w, x)
-        best = min(best, time.process_time() - t0)
-    del w
-    return rows * cols * 4 / best
-
-
 def decode_bytes_per_token(model: MoEForCausalLM, context: int) -> float:
     """Bytes one batch-1 decode step reads: non-expert weights (one embedding row), top-k experts, KV."""
     cfg = model.config
@@ -132,20 +125,61 @@ def decode_bytes_per_token(model: MoEForCausalLM, context: int) -> float:
     return total + kv
 
 
-def time_generation(fn, new_tokens: int, repeats: int = 3) -> float:
-    """Best CPU time of ``fn(new_tokens)`` over ``repeats`` runs (see the module docstring)."""
-    best = float("inf")
-    for _ in range(repeats):
+def gemv_seconds(num_bytes: int = 256 * 2**20, repeats: int = 5):
+    """A large fp32 matrix-vector product as a closure; returns ``(fn, bytes it reads)``."""
+    cols = 8192
+    rows = num_bytes // (4 * cols)
+    w = torch.randn(rows, cols)
+    x = torch.randn(cols)
+
+    def run() -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            torch.mv(w, x)
+            best = min(best, time.process_time() - t0)
+        return best
+
+    return run, rows * cols * 4
+
+
+def matmul_floor(model: MoEForCausalLM, steps: int = 16, seed: int = 0):
+    """Seconds per step of the decode step's weight matmuls alone (random top-k experts per layer)."""
+    import random
+
+    import torch.nn.functional as F
+
+    rng = random.Random(seed)
+    cfg = model.config
+    x_1D = torch.randn(1, cfg.dim)
+    h_1F = torch.randn(1, cfg.moe.ffn_dim)
+
+    def run() -> float:
         t0 = time.process_time()
-        fn(new_tokens)
-        best = min(best, time.process_time() - t0)
-    return best
+        for _ in range(steps):
+            for layer in model.layers:
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    F.linear(x_1D, proj.weight)
+                F.linear(torch.randn(1, attn.o_proj.weight.shape[1]), attn.o_proj.weight)
+                F.linear(x_1D, layer.mlp.router.weight)
+                for e in rng.sample(range(cfg.moe.num_experts), cfg.moe.top_k):
+                    F.linear(x_1D, layer.mlp.experts.w_in[e])
+                    F.linear(h_1F, layer.mlp.experts.w_out[e])
+            F.linear(x_1D, model.lm_head.weight)
+        return (time.process_time() - t0) / steps
+
+    return run
 
 
 def per_token_decode(fn) -> float:
-    """Seconds per decoded token, prefill excluded: (t(64) - t(1)) / 63."""
-    fn(4)  # warm up (allocator, lazy inits)
-    return (time_generation(fn, NEW_TOKENS) - time_generation(fn, 1)) / (NEW_TOKENS - 1)
+    """Seconds per decoded token, prefill excluded: (t(64) - t(1)) / 63, one measurement."""
+    t0 = time.process_time()
+    fn(1)
+    t1 = time.process_time()
+    fn(NEW_TOKENS)
+    t2 = time.process_time()
+    return ((t2 - t1) - (t1 - t0)) / (NEW_TOKENS - 1)
 
 
 def profile_step(model: MoEForCausalLM, ids: torch.Tensor) -> None:
@@ -174,6 +208,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the module docstring)")
     parser.add_argument("--profile", action="store_true", help="profile a decode step instead")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile engine")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -193,7 +229,12 @@ def main() -> None:
     def moekit_model_generate(n):
         return model.generate(ids, max_new_tokens=n)
 
+    def moekit_compiled(n):
+        return generate(model, ids, max_new_tokens=n, compile=True)
+
     engines = [("moekit.infer.generate (DecodeSession)", moekit_fast)]
+    if not args.no_compile:
+        engines.append(("moekit.infer.generate(compile=True)", moekit_compiled))
     engines.append(("moekit model.generate (models/generation.py)", moekit_model_generate))
     hf = None
     if not args.no_hf:
@@ -221,11 +262,21 @@ def main() -> None:
             )
         )
 
-    for name, fn in engines:
-        rows.append((name, per_token_decode(fn)))
-    bandwidth = gemv_bandwidth()
+    for _, fn in engines:
+        fn(4)  # warm up (allocator, lazy inits, the compiled step's compilation)
+    gemv, gemv_bytes = gemv_seconds()
+    floor = matmul_floor(model)
     per_token_bytes = decode_bytes_per_token(model, PROMPT_LEN + NEW_TOKENS // 2)
+    samples: dict[str, list[float]] = {name: [] for name, _ in engines}
+    samples["matmul floor"], bandwidths = [], []
+    for _ in range(args.rounds):
+        for name, fn in engines:
+            samples[name].append(per_token_decode(fn))
+        samples["matmul floor"].append(floor())
+        bandwidths.append(gemv_bytes / gemv())
+    bandwidth = statistics.median(bandwidths)
     bound_s = per_token_bytes / bandwidth
+    rows = [(name, statistics.median(v), min(v)) for name, v in samples.items()]
 
     print(
         f"\nmodel: {size_mb:.0f} MB fp32, {cfg.num_layers} layers, dim {cfg.dim}, {cfg.moe.num_experts} experts "
@@ -233,16 +284,23 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; batch 1, {PROMPT_LEN}-token prompt, {NEW_TOKENS} new tokens, greedy"
     )
     print(
-        f"bound: {per_token_bytes / 1e6:.1f} MB read per token / {bandwidth / 1e9:.1f} GB/s (large GEMV) "
+        f"bound: {per_token_bytes / 1e6:.1f} MB read per token / {bandwidth / 1e9:.1f} GB/s (256 MB GEMV, "
+        f"median of {args.rounds} rounds; range {min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}) "
         f"= {bound_s * 1e3:.2f} ms/token\n"
     )
-    print("| engine | ms/token | tokens/s | x bound | speedup vs transformers |")
-    print("|---|---:|---:|---:|---:|")
-    hf_s = rows[-1][1] if hf is not None else None
-    rows.append(("memory-bandwidth bound", bound_s))
-    for name, s in rows:
-        vs = f"{hf_s / s:.2f}x" if hf_s else "-"
-        print(f"| {name} | {s * 1e3:.2f} | {1 / s:.1f} | {s / bound_s:.2f} | {vs} |")
+    print(
+        "| engine | ms/token (median) | best round | tokens/s | x bound | x matmul floor | vs transformers |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    hf_s = next((med for name, med, _ in rows if name.startswith("transformers")), None)
+    floor_s = next(med for name, med, _ in rows if name == "matmul floor")
+    rows.append(("memory-bandwidth bound", bound_s, bound_s))
+    for name, med, best in rows:
+        vs = f"{hf_s / med:.2f}x" if hf_s else "-"
+        print(
+            f"| {name} | {med * 1e3:.2f} | {best * 1e3:.2f} | {1 / med:.1f} | {med / bound_s:.2f} | "
+            f"{med / floor_s:.2f} | {vs} |"
+        )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ def test_generate_streams_and_is_repeatable(run_dir, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out == first and first.startswith("for ")
     assert main([*args[:-2], "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*args[:-2], "--temperature", "0", "--compile"]) == 0
+    assert capsys.readouterr().out == greedy
 
 
 def test_eval_reports_perplexity(run_dir, capsys):

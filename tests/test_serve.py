@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -18,11 +19,7 @@ TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n    y = 2\n
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    import uvicorn
-
-    from moekit.cli.common import load_model_and_tokenizer
-    from moekit.infer.server import ServerConfig, create_app
+def model_folder(tmp_path_factory):
     from moekit.models import MoEForCausalLM
     from moekit.models.presets import moe_tiny
     from moekit.train.tokenizer import save_tokenizer, train_tokenizer
@@ -32,26 +29,47 @@ def server(tmp_path_factory):
     torch.manual_seed(0)
     MoEForCausalLM(moe_tiny()).save_pretrained(folder)
     save_tokenizer(tok, folder)
+    return folder
+
+
+@contextlib.contextmanager
+def running_server(folder, config):
+    """Serves ``folder`` with uvicorn on a free loopback port; yields an httpx client."""
+    import uvicorn
+
+    from moekit.cli.common import load_model_and_tokenizer
+    from moekit.infer.server import create_app
+
     model, tok, _ = load_model_and_tokenizer(folder)
-    # A small per-token delay makes the cancellation test deterministic (a request of 300 tokens
-    # would take >= 3 s), without slowing the short requests much.
-    config = ServerConfig(model_name="tiny", max_tokens_limit=MAX_LIMIT, token_delay_s=0.01)
     app = create_app(model, tok, config)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    try:
+        deadline = time.monotonic() + 20
+        while not srv.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.started, "uvicorn did not start"
+        port = srv.servers[0].sockets[0].getsockname()[1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            yield client
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server(model_folder):
+    from moekit.infer.server import ServerConfig
+
+    # A small per-token delay makes the cancellation test deterministic (a request of 300 tokens
+    # would take >= 3 s), without slowing the short requests much.
+    config = ServerConfig(model_name="tiny", max_tokens_limit=MAX_LIMIT, token_delay_s=0.01)
+    with running_server(model_folder, config) as client:
         yield client
-    srv.should_exit = True
-    thread.join(10)
-    torch.set_num_threads(threads)
 
 
 def _complete(client, **body):
@@ -208,3 +226,16 @@ def test_concurrent_requests_are_queued(server):
     for t in threads:
         t.join(30)
     assert results == [200, 200, 200]
+
+
+def test_compiled_server_returns_the_same_greedy_text(server, model_folder):
+    from moekit.infer.server import ServerConfig
+
+    body = {"prompt": "class Point:", "max_tokens": 12}
+    expected = _complete(server, **body).json()["choices"][0]["text"]
+    config = ServerConfig(model_name="tiny", max_tokens_limit=MAX_LIMIT, compile=True)
+    with running_server(model_folder, config) as compiled:
+        for _ in range(2):  # the second request reuses the compiled step
+            r = _complete(compiled, **body)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == expected

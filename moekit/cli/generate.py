@@ -38,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="SCMoE weak routing: rank:K (only the K-th ranked expert, 1-based) or top:K",
     )
     p.add_argument("--k", type=int, default=None, help="experts per token at inference (dynamic k)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (removes per-operator overhead; the first run compiles)",
+    )
     add_offload_arguments(p)
 
 
@@ -107,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             moe_k=args.k,
             streamer=stream,
             source=source,
+            compile=args.compile,
         )
     finally:
         sys.stdout.write("\n")

@@ -26,6 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="prompt + max_tokens bound (default: the model's positions)",
     )
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder name)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (faster tokens; the first request compiles)",
+    )
     add_offload_arguments(p)
 
 
@@ -44,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit,
         max_context=args.max_context,
         chat_template=chat_template_of(folder),
+        compile=args.compile,
     )
 
     def report() -> None:

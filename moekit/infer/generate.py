@@ -128,23 +128,34 @@ def _rms(norm: RMSNorm, x: Tensor) -> Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps).to(x.dtype)
 
 
-def _fast_attention(attn: Attention, x_B1D: Tensor, cos, sin, mask, cache: KVCache) -> Tensor:
+def _project_qkv(attn: Attention, x_B1D: Tensor, cos, sin) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries ``[B, H, 1, Dh]`` and the new key/value ``[B, G, 1, Dh]``, normed and rotated."""
     b = x_B1D.shape[0]
     q_BH1d = attn.q_proj(x_B1D).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     k_BG1d = attn.k_proj(x_B1D).view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     v_BG1d = attn.v_proj(x_B1D).view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     if attn.qk_norm == "per_head":
         q_BH1d, k_BG1d = _rms(attn.q_norm, q_BH1d), _rms(attn.k_norm, k_BG1d)
-    q_BH1d = apply_rotary(q_BH1d, cos, sin)
-    k_BGKd, v_BGKd = cache.update(attn.layer_idx, apply_rotary(k_BG1d, cos, sin), v_BG1d)
+    return apply_rotary(q_BH1d, cos, sin), apply_rotary(k_BG1d, cos, sin), v_BG1d
+
+
+def _attend(attn: Attention, q_BH1d: Tensor, k_BGKd: Tensor, v_BGKd: Tensor, mask) -> Tensor:
+    """Attention over the cached keys and the output projection: ``[B, 1, D]``."""
+    b = q_BH1d.shape[0]
     out_BH1d = F.scaled_dot_product_attention(
         q_BH1d, k_BGKd, v_BGKd, attn_mask=mask, enable_gqa=attn.num_kv_heads != attn.num_heads
     )
     return attn.o_proj(out_BH1d.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim))
 
 
-def _fast_moe(mlp: MoELayer, x_BD: Tensor, k: int | None) -> tuple[Tensor, int]:
-    """The MoE layer for one token per row; returns ``(out [B, D], assignments computed)``."""
+def _fast_attention(attn: Attention, x_B1D: Tensor, cos, sin, mask, cache: KVCache) -> Tensor:
+    q_BH1d, k_BG1d, v_BG1d = _project_qkv(attn, x_B1D, cos, sin)
+    k_BGKd, v_BGKd = cache.update(attn.layer_idx, k_BG1d, v_BG1d)
+    return _attend(attn, q_BH1d, k_BGKd, v_BGKd, mask)
+
+
+def _fast_route(mlp: MoELayer, x_BD: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
+    """The router for one token per row: ``(expert ids [B, K], gate weights [B, K])``."""
     cfg, router = mlp.config, mlp.router
     k = cfg.top_k if k is None else int(k)
     if not 1 <= k <= cfg.num_experts:
@@ -165,32 +176,96 @@ def _fast_moe(mlp: MoELayer, x_BD: Tensor, k: int | None) -> tuple[Tensor, int]:
     if cfg.routed_scaling_factor != 1.0:
         weights_BK = weights_BK * cfg.routed_scaling_factor
     weights_BK = weights_BK.to(x_BD.dtype)
+    return ids_BK, weights_BK
+
+
+def _shared_experts(mlp: MoELayer, x_BD: Tensor, out_BD: Tensor) -> Tensor:
+    if not mlp.config.shared_ffn_dim:
+        return out_BD
+    shared_BD = mlp.shared(x_BD)
+    if mlp.shared_gate is not None:
+        shared_BD = torch.sigmoid(mlp.shared_gate(x_BD)) * shared_BD
+    return out_BD + shared_BD
+
+
+def _one_row_experts(mlp: MoELayer, x_1D: Tensor, ids: list, weights_1K: Tensor) -> Tensor:
+    """The routed experts of one token ``[1, D]``: two matmuls on each chosen expert's weight slices.
+
+    ``ids`` are the K chosen experts as ints (unbacked symbolic ints under ``torch.compile``, where
+    indexing the stacked weights with them stays a zero-copy view of one expert's slice).
+    """
+    cfg = mlp.config
     w_in_EHD, w_out_EDF = mlp.experts.w_in, mlp.experts.w_out
+    out_1D = None
+    for slot, expert in enumerate(ids):
+        torch._check(expert >= 0)
+        torch._check(expert < cfg.num_experts)
+        y_1D = F.linear(activate(F.linear(x_1D, w_in_EHD[expert]), cfg.activation), w_out_EDF[expert])
+        y_1D = y_1D * weights_1K[:, slot : slot + 1]
+        out_1D = y_1D if out_1D is None else out_1D + y_1D
+    return out_1D
+
+
+def _fast_moe(mlp: MoELayer, x_BD: Tensor, k: int | None) -> tuple[Tensor, int]:
+    """The MoE layer for one token per row; returns ``(out [B, D], assignments computed)``."""
+    cfg = mlp.config
+    ids_BK, weights_BK = _fast_route(mlp, x_BD, k)
+    k = ids_BK.shape[1]
     ids = ids_BK.tolist()  # the one host read per layer: which experts' weights to touch
     if len(ids) == 1:
-        out_BD = None
-        for slot, expert in enumerate(ids[0]):
-            y_1D = F.linear(activate(F.linear(x_BD, w_in_EHD[expert]), cfg.activation), w_out_EDF[expert])
-            y_1D = y_1D * weights_BK[:, slot : slot + 1]
-            out_BD = y_1D if out_BD is None else out_BD + y_1D
+        out_BD = _one_row_experts(mlp, x_BD, ids[0], weights_BK)
     else:
         rows_by_expert: dict[int, list[tuple[int, int]]] = {}
         for row, experts in enumerate(ids):
             for slot, expert in enumerate(experts):
                 rows_by_expert.setdefault(expert, []).append((row, slot))
         out_BD = torch.zeros_like(x_BD)
+        w_in_EHD, w_out_EDF = mlp.experts.w_in, mlp.experts.w_out
         for expert, pairs in rows_by_expert.items():
             rows = torch.tensor([r for r, _ in pairs], device=x_BD.device)
             slots = torch.tensor([s for _, s in pairs], device=x_BD.device)
             h = activate(F.linear(x_BD.index_select(0, rows), w_in_EHD[expert]), cfg.activation)
             y = F.linear(h, w_out_EDF[expert]) * weights_BK[rows, slots].unsqueeze(-1)
             out_BD.index_add_(0, rows, y)
-    if cfg.shared_ffn_dim:
-        shared_BD = mlp.shared(x_BD)
-        if mlp.shared_gate is not None:
-            shared_BD = torch.sigmoid(mlp.shared_gate(x_BD)) * shared_BD
-        out_BD = out_BD + shared_BD
-    return out_BD, len(ids) * k
+    return _shared_experts(mlp, x_BD, out_BD), len(ids) * k
+
+
+def _static_decode_step(
+    model: MoEForCausalLM,
+    next_1: Tensor,
+    cos,
+    sin,
+    mask_11K: Tensor,
+    keys: list[Tensor],
+    values: list[Tensor],
+    moe_k: int | None,
+) -> Tensor:
+    """One batch-1 decode step written for ``torch.compile``: returns float32 logits ``[1, V]``.
+
+    The same math as :meth:`DecodeSession._fast_step`, but without Python-side bookkeeping, so
+    the whole step traces to one graph: the new key/value go straight into the session's
+    preallocated cache buffers (``keys``/``values``: per layer ``[1, G, capacity, Dh]``) at
+    position ``K - 1``, where ``K`` (the keys so far) is the mask's last dimension, marked
+    dynamic so every step reuses the graph; each MoE layer's chosen experts are read as unbacked
+    ints, which keeps the expert matmuls zero-copy views of the stacked weights.
+    """
+    num_keys = mask_11K.shape[-1]
+    x_11D = model.embed_tokens(next_1[:, None])
+    for layer, k_buf, v_buf in zip(model.layers, keys, values, strict=True):
+        attn = layer.self_attn
+        q_1H1d, k_1G1d, v_1G1d = _project_qkv(attn, _rms(layer.input_layernorm, x_11D), cos, sin)
+        k_buf[:, :, num_keys - 1 : num_keys] = k_1G1d
+        v_buf[:, :, num_keys - 1 : num_keys] = v_1G1d
+        h_11D = x_11D + _attend(attn, q_1H1d, k_buf[:, :, :num_keys], v_buf[:, :, :num_keys], mask_11K)
+        normed_1D = _rms(layer.post_attention_layernorm, h_11D)[:, 0]
+        mlp = layer.mlp
+        if layer.is_moe:
+            ids_1K, weights_1K = _fast_route(mlp, normed_1D, moe_k)
+            out_1D = _one_row_experts(mlp, normed_1D, ids_1K[0].tolist(), weights_1K)
+            x_11D = h_11D + _shared_experts(mlp, normed_1D, out_1D)[:, None]
+        else:
+            x_11D = h_11D + mlp(normed_1D)[:, None]
+    return model.lm_head(_rms(model.norm, x_11D[:, 0])).float()
 
 
 class DecodeSession:
@@ -207,6 +282,11 @@ class DecodeSession:
         moe_k: experts per token for every MoE layer (dynamic k); None keeps each layer's top-k.
         count_experts: accumulate ``expert_assignments`` (routed (token, expert) pairs computed),
             for measuring what dynamic k saves; off by default because it adds a reduction per layer.
+        compile: run each decode step as one ``torch.compile`` graph (:func:`_static_decode_step`),
+            which removes the per-operator Python and dispatch overhead. It applies to batch-1
+            sessions on the fast path and is ignored otherwise (same tokens either way). The first
+            step of a process compiles (seconds to a minute on CPU); later sessions of any prompt
+            or length reuse the graph while the model's structure stays the same.
     """
 
     def __init__(
@@ -217,6 +297,7 @@ class DecodeSession:
         max_new_tokens: int = 0,
         moe_k: int | None = None,
         count_experts: bool = False,
+        compile: bool = False,
     ) -> None:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length>0], got {tuple(input_ids.shape)}")
@@ -248,7 +329,19 @@ class DecodeSession:
         decode_pos_BN = next_pos_B[:, None] + torch.arange(max_new_tokens, device=device)
         self._prompt_pos_BS = prompt_pos_BS
         rotary = model.rotary
-        self._cos_B1Nd, self._sin_B1Nd = rotary(decode_pos_BN, capacity) if max_new_tokens else (None, None)
+        # Stored step-major ([N, B, 1, 1, Dh]) so each step's rows are one contiguous block whose
+        # strides do not depend on N (a compiled step would otherwise recompile per length).
+        self._cos_NB11d = self._sin_NB11d = None
+        if max_new_tokens:
+            cos_B1Nd, sin_B1Nd = rotary(decode_pos_BN, capacity)
+            # Fresh buffers: .contiguous() would keep the N-dependent strides of size-1 dims.
+            step_major = (max_new_tokens, batch, 1, 1, cos_B1Nd.shape[-1])
+            self._cos_NB11d = cos_B1Nd.new_empty(step_major).copy_(
+                cos_B1Nd.permute(2, 0, 1, 3)[:, :, :, None]
+            )
+            self._sin_NB11d = sin_B1Nd.new_empty(step_major).copy_(
+                sin_B1Nd.permute(2, 0, 1, 3)[:, :, :, None]
+            )
         self.cache = KVCache(cfg.num_layers, max_length=capacity)
         self.num_decoded = 0
         self._use_residual = cfg.moe is not None and cfg.moe.gating_residual
@@ -256,6 +349,9 @@ class DecodeSession:
         #: take the fast decode path (see :func:`fast_decode_supported`); set False to force the
         #: general layers (what the fast path is tested against).
         self.fast = fast_decode_supported(model)
+        self._compiled = None
+        if compile and self.fast and batch == 1:
+            self._compiled = torch.compile(_static_decode_step, fullgraph=True)
 
     def _fast_step(self, x_B1D: Tensor, cos, sin, mask) -> Tensor:
         for layer in self.model.layers:
@@ -271,6 +367,22 @@ class DecodeSession:
             else:
                 x_B1D = h_B1D + layer.mlp(normed_B1D)
         return self.model.lm_head(_rms(self.model.norm, x_B1D[:, 0])).float()
+
+    def _compiled_step(self, next_1: Tensor, cos, sin, mask_11K: Tensor, num_keys: int) -> Tensor:
+        cache = self.cache
+        torch._dynamo.maybe_mark_dynamic(mask_11K, 3)
+        # Scalar capture lets the graph read the chosen expert ids; patched per call so the
+        # setting never leaks into the caller's own torch.compile use.
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            logits_1V = self._compiled(
+                self.model, next_1, cos, sin, mask_11K, cache.keys, cache.values, self.moe_k
+            )
+        cache.lengths = [num_keys] * cache.num_layers
+        if self.count_experts:
+            self.expert_assignments += sum(
+                self.moe_k or layer.mlp.config.top_k for layer in self.model.layers if layer.is_moe
+            )
+        return logits_1V
 
     def _run_layers(self, x_BSD: Tensor, cos, sin, mask, token_mask_BS) -> Tensor:
         prev_logits_TE = None
@@ -333,9 +445,10 @@ class DecodeSession:
             )
         else:
             mask = self._mask_B11C[..., :num_keys]
-        cos = self._cos_B1Nd[:, :, t : t + 1]
-        sin = self._sin_B1Nd[:, :, t : t + 1]
+        cos, sin = self._cos_NB11d[t], self._sin_NB11d[t]
         self.num_decoded = t + 1
+        if self._compiled is not None and self.fast:
+            return self._compiled_step(next_B, cos, sin, mask, num_keys)
         x_B1D = self.model.embed_tokens(next_B[:, None])
         if self.fast:
             return self._fast_step(x_B1D, cos, sin, mask)
@@ -402,6 +515,7 @@ def generate(
     moe_k: int | None = None,
     streamer: Callable[[Tensor], object] | None = None,
     source=None,
+    compile: bool = False,
 ) -> Tensor:
     """Generates up to ``max_new_tokens`` per row with a :class:`DecodeSession`.
 
@@ -415,6 +529,7 @@ def generate(
         moe_k: experts per token (dynamic k); None keeps the model's top-k.
         streamer: called with the ``[B]`` new ids after every step.
         source: a prebuilt score source (e.g. an SCMoE session) to use instead of a plain session.
+        compile: compile the decode step (batch 1; see :class:`DecodeSession`).
 
     Returns:
         ``[B, S + N]`` ids (prompt then new tokens), ``N <= max_new_tokens``.
@@ -423,7 +538,9 @@ def generate(
     model.eval()
     try:
         if source is None:
-            source = DecodeSession(model, input_ids, attention_mask, max_new_tokens, moe_k=moe_k)
+            source = DecodeSession(
+                model, input_ids, attention_mask, max_new_tokens, moe_k=moe_k, compile=compile
+            )
         batch, prompt_len = input_ids.shape
         out_BC = input_ids.new_empty(batch, prompt_len + max_new_tokens)
         out_BC[:, :prompt_len] = input_ids

@@ -122,6 +122,8 @@ class ServerConfig:
             chat requests default to ``max_tokens_limit``.
         chat_template: a Jinja chat template (None: :data:`DEFAULT_CHAT_TEMPLATE`).
         token_delay_s: sleep after each token. For tests and demos of cancellation only.
+        compile: decode with a ``torch.compile``-d step (see :class:`DecodeSession`); the first
+            request pays the compilation.
     """
 
     model_name: str
@@ -130,6 +132,7 @@ class ServerConfig:
     default_max_tokens: int = 16
     chat_template: str | None = None
     token_delay_s: float = 0.0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens_limit < 1:
@@ -235,7 +238,9 @@ class _Engine:
             top_p=None if body.top_p >= 1.0 else body.top_p,
             generator=torch.Generator().manual_seed(seed),
         )
-        session = DecodeSession(self.model, torch.tensor([prompt_ids]), max_new_tokens=max_tokens)
+        session = DecodeSession(
+            self.model, torch.tensor([prompt_ids]), max_new_tokens=max_tokens, compile=self.config.compile
+        )
         delay = self.config.token_delay_s
         stats = self.stats
 
