@@ -23,7 +23,13 @@ import torch
 
 from moekit.analysis import RoutingTrace
 from moekit.infer.offload import offload_model
-from moekit.infer.simulate import HardwareProfile, belady_hit_rate, replay, transition_prefetcher
+from moekit.infer.simulate import (
+    HardwareProfile,
+    belady_hit_rate,
+    oracle_prefetcher,
+    replay,
+    transition_prefetcher,
+)
 from moekit.layers import MoEConfig
 from moekit.models import ModelConfig, MoEForCausalLM
 
@@ -99,7 +105,14 @@ def main() -> None:
     p.add_argument("--new", type=int, default=48)
     p.add_argument("--bandwidth", type=float, default=2e9, help="store bytes/s")
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for compute (default 1: the loader thread needs a core of its own, as it would in a real deployment)",
+    )
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.dim, args.ffn, args.layers, args.vocab, args.new = 64, 128, 3, 500, 12
     model = build(args)
@@ -119,7 +132,7 @@ def main() -> None:
     print(
         f"# offloading: {args.layers} MoE layers x 8 experts x {expert_bytes / 1e6:.1f} MB = "
         f"{total_expert_bytes / 1e6:.0f} MB of experts; store throttled to {args.bandwidth / 1e9:.1f} GB/s; "
-        f"GEMV bandwidth {mem_bw / 1e9:.1f} GB/s; {num_steps} decode steps"
+        f"GEMV bandwidth {mem_bw / 1e9:.1f} GB/s; {num_steps} decode steps; {torch.get_num_threads()} compute thread(s)"
     )
     print(f"resident: {resident_tps:.2f} tokens/s")
     print(
@@ -160,6 +173,18 @@ def main() -> None:
                     f"{s.prefetch_accuracy:.2f} | {s.stall_s:.2f} |",
                     flush=True,
                 )
+    print("\nsimulated ceiling: a perfect predictor (oracle prefetch) on the same trace and hardware")
+    print("| budget | policy | on-demand (sim) | oracle prefetch (sim) | ceiling speed-up |")
+    print("|---|---|---|---|---|")
+    for share in (0.25, 0.5):
+        budget = int(share * total_expert_bytes)
+        for policy in ("lru", "lfu"):
+            base = replay(trace, budget, expert_bytes, hw, policy=policy).tokens_per_s
+            best = replay(trace, budget, expert_bytes, hw, policy=policy, prefetch=oracle_prefetcher(trace))
+            print(
+                f"| {share:.0%} | {policy} | {base:.2f} | {best.tokens_per_s:.2f} | "
+                f"{best.tokens_per_s / base:.2f}x |"
+            )
 
 
 def _record_predictions(model) -> list[dict[int, list[int]]]:

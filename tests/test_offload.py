@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.infer.offload import ExpertStore, offload_model
+from moekit.infer.offload import ExpertCache, ExpertStore, offload_model
 from moekit.layers import MoEConfig
 from moekit.models import ModelConfig, MoEForCausalLM
 
@@ -102,3 +102,47 @@ def test_stats_prefetch_learns_from_a_trace(tmp_path):
         model.generate(torch.randint(0, 64, (1, 4)), max_new_tokens=8)
     assert cache.stats.prefetches > 0 and cache.stats.prefetch_used > 0
     cache.close()
+
+
+def test_demand_load_preempts_a_prefetch_on_the_link(tmp_path):
+    """A miss waits at most one chunk for a prefetch in flight, not for the whole prefetch."""
+    import threading
+    import time
+
+    model = _model(dtype=torch.float32, num_layers=2)
+    ExpertStore.write(model, tmp_path / "s")
+    per = _expert_bytes(model)
+    store = ExpertStore(tmp_path / "s", bandwidth=per / 0.2)  # 200 ms per expert
+    store.link.chunk_bytes = per // 10  # ~20 ms chunks
+    done = {}
+
+    def prefetch():
+        store.read(0, 0, urgent=lambda: False)
+        done["prefetch"] = time.perf_counter()
+
+    worker = threading.Thread(target=prefetch)
+    t0 = time.perf_counter()
+    worker.start()
+    time.sleep(0.05)
+    w_in, w_out, nbytes = store.read(0, 1)  # demand
+    demand_done = time.perf_counter()
+    worker.join()
+    assert nbytes == per and torch.equal(w_in, model.moe_layers[0].experts.w_in[1])
+    # FIFO would finish the demand after both transfers (>= 0.4 s); priority after ~0.05 + 0.2 s.
+    assert demand_done - t0 < 0.33, demand_done - t0
+    assert done["prefetch"] > demand_done
+    assert done["prefetch"] - t0 >= 0.4 - 0.01  # the link's total rate is unchanged
+
+
+def test_queued_prefetch_demanded_becomes_a_demand_load(tmp_path):
+    model = _model(dtype=torch.float32, num_layers=2)
+    per = _expert_bytes(model)
+    ExpertStore.write(model, tmp_path / "s")
+    cache = ExpertCache(ExpertStore(tmp_path / "s", bandwidth=per / 0.05), budget_bytes=8 * per)
+    cache.prefetch([(0, 0), (0, 1), (0, 2)])
+    w_in, _ = cache.get(0, 2)  # queued behind two prefetches: cancelled and loaded on demand
+    assert torch.equal(w_in, model.moe_layers[0].experts.w_in[2])
+    cache.close()
+    stats = cache.stats
+    assert stats.prefetches == 2 and stats.misses == 1 and stats.bytes_read == 3 * per
+    assert cache.get(0, 0)[0] is not None and cache.stats.prefetch_used == 1

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -25,7 +24,14 @@ from moekit.compress.calibrate import moe_layers
 from moekit.compress.experts import QuantizedExperts
 from moekit.compress.kernels import PackedLinear
 from moekit.compress.quant import QuantizedTensor
-from moekit.infer.offload import ExpertCache, ExpertStore, OffloadedExperts, serve_from_store
+from moekit.infer.offload import (
+    ExpertCache,
+    ExpertStore,
+    MappedSafetensors,
+    OffloadedExperts,
+    StorageLink,
+    serve_from_store,
+)
 from moekit.layers import ExpertWeights
 from moekit.layers.experts import activate
 
@@ -43,8 +49,6 @@ class QuantizedExpertStore(ExpertStore):
     """
 
     def __init__(self, root: str | os.PathLike, bandwidth: float | None = None, kernel: str = "auto") -> None:
-        from safetensors import safe_open
-
         self.root = Path(root)
         self.bandwidth, self.dtype, self.kernel = bandwidth, None, kernel
         meta_file = self.root / META_NAME
@@ -53,22 +57,13 @@ class QuantizedExpertStore(ExpertStore):
                 f"no quantized expert store in {self.root}; build one with QuantizedExpertStore.write"
             )
         self.meta = json.loads(meta_file.read_text())
-        self._files = [
-            safe_open(str(self.root / f"layer{i}.safetensors"), framework="pt") for i in range(len(self.meta))
-        ]
-        self._link = threading.Lock()
+        self._files = [MappedSafetensors(self.root / f"layer{i}.safetensors") for i in range(len(self.meta))]
+        self.link = StorageLink(bandwidth)
         self.num_experts = [len(layer["bits"]) for layer in self.meta]
         self._bytes = {}
         for layer, f in enumerate(self._files):
             for e in range(self.num_experts[layer]):
-                total = 0
-                for proj in ("w_in", "w_out"):
-                    for part in _PARTS:
-                        sl = f.get_slice(f"{e}.{proj}.{part}")
-                        n = 1
-                        for d in sl.get_shape():
-                            n *= d
-                        total += n * (2 if part == "scale" else 1)
+                total = sum(f.nbytes(f"{e}.{proj}.{part}") for proj in ("w_in", "w_out") for part in _PARTS)
                 self._bytes[(layer, e)] = total
 
     @staticmethod
@@ -104,21 +99,14 @@ class QuantizedExpertStore(ExpertStore):
         (root / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
         return root
 
-    def read(self, layer: int, expert: int) -> tuple[PackedLinear, PackedLinear, int]:
-        """Loads one expert as ``(w_in, w_out, bytes)`` PackedLinear modules, throttled."""
+    def read(
+        self, layer: int, expert: int, urgent: Callable[[], bool] | None = None
+    ) -> tuple[PackedLinear, PackedLinear, int]:
+        """Loads one expert as ``(w_in, w_out, bytes)`` PackedLinear modules over the store's link."""
         f, m = self._files[layer], self.meta[layer]
-        with self._link:
-            t0 = time.perf_counter()
-            tensors = {
-                f"{expert}.{proj}.{part}": f.get_tensor(f"{expert}.{proj}.{part}").clone()
-                for proj in ("w_in", "w_out")
-                for part in _PARTS
-            }
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            if self.bandwidth:
-                wait = nbytes / self.bandwidth - (time.perf_counter() - t0)
-                if wait > 0:
-                    time.sleep(wait)
+        names = [f"{expert}.{proj}.{part}" for proj in ("w_in", "w_out") for part in _PARTS]
+        tensors = self.link.read(f, names, urgent)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         bits, group = m["bits"][expert], m["group_size"][expert]
         mods = []
         for proj in ("w_in", "w_out"):

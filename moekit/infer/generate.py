@@ -26,6 +26,12 @@ general layers spend about 0.9 ms per decoder layer per token on them (measured 
 cuts that by about 3x. The general path is kept for everything else (MLA, top-p, expert choice,
 capacity, MoE++ experts, offloaded experts, routing overrides) and is what tests compare against.
 
+With ``compile=True`` a batch-1 session runs each fast-path step as one ``torch.compile`` graph
+(:func:`_static_decode_step`): the expert ids are read inside the graph as unbacked ints, the new
+key/value are written into the preallocated cache at a dynamic position, and one graph serves
+every prompt and length. That removes the remaining per-operator overhead (the step then runs at
+the speed of its matmuls alone, ``benchmarks/bench_decode.py``).
+
 Sampling, stopping and streaming live in :func:`iter_tokens` (a generator, so a server can run
 it one token at a time and stop early) and :func:`generate` (collects everything).
 """

@@ -7,6 +7,8 @@ F = expert hidden width.
   memory mapping (one file per MoE layer, keys ``{e}.w_in`` / ``{e}.w_out``). A ``bandwidth``
   throttles reads to model a real SSD or PCIe link ("slow store"): reading through the page
   cache at memory speed would hide everything.
+* :class:`StorageLink` is that one link: demand loads go first, prefetches read in chunks and
+  yield between them, so a wrong prefetch delays a miss by one chunk at most.
 * :class:`ExpertCache` is one cache for all layers under one byte budget; prefetches in flight
   reserve their bytes, so the resident bytes never exceed the budget. Eviction: ``lru`` or
   ``lfu``.
@@ -29,6 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,152 @@ from moekit.layers import ExpertWeights, MoELayer, StackedExpertWeights
 from moekit.layers.experts import activate
 
 Key = tuple[int, int]  # (MoE layer index, expert)
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class MappedSafetensors:
+    """Zero-copy views of the tensors in one safetensors file, through one memory mapping.
+
+    ``view(name)`` is a tensor over the mapped bytes (copy-on-write, so never written back):
+    reading a chunk of it into resident memory is a single copy with the GIL released, where
+    ``safe_open(...).get_slice`` would materialise a temporary first.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import json
+        import mmap
+        import struct
+
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        header.pop("__metadata__", None)
+        self._base = 8 + header_len
+        self._meta = header
+
+    def keys(self) -> list[str]:
+        """Tensor names in the file."""
+        return list(self._meta)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of one tensor."""
+        start, end = self._meta[name]["data_offsets"]
+        return end - start
+
+    def view(self, name: str) -> Tensor:
+        """The tensor ``name`` as a view over the mapping (no bytes read yet)."""
+        meta = self._meta[name]
+        start, end = meta["data_offsets"]
+        dtype = _TORCH_DTYPES[meta["dtype"]]
+        if end == start:
+            return torch.empty(meta["shape"], dtype=dtype)
+        flat = torch.frombuffer(
+            self._map, dtype=dtype, count=(end - start) // dtype.itemsize, offset=self._base + start
+        )
+        return flat.view(meta["shape"])
+
+
+class StorageLink:
+    """The one link expert weights are read over, shared by demand loads and prefetches.
+
+    Demand loads go first: a prefetch reads in chunks of ``chunk_bytes`` and takes the link for
+    its next chunk only while no demand load is registered, so a wrong or early prefetch delays a
+    miss by at most one chunk instead of a whole expert. Prefetches run one at a time, in order.
+    With a ``bandwidth`` each chunk holds the link for ``chunk bytes / bandwidth`` seconds (a
+    "slow store" that models an SSD or PCIe link); sleep overshoot is carried over as credit so the
+    link's average rate stays exact.
+
+    Args:
+        bandwidth: bytes/s (None: as fast as the page cache allows).
+        chunk_bytes: prefetch preemption granularity.
+    """
+
+    def __init__(self, bandwidth: float | None = None, chunk_bytes: int = 1 << 20) -> None:
+        if bandwidth is not None and bandwidth <= 0:
+            raise ValueError(f"bandwidth must be positive bytes/s, got {bandwidth}")
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.bandwidth, self.chunk_bytes = bandwidth, int(chunk_bytes)
+        self._cond = threading.Condition()
+        self._busy = False
+        self._demands = 0
+        self._credit_s = 0.0  # sleep overshoot owed back to the next chunk
+        #: seconds the link spent on prefetch chunks while a demand load waited (preemption cost).
+        self.demand_wait_s = 0.0
+
+    @contextmanager
+    def demand(self):
+        """Registers a demand load for the block's duration: prefetch chunks wait meanwhile."""
+        with self._cond:
+            self._demands += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._demands -= 1
+                self._cond.notify_all()
+
+    def _chunk(self, nbytes: int, copy: Callable[[], None], urgent: bool) -> None:
+        with self._cond:
+            while self._busy or (not urgent and self._demands):
+                self._cond.wait()
+            self._busy = True
+        try:
+            t0 = time.perf_counter()
+            copy()
+            if self.bandwidth:
+                budget = nbytes / self.bandwidth - self._credit_s
+                copied = time.perf_counter() - t0
+                if budget > copied:
+                    time.sleep(budget - copied)
+                self._credit_s = max(0.0, (time.perf_counter() - t0) - max(budget, copied))
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def read(
+        self, f: MappedSafetensors, names: list[str], urgent: Callable[[], bool] | None = None
+    ) -> dict[str, Tensor]:
+        """Reads tensors ``names`` of a mapped safetensors file over the link, row chunk by chunk.
+
+        ``urgent``: None for a demand load (registered for the whole read); for a prefetch, a
+        callable asked before each chunk (True once a demand load waits for this very entry).
+        """
+        out: dict[str, Tensor] = {}
+        ctx = self.demand() if urgent is None else nullcontext()
+        with ctx:
+            for name in names:
+                src = f.view(name)
+                dst = out[name] = torch.empty_like(src)
+                if src.dim() == 0 or src.numel() == 0:
+                    self._chunk(f.nbytes(name), lambda dst=dst, src=src: dst.copy_(src), True)
+                    continue
+                row_bytes = max(1, src[0].numel() * src.element_size())
+                step = max(1, self.chunk_bytes // row_bytes)
+                for start in range(0, src.shape[0], step):
+                    stop = min(src.shape[0], start + step)
+
+                    def copy(dst=dst, src=src, start=start, stop=stop) -> None:
+                        dst[start:stop].copy_(src[start:stop])
+
+                    self._chunk((stop - start) * row_bytes, copy, urgent is None or urgent())
+        return out
 
 
 class ExpertStore:
@@ -53,8 +202,6 @@ class ExpertStore:
     def __init__(
         self, root: str | os.PathLike, bandwidth: float | None = None, dtype: torch.dtype | None = None
     ):
-        from safetensors import safe_open
-
         self.root = Path(root)
         self.bandwidth, self.dtype = bandwidth, dtype
         files = sorted(self.root.glob("layer*.safetensors"), key=lambda p: int(p.stem[5:]))
@@ -62,11 +209,11 @@ class ExpertStore:
             raise FileNotFoundError(
                 f"no expert store in {self.root}; build one with ExpertStore.write(model, root)"
             )
-        self._files = [safe_open(str(f), framework="pt") for f in files]
-        self._link = threading.Lock()  # one storage link: demand loads and prefetches share its bandwidth
+        self._files = [MappedSafetensors(f) for f in files]
+        self.link = StorageLink(bandwidth)
         self.num_experts = [len({k.split(".")[0] for k in f.keys()}) for f in self._files]  # noqa: SIM118
         self._bytes = {
-            (layer, e): _nbytes(f, f"{e}.w_in") + _nbytes(f, f"{e}.w_out")
+            (layer, e): f.nbytes(f"{e}.w_in") + f.nbytes(f"{e}.w_out")
             for layer, f in enumerate(self._files)
             for e in range(self.num_experts[layer])
         }
@@ -98,32 +245,21 @@ class ExpertStore:
         """Bytes of one entry as stored."""
         return self._bytes[(layer, expert)]
 
-    def read(self, layer: int, expert: int) -> tuple[Tensor, Tensor, int]:
-        """Loads ``(w_in [H, D], w_out [D, F], bytes)``, at most at ``bandwidth``."""
-        f = self._files[layer]
-        with self._link:
-            t0 = time.perf_counter()
-            w_in = f.get_tensor(f"{expert}.w_in").clone()  # clone: leave the mmap, own the memory
-            w_out = f.get_tensor(f"{expert}.w_out").clone()
-            nbytes = w_in.numel() * w_in.element_size() + w_out.numel() * w_out.element_size()
-            if self.bandwidth:
-                wait = nbytes / self.bandwidth - (time.perf_counter() - t0)
-                if wait > 0:
-                    time.sleep(wait)
+    def read(
+        self, layer: int, expert: int, urgent: Callable[[], bool] | None = None
+    ) -> tuple[Tensor, Tensor, int]:
+        """Loads ``(w_in [H, D], w_out [D, F], bytes)`` over the link (see :class:`StorageLink`).
+
+        ``urgent``: None for a demand load; a prefetch passes a callable (see
+        :meth:`StorageLink.read`).
+        """
+        names = [f"{expert}.w_in", f"{expert}.w_out"]
+        tensors = self.link.read(self._files[layer], names, urgent)
+        w_in, w_out = tensors[names[0]], tensors[names[1]]
+        nbytes = w_in.numel() * w_in.element_size() + w_out.numel() * w_out.element_size()
         if self.dtype is not None:
             w_in, w_out = w_in.to(self.dtype), w_out.to(self.dtype)
         return w_in, w_out, nbytes
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
-
-
-def _nbytes(f, key: str) -> int:
-    sl = f.get_slice(key)
-    n = 1
-    for dim in sl.get_shape():
-        n *= dim
-    return n * _DTYPE_BYTES[sl.get_dtype()]
 
 
 @dataclass
@@ -184,6 +320,7 @@ class _Entry:
     prefetched: bool = False
     used: bool = False
     freq: int = 0
+    urgent: bool = False  # a demand lookup waits for this prefetch: it stops yielding the link
 
 
 class ExpertCache:
@@ -230,8 +367,8 @@ class ExpertCache:
             self._used_bytes -= entry.nbytes
         return True
 
-    def _load(self, key: Key, entry: _Entry) -> None:
-        w_in, w_out, nbytes = self.store.read(*key)
+    def _load(self, key: Key, entry: _Entry, demand: bool = True) -> None:
+        w_in, w_out, nbytes = self.store.read(*key, urgent=None if demand else (lambda: entry.urgent))
         with self._lock:
             entry.w_in, entry.w_out = w_in, w_out
             self.stats.bytes_read += nbytes
@@ -253,7 +390,7 @@ class ExpertCache:
                 entry.future = self._pool.submit(self._finish_prefetch, key, entry)
 
     def _finish_prefetch(self, key: Key, entry: _Entry) -> None:
-        self._load(key, entry)
+        self._load(key, entry, demand=False)
         with self._lock:
             entry.future = None
 
@@ -280,8 +417,19 @@ class ExpertCache:
                     self.stats.prefetch_hits += int(entry.prefetched)
                     return entry.w_in, entry.w_out
                 future = entry.future
-        if entry is not None:  # a prefetch is loading it: wait for that load, count the stall
-            future.result()
+                if future.cancel():
+                    # Still queued behind other prefetches: load it now as a demand load instead.
+                    entry.future, entry.prefetched = None, False
+                    self.stats.prefetches -= 1
+                    self.stats.prefetch_used -= 1
+                    future = None
+                else:
+                    entry.urgent = True  # loading now: finish it without yielding the link
+        if entry is not None:  # a prefetch is (or was to be) loading it: count the stall
+            if future is not None:
+                future.result()
+            else:
+                self._load(key, entry)
             with self._lock:
                 self.stats.misses += 1
                 self.stats.stall_s += time.perf_counter() - t0
@@ -295,8 +443,18 @@ class ExpertCache:
                     self._used_bytes += nbytes
                     self.max_used_bytes = max(self.max_used_bytes, self._used_bytes)
                     break
-                # Every other byte is reserved by prefetches in flight: let them land, then evict.
-                pending = [e.future for e in self._entries.values() if e.future is not None]
+                # Every other byte is reserved by prefetches: drop the queued ones, and let the
+                # one loading land, then evict.
+                pending = []
+                for k, e in list(self._entries.items()):
+                    if e.future is None:
+                        continue
+                    if e.future.cancel():
+                        del self._entries[k]
+                        self._used_bytes -= e.nbytes
+                        self.stats.prefetches -= 1
+                    else:
+                        pending.append(e.future)
             for f in pending:
                 f.result()
         self._load(key, entry)

@@ -8,8 +8,11 @@ mirrors :mod:`moekit.infer.offload` step by step:
 * tokens are decoded one at a time; each MoE layer first spends ``non_expert_s`` (attention,
   norms and its share of the embedding/lm_head work), then runs its experts one after another;
 * an expert not resident waits for its load on the single storage link
-  (``expert_bytes / storage_bw``); a prefetch issued when the previous layer starts its experts
-  runs on the same link in the background and is waited for only if it is late;
+  (``expert_bytes / storage_bw``); prefetches issued when the previous layer starts its experts
+  run on the same link in the background, one after another, and yield it to demand loads
+  (:class:`moekit.infer.offload.StorageLink`): a demand load starts at once, a prefetch already
+  loading an entry that is demanded finishes first, and one demanded while still queued is
+  loaded as a demand load instead;
 * computing an expert takes ``expert_bytes / mem_bw`` (decode is memory-bound) or
   ``expert_flops / compute_flops``, whichever is larger.
 
@@ -20,7 +23,7 @@ best any demand policy can do, computable only with the future in hand, i.e. on 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -162,6 +165,51 @@ class _Cache:
             self.prefetched[key] = True
 
 
+class _Link:
+    """The storage link's timeline: demand loads preempt the FIFO queue of prefetches."""
+
+    def __init__(self) -> None:
+        self.queue: deque[list] = deque()  # [key, seconds of transfer left], head = loading
+        self.now = 0.0  # the queue's progress is accounted up to this time
+        self.finished: dict[Key, float] = {}
+
+    def run_until(self, t: float) -> None:
+        """Lets the prefetch queue use the link until ``t``."""
+        while self.queue and self.now < t:
+            head = self.queue[0]
+            step = min(head[1], t - self.now)
+            head[1] -= step
+            self.now += step
+            if head[1] <= 1e-15:
+                self.queue.popleft()
+                self.finished[head[0]] = self.now
+        self.now = max(self.now, t)
+
+    def prefetch(self, t: float, key: Key, seconds: float) -> None:
+        self.run_until(t)
+        self.queue.append([key, seconds])
+
+    def in_flight(self, key: Key) -> bool:
+        return any(item[0] == key for item in self.queue)
+
+    def demand(self, t: float, seconds: float) -> float:
+        """A demand load from ``t``: prefetches pause meanwhile. Returns when it is loaded."""
+        self.run_until(t)
+        self.now = t + seconds
+        return self.now
+
+    def wait_for(self, t: float, key: Key, seconds: float) -> tuple[float, bool]:
+        """A prefetched ``key`` is demanded at ``t``: ``(time it is ready, whether it was queued)``."""
+        self.run_until(t)
+        if key in self.finished:
+            return self.finished.pop(key), False
+        if self.queue and self.queue[0][0] == key:
+            self.now = t + self.queue.popleft()[1]
+            return self.now, False
+        self.queue = deque(item for item in self.queue if item[0] != key)
+        return self.demand(t, seconds), True
+
+
 def replay(
     trace,
     cache_bytes: int,
@@ -189,14 +237,15 @@ def replay(
     future = [(layer, e) for step in steps for layer, experts in enumerate(step) for e in sorted(experts)]
     cache = _Cache(cache_bytes, policy, sizes, future if policy == "belady" else None)
     t = 0.0
-    link_free = 0.0
+    link = _Link()
     hits = misses = bytes_read = prefetches = prefetch_used = 0
     num_layers = trace.num_layers
     for token, step in enumerate(steps):
         for layer, experts in enumerate(step):
             t += hardware.non_expert_s
             if prefetch is not None and layer + 1 < num_layers:
-                protect = {(layer, e) for e in experts}
+                link.run_until(t)
+                protect = {(layer, e) for e in experts} | {item[0] for item in link.queue}
                 for e in prefetch(token, layer, experts):
                     key = (layer + 1, e)
                     if key in cache.entries:
@@ -204,31 +253,36 @@ def replay(
                     ok, _ = cache.make_room(sizes(key), protect | {key})
                     if not ok:
                         break
-                    start = max(t, link_free)
-                    link_free = start + sizes(key) / hardware.storage_bw
-                    cache.insert(key, link_free, prefetched=True)
+                    link.prefetch(t, key, sizes(key) / hardware.storage_bw)
+                    cache.insert(key, float("nan"), prefetched=True)
+                    protect.add(key)
                     bytes_read += sizes(key)
                     prefetches += 1
             for e in sorted(experts):  # moekit's dispatch runs a layer's experts in id order
                 key = (layer, e)
                 cache.touch(key)
                 if key in cache.entries:
+                    was_prefetched = cache.prefetched.pop(key, False)
+                    if was_prefetched:
+                        ready, queued = link.wait_for(t, key, sizes(key) / hardware.storage_bw)
+                        if queued:  # loaded as a demand load instead: not a prefetch after all
+                            prefetches -= 1
+                        else:
+                            prefetch_used += 1
+                        cache.entries[key] = ready
                     ready = cache.entries[key]
-                    if cache.prefetched.pop(key, False):
-                        prefetch_used += 1
                     if ready > t:
                         misses += 1
                         t = ready
                     else:
                         hits += 1
                 else:
-                    cache.make_room(sizes(key), {key})
-                    start = max(t, link_free)
-                    link_free = start + sizes(key) / hardware.storage_bw
-                    cache.insert(key, link_free)
+                    link.run_until(t)
+                    cache.make_room(sizes(key), {key} | {item[0] for item in link.queue})
+                    t = link.demand(t, sizes(key) / hardware.storage_bw)
+                    cache.insert(key, t)
                     bytes_read += sizes(key)
                     misses += 1
-                    t = link_free
                 cache.advance(key)
                 compute = max(sizes(key) / hardware.mem_bw, expert_flops / hardware.compute_flops)
                 t += compute
