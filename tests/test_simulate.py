@@ -112,3 +112,22 @@ def test_replay_counts_match_real_offloading(tmp_path):
     sim = replay(_trace_from_steps(steps, 6), 7 * per, per, HardwareProfile(1e9, 1e10), policy="lru")
     assert (sim.hits, sim.misses) == (cache.stats.hits, cache.stats.misses)
     cache.close()
+
+
+@pytest.mark.parametrize(
+    "predicted, seconds, prefetches, used",
+    [
+        # (1, 2) queued first: the demand for (0, 0) runs 0-1 s, then (1, 1), still queued behind
+        # it, is cancelled and loaded on demand 1-2 s. A FIFO link would end at 3 s.
+        ([2, 1], 2.0, 1, 0),
+        # (1, 1) is the loading head: paused during the demand 0-1 s, it finishes 1-2 s.
+        ([1], 2.0, 1, 1),
+    ],
+)
+def test_replay_link_gives_demand_loads_priority(predicted, seconds, prefetches, used):
+    """Hand-computed timelines of StorageLink's rules: 1-byte experts over a 1 byte/s link."""
+    trace = _trace_from_steps([[[0], [1]]], num_experts=4)
+    hw = HardwareProfile(storage_bw=1.0, mem_bw=float("inf"))
+    result = replay(trace, 10, 1, hw, prefetch=lambda token, layer, experts: predicted)
+    assert result.seconds == pytest.approx(seconds)
+    assert (result.prefetches, result.prefetch_used, result.misses) == (prefetches, used, 2)

@@ -127,8 +127,6 @@ class StorageLink:
         self._busy = False
         self._demands = 0
         self._credit_s = 0.0  # sleep overshoot owed back to the next chunk
-        #: seconds the link spent on prefetch chunks while a demand load waited (preemption cost).
-        self.demand_wait_s = 0.0
 
     @contextmanager
     def demand(self):
@@ -176,7 +174,9 @@ class StorageLink:
                 src = f.view(name)
                 dst = out[name] = torch.empty_like(src)
                 if src.dim() == 0 or src.numel() == 0:
-                    self._chunk(f.nbytes(name), lambda dst=dst, src=src: dst.copy_(src), True)
+                    self._chunk(
+                        f.nbytes(name), lambda dst=dst, src=src: dst.copy_(src), urgent is None or urgent()
+                    )
                     continue
                 row_bytes = max(1, src[0].numel() * src.element_size())
                 step = max(1, self.chunk_bytes // row_bytes)
