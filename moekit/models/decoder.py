@@ -25,14 +25,10 @@ from moekit.layers import FeedForward, FFNConfig, MoELayer, MoEOutput, RoutingIn
 from moekit.layers.experts import StackedExpertWeights
 from moekit.layers.moe import AuxLosses
 from moekit.models.config import ModelConfig
+from moekit.models.objectives import MODEL_CONFIG_COEFS, LossWeights, causal_lm_loss
 
-# Aux-loss names the model weights, paired with their ModelConfig coefficient.
-AUX_LOSS_COEFS = {
-    "load_balance": "aux_loss_coef",
-    "z_loss": "z_loss_coef",
-    "seq_balance": "seq_balance_coef",
-    "entropy": "entropy_loss_coef",
-}
+# Aux-loss names ``forward(labels=...)`` weights, paired with their ModelConfig coefficient.
+AUX_LOSS_COEFS = MODEL_CONFIG_COEFS
 
 
 class RMSNorm(nn.Module):
@@ -283,7 +279,9 @@ class CausalLMOutput:
     """What :meth:`MoEForCausalLM.forward` returns.
 
     Attributes:
-        loss: scalar ``lm_loss + aux_loss``, or None without labels.
+        loss: scalar ``lm_loss + aux_loss``, or None without labels (Hugging Face convention: the
+            aux losses weighted by the ModelConfig's recommended coefficients, as transformers does
+            with ``router_aux_loss_coef``). Training uses an objective's own weights instead.
         lm_loss: scalar mean next-token cross-entropy over non-ignored labels, or None.
         logits: ``[B, S, V]``.
         aux_losses: unweighted aux losses averaged over MoE layers (``load_balance``,
@@ -373,6 +371,37 @@ class MoEForCausalLM(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         """The MoE FFNs in layer order (what ``routing`` aligns with)."""
         return [layer.mlp for layer in self.layers if layer.is_moe]
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Parameter names by role, from module types (the ``--freeze`` groups).
+
+        ``router``, ``experts`` (MoE++ constant experts included), ``shared`` (shared experts and
+        PR-MoE's residual branch), ``attention``, ``embeddings`` (``embed_tokens``, ``lm_head``),
+        ``norms``, ``dense_ffn``, ``non_experts`` (all but router/experts/shared),
+        ``all_but_router``, ``all_but_experts``. Names are ``named_parameters()`` names.
+        """
+        from moekit.models.param_groups import module_param_names, moe_parameter_groups
+
+        groups = moe_parameter_groups(self)
+        known = {name for name, _ in self.named_parameters()}
+        groups["attention"] = [
+            n
+            for i, layer in enumerate(self.layers)
+            for n in module_param_names(layer.self_attn, f"layers.{i}.self_attn")
+        ]
+        groups["embeddings"] = [
+            n
+            for n in module_param_names(self.embed_tokens, "embed_tokens")
+            + module_param_names(self.lm_head, "lm_head")
+            if n in known
+        ]
+        groups["dense_ffn"] = [
+            n
+            for i, layer in enumerate(self.layers)
+            if not isinstance(layer.mlp, MoELayer)
+            for n in module_param_names(layer.mlp, f"layers.{i}.mlp")
+        ]
+        return groups
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -513,12 +542,9 @@ class MoEForCausalLM(nn.Module):
         aux_losses = _mean_aux_losses(layer_aux)
 
         def weighted_aux() -> Tensor:
-            total = logits_BSV.new_zeros((), dtype=torch.float32)
-            for name, coef_field in AUX_LOSS_COEFS.items():
-                coef = getattr(cfg, coef_field)
-                if coef and name in aux_losses:
-                    total = total + coef * aux_losses[name].float()
-            return total
+            # The config's recommended coefficients (HF convention); training weights come from
+            # the objective (moekit.models.objectives), which does not read this.
+            return LossWeights.from_model_config(cfg).weighted(aux_losses, logits_BSV)
 
         out = CausalLMOutput(None, None, logits_BSV, aux_losses, routing, cache, aux_loss_fn=weighted_aux)
         if labels is not None:
@@ -579,12 +605,3 @@ def _mean_aux_losses(layer_aux: list[Mapping[str, Tensor]]) -> Mapping[str, Tens
         return lambda: torch.stack([aux[name].float() for aux in layer_aux]).mean()
 
     return AuxLosses({name: mean_of(name) for name in names})
-
-
-def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in float32: position t predicts ``labels[t + 1]``; -100 ignored."""
-    logits_NV = logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1]).float()
-    targets_N = labels_BS[:, 1:].reshape(-1).to(logits_NV.device)
-    total = F.cross_entropy(logits_NV, targets_N, ignore_index=-100, reduction="sum")
-    # Sum / count rather than mean, so a batch with no targets gives 0, not NaN.
-    return total / (targets_N != -100).sum().clamp_min(1)

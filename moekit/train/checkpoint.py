@@ -9,18 +9,26 @@ A checkpoint is a folder::
     trainer_state.json                  step, scheduler, sampler, config, history, optimizer scalars,
                                         python/numpy RNG scalars
 
-Saving writes everything into ``<name>.tmp-<pid>`` and then renames it onto ``<name>`` (the old
-``last`` first becomes ``previous`` or is deleted), so a write that dies part-way leaves the previous
-checkpoint intact. Nothing is pickled: tensors go to safetensors, everything else to JSON.
+Saving writes everything into ``<name>.tmp-<pid>``, fsyncs every file and the folder, and then
+renames it onto ``<name>`` (the old ``last`` first becomes ``previous`` or is deleted), so a write
+that dies part-way (a crash, a full disk) leaves the previous checkpoint intact. Temporary folders
+of dead processes are removed by :func:`remove_stale_tmp` on the next start. Nothing is pickled:
+tensors go to safetensors, everything else to JSON.
+
+A model without ``save_pretrained`` (any family's model) is stored as ``model.safetensors`` of its
+state dict, and a checkpoint without a tokenizer simply has none: ``trainer_state.json`` lists the
+files the checkpoint must hold.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from moekit.train.tokenizer import TOKENIZER_FILES, save_tokenizer
+from moekit.data.tokenizer import TOKENIZER_FILES, save_tokenizer
 
 FORMAT_VERSION = 1
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -60,8 +68,8 @@ class Checkpoint:
     rng_tensors: dict[str, Tensor]
 
 
-def capture_rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Snapshots the torch CPU, numpy and python RNGs as (tensors, JSON-able scalars)."""
+def capture_rng_state(device: torch.device | str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Snapshots the torch CPU (and ``device``'s CUDA), numpy and python RNGs as (tensors, JSON scalars)."""
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     tensors = {
@@ -69,6 +77,8 @@ def capture_rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
         # int64 holds uint32 keys exactly and every safetensors version supports it.
         "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
     }
+    if device is not None and torch.device(device).type == "cuda":
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(torch.device(device))
     scalars = {
         "numpy": {
             "name": np_name,
@@ -84,6 +94,8 @@ def capture_rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
 def restore_rng_state(tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`."""
     torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
     n = scalars["numpy"]
     keys = tensors["numpy_keys"].numpy().astype(np.uint32)
     np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["gauss"]))
@@ -177,8 +189,104 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
+MODEL_WEIGHTS = "model.safetensors"
+
+
 def _save_model(folder: Path, model: nn.Module) -> None:
-    model.save_pretrained(folder)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder)
+        return
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / MODEL_WEIGHTS))
+
+
+def load_model_weights(model: nn.Module, folder: str | Path) -> None:
+    """Loads ``folder/model.safetensors`` into ``model`` strictly (tied weights may be stored once).
+
+    Raises:
+        ValueError: a tensor is missing, unexpected or mis-shaped, naming it.
+    """
+    folder = Path(folder)
+    state = _read_safetensors(folder, MODEL_WEIGHTS)
+    expected = model.state_dict()
+    # A tied parameter (lm_head tied to the embedding) is stored under its first name only.
+    by_storage: dict[int, str] = {}
+    for name, tensor in expected.items():
+        by_storage.setdefault(tensor.data_ptr(), name)
+    missing = [k for k in expected if k not in state and by_storage[expected[k].data_ptr()] == k]
+    unknown = sorted(set(state) - set(expected))
+    if missing or unknown:
+        raise ValueError(
+            f"checkpoint {folder}: model.safetensors does not fit this model (missing {missing[:3]}, "
+            f"unexpected {unknown[:3]}); resume with the model the run was started with"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"checkpoint {folder}: tensor {name!r} has shape {tuple(tensor.shape)}, this model "
+                f"expects {tuple(expected[name].shape)}; resume with the original model"
+            )
+    model.load_state_dict(state, strict=False)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsyncs every file in ``folder`` (recursively) and then the folder itself."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsyncs a folder, so renames inside it survive a power cut (a no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_tmp(root: str | Path) -> list[Path]:
+    """Deletes ``last.tmp-<pid>`` / ``last.old-<pid>`` folders in ``root`` whose process is dead.
+
+    Returns the removed paths. Folders of live processes (another run writing) are left alone.
+    """
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in root.iterdir():
+        for marker in (f"{LAST}.tmp-", f"{LAST}.old-"):
+            tail = path.name[len(marker) :]
+            if path.name.startswith(marker) and tail.isdigit():
+                pid = int(tail)
+                if pid == os.getpid() or not _pid_alive(pid):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+    return removed
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. a full disk); the previous checkpoint is intact."""
 
 
 def _save_optimizer(folder: Path, tensors: dict[str, Tensor]) -> None:
@@ -196,13 +304,14 @@ def save_checkpoint(
     extra_tensors: dict[str, Tensor] | None = None,
     keep_previous: bool = True,
     optimizer_flat: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
+    save_artifacts: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Writes ``<root>/last`` atomically and returns its path.
+    """Writes ``<root>/last`` atomically (fsynced before the rename) and returns its path.
 
     Args:
         root: the checkpoints folder (``<out_dir>/checkpoints``).
-        model: has ``save_pretrained(folder)``.
-        tokenizer: a ``tokenizers.Tokenizer``.
+        model: saved with ``save_pretrained(folder)`` when it has one, else as ``model.safetensors``.
+        tokenizer: a ``tokenizers.Tokenizer``, or None (no tokenizer files).
         optimizer: its state goes to ``optimizer.safetensors``.
         param_names: ``id(param) -> name`` for the optimizer's parameters.
         state: JSON-able trainer state (step, scheduler, sampler scalars, config, history, ...).
@@ -211,6 +320,10 @@ def save_checkpoint(
         keep_previous: keep the replaced ``last`` as ``previous`` instead of deleting it.
         optimizer_flat: the optimizer state already flattened (and, under expert parallelism,
             gathered to full shapes); None flattens ``optimizer`` here.
+        save_artifacts: writes more files into the folder (a data module's tokenizer).
+
+    Raises:
+        CheckpointWriteError: the disk is full (or over quota); ``last`` is untouched.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -221,16 +334,34 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         _save_model(tmp, model)
-        save_tokenizer(tokenizer, tmp)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+        if save_artifacts is not None:
+            save_artifacts(tmp)
         opt_tensors, opt_meta = optimizer_flat or flatten_optimizer(optimizer, param_names)
         _save_optimizer(tmp, opt_tensors)
         rng_tensors, rng_scalars = rng
         save_file({**rng_tensors, **(extra_tensors or {})}, str(tmp / RNG_FILE))
-        full_state = {**state, "format_version": FORMAT_VERSION, "optimizer": opt_meta, "rng": rng_scalars}
+        files = sorted(p.name for p in tmp.iterdir()) + [STATE_FILE]
+        full_state = {
+            **state,
+            "format_version": FORMAT_VERSION,
+            "optimizer": opt_meta,
+            "rng": rng_scalars,
+            "files": sorted(set(files)),
+            "rng_tensors": sorted({*rng_tensors, *(extra_tensors or {})}),
+        }
         _write_json(tmp / STATE_FILE, full_state)
-    except BaseException:
+        fsync_tree(tmp)
+    except BaseException as e:
         # Including KeyboardInterrupt: the half-written folder must not linger as if it were usable.
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointWriteError(
+                e.errno,
+                f"no space left on the device of {root} while writing a checkpoint; the previous "
+                f"checkpoint {final} is intact. Free some space and continue with --resume",
+            ) from e
         raise
     # A folder cannot be renamed onto a non-empty folder, so the old `last` moves aside first. Between
     # the two renames only `previous` (or the old copy) exists; find_checkpoint falls back to it.
@@ -244,6 +375,7 @@ def save_checkpoint(
             shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    fsync_dir(root)
     return final
 
 
@@ -293,10 +425,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             with the file named.
     """
     path = find_checkpoint(path)
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
-    if missing:
+    if not (path / STATE_FILE).is_file():
         raise ValueError(
-            f"checkpoint {path} is incomplete: missing {missing}; resume from "
+            f"checkpoint {path} is incomplete: missing {[STATE_FILE]}; resume from "
             f"{path.parent / PREVIOUS} or start a new run"
         )
     try:
@@ -307,6 +438,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ) from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path}: {STATE_FILE} is not a JSON object")
+    # Checkpoints list their files; older ones (no list) are LM checkpoints with a tokenizer.
+    required = state.get("files") or REQUIRED_FILES
+    missing = [f for f in required if not (path / f).is_file()]
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} is incomplete: missing {missing}; resume from "
+            f"{path.parent / PREVIOUS} or start a new run"
+        )
     absent = [k for k in REQUIRED_STATE_KEYS if k not in state]
     if absent:
         raise ValueError(f"checkpoint {path}: {STATE_FILE} lacks {absent}; the checkpoint is corrupt")
@@ -317,12 +456,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     opt_tensors = _read_safetensors(path, OPTIMIZER_FILE)
     rng_tensors = _read_safetensors(path, RNG_FILE)
     # The model weights are loaded by the model class; here only their header is checked, cheaply.
-    with safe_open_checked(path, "model.safetensors") as f:
+    with safe_open_checked(path, MODEL_WEIGHTS) as f:
         if not list(f.keys()):
             raise ValueError(
                 f"checkpoint {path}: model.safetensors holds no tensors; the checkpoint is corrupt"
             )
-    for key in ("torch_cpu", "numpy_keys", "sampler_generator"):
+    for key in state.get("rng_tensors") or ("torch_cpu", "numpy_keys", "sampler_generator"):
         if key not in rng_tensors:
             raise ValueError(f"checkpoint {path}: {RNG_FILE} lacks tensor {key!r}; the checkpoint is corrupt")
     expected = {
