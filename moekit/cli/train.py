@@ -56,6 +56,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--z-loss-coef", type=float, help="router z-loss coefficient (default: the preset's)")
     p.add_argument(
+        "--seq-balance-coef",
+        type=float,
+        help="sequence-wise balance loss coefficient (default: the preset's)",
+    )
+    p.add_argument(
+        "--entropy-loss-coef",
+        type=float,
+        help="top-p routing's entropy loss coefficient (default: the preset's)",
+    )
+    p.add_argument(
         "--k-schedule",
         metavar="SPEC",
         help="experts per token over training, TYPE:K_MIN:K_MAX[:HORIZON] with TYPE linear|cosine|step|constant, "
@@ -88,6 +98,15 @@ def build_config(args: argparse.Namespace):
         # The resumed run's own settings are the base, so `--resume` alone continues it unchanged.
         probe = TrainConfig.from_dict(base)
         saved = load_checkpoint(probe.resolved_out_dir() / "checkpoints").state["config"]
+        # A model flag that names another model than the run's is refused, not silently dropped.
+        asked = {"preset": args.preset, "init_from": getattr(args, "init_from", None)}
+        for key, value in asked.items():
+            if value is not None and value != saved.get(key):
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(
+                    f"cannot resume: {flag} {value} differs from the run's {key} {saved.get(key)!r}; "
+                    f"drop {flag} to continue the run, or train into a new --out folder"
+                )
         base = {**saved, "out_dir": base["out_dir"]}
     changes = {
         "corpus": args.corpus,
@@ -98,6 +117,8 @@ def build_config(args: argparse.Namespace):
         "freeze": args.freeze,
         "aux_loss_coef": args.aux_loss_coef,
         "z_loss_coef": args.z_loss_coef,
+        "seq_balance_coef": getattr(args, "seq_balance_coef", None),
+        "entropy_loss_coef": getattr(args, "entropy_loss_coef", None),
     }
     base.update({k: v for k, v in changes.items() if v is not None})
     if args.steps is not None:
@@ -119,33 +140,62 @@ def build_config(args: argparse.Namespace):
     return TrainConfig.from_dict(base)
 
 
+def baseline_phrase(val_loss: float, unigram_loss: float) -> str:
+    """How the val loss compares with the unigram baseline, in words that are right either way."""
+    if math.isnan(val_loss):
+        return "the model was not evaluated"
+    gap = unigram_loss - val_loss
+    if gap > 0:
+        return f"the model is {gap:.3f} nats/token below it"
+    if gap < 0:
+        return f"the model is {-gap:.3f} nats/token above it (not yet better than unigram statistics)"
+    return "the model is level with it"
+
+
 def run(args: argparse.Namespace) -> int:
     """Trains and prints where the checkpoint and log went, the final val loss and the unigram baseline."""
     from moekit.train import train
+    from moekit.train.checkpoint import CheckpointWriteError
 
     config = build_config(args)
     out = config.resolved_out_dir()
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks
     if is_main:
+        limit = f"time limit {config.time_limit_s:g} s" if config.time_limit_s else "no time limit"
         print(
             f"training {config.init_from or config.preset} for {config.total_steps} steps x "
-            f"{config.tokens_per_step} tokens (time limit {config.time_limit_s or 'none'} s) -> {out}",
+            f"{config.tokens_per_step} tokens ({limit}) -> {out}",
             file=sys.stderr,
         )
-    result = train(config, resume=args.resume, progress=sys.stderr.isatty())
+    try:
+        result = train(config, resume=args.resume, progress=sys.stderr.isatty())
+    except CheckpointWriteError as e:
+        print(f"moekit train: error: {e.strerror}", file=sys.stderr)
+        return 1
     if not is_main:
         return 0
-    gap = result.unigram_loss - result.val_loss
-    print(f"stopped:          {result.stop_reason} at step {result.step} ({result.num_tokens:,} tokens)")
+    if result.stop_reason == "already_finished":
+        print(
+            f"nothing to train: the run already finished at step {result.step} ({result.num_tokens:,} tokens)"
+        )
+    else:
+        print(f"stopped:          {result.stop_reason} at step {result.step} ({result.num_tokens:,} tokens)")
     print(f"checkpoint:       {result.checkpoint_dir}")
     print(f"run log:          {result.log_path}")
-    print(f"val loss:         {result.val_loss:.4f} nats/token (perplexity {result.val_perplexity:.2f})")
+    if math.isnan(result.val_loss):
+        print("val loss:         not evaluated (stopped before the first evaluation)")
+    else:
+        at = "" if result.val_step == result.step else f" at step {result.val_step}"
+        print(
+            f"val loss:         {result.val_loss:.4f} nats/token (perplexity {result.val_perplexity:.2f}){at}"
+        )
     print(
         f"unigram baseline: {result.unigram_loss:.4f} nats/token (perplexity {math.exp(result.unigram_loss):.2f}); "
-        f"the model is {gap:.3f} nats/token below it"
+        f"{baseline_phrase(result.val_loss, result.unigram_loss)}"
     )
-    print(f"throughput:       {result.tokens_per_s:,.0f} tokens/s over {result.elapsed_s:.0f} s")
-    if not args.no_report and result.stop_reason != "interrupted":
+    if result.num_steps_run:
+        print(f"throughput:       {result.tokens_per_s:,.0f} tokens/s over {result.elapsed_s:.0f} s")
+    if not args.no_report and result.stop_reason not in ("interrupted", "already_finished"):
         from moekit.cli.report import report_for_run
 
         md = report_for_run(result.out_dir)

@@ -16,7 +16,7 @@ Layout:
 To add a data source, subclass :class:`DataModule` (see :mod:`moekit.data.base`).
 """
 
-from moekit.data.base import DataModule
+from moekit.data.base import BatchListDataModule, DataModule
 from moekit.data.corpus import (
     Document,
     TokenData,
@@ -42,6 +42,7 @@ from moekit.data.tokenizer import (
 __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
+    "BatchListDataModule",
     "DataModule",
     "Document",
     "TextDataModule",

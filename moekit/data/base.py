@@ -12,6 +12,7 @@ state from :meth:`DataModule.state_dict`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +52,41 @@ class DataModule(ABC):
     def save_artifacts(self, folder: Path) -> None:
         """Writes files every checkpoint folder should carry (e.g. the tokenizer); none by default."""
         del folder
+
+
+class BatchListDataModule(DataModule):
+    """Cycles through a fixed list of training batches in order (surgery's short fine-tuning, tests).
+
+    Args:
+        train_batches: the batches, drawn ``0, 1, ..., n - 1, 0, ...``.
+        val_batches: fixed validation batches (empty: the run is never evaluated).
+    """
+
+    def __init__(self, train_batches: Sequence[Any], val_batches: Sequence[Any] = ()) -> None:
+        if not train_batches:
+            raise ValueError("BatchListDataModule needs at least one training batch")
+        self._train = list(train_batches)
+        self._val = list(val_batches)
+        self.position = 0
+
+    def next_train_batch(self) -> Any:
+        """The next batch in cyclic order."""
+        batch = self._train[self.position % len(self._train)]
+        self.position += 1
+        return batch
+
+    def val_batches(self) -> list[Any]:
+        """The fixed validation batches."""
+        return self._val
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"position"}``: batches drawn so far."""
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`."""
+        self.position = int(state["position"])
+
+    def describe(self) -> dict[str, Any]:
+        """Batch counts."""
+        return {"num_train_batches": len(self._train), "num_val_batches": len(self._val)}

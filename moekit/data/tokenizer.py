@@ -102,7 +102,10 @@ def save_tokenizer(tok: Tokenizer, folder: str | Path, model_max_length: int | N
     }
     for name, text in files.items():
         tmp = folder / f"{name}.tmp-{os.getpid()}"
-        tmp.write_text(text + "\n")
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, folder / name)
     return folder
 

@@ -106,7 +106,11 @@ class ModelConfig(JsonConfig):
         tie_word_embeddings: ``lm_head`` shares the embedding matrix.
         initializer_range: std of the normal init.
 
-    Loss coefficients (the model applies them; aux losses are averaged over MoE layers):
+    Recommended loss coefficients (aux losses are averaged over MoE layers). Training does not read
+    these directly: the objective's weights come from ``TrainConfig`` (``aux_loss_coef`` etc.) and
+    fall back to these values when the TrainConfig leaves them None. They stay in the model config
+    because ``forward(labels=...)`` follows the Hugging Face convention of adding the weighted aux
+    loss (``router_aux_loss_coef`` lives in an HF config too) and converters carry them over:
         aux_loss_coef: on ``aux_losses["load_balance"]``.
         z_loss_coef: on ``aux_losses["z_loss"]``.
         seq_balance_coef: on ``aux_losses["seq_balance"]`` (DeepSeek-V3 sequence-wise balance).

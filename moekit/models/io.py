@@ -30,12 +30,19 @@ SAVE_FORMATS = ("moekit", "hf")
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Calls ``write(tmp_path)`` then renames the temp file to ``path``."""
+    """Calls ``write(tmp_path)``, fsyncs it, renames it to ``path`` and fsyncs the folder."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # data on disk before the rename makes it visible
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -40,12 +40,13 @@ MODEL_CONFIG_COEFS = {
 
 
 def token_cross_entropy(logits_BSV: Tensor, targets_BS: Tensor, reduction: str = "mean") -> Tensor:
-    """Cross-entropy of aligned logits and targets, in float32; targets of -100 are ignored.
+    """Cross-entropy of aligned logits and targets, in float32 (float64 for a float64 model); targets
+    of -100 are ignored.
 
-    fp32 because a bf16 log-softmax over a large vocabulary loses about two digits of the loss.
+    At least fp32 because a bf16 log-softmax over a large vocabulary loses about two digits of the loss.
     ``"mean"`` is sum / count, so a batch with no targets gives 0 rather than NaN; ``"sum"`` is the sum.
     """
-    logits_NV = logits_BSV.reshape(-1, logits_BSV.shape[-1]).float()
+    logits_NV = logits_BSV.reshape(-1, logits_BSV.shape[-1]).to(_loss_dtype(logits_BSV))
     targets_N = targets_BS.reshape(-1).to(logits_NV.device)
     total = F.cross_entropy(logits_NV, targets_N, ignore_index=-100, reduction="sum")
     if reduction == "sum":
@@ -53,6 +54,10 @@ def token_cross_entropy(logits_BSV: Tensor, targets_BS: Tensor, reduction: str =
     if reduction != "mean":
         raise ValueError(f"token_cross_entropy: reduction={reduction!r}; use 'mean' or 'sum'")
     return total / (targets_N != -100).sum().clamp_min(1)
+
+
+def _loss_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
@@ -89,15 +94,16 @@ class LossWeights(JsonConfig):
         return cls(**values)
 
     def weighted(self, aux_losses: Mapping[str, Tensor], like: Tensor) -> Tensor:
-        """Scalar float32 ``sum(weight * aux)`` over the losses present with a non-zero weight.
+        """Scalar ``sum(weight * aux)`` (float32, or float64 when ``like`` is) over the losses present with a non-zero weight.
 
         Only those losses are read, so lazily computed ones nobody weights are never computed.
         """
-        total = like.new_zeros((), dtype=torch.float32)
+        dtype = _loss_dtype(like)
+        total = like.new_zeros((), dtype=dtype)
         for name in AUX_LOSS_NAMES:
             coef = getattr(self, name)
             if coef and name in aux_losses:
-                total = total + coef * aux_losses[name].float()
+                total = total + coef * aux_losses[name].to(dtype)
         return total
 
 

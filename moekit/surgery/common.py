@@ -1,6 +1,6 @@
 """Helpers shared by the surgery operations: rebuilding a model from a config and a state dict,
 reading FFN weights, collecting FFN inputs on calibration data, a small torch k-means, expert
-usage, parameter snapshots, and a short freeze-aware training loop.
+usage, parameter snapshots, and short freeze-aware fine-tuning through the training engine.
 
 Shape legend: N = tokens, D = model width, F = FFN hidden width, H = input-projection rows (2F for
 SwiGLU: gate rows then up rows; F for GELU), E = experts, B = batch, S = sequence length.
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from moekit.layers import FeedForward, MoELayer
 from moekit.models import ModelConfig, MoEForCausalLM
+from moekit.models.objectives import token_cross_entropy
 
 Batches = Sequence[Tensor]
 
@@ -269,50 +270,46 @@ def train_steps(
     weight_decay: float = 0.0,
     seed: int = 0,
 ) -> list[float]:
-    """A short training loop built from ``moekit.train`` pieces (``apply_freeze``, ``build_optimizer``,
-    ``lr_at``): ``steps`` AdamW steps over ``batches`` cycled in order, loss = LM + weighted aux.
+    """A short fine-tuning run through the training engine (:func:`moekit.train.fit`, nothing written
+    to disk): ``steps`` AdamW steps over ``batches`` cycled in order, loss = LM + aux weighted by
+    the model's recommended coefficients, warmup over the first tenth, cosine to ``lr / 10``,
+    gradient clipping at 1.
 
     Trains ``model`` in place (callers pass a copy) and returns the per-step losses. Each batch is
     ``[B, S + 1]``: inputs ``[:, :-1]``, targets ``[:, 1:]``. Every parameter is made trainable
     first (except frozen-by-design routers), then ``freeze`` decides what stays fixed, so earlier
-    freezing does not leak between stages. No expert-bias balancer runs here.
+    freezing does not leak between stages. No expert-bias update runs here.
     """
-    from moekit.train import TrainConfig, apply_freeze, build_optimizer, lr_at
+    from moekit.data import BatchListDataModule
+    from moekit.models.objectives import CausalLMObjective, LossWeights
+    from moekit.train import LoopConfig, fit
 
     batches = as_batches(batches)
     if not batches:
         raise ValueError("train_steps: no batches were given")
-    cfg = TrainConfig(
-        max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 10), weight_decay=weight_decay
-    )
     torch.manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(True)
     for mlp in model.moe_layers:  # frozen-by-design routers (SMoE-Dropout) stay frozen
         if mlp.config.router_frozen or mlp.config.router_type == "random_fixed":
             mlp.router.weight.requires_grad_(False)
-    if freeze:
-        apply_freeze(model, list(freeze))
-    opt, _ = build_optimizer(model, cfg)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    model.train()
-    losses = []
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, steps)
-        batch = batches[step % len(batches)]
-        out = model(batch[:, :-1])
-        logits = out.logits
-        loss = nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-        ) + out.aux_loss.to(torch.float32)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=False)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+    loop = LoopConfig(
+        max_steps=steps,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup_steps=max(1, steps // 10),
+        weight_decay=weight_decay,
+        grad_clip=1.0,
+        freeze=list(freeze),
+        expert_bias_update=False,
+        deterministic=False,
+    )
+    objective = CausalLMObjective(LossWeights.from_model_config(model.config))
+    result = fit(
+        model, objective, BatchListDataModule(batches), loop, None, progress=False, dist_context=None
+    )
     model.eval()
-    return losses
+    return [loss for _, loss in result.losses]
 
 
 @torch.no_grad()
@@ -324,10 +321,7 @@ def lm_loss(model: MoEForCausalLM, batches: Batches) -> float:
     try:
         for batch in as_batches(batches):
             logits = model(batch[:, :-1]).logits
-            loss = nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(loss)
+            total += float(token_cross_entropy(logits, batch[:, 1:], reduction="sum"))
             count += batch[:, 1:].numel()
     finally:
         model.train(was_training)

@@ -357,10 +357,11 @@ def save_checkpoint(
         # Including KeyboardInterrupt: the half-written folder must not linger as if it were usable.
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = f"the previous checkpoint {final} is intact" if final.exists() else "no checkpoint was kept"
             raise CheckpointWriteError(
                 e.errno,
-                f"no space left on the device of {root} while writing a checkpoint; the previous "
-                f"checkpoint {final} is intact. Free some space and continue with --resume",
+                f"no space left on the device of {root} while writing a checkpoint; {kept}. Free some "
+                "space and continue with --resume",
             ) from e
         raise
     # A folder cannot be renamed onto a non-empty folder, so the old `last` moves aside first. Between

@@ -63,6 +63,7 @@ class LoopConfig(JsonConfig):
 
     Attributes:
         max_steps: optimizer steps of the whole run.
+        expert_bias_update: run the aux-loss-free expert-bias update for routers that have one.
         items_per_step: items (tokens for an LM) one optimizer step consumes on one rank, for
             ``num_tokens`` and ``tokens_per_s`` in the log.
     """
@@ -79,6 +80,7 @@ class LoopConfig(JsonConfig):
     k_schedule: KSchedule | None = None
     freeze: list[str] = field(default_factory=list)
     bias_update_rate: float | None = None
+    expert_bias_update: bool = True
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
     time_limit_s: float | None = None
@@ -174,6 +176,10 @@ class _Commit:
     data: dict[str, Any]
 
 
+class _NoSignals:
+    requested = None
+
+
 def _take_commit(data: DataModule, device: torch.device) -> _Commit:
     return _Commit(ckpt.capture_rng_state(device), copy.deepcopy(data.state_dict()))
 
@@ -195,7 +201,7 @@ def fit(
     objective: Objective,
     data: DataModule,
     config: LoopConfig,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     *,
     resume: bool | ckpt.Checkpoint = False,
     progress: bool = True,
@@ -214,7 +220,8 @@ def fit(
         data: batches and their resumable state.
         config: the loop settings.
         out_dir: run folder: ``checkpoints/{last,previous}``, ``train_log.jsonl`` and (with
-            ``run_config``) ``train_config.json``.
+            ``run_config``) ``train_config.json``. None writes nothing (a short in-memory run, as
+            surgery's fine-tuning does); Ctrl-C then propagates as ``KeyboardInterrupt``.
         resume: continue from ``out_dir/checkpoints/last`` (or from this already loaded checkpoint):
             model weights, optimizer, step, data state and RNG.
         progress: a tqdm bar.
@@ -235,7 +242,8 @@ def fit(
     ctx = dist_mod.init_from_env() if dist_context == "auto" else dist_context
     is_main = ctx is None or ctx.is_main
     world = 1 if ctx is None else ctx.world_size
-    out_dir = Path(out_dir)
+    writes = out_dir is not None
+    out_dir = Path(out_dir) if writes else Path()
     ckpt_root = out_dir / "checkpoints"
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -266,7 +274,9 @@ def fit(
         apply_freeze(model, config.freeze)
         optimizer, param_names = build_optimizer(model, config)
         balancer = None
-        if any(isinstance(m, MoELayer) and m.config.use_expert_bias for m in model.modules()):
+        if config.expert_bias_update and any(
+            isinstance(m, MoELayer) and m.config.use_expert_bias for m in model.modules()
+        ):
             rate = 1e-3 if config.bias_update_rate is None else config.bias_update_rate
             balancer = ExpertBiasBalancer(model, rate)
             balancer.attach(optimizer)
@@ -300,7 +310,7 @@ def fit(
                 out_dir / "train_log.jsonl" if is_main else None, [], history,
             )  # fmt: skip
 
-        if is_main:
+        if is_main and writes:
             out_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_tmp(ckpt_root)
             if run_config is not None:
@@ -310,7 +320,7 @@ def fit(
                 (out_dir / "train_config.json").write_text(text + "\n")
         log = (
             RunLog(out_dir / "train_log.jsonl", step if loaded is not None else None)
-            if is_main
+            if is_main and writes
             else NullLog()
         )
         baselines = data.baselines()
@@ -329,6 +339,8 @@ def fit(
             )
 
         def save(commit: _Commit) -> Path:
+            if not writes:
+                return ckpt_root / ckpt.LAST
             data_scalars, data_tensors = _split_data_state(commit.data)
             state = {
                 "step": step,
@@ -349,7 +361,9 @@ def fit(
                 model, optimizer, param_names, state, commit, data, data_tensors, config, ckpt_root, is_main
             )
 
-        def evaluate(moe_k: int | None) -> float:
+        def evaluate(moe_k: int | None) -> float | None:
+            if not val_batches:
+                return None  # a data module without validation data is never evaluated
             # The RNG is put back afterwards: evaluating never changes what the next step draws.
             rng = ckpt.capture_rng_state(device)
             try:
@@ -357,7 +371,9 @@ def fit(
             finally:
                 ckpt.restore_rng_state(*rng)
 
-        def record_eval(val: float) -> None:
+        def record_eval(val: float | None) -> None:
+            if val is None:
+                return
             ev = {
                 "event": "eval",
                 "step": step,
@@ -379,7 +395,7 @@ def fit(
         entropies: list[float] = []
         commit = _take_commit(data, device)
         updating = False
-        with StopSignals() as stop:
+        with StopSignals() if writes else contextlib.nullcontext(_NoSignals()) as stop:
             try:
                 while step < total_steps:
                     t_step = time.perf_counter()
@@ -451,6 +467,8 @@ def fit(
                         stop_reason = "time_limit"
                         break
             except KeyboardInterrupt:
+                if not writes:
+                    raise
                 stop_reason = "interrupted"
                 optimizer.zero_grad(set_to_none=True)
                 if updating:
