@@ -357,7 +357,9 @@ def save_checkpoint(
         # Including KeyboardInterrupt: the half-written folder must not linger as if it were usable.
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = f"the previous checkpoint {final} is intact" if final.exists() else "no checkpoint was kept"
+            kept = (
+                f"the previous checkpoint {final} is intact" if final.exists() else "no checkpoint was kept"
+            )
             raise CheckpointWriteError(
                 e.errno,
                 f"no space left on the device of {root} while writing a checkpoint; {kept}. Free some "
