@@ -189,7 +189,7 @@ def bench_quality(args) -> None:
         uniform_allocation,
     )
     from moekit.compress.mixed import cost_table, evaluate_allocation
-    from moekit.train import eval_batches
+    from moekit.data import eval_batches
 
     folder = small_trained_model()
     model, tok, folder = load_model_and_tokenizer(folder)
@@ -330,8 +330,8 @@ def bench_offload(args) -> None:
     from moekit.cli.common import evaluation_tokens, load_model_and_tokenizer
     from moekit.compress import QuantConfig, quantize_model
     from moekit.compress.offload import offload_quantized_model
+    from moekit.data import eval_batches
     from moekit.infer.offload import offload_model
-    from moekit.train import eval_batches
 
     model, tok, folder = load_model_and_tokenizer(small_trained_model())
     val = eval_batches(evaluation_tokens(tok, folder, None, "val"), 256, 4, 2)

@@ -15,8 +15,9 @@ import time
 import torch
 
 from moekit.cli.common import evaluation_tokens, load_model_and_tokenizer
+from moekit.data import eval_batches
 from moekit.infer.generate import DecodeSession, iter_tokens
-from moekit.train import TrainConfig, eval_batches, evaluate
+from moekit.train import TrainConfig, evaluate
 
 
 def decode_ms_per_token(model, ids: torch.Tensor, k: int, new_tokens: int = 64) -> float:

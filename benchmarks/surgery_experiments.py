@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from moekit.data import WindowSampler, eval_batches, read_text, resolve_corpus, split_documents
 from moekit.models import ModelConfig, MoEForCausalLM
 from moekit.surgery import (
     EXTENSION_FREEZE,
@@ -40,8 +41,6 @@ from moekit.surgery import (
     train_steps,
     upcycle,
 )
-from moekit.train import WindowSampler, eval_batches, resolve_corpus, split_documents
-from moekit.train.data import read_text
 
 SEQ, BATCH = 64, 16
 

@@ -15,9 +15,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from moekit.train import TrainConfig, eval_batches, train
-from moekit.train.data import load_token_data, resolve_corpus, split_documents
-from moekit.train.tokenizer import load_tokenizer
+from moekit.data import eval_batches, load_token_data, load_tokenizer, resolve_corpus, split_documents
+from moekit.train import TrainConfig, train
 
 
 def main() -> None:

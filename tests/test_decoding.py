@@ -143,7 +143,7 @@ def test_scmoe_weak_top1_and_sampling_are_valid(model):
 
 def test_cli_generate_scmoe_dynamic_k_offloaded(tmp_path, capsys):
     from moekit.cli.main import main
-    from moekit.train.tokenizer import save_tokenizer, train_tokenizer
+    from moekit.data import save_tokenizer, train_tokenizer
 
     folder = tmp_path / "tiny"
     torch.manual_seed(0)

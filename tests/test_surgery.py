@@ -470,7 +470,7 @@ def test_cli_upcycle_prune_merge_extend(tmp_path, capsys):
             extend_verb,
             ["--model", str(tmp_path / "u"), "--out", str(tmp_path / "e"), "--new-data", str(tmp_path)],
         )
-    from moekit.train import save_tokenizer, train_tokenizer
+    from moekit.data import save_tokenizer, train_tokenizer
 
     make(moe_config(num_experts=4, vocab_size=300)).save_pretrained(tmp_path / "v")
     save_tokenizer(train_tokenizer(["def f(x):\n    return x + 1\n" * 40], 300), tmp_path / "v")

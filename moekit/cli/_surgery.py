@@ -64,7 +64,7 @@ def build_config(cls, args: argparse.Namespace, changes: dict[str, Any]):
 def calibration_batches(folder: Path, corpus: list[str] | None, args: argparse.Namespace):
     """``[B, S]`` token batches from ``corpus`` (or the run's validation split) with the folder's tokenizer."""
     from moekit.cli.common import evaluation_tokens
-    from moekit.train import eval_batches, load_tokenizer
+    from moekit.data import eval_batches, load_tokenizer
 
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"{folder} has no tokenizer.json; calibration text needs the model's tokenizer")

@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Loads the model, scores fixed windows, prints loss and perplexity as JSON."""
-    from moekit.train import TrainConfig, eval_batches, evaluate
+    from moekit.data import eval_batches
+    from moekit.train import TrainConfig, evaluate
 
     model, tok, folder = load_model_and_tokenizer(args.model, args.dtype)
     tokens = evaluation_tokens(tok, folder, args.corpus)

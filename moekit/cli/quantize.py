@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     batches = None
     if args.mixed or args.method == "gptq":
         from moekit.cli.common import evaluation_tokens
-        from moekit.train import eval_batches
+        from moekit.data import eval_batches
 
         tokens = evaluation_tokens(tok, folder, args.calib, split="train")
         batches = eval_batches(tokens, args.calib_seq_len, 4, args.calib_batches)
