@@ -264,3 +264,19 @@ def test_model_parameter_groups_match_the_named_groups(moe, attention):
     assert frozen == {"moe.router.weight", "norm.weight", "norm.bias"}
     with pytest.raises(ValueError, match="unknown freeze group 'attention'"):
         apply_freeze(ToyRegressor(), ["attention"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_steps_and_resume(tmp_path):
+    """The loop takes a device: a short bf16 run on CUDA, then a resume, also on CUDA."""
+    seed_everything(0)
+    model = ToyRegressor()
+    objective = RegressionObjective(LossWeights(load_balance=0.01))
+    loop = _toy_loop(max_steps=4, dtype="bf16", save_interval=2)
+    res = fit(model, objective, SineData(seed=7), loop, tmp_path, progress=False, device="cuda")
+    assert res.step == 4 and next(model.parameters()).is_cuda
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in res.losses)
+    assert "torch_cuda" in load_checkpoint(tmp_path / "checkpoints").rng_tensors
+    more = fit(ToyRegressor(), objective, SineData(seed=7), loop.replace(max_steps=6), tmp_path, resume=True,
+               progress=False, device="cuda")  # fmt: skip
+    assert more.step == 6 and more.num_steps_run == 2

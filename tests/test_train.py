@@ -24,7 +24,7 @@ from moekit.train import (
     train,
 )
 from moekit.train import checkpoint as ckpt
-from moekit.train import engine as engine_mod
+from moekit.train import step as step_mod
 from moekit.train import trainer as trainer_mod
 
 VOCAB = 320
@@ -218,7 +218,7 @@ def test_frozen_params_stay_bit_identical(tmp_path, corpus):
 
 def _interrupt_at(monkeypatch, call: int):
     """Makes the ``call``-th train step raise KeyboardInterrupt after drawing data and RNG (mid-step)."""
-    real = engine_mod._accumulate
+    real = step_mod.accumulate_gradients
     calls = {"n": 0}
 
     def step(model, objective, data, *args, **kwargs):
@@ -229,7 +229,7 @@ def _interrupt_at(monkeypatch, call: int):
             raise KeyboardInterrupt
         return real(model, objective, data, *args, **kwargs)
 
-    monkeypatch.setattr(engine_mod, "_accumulate", step)
+    monkeypatch.setattr(step_mod, "accumulate_gradients", step)
 
 
 @pytest.mark.parametrize("save_interval", [100, 2])

@@ -29,7 +29,7 @@ import copy
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moekit.config import JsonConfig, check_choice
 from moekit.data import DataModule
 from moekit.models.objectives import Objective
 from moekit.train import checkpoint as ckpt
+from moekit.train import step as step_mod
 from moekit.train.freeze import apply_freeze, build_optimizer
+from moekit.train.loop_config import DTYPES, FitResult, LoopConfig
 from moekit.train.runlog import (
     NullLog,
     RunLog,
@@ -52,95 +53,6 @@ from moekit.train.runlog import (
     to_device,
 )
 from moekit.train.schedules import KSchedule, lr_at
-
-DTYPES = ("fp32", "bf16")
-
-
-@dataclass(kw_only=True)
-class LoopConfig(JsonConfig):
-    """The model- and data-independent settings of a run (see :class:`~moekit.train.TrainConfig`
-    for what each means; ``TrainConfig.loop_config()`` builds one).
-
-    Attributes:
-        max_steps: optimizer steps of the whole run.
-        expert_bias_update: run the aux-loss-free expert-bias update for routers that have one.
-        items_per_step: items (tokens for an LM) one optimizer step consumes on one rank, for
-            ``num_tokens`` and ``tokens_per_s`` in the log.
-    """
-
-    max_steps: int
-    items_per_step: int = 0
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    k_schedule: KSchedule | None = None
-    freeze: list[str] = field(default_factory=list)
-    bias_update_rate: float | None = None
-    expert_bias_update: bool = True
-    dtype: str = "fp32"
-    gradient_checkpointing: bool = False
-    time_limit_s: float | None = None
-    eval_interval: int = 100
-    log_interval: int = 10
-    save_interval: int = 100
-    keep_previous: bool = True
-    deterministic: bool = True
-
-    def __post_init__(self) -> None:
-        name = "LoopConfig"
-        if isinstance(self.k_schedule, dict):
-            self.k_schedule = KSchedule.from_dict(self.k_schedule)
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        self.freeze = list(self.freeze)
-        check_choice(name, "dtype", self.dtype, DTYPES)
-        for f in ("max_steps", "grad_accum", "eval_interval", "log_interval", "save_interval"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{name}.{f} must be >= 1, got {getattr(self, f)}")
-
-    @property
-    def total_steps(self) -> int:
-        """``max_steps`` (what :func:`~moekit.train.schedules.lr_at` reads)."""
-        return self.max_steps
-
-
-@dataclass
-class FitResult:
-    """What :func:`fit` returns.
-
-    Attributes:
-        step: optimizer steps done (including those before a resume).
-        num_items: items (tokens) trained on, over all ranks.
-        train_loss: the total loss of the last step of this process (NaN if none ran).
-        val_loss: the latest evaluation's mean task loss (NaN if the run was never evaluated).
-        val_step: the step ``val_loss`` was measured at (None if never evaluated).
-        stop_reason: ``"max_steps"``, ``"time_limit"``, ``"interrupted"`` or ``"already_finished"``
-            (a resume of a run that had reached its budget: nothing ran, nothing was logged).
-        num_steps_run: optimizer steps this process ran.
-        elapsed_s: wall-clock seconds of this process's part of the run.
-        items_per_s: training throughput of this process (NaN when no step ran).
-        out_dir, checkpoint_dir, log_path: where things went.
-        losses: ``[(step, total loss)]`` of every step of this process.
-        history: the eval records of the whole run.
-    """
-
-    step: int
-    num_items: int
-    train_loss: float
-    val_loss: float
-    val_step: int | None
-    stop_reason: str
-    num_steps_run: int
-    elapsed_s: float
-    items_per_s: float
-    out_dir: Path
-    checkpoint_dir: Path
-    log_path: Path | None
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -357,7 +269,7 @@ def fit(
                     extra_tensors=data_tensors, keep_previous=config.keep_previous,
                     save_artifacts=data.save_artifacts,
                 )  # fmt: skip
-            return _save_distributed(
+            return step_mod.save_distributed(
                 model, optimizer, param_names, state, commit, data, data_tensors, config, ckpt_root, is_main
             )
 
@@ -403,8 +315,10 @@ def fit(
                     lr = lr_at(step, config, total_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    rec = _accumulate(model, objective, data, config, moe_k, balancer, device, autocast)
-                    grad_norm = _clip(model, optimizer, config, ctx)
+                    rec = step_mod.accumulate_gradients(
+                        model, objective, data, config, moe_k, balancer, device, autocast
+                    )
+                    grad_norm = step_mod.clip_gradients(model, optimizer, config, ctx)
                     # The update and the commit are one unit: an interrupt inside has nothing to save.
                     updating = True
                     optimizer.step()
@@ -425,7 +339,7 @@ def fit(
                         routing_sums[i] = t if routing_sums[i] is None else routing_sums[i] + t
                         entropies[i] += rec["_entropy"][i]
                     if step % config.log_interval == 0 or step == total_steps:
-                        record = _log_record(step, num_items, lr, moe_k, window, dt, config)
+                        record = step_mod.train_record(step, num_items, lr, moe_k, window, dt, config)
                         record.update(routing_stats(routing_sums, entropies, len(window)))
                         log.write(record)
                         if bar is not None:
@@ -517,91 +431,6 @@ def fit(
         )
     finally:
         torch.use_deterministic_algorithms(previous_det)
-
-
-def _save_distributed(
-    model, optimizer, param_names, state, commit, data, data_tensors, config, root, is_main
-):
-    """Every rank gathers (collectives); rank 0 writes the single-device format."""
-    from moekit.parallel import distributed as dist_mod
-    from moekit.parallel import full_state_dict
-
-    full = full_state_dict(model)
-    flat_tensors, flat_meta = ckpt.flatten_optimizer(optimizer, param_names)
-    flat_tensors = dist_mod.gather_optimizer_tensors(model, flat_tensors)
-    if is_main:
-        with torch.random.fork_rng(devices=[]):  # building the copy must not move this rank's RNG
-            shadow = type(model)(model.config)
-        shadow.load_state_dict(full)
-        ckpt.save_checkpoint(
-            root, shadow, None, optimizer, param_names, state, commit.rng,
-            extra_tensors=data_tensors, keep_previous=config.keep_previous,
-            optimizer_flat=(flat_tensors, flat_meta), save_artifacts=data.save_artifacts,
-        )  # fmt: skip
-    torch.distributed.barrier()
-    return root / ckpt.LAST
-
-
-def _accumulate(model, objective, data, config, moe_k, balancer, device, autocast) -> dict[str, Any]:
-    """Forward and backward over ``grad_accum`` micro-batches; returns the step's metrics."""
-    n = config.grad_accum
-    totals: dict[str, float] = {"loss": 0.0}
-    aux_parts: dict[str, float] = {}
-    tpe: list[Tensor] = []
-    entropy: list[float] = []
-    for _ in range(n):
-        batch = to_device(data.next_train_batch(), device)
-        with autocast():
-            output = objective.forward(model, batch, moe_k)
-        out = objective.loss(output, batch)
-        (out.loss / n).backward()
-        if balancer is not None:
-            balancer.observe(out.routing)
-        totals["loss"] += float(out.loss.detach()) / n
-        for name, value in out.metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value.detach()) / n
-        for name, value in (out.aux_losses or {}).items():
-            aux_parts[name] = aux_parts.get(name, 0.0) + float(value.detach()) / n
-        for i, info in enumerate(out.routing or []):
-            counts = info.tokens_per_expert.detach().float().cpu()
-            if i < len(tpe):
-                tpe[i] = tpe[i] + counts
-                entropy[i] += float(info.router_entropy) / n
-            else:
-                tpe.append(counts)
-                entropy.append(float(info.router_entropy) / n)
-    return {**totals, "aux": aux_parts, "_tpe": tpe, "_entropy": entropy}
-
-
-def _clip(model, optimizer, config: LoopConfig, ctx) -> float:
-    """Clips the gradients to ``grad_clip`` (global norm) and returns the norm before clipping."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if ctx is not None:
-        from moekit.parallel import distributed as dist_mod
-
-        dist_mod.sync_replicated_grads(model, ctx)
-        return dist_mod.clip_grad_norm_global(model, params, config.grad_clip, ctx)
-    if config.grad_clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=False))
-    grads = [p.grad.norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
-
-
-def _log_record(step, num_items, lr, moe_k, window, dt, config: LoopConfig) -> dict[str, Any]:
-    n = len(window)
-    metric_names = [k for k in window[-1] if k not in ("aux", "grad_norm") and not k.startswith("_")]
-    aux_names = sorted({k for r in window for k in r["aux"]})
-    return {
-        "event": "train",
-        "step": step,
-        "num_tokens": num_items,
-        **{k: sum(r.get(k, 0.0) for r in window) / n for k in metric_names},
-        "aux_losses": {k: sum(r["aux"].get(k, 0.0) for r in window) / n for k in aux_names},
-        "lr": lr,
-        "moe_k": moe_k,
-        "grad_norm": sum(r["grad_norm"] for r in window) / n,
-        "tokens_per_s": config.items_per_step / max(dt, 1e-9),
-    }
 
 
 __all__ = ["DTYPES", "FitResult", "LoopConfig", "check_k_schedule", "fit", "seed_everything"]
