@@ -209,9 +209,8 @@ def fit(
         def last_eval() -> tuple[float, int | None]:
             if not history:
                 return float("nan"), None
-            return float(history[-1]["val_loss"] if history[-1]["val_loss"] is not None else "nan"), history[
-                -1
-            ]["step"]
+            val = history[-1]["val_loss"]
+            return (float("nan") if val is None else float(val)), history[-1]["step"]
 
         if loaded is not None and step >= total_steps:
             # Already finished: nothing to train, nothing to log (no second `end` record).
