@@ -264,3 +264,38 @@ def test_baseline_phrase_reads_right_above_and_below():
     above = baseline_phrase(5.042, 4.5)
     assert above.startswith("the model is 0.542 nats/token above it") and "-" not in above
     assert baseline_phrase(float("nan"), 4.5) == "the model was not evaluated"
+
+
+def test_sigterm_to_a_cli_run_saves_the_step_it_finished(tmp_path):
+    """A real `moekit train` process gets SIGTERM mid-run: it saves the step it was on (not an older
+    periodic one), exits with 130, and the resumed run ends with the uninterrupted run's weights."""
+    import sys
+    import time
+    from pathlib import Path
+
+    corpus = _write_corpus(tmp_path / "corpus")
+    cfg = _run_cfg(tmp_path, corpus, "cli", max_steps=24, save_interval=100, eval_interval=8)
+    cfg.to_json(tmp_path / "cfg.json")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    cmd = [sys.executable, "-m", "moekit", "train", "--config", str(tmp_path / "cfg.json"), "--no-report"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = tmp_path / "cli" / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if sum('"event": "train"' in line for line in lines) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    saved = load_checkpoint(tmp_path / "cli").state["step"]
+    trains = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "train"]
+    assert 3 <= saved < 24 and trains[-1] == saved  # the step it had finished, nothing lost
+    assert "SIGTERM: saved" in err.decode() and f"interrupted at step {saved}" in out.decode()
+    resumed = train(cfg, resume=True, progress=False)
+    full = train(cfg.replace(out_dir=str(tmp_path / "full")), progress=False)
+    assert resumed.losses == full.losses[saved:]
+    a = load_file(str(resumed.checkpoint_dir / "model.safetensors"))
+    b = load_file(str(full.checkpoint_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import signal
@@ -45,9 +46,24 @@ class RunLog:
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        """Appends one record (NaN becomes null, so every line is strict JSON)."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_finite(record)) + "\n")
+        """Appends one record (NaN becomes null, so every line is strict JSON).
+
+        Raises:
+            CheckpointWriteError: the disk is full; the last checkpoint is untouched.
+        """
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(_finite(record)) + "\n")
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            from moekit.train.checkpoint import CheckpointWriteError
+
+            raise CheckpointWriteError(
+                e.errno,
+                f"no space left on the device of {self.path} while writing the run log; the last "
+                "checkpoint is intact. Free some space and continue with --resume",
+            ) from e
 
 
 def _finite(obj: Any) -> Any:
