@@ -188,6 +188,10 @@ def test_two_micro_batches_equal_one_batch_of_twice_the_size_in_float64():
     )
     fit(half, objective, BatchListDataModule([b1]), LoopConfig(**loop), None, progress=False)
     assert next(split.parameters()).dtype == torch.float64
+    # The objective is written once: the model's own labels= loss is the same cross-entropy.
+    ids = torch.cat([b1, b2])
+    direct = objective(base, ids).metrics["lm_loss"]
+    torch.testing.assert_close(direct, base(ids, labels=ids).lm_loss, rtol=1e-12, atol=0)
     for (_, a), (_, b) in zip(r_split.losses, r_whole.losses):
         assert a == pytest.approx(b, rel=1e-13, abs=0)
     moved = 0

@@ -249,6 +249,8 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

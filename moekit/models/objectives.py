@@ -149,6 +149,10 @@ class Objective(ABC):
     def eval_loss(self, output: Any, batch: Any) -> tuple[Tensor, int]:
         """``(mean task loss, number of items it averages)`` of one validation batch."""
 
+    def __call__(self, model: nn.Module, batch: Any, moe_k: int | None = None) -> ObjectiveOutput:
+        """``loss(forward(model, batch, moe_k), batch)``, for callers that need no autocast split."""
+        return self.loss(self.forward(model, batch, moe_k), batch)
+
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, batches: list[Any], moe_k: int | None = None, autocast=contextlib.nullcontext
