@@ -401,17 +401,10 @@ def fit(
         elapsed_loop = time.perf_counter() - t_loop
         val_loss, val_step = last_eval()
         train_loss = losses[-1][1] if losses else float("nan")
-        log.write(
-            {
-                "event": "end",
-                "step": step,
-                "stop_reason": stop_reason,
-                "val_loss": val_loss if val_step == step else None,
-                "val_perplexity": perplexity(val_loss) if val_step == step else None,
-                **baselines,
-                "elapsed_s": time.perf_counter() - t_start,
-            }
-        )
+        end: dict[str, Any] = {"event": "end", "step": step, "stop_reason": stop_reason}
+        if val_step is not None:  # the latest evaluation, and when it was (never: no val fields)
+            end.update(val_loss=val_loss, val_perplexity=perplexity(val_loss), val_step=val_step)
+        log.write({**end, **baselines, "elapsed_s": time.perf_counter() - t_start})
         return FitResult(
             step=step,
             num_items=num_items,
