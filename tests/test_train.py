@@ -442,3 +442,19 @@ def test_init_from_a_model_folder_trains_it(tmp_path, corpus):
     assert (tmp_path / "run2" / "checkpoints" / "last" / "tokenizer.json").read_text() == (
         first.checkpoint_dir / "tokenizer.json"
     ).read_text()
+
+
+def test_loss_weights_come_from_the_train_config(tmp_path, corpus):
+    """The objective weights the aux losses with TrainConfig's coefficients; None takes the model's."""
+    cfg = _config(tmp_path, corpus, max_steps=1, eval_interval=100, aux_loss_coef=0.5, z_loss_coef=0.25)
+    res = train(cfg, progress=False)
+    recs = [json.loads(line) for line in res.log_path.read_text().splitlines()]
+    assert recs[0]["loss_weights"]["load_balance"] == 0.5 and recs[0]["model_config"]["aux_loss_coef"] == 0.01
+    step = recs[1]
+    want = 0.5 * step["aux_losses"]["load_balance"] + 0.25 * step["aux_losses"]["z_loss"]
+    assert step["aux_loss"] == pytest.approx(want, rel=1e-5) and step["aux_loss"] > 0
+    assert step["loss"] == pytest.approx(step["lm_loss"] + step["aux_loss"], rel=1e-6)
+    # None: the model's recommendation (moe-tiny: 0.01 on load_balance, no z-loss).
+    res = train(cfg.replace(aux_loss_coef=None, z_loss_coef=None, out_dir=str(tmp_path / "b")), progress=False)
+    step = [json.loads(line) for line in res.log_path.read_text().splitlines()][1]
+    assert step["aux_loss"] == pytest.approx(0.01 * step["aux_losses"]["load_balance"], rel=1e-5)
