@@ -455,6 +455,8 @@ def test_loss_weights_come_from_the_train_config(tmp_path, corpus):
     assert step["aux_loss"] == pytest.approx(want, rel=1e-5) and step["aux_loss"] > 0
     assert step["loss"] == pytest.approx(step["lm_loss"] + step["aux_loss"], rel=1e-6)
     # None: the model's recommendation (moe-tiny: 0.01 on load_balance, no z-loss).
-    res = train(cfg.replace(aux_loss_coef=None, z_loss_coef=None, out_dir=str(tmp_path / "b")), progress=False)
+    res = train(
+        cfg.replace(aux_loss_coef=None, z_loss_coef=None, out_dir=str(tmp_path / "b")), progress=False
+    )
     step = [json.loads(line) for line in res.log_path.read_text().splitlines()][1]
     assert step["aux_loss"] == pytest.approx(0.01 * step["aux_losses"]["load_balance"], rel=1e-5)
