@@ -16,9 +16,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """Lazy top-level API: ``moekit.from_pretrained`` imports torch and the converters on first use."""
+    """Lazy top-level API: ``moekit.from_pretrained`` imports torch and the loader on first use."""
     if name == "from_pretrained":
-        from moekit.convert import from_pretrained
+        from moekit.loader import from_pretrained
 
         return from_pretrained
+    if name == "load_model_and_tokenizer":
+        from moekit.loader import load_model_and_tokenizer
+
+        return load_model_and_tokenizer
     raise AttributeError(f"module 'moekit' has no attribute {name!r}")

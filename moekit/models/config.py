@@ -105,6 +105,9 @@ class ModelConfig(JsonConfig):
         rms_norm_eps: RMSNorm epsilon.
         tie_word_embeddings: ``lm_head`` shares the embedding matrix.
         initializer_range: std of the normal init.
+        bos_token_id, eos_token_id, pad_token_id: the tokenizer's special ids, when known
+            (written to Hugging Face exports and ``generation_config.json``, so ``generate`` stops
+            at end of text there too). ``eos_token_id`` may list several ids.
 
     Loss coefficients (the model applies them; aux losses are averaged over MoE layers):
         aux_loss_coef: on ``aux_losses["load_balance"]``.
@@ -145,6 +148,9 @@ class ModelConfig(JsonConfig):
     rope_interleave: bool = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
 
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0

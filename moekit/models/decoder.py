@@ -365,9 +365,28 @@ class MoEForCausalLM(nn.Module):
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Makes ``lm_head`` share the embedding when ``tie_word_embeddings`` (again after ``to_empty``)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def tied_weight_names(self) -> list[str]:
+        """State-dict names that alias another tensor, so model folders do not store them."""
+        return ["lm_head.weight"] if self.config.tie_word_embeddings else []
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recomputes the non-persistent buffers, which no file holds (after a meta-device build).
+
+        RoPE tables rebuild themselves whenever the model moves; the MoE balance weights are 1 for
+        FFN experts and ``zero_expert_tau`` for zero-computation experts.
+        """
+        for moe in self.moe_layers:
+            moe.balance_weight.fill_(1.0)
+            moe.balance_weight[moe.config.num_experts :] = moe.config.zero_expert_tau
 
     @property
     def moe_layers(self) -> list[MoELayer]:
