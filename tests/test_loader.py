@@ -278,3 +278,33 @@ def test_absurd_config_fails_before_allocating(moekit_dir, tmp_path):
     assert time.perf_counter() - t0 < 10
     # ru_maxrss is in KiB on Linux: the attempt allocated well under 1 GB.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 1_000_000
+
+
+def test_cli_flags_are_validated(moekit_dir, tmp_path, capsys):
+    d = str(moekit_dir)
+    for bad in ("inf", "nan", "-5", "0%", "nan%"):
+        assert main(["generate", "--model", d, "--prompt", "x", "--expert-cache-bytes", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--expert-cache-bytes" in err and len(err.splitlines()) == 1, err
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    args = ["generate", "--model", d, "--prompt", "x", "--expert-cache-bytes", "50%", "--store", str(a_file)]
+    assert main(args) == 2
+    assert "existing file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", d, "--port", "99999"])
+    assert "not a port number" in capsys.readouterr().err
+
+
+def test_generate_stays_inside_the_context(moekit_dir, capsys):
+    positions = moekit.from_pretrained(moekit_dir).config.max_position_embeddings
+    args = ["generate", "--model", str(moekit_dir), "--prompt", "x", "--max-new-tokens", "100000"]
+    assert main([*args, "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert f"{positions}-position context" in captured.err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"moekit {moekit.__version__}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,10 +38,12 @@ def parse_cache_bytes(text: str, total_expert_bytes: int) -> int:
     try:
         if text.endswith("%"):
             share = float(text[:-1])
-            if not 0 < share <= 100:
+            if not 0 < share <= 100:  # also false for nan
                 raise ValueError
             return int(total_expert_bytes * share / 100)
         value = float(text)
+        if not math.isfinite(value):
+            raise ValueError
     except ValueError:
         raise ValueError(
             f"--expert-cache-bytes {text!r}: give a byte count (e.g. 2e8) or a percentage in (0, 100] (e.g. 50%)"
@@ -72,6 +76,8 @@ def maybe_offload(model, args: argparse.Namespace):
         trace = load_trace(args.trace)
     tmp = None
     store = args.store
+    if store is not None and Path(store).exists() and not Path(store).is_dir():
+        raise ValueError(f"--store {store} is an existing file; pass a folder (it is created if missing)")
     if store is None:
         tmp = tempfile.TemporaryDirectory(prefix="moekit-experts-")
         store = tmp.name

@@ -61,6 +61,19 @@ def run(args: argparse.Namespace) -> int:
     if not ids:
         raise ValueError("the prompt encodes to no tokens; pass a non-empty --prompt")
     eos = eos_token_id(tok, folder)
+    context = model.config.max_position_embeddings
+    room = context - len(ids)
+    if room < 1:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens but the model has {context} positions; shorten the prompt"
+        )
+    if args.max_new_tokens > room:
+        print(
+            f"moekit generate: --max-new-tokens {args.max_new_tokens} exceeds the room left in the "
+            f"model's {context}-position context; generating at most {room}",
+            file=sys.stderr,
+        )
+        args.max_new_tokens = room
     generated: list[int] = []
     printed = ""
     sys.stdout.write(args.prompt)
