@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from moekit.infer.generate import DecodeSession, generate
+from moekit.models.decode import DecodeSession, generate
 from moekit.layers import MoEConfig
 from moekit.models import MoEForCausalLM
 from moekit.models.config import ModelConfig
@@ -232,9 +232,9 @@ def main() -> None:
     def moekit_compiled(n):
         return generate(model, ids, max_new_tokens=n, compile=True)
 
-    engines = [("moekit.infer.generate (DecodeSession)", moekit_fast)]
+    engines = [("moekit.models.decode (DecodeSession)", moekit_fast)]
     if not args.no_compile:
-        engines.append(("moekit.infer.generate(compile=True)", moekit_compiled))
+        engines.append(("moekit.models.decode(compile=True)", moekit_compiled))
     engines.append(("moekit model.generate (models/generation.py)", moekit_model_generate))
     hf = None
     if not args.no_hf:

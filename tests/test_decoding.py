@@ -1,4 +1,4 @@
-"""Fast generation (moekit.infer.generate) and MoE decoding strategies (moekit.infer.decoding).
+"""Fast generation (moekit.models.decode) and MoE decoding strategies (moekit.infer.decoding).
 
 Tiny float64 models, so argmax ties and batch-shape rounding cannot flip tokens.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moekit.infer.decoding import SelfContrastSession, WeakRouting, contrast_scores, weak_routing
-from moekit.infer.generate import DecodeSession, Sampler, generate, iter_tokens
+from moekit.models.decode import DecodeSession, Sampler, generate, iter_tokens
 from moekit.models import MoEForCausalLM
 from moekit.models.presets import moe_tiny
 
@@ -164,7 +164,7 @@ def test_cli_generate_scmoe_dynamic_k_offloaded(tmp_path, capsys):
 
 @pytest.mark.parametrize("variant", ["plain", "sigmoid_bias_shared", "dense_first"])
 def test_fast_decode_path_matches_general_layers(variant):
-    from moekit.infer.generate import fast_decode_supported
+    from moekit.models.decode import fast_decode_supported
 
     cfg = moe_tiny()
     if variant == "sigmoid_bias_shared":

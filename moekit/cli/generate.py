@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             printed = text
 
     from moekit.infer.decoding import SelfContrastSession
-    from moekit.infer.generate import Sampler, generate
+    from moekit.models.decode import Sampler, generate
 
     decode = args.decode or ("sample" if args.temperature > 0 else "greedy")
     if decode == "sample" and args.temperature <= 0:
