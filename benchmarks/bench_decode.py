@@ -37,10 +37,10 @@ import time
 
 import torch
 
-from moekit.models.decode import DecodeSession, generate
 from moekit.layers import MoEConfig
 from moekit.models import MoEForCausalLM
 from moekit.models.config import ModelConfig
+from moekit.models.decode import DecodeSession, generate
 
 PROMPT_LEN, NEW_TOKENS = 32, 64
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from moekit.infer.decoding import SelfContrastSession, WeakRouting, contrast_scores, weak_routing
-from moekit.models.decode import DecodeSession, Sampler, generate, iter_tokens
 from moekit.models import MoEForCausalLM
+from moekit.models.decode import DecodeSession, Sampler, generate, iter_tokens
 from moekit.models.presets import moe_tiny
 
 

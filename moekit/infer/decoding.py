@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moekit.models.decode import DecodeSession
 from moekit.layers import MoELayer
 from moekit.layers.router import RouterOutput
+from moekit.models.decode import DecodeSession
 
 
 @dataclass(frozen=True, kw_only=True)

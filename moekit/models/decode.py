@@ -45,17 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.blocks import Attention, KVCache, RMSNorm, apply_rotary, build_attention_mask
 from moekit.layers import MoELayer, StackedExpertWeights
 from moekit.layers.experts import activate
 from moekit.layers.router import Router
-from moekit.models.decoder import (
-    Attention,
-    KVCache,
-    MoEForCausalLM,
-    RMSNorm,
-    apply_rotary,
-    build_attention_mask,
-)
+from moekit.models.decoder import MoEForCausalLM
 
 
 @dataclass(kw_only=True)
