@@ -40,7 +40,8 @@ import torch
 from moekit.layers import MoEConfig
 from moekit.models import MoEForCausalLM
 from moekit.models.config import ModelConfig
-from moekit.models.decode import DecodeSession, generate
+from moekit.models.decode import DecodeSession
+from moekit.models.generation import generate
 
 PROMPT_LEN, NEW_TOKENS = 32, 64
 

@@ -15,7 +15,8 @@ import time
 import torch
 
 from moekit.cli.common import evaluation_tokens, load_model_and_tokenizer
-from moekit.models.decode import DecodeSession, iter_tokens
+from moekit.models.decode import DecodeSession
+from moekit.models.generation import iter_tokens
 from moekit.train import TrainConfig, eval_batches, evaluate
 
 

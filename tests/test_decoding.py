@@ -12,7 +12,8 @@ import torch
 
 from moekit.infer.decoding import SelfContrastSession, WeakRouting, contrast_scores, weak_routing
 from moekit.models import MoEForCausalLM
-from moekit.models.decode import DecodeSession, Sampler, generate, iter_tokens
+from moekit.models.decode import DecodeSession
+from moekit.models.generation import Sampler, generate, iter_tokens
 from moekit.models.presets import moe_tiny
 
 
@@ -35,8 +36,10 @@ def _prompt(n: int, seed: int) -> torch.Tensor:
 
 
 def test_matches_reference_generate_greedy_and_sampled(model):
+    # The reference recomputes the whole sequence through model.forward every step (no cache).
     ids = _prompt(7, 1)
-    assert torch.equal(generate(model, ids, max_new_tokens=12), model.generate(ids, max_new_tokens=12))
+    ref_greedy = model.generate(ids, max_new_tokens=12, use_cache=False)
+    assert torch.equal(generate(model, ids, max_new_tokens=12), ref_greedy)
     fast = generate(
         model,
         ids,
@@ -46,6 +49,7 @@ def test_matches_reference_generate_greedy_and_sampled(model):
     ref = model.generate(
         ids,
         max_new_tokens=12,
+        use_cache=False,
         do_sample=True,
         temperature=0.7,
         top_p=0.9,

@@ -140,7 +140,7 @@ def contrast_scores(
 
 
 class SelfContrastSession:
-    """SCMoE score source for :func:`moekit.models.decode.iter_tokens`: two sessions, two KV caches.
+    """SCMoE score source for :func:`moekit.models.generation.iter_tokens`: two sessions, two KV caches.
 
     Args:
         model: the MoE language model.

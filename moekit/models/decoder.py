@@ -138,12 +138,19 @@ class MoEForCausalLM(nn.Module):
         config: the :class:`ModelConfig`.
         gradient_checkpointing: recompute each layer in backward (set by the trainer; only in
             training mode and without a KV cache).
+        num_eager_decode_tokens: batch-1 tokens :func:`~moekit.models.generation.generate` decoded
+            on the eager fast path so far (0 at construction); ``compile="auto"`` compiles the
+            decode step once this reaches its threshold.
+        decode_compiled: a compiled decode step has run for this model (False at construction),
+            so ``compile="auto"`` reuses the cached graph from then on.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.num_eager_decode_tokens = 0
+        self.decode_compiled = False
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
@@ -333,7 +340,13 @@ class MoEForCausalLM(nn.Module):
         return round(total)
 
     def generate(self, input_ids: Tensor, **kwargs) -> Tensor:
-        """See :func:`moekit.models.generation.generate`; returns ``[B, S + new]`` ids."""
+        """Generates up to ``max_new_tokens`` per row; returns ``[B, S + new]`` ids.
+
+        Takes :func:`moekit.models.generation.generate`'s keyword arguments: HF's
+        (``attention_mask``, ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+        ``top_p``, ``eos_token_id``, ``pad_token_id``, ``use_cache``, ``generator``,
+        ``streamer``) and moekit's (``sampler``, ``moe_k``, ``compile``, ``source``).
+        """
         from moekit.models.generation import generate
 
         return generate(self, input_ids, **kwargs)
