@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,17 @@ class MoEForCausalLM(nn.Module):
             decode step once this reaches its threshold.
         decode_compiled: a compiled decode step has run for this model (False at construction),
             so ``compile="auto"`` reuses the cached graph from then on.
+
+    Provenance, set by the function that produced the model (None or empty when it did not):
+        name_or_path: the folder it was loaded from (``moekit.convert`` sets it; ``save_hf`` copies
+            the tokenizer from there).
+        hf_token_ids: the HF config's special-token ids (``bos_token_id``, ...) to write back on export.
+        quant_config: the quantization config with the widths used (``moekit.compress``), which
+            ``save_quantized`` writes; None for an unquantized model.
+        pruned_experts: per MoE layer, the old expert ids kept (``surgery.prune``).
+        merged_groups: per MoE layer, the groups of old expert ids merged into each new expert
+            (``surgery.merge``).
+        dmu_clusters: ``[N]`` the cluster id of each input sequence (``surgery.dmu``).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -151,6 +163,12 @@ class MoEForCausalLM(nn.Module):
         self.gradient_checkpointing = False
         self.num_eager_decode_tokens = 0
         self.decode_compiled = False
+        self.name_or_path: str | None = None
+        self.hf_token_ids: dict[str, int] = {}
+        self.quant_config: Any = None  # a moekit.compress config (a higher floor: not imported here)
+        self.pruned_experts: list[list[int]] | None = None
+        self.merged_groups: list[list[list[int]]] | None = None
+        self.dmu_clusters: Tensor | None = None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
