@@ -151,3 +151,19 @@ def test_auto_compile_policy(monkeypatch):
     assert decide(model, one, 1)
     monkeypatch.setenv("MOEKIT_COMPILE", "0")
     assert not decide(model, one, limit)
+
+
+def test_auto_compile_falls_back_to_eager_when_compiling_fails():
+    model = _model()
+    ids = torch.randint(1, V, (1, 5))
+    expected = model.generate(ids, max_new_tokens=6, compile=False)
+    session = DecodeSession(model, ids, None, 6, compile=True, compile_fallback=True)
+    assert session.compiled
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    session._compiled = broken  # what a failing inductor compile looks like from the session
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        out = generate(model, ids, max_new_tokens=6, source=session)
+    assert torch.equal(out, expected) and not session.compiled
