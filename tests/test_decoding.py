@@ -1,4 +1,4 @@
-"""Fast generation (moekit.infer.generate) and MoE decoding strategies (moekit.infer.decoding).
+"""Fast generation (moekit.models.decode) and MoE decoding strategies (moekit.infer.decoding).
 
 Tiny float64 models, so argmax ties and batch-shape rounding cannot flip tokens.
 """
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from moekit.infer.decoding import SelfContrastSession, WeakRouting, contrast_scores, weak_routing
-from moekit.infer.generate import DecodeSession, Sampler, generate, iter_tokens
 from moekit.models import MoEForCausalLM
+from moekit.models.decode import DecodeSession
+from moekit.models.generation import Sampler, generate, iter_tokens
 from moekit.models.presets import moe_tiny
 
 
@@ -35,8 +36,10 @@ def _prompt(n: int, seed: int) -> torch.Tensor:
 
 
 def test_matches_reference_generate_greedy_and_sampled(model):
+    # The reference recomputes the whole sequence through model.forward every step (no cache).
     ids = _prompt(7, 1)
-    assert torch.equal(generate(model, ids, max_new_tokens=12), model.generate(ids, max_new_tokens=12))
+    ref_greedy = model.generate(ids, max_new_tokens=12, use_cache=False)
+    assert torch.equal(generate(model, ids, max_new_tokens=12), ref_greedy)
     fast = generate(
         model,
         ids,
@@ -46,6 +49,7 @@ def test_matches_reference_generate_greedy_and_sampled(model):
     ref = model.generate(
         ids,
         max_new_tokens=12,
+        use_cache=False,
         do_sample=True,
         temperature=0.7,
         top_p=0.9,
@@ -164,7 +168,7 @@ def test_cli_generate_scmoe_dynamic_k_offloaded(tmp_path, capsys):
 
 @pytest.mark.parametrize("variant", ["plain", "sigmoid_bias_shared", "dense_first"])
 def test_fast_decode_path_matches_general_layers(variant):
-    from moekit.infer.generate import fast_decode_supported
+    from moekit.models.decode import fast_decode_supported
 
     cfg = moe_tiny()
     if variant == "sigmoid_bias_shared":

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step (removes per-operator overhead; the first run compiles)",
+        help="torch.compile the decode step now (default: auto, see moekit.models.generation; MOEKIT_COMPILE=0 disables)",
     )
     add_offload_arguments(p)
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             printed = text
 
     from moekit.infer.decoding import SelfContrastSession
-    from moekit.infer.generate import Sampler, generate
+    from moekit.models.generation import Sampler, generate
 
     decode = args.decode or ("sample" if args.temperature > 0 else "greedy")
     if decode == "sample" and args.temperature <= 0:
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             moe_k=args.k,
             streamer=stream,
             source=source,
-            compile=args.compile,
+            compile=True if args.compile else "auto",
         )
     finally:
         sys.stdout.write("\n")

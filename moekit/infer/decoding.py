@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moekit.infer.generate import DecodeSession
 from moekit.layers import MoELayer
 from moekit.layers.router import RouterOutput
+from moekit.models.decode import DecodeSession
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,11 +140,11 @@ def contrast_scores(
 
 
 class SelfContrastSession:
-    """SCMoE score source for :func:`moekit.infer.generate.iter_tokens`: two sessions, two KV caches.
+    """SCMoE score source for :func:`moekit.models.generation.iter_tokens`: two sessions, two KV caches.
 
     Args:
         model: the MoE language model.
-        input_ids, attention_mask, max_new_tokens: as :class:`~moekit.infer.generate.DecodeSession`.
+        input_ids, attention_mask, max_new_tokens: as :class:`~moekit.models.decode.DecodeSession`.
         alpha: plausibility threshold in (0, 1].
         beta: contrast strength (0 reproduces the strong model's scores on the kept tokens).
         weak: the weak pass's routing (:class:`WeakRouting` or ``"rank:K"``/``"top:K"``).

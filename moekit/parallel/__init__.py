@@ -6,6 +6,17 @@ the model; ``full_state_dict``/``load_full_state_dict`` convert between sharded 
 single-device state dict, so checkpoints move between expert-parallel sizes. Placement
 planning lives in ``placement.py``. To add a strategy, subclass ``ExpertWeights`` (the layer's
 expert interface) and override ``routed_forward``; never edit ``moekit.layers``.
+
+Floor 4 (``tests/test_floors.py``): imports config, layers, blocks and models only; never its
+floor-4 siblings convert and compress, nor anything above. Layout:
+
+    distributed.py      data + expert parallel training support under torchrun (gradient sync)
+    expert_parallel.py  ExpertParallelExperts (all-to-all dispatch), parallelize_experts,
+                        full/sharded state-dict conversion
+    placement.py        expert placement planning from a routing trace
+
+Test a strategy against the single-device model on 2+ gloo processes (``tests/test_parallel.py``):
+same logits and gradients, to float64 precision.
 """
 
 from moekit.parallel.expert_parallel import (
