@@ -13,7 +13,7 @@ Every strategy is a stateless class with two parts:
   math without statistics, which the decode fast path calls through :meth:`Router.route_small`:
   there is one copy of the routing math.
 
-To add a router: write a subclass, give it a ``name``, add it to :data:`ROUTER_STRATEGIES`, and
+To add a router: write a subclass, give it a ``name``, add it to the literal of :data:`ROUTER_STRATEGIES`, and
 add an oracle case to ``tests/test_layers_oracle.py``. This module imports no other part of
 ``moekit.layers`` (``config.py`` reads the registry to validate).
 """
@@ -21,7 +21,9 @@ add an oracle case to ``tests/test_layers_oracle.py``. This module imports no ot
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -329,12 +331,15 @@ class ExpertChoiceRouting(RouterStrategy):
 
 #: ``router_type`` -> strategy. ``"topk"`` maps to :class:`TopKRouting`; with
 #: ``softmax_order="after_topk"`` :func:`strategy_for` picks :class:`TopKLogitSoftmaxRouting`.
-ROUTER_STRATEGIES: dict[str, type[RouterStrategy]] = {
-    "topk": TopKRouting,
-    "top_p": TopPRouting,
-    "random_fixed": RandomFixedRouting,
-    "expert_choice": ExpertChoiceRouting,
-}
+#: Read-only: the registry is fixed at import (no module-level mutable state).
+ROUTER_STRATEGIES: Mapping[str, type[RouterStrategy]] = MappingProxyType(
+    {
+        "topk": TopKRouting,
+        "top_p": TopPRouting,
+        "random_fixed": RandomFixedRouting,
+        "expert_choice": ExpertChoiceRouting,
+    }
+)
 
 
 def strategy_for(cfg: Any) -> type[RouterStrategy]:
