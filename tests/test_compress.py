@@ -423,6 +423,23 @@ def test_offloaded_quantized_experts_stay_packed_and_match_resident(tmp_path, pr
     assert cache.stats.misses > 0 and cache.stats.bytes_read % store.expert_bytes(0, 0) == 0
 
 
+def test_a_quantized_store_of_other_codes_is_rebuilt(tmp_path):
+    """Another quantization of the same model must not reuse the first one's packed store."""
+    from moekit.offload.quantized import offload_quantized_model
+
+    ids = torch.randint(0, 512, (1, 8))
+    q4 = quantize_model(_tiny(), QuantConfig(bits=4, group_size=64))
+    q8 = quantize_model(_tiny(), QuantConfig(bits=8, group_size=64))
+    with torch.no_grad():
+        want8 = q8(ids).logits
+    offload_quantized_model(q4, tmp_path / "qstore", cache_bytes=3 * 14_000).close()
+    with pytest.warns(UserWarning, match="other weights"):
+        cache = offload_quantized_model(q8, tmp_path / "qstore", cache_bytes=3 * 30_000)
+    with torch.no_grad():
+        torch.testing.assert_close(q8(ids).logits, want8, rtol=0, atol=0)
+    cache.close()
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_int4_kernel_form_alone_holds_the_codes_exactly(bits):
     torch.manual_seed(bits)

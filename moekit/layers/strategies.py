@@ -29,8 +29,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from moekit.config import check_choice
-
 
 @dataclass
 class RouterOutput:
@@ -343,8 +341,7 @@ ROUTER_STRATEGIES: Mapping[str, type[RouterStrategy]] = MappingProxyType(
 
 
 def strategy_for(cfg: Any) -> type[RouterStrategy]:
-    """The strategy class that routes for ``cfg`` (a :class:`~moekit.layers.MoEConfig`)."""
-    check_choice("MoEConfig", "router_type", cfg.router_type, tuple(ROUTER_STRATEGIES))
+    """The strategy class that routes for ``cfg`` (a validated :class:`~moekit.layers.MoEConfig`)."""
     if cfg.router_type == "topk" and cfg.softmax_order == "after_topk":
         return TopKLogitSoftmaxRouting
     return ROUTER_STRATEGIES[cfg.router_type]
