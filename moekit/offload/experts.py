@@ -266,11 +266,9 @@ def offload_model(
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if not layers:
         raise ValueError("offload_model: the model has no MoE layers")
+    fingerprint = ExpertStore.model_fingerprint(model)  # hashed once, checked and written
     root = prepare_store(
-        store_dir,
-        ExpertStore.kind,
-        ExpertStore.model_fingerprint(model),
-        lambda r: ExpertStore.write(model, r),
+        store_dir, ExpertStore.kind, fingerprint, lambda r: ExpertStore.write(model, r, fingerprint)
     )
     dtype = next(model.parameters()).dtype
     store = ExpertStore(root, bandwidth=bandwidth, dtype=dtype)

@@ -102,14 +102,15 @@ class QuantizedExpertStore(ExpertStore):
         return tensors_fingerprint(per_layer) + _meta_hash(meta)
 
     @staticmethod
-    def write(model: nn.Module, root: str | os.PathLike) -> Path:
-        """Writes every MoE layer's :class:`QuantizedExperts` of ``model`` to ``root``, then the fingerprint."""
+    def write(model: nn.Module, root: str | os.PathLike, fingerprint: str | None = None) -> Path:
+        """Writes every MoE layer's :class:`QuantizedExperts` of ``model`` to ``root``, then the
+        fingerprint (``fingerprint``: the caller's :meth:`model_fingerprint`, to hash once)."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         per_layer, meta = QuantizedExpertStore._tensors_and_meta(model)
         write_layer_files(root, per_layer)
         (root / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
-        fingerprint = QuantizedExpertStore.model_fingerprint(model)
+        fingerprint = fingerprint or tensors_fingerprint(per_layer) + _meta_hash(meta)
         write_fingerprint(root, QuantizedExpertStore.kind, fingerprint, [len(m["bits"]) for m in meta])
         return root
 
@@ -167,11 +168,12 @@ def offload_quantized_model(
     layers = moe_layers(model)
     if not layers:
         raise ValueError("offload_quantized_model: the model has no MoE layers")
+    fingerprint = QuantizedExpertStore.model_fingerprint(model)
     root = prepare_store(
         store_dir,
         QuantizedExpertStore.kind,
-        QuantizedExpertStore.model_fingerprint(model),
-        lambda r: QuantizedExpertStore.write(model, r),
+        fingerprint,
+        lambda r: QuantizedExpertStore.write(model, r, fingerprint),
     )
     kernel = getattr(getattr(model, "quant_config", None), "kernel", "auto")
     store = QuantizedExpertStore(root, bandwidth=bandwidth, kernel=kernel)

@@ -284,15 +284,15 @@ class ExpertStore:
         )
 
     @staticmethod
-    def write(model: nn.Module, root: str | os.PathLike) -> Path:
+    def write(model: nn.Module, root: str | os.PathLike, fingerprint: str | None = None) -> Path:
         """Writes every MoE layer's experts of ``model`` to ``root`` (atomically per file), then
-        the fingerprint."""
+        the fingerprint (``fingerprint``: the caller's :meth:`model_fingerprint`, to hash once)."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         per_layer = resident_expert_tensors([m for m in model.modules() if isinstance(m, MoELayer)])
         write_layer_files(root, per_layer)
         num_experts = [len(t) // 2 for t in per_layer]
-        write_fingerprint(root, ExpertStore.kind, tensors_fingerprint(per_layer), num_experts)
+        write_fingerprint(root, ExpertStore.kind, fingerprint or tensors_fingerprint(per_layer), num_experts)
         return root
 
     def expert_bytes(self, layer: int, expert: int) -> int:
