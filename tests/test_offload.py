@@ -278,3 +278,20 @@ def test_offloaded_layers_report_the_offload_dispatcher(tmp_path):
         assert layer(torch.randn(3, 32, dtype=torch.float64)).backend == "offload"
     assert not layer.supports_fast_decode
     cache.close()
+
+
+def test_a_store_whose_files_changed_after_writing_is_rebuilt(tmp_path):
+    model = _model(num_layers=2)
+    per = _expert_bytes(model)
+    prompt = torch.randint(0, 64, (1, 4))
+    with torch.no_grad():
+        want = model(prompt).logits
+    store = tmp_path / "s"
+    ExpertStore.write(model, store)
+    with open(store / "layer1.safetensors", "ab") as f:
+        f.write(b"\0" * 64)  # a file replaced or damaged after the fingerprint was written
+    with pytest.warns(UserWarning, match="changed files"):
+        cache = offload_model(model, store, cache_bytes=16 * per)
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt).logits, want, rtol=0, atol=0)
+    cache.close()

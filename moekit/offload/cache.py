@@ -183,7 +183,7 @@ class ExpertCache:
             for obj in (w_in, w_out):
                 size = object_bytes(obj)
                 entry.live_bytes += size
-                weakref.finalize(obj, self._released, entry, size)
+                weakref.finalize(obj, self._released, entry, size).atexit = False
             entry.w_in, entry.w_out = w_in, w_out
             self.stats.bytes_read += nbytes
             del w_in, w_out

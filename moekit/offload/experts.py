@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moekit.layers import Dispatcher, ExpertWeights, MoELayer, combine, permute
 from moekit.offload.cache import ExpertCache
-from moekit.offload.store import FINGERPRINT_NAME, ExpertStore, read_fingerprint
+from moekit.offload.store import FINGERPRINT_NAME, ExpertStore, read_fingerprint, store_file_sizes
 
 Predictor = Callable[[int, Tensor, Tensor], list[int]]
 
@@ -182,7 +182,8 @@ def prepare_store(
     """Reuses ``store_dir`` only if it was written from these very weights; otherwise rebuilds it.
 
     A store whose ``fingerprint.json`` names other weights, another store kind, or none at all
-    (an older moekit) is rebuilt with a warning that says so. A path that is a file, or a folder
+    (an older moekit), or whose data files changed size since, is rebuilt with a warning that
+    says so. A path that is a file, or a folder
     holding something other than a store, is refused with a ``ValueError``.
     """
     root = Path(store_dir)
@@ -190,7 +191,9 @@ def prepare_store(
         raise ValueError(f"expert store {root} is a file; give a folder (it is created if missing)")
     meta = read_fingerprint(root) if root.is_dir() else None
     if meta is not None and meta.get("kind") == kind and meta.get("fingerprint") == fingerprint:
-        return root
+        if meta.get("files") == store_file_sizes(root):
+            return root
+        meta = dict(meta, fingerprint=f"{meta['fingerprint']} with changed files")
     if root.is_dir() and any(root.iterdir()):
         names = [p.name for p in root.iterdir()]
         store_names = [n for n in names if _is_store_file(n)]

@@ -199,10 +199,26 @@ def read_fingerprint(root: str | os.PathLike) -> dict | None:
     return meta if isinstance(meta, dict) and "fingerprint" in meta else None
 
 
+def store_file_sizes(root: Path) -> dict[str, int]:
+    """Byte sizes of a store's data files (``layer*.safetensors`` and ``quant_store.json``)."""
+    names = [*root.glob("layer*.safetensors"), *root.glob("quant_store.json")]
+    return {p.name: p.stat().st_size for p in sorted(names)}
+
+
 def write_fingerprint(root: Path, kind: str, fingerprint: str, num_experts: list[int]) -> None:
-    """Writes ``fingerprint.json`` last and atomically, so a half-written store never looks valid."""
+    """Writes ``fingerprint.json`` last and atomically, so a half-written store never looks valid.
+
+    It also records the data files' sizes: a file replaced or truncated afterwards makes the
+    store stale (see ``moekit.offload.prepare_store``).
+    """
     tmp = root / f".{FINGERPRINT_NAME}.tmp"
-    tmp.write_text(json.dumps({"kind": kind, "fingerprint": fingerprint, "num_experts": num_experts}) + "\n")
+    meta = {
+        "kind": kind,
+        "fingerprint": fingerprint,
+        "num_experts": num_experts,
+        "files": store_file_sizes(root),
+    }
+    tmp.write_text(json.dumps(meta) + "\n")
     os.replace(tmp, root / FINGERPRINT_NAME)
 
 
