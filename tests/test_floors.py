@@ -42,8 +42,6 @@ KNOWN_VIOLATIONS = {
     ("train/trainer.py", "moekit.cli.common"),
     # server (with engine's moekit.data): the tokenizer moves out of train/ into data/.
     ("infer/server.py", "moekit.train.tokenizer"),
-    # layers: compress/offload.py subclasses infer/offload.py until both move into moekit.offload.
-    ("compress/offload.py", "moekit.infer.offload"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Expert-offloading flags shared by ``moekit generate`` and ``moekit serve`` (see moekit.infer.offload)."""
+"""Expert-offloading flags shared by ``moekit generate`` and ``moekit serve`` (see moekit.offload)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
-    """Expert-offloading flags shared by ``generate`` and ``serve`` (see moekit.infer.offload)."""
+    """Expert-offloading flags shared by ``generate`` and ``serve`` (see moekit.offload)."""
     p.add_argument(
         "--expert-cache-bytes",
         default=None,
@@ -61,7 +61,7 @@ def maybe_offload(model, args: argparse.Namespace):
         return None, None
     import tempfile
 
-    from moekit.infer.offload import offload_model
+    from moekit.offload import offload_model
 
     if not model.moe_layers:
         raise ValueError("--expert-cache-bytes: the model has no MoE layers to offload")

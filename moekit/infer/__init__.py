@@ -8,15 +8,10 @@ strategies here are score sources for ``moekit.models.generation.iter_tokens`` (
 ``prefill() -> [B, V]`` and ``step(ids_B) -> [B, V]``) built on ``DecodeSession``. Modules:
 
     decoding.py   SCMoE self-contrast decoding and weak-routing overrides; dynamic k
-    offload.py    expert store (mmap safetensors, bandwidth throttle), one byte-budgeted cache,
-                  LRU/LFU, pre-gating and trace-statistics prefetch, counters
-    simulate.py   trace replay of offloading under any policy, cache size, prefetcher and
-                  hardware profile, with Belady's optimum
     server.py     the OpenAI-compatible FastAPI app (``moekit serve``)
 
 To add a decoding strategy, write a score source as above (``decoding.SelfContrastSession`` is
 the example) and pass it as ``generate(..., source=...)``; test it against plain greedy decoding
-in a setting where both must agree (``tests/test_decoding.py``). To add an offloading policy, add it to ``offload.ExpertCache`` and to ``simulate._Cache`` (the
-replay must keep matching the real cache's hits and misses: ``tests/test_simulate.py``). To add
-a predictor, write ``f(layer_index, x_TD, expert_ids_TK) -> next-layer experts``.
+in a setting where both must agree (``tests/test_decoding.py``).
+Expert offloading and its simulator live in :mod:`moekit.offload`.
 """

@@ -45,14 +45,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.blocks import Attention, KVCache, RMSNorm, apply_rotary, build_attention_mask
-from moekit.layers import MoELayer, StackedExpertWeights
+from moekit.layers import MoELayer
 from moekit.layers.experts import activate
-from moekit.layers.router import Router
 from moekit.models.decoder import MoEForCausalLM
 
 
 def fast_decode_supported(model: MoEForCausalLM) -> bool:
-    """Whether :class:`DecodeSession` can take the fast decode path for this model (see the module doc)."""
+    """Whether :class:`DecodeSession` can take the fast decode path for this model (see the module doc).
+
+    The MoE side asks each layer (:attr:`~moekit.layers.MoELayer.supports_fast_decode`: its
+    router, dispatcher, storage and routing override); the rest checks attention and norms.
+    """
     if model.config.sliding_window is not None:
         return False
     for layer in model.layers:
@@ -62,23 +65,7 @@ def fast_decode_supported(model: MoEForCausalLM) -> bool:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if type(norm) is not RMSNorm:
                 return False
-        if not layer.is_moe:
-            continue
-        mlp = layer.mlp
-        cfg = mlp.config
-        if (
-            type(mlp) is not MoELayer
-            or type(mlp.experts) is not StackedExpertWeights
-            or type(mlp.router) is not Router
-            or "forward" in vars(mlp.router)  # a routing override (SCMoE's weak pass)
-            or cfg.router_type != "topk"
-            or cfg.softmax_order != "before_topk"
-            or cfg.num_expert_groups > 1
-            or cfg.gating_residual
-            or cfg.capacity_factor is not None
-            or cfg.residual_moe
-            or cfg.num_experts != cfg.num_total_experts
-        ):
+        if layer.is_moe and not (isinstance(layer.mlp, MoELayer) and layer.mlp.supports_fast_decode):
             return False
     return True
 
@@ -115,28 +102,9 @@ def _fast_attention(attn: Attention, x_B1D: Tensor, cos, sin, mask, cache: KVCac
 
 
 def _fast_route(mlp: MoELayer, x_BD: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
-    """The router for one token per row: ``(expert ids [B, K], gate weights [B, K])``."""
-    cfg, router = mlp.config, mlp.router
-    k = cfg.top_k if k is None else int(k)
-    if not 1 <= k <= cfg.num_experts:
-        raise ValueError(f"k={k} must be in [1, {cfg.num_experts}] (the number of experts)")
-    # Routing in float32 at least, as the router does.
-    dtype = torch.promote_types(x_BD.dtype, torch.float32)
-    bias = router.bias.to(dtype) if router.bias is not None else None
-    logits_BE = F.linear(x_BD.to(dtype), router.weight.to(dtype), bias)
-    if cfg.score_func == "softmax":
-        scores_BE = torch.softmax(logits_BE, dim=-1)
-    else:
-        scores_BE = torch.sigmoid(logits_BE)
-    select_BE = scores_BE if router.expert_bias is None else scores_BE + router.expert_bias
-    ids_BK = select_BE.topk(k, dim=-1).indices
-    weights_BK = scores_BE.gather(-1, ids_BK)
-    if cfg.norm_topk_prob:
-        weights_BK = weights_BK / weights_BK.sum(-1, keepdim=True).clamp_min(1e-20)
-    if cfg.routed_scaling_factor != 1.0:
-        weights_BK = weights_BK * cfg.routed_scaling_factor
-    weights_BK = weights_BK.to(x_BD.dtype)
-    return ids_BK, weights_BK
+    """The router for one token per row: ``(expert ids [B, K], gate weights [B, K])`` in ``x``'s dtype."""
+    ids_BK, weights_BK = mlp.router.route_small(x_BD, k)
+    return ids_BK, weights_BK.to(x_BD.dtype)
 
 
 def _shared_experts(mlp: MoELayer, x_BD: Tensor, out_BD: Tensor) -> Tensor:
