@@ -201,7 +201,9 @@ def make_series(
     if gaps.any():
         if missing == "reject":
             where = (
-                f"ds {index[np.argmax(gaps)]}" if index is not None else f"position {int(np.argmax(gaps))}"
+                f"ds {format_ds(index[np.argmax(gaps)])}"
+                if index is not None
+                else f"position {int(np.argmax(gaps))}"
             )
             raise ValueError(
                 f"{name}: {int(gaps.sum())} missing value(s), first at {where}; fill them or use missing='interpolate'"

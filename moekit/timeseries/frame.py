@@ -189,7 +189,10 @@ def forecast_frame(
     if any(not 0 < lv < 1 for lv in levels):
         raise ValueError(f"quantile levels {list(levels)} must lie strictly between 0 and 1")
     cols: dict[str, Any] = {"unique_id": np.repeat(np.array([s.unique_id for s in series], dtype=object), h)}
-    cols["ds"] = np.concatenate([s.future_ds(h) for s in series]) if n else np.array([])
+    parts = [s.future_ds(h) for s in series]
+    if len({p.dtype.kind for p in parts}) > 1:  # timestamps and integer steps in one frame
+        parts = [_object_array(p) for p in parts]
+    cols["ds"] = np.concatenate(parts) if n else np.array([])
     if model is not None:
         cols["model"] = np.full(n * h, model, dtype=object)
     cols["mean"] = mean.reshape(-1)
@@ -204,6 +207,13 @@ def forecast_frame(
         for k, lv in enumerate(sorted(levels)):
             cols[quantile_column(lv)] = q[:, k, :].reshape(-1)
     return ForecastFrame(cols)
+
+
+def _object_array(values: np.ndarray) -> np.ndarray:
+    # astype(object) would turn datetime64 into datetime.datetime; keep numpy scalars instead.
+    out = np.empty(values.shape[0], dtype=object)
+    out[:] = list(values)
+    return out
 
 
 def frame_from_samples(
@@ -271,7 +281,7 @@ def plot_forecasts(
             rows = sub["unique_id"].astype(str) == s.unique_id
             if not rows.any():
                 continue
-            ds = sub["ds"][rows]
+            ds = np.array(list(sub["ds"][rows]))  # object columns (mixed kinds) back to one dtype
             line = ax.plot(ds, sub["mean"][rows].astype(float), lw=1.2, label=model or "forecast")[0]
             levels = sub.levels
             band = interval or ((levels[0], levels[-1]) if len(levels) >= 2 else None)

@@ -71,10 +71,15 @@ def infer_freq(ds: np.ndarray) -> str | None:
         if not np.any(month_diffs % k):
             starts = _months(ds).astype("datetime64[s]")
             ends = (_months(ds) + 1).astype("datetime64[s]")
+            from_start, from_end = ds - starts, ends - ds
+            same_start = bool(np.all(from_start == from_start[0]))
+            same_end = bool(np.all(from_end == from_end[0]))
+            # Month ends of 30-day months repeat their offset from the start (30 Jun, 30 Sep):
+            # an offset of 28 days or more from the start means an end anchor when that fits too.
             anchor = None
-            if np.all(ds - starts == (ds - starts)[0]):
+            if same_start and (from_start[0] < np.timedelta64(28, "D") or not same_end):
                 anchor = "S"
-            elif np.all(ends - ds == (ends - ds)[0]):
+            elif same_end:
                 anchor = "E"
             if anchor is not None:
                 if k % 12 == 0:
