@@ -37,6 +37,7 @@ import csv
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -67,8 +68,8 @@ PRETRAIN = (
     *(f"interest_inflation.{c}" for c in _E6_COLS),
 )
 # Seasonal period (steps) of each real series, as MASE and the seasonal baselines use it.
-SEASON_LENGTH = {"co2": 12, "elec_equip": 12, "elnino": 12, "nile": 1, "sunspots": 1} | dict.fromkeys(
-    PRETRAIN, 4
+SEASON_LENGTH = MappingProxyType(
+    {"co2": 12, "elec_equip": 12, "elnino": 12, "nile": 1, "sunspots": 1} | dict.fromkeys(PRETRAIN, 4)
 )
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 

@@ -287,9 +287,10 @@ def plot_forecasts(
             band = interval or ((levels[0], levels[-1]) if len(levels) >= 2 else None)
             if band is not None:
                 lo, hi = (sub[quantile_column(lv)][rows].astype(float) for lv in band)
-                ax.fill_between(
-                    ds, lo, hi, color=line.get_color(), alpha=0.2, label=f"{band[0]:g}-{band[1]:g}"
-                )
+                label = f"{band[0]:g}-{band[1]:g} band" if model is models[0] else None
+                ax.fill_between(ds, lo, hi, color=line.get_color(), alpha=0.2, label=label)
+        if len(s):
+            ax.axvline(s.index()[-1], color="grey", lw=0.6, ls=":")
         ax.set_title(s.unique_id, fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
