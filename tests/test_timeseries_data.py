@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -599,3 +601,32 @@ def test_rolling_origin_evaluation_shapes_and_a_hand_written_forecaster():
     with pytest.raises(ValueError) as err:
         ts.rolling_origin_evaluation([_seasonal("tiny", cycles=3)], 6, season_length=4, num_origins=2)
     _one_line_error(err, "'tiny'", "at least 17")
+
+
+# ---------------------------------------------------------------- optional dependencies
+
+
+def test_core_readers_work_without_pandas(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` now raises ImportError
+    (s,) = ts.read_long(_write(tmp_path, "l.csv", "unique_id,ds,y\na,2020-01-01,1\na,2020-01-02,2\n"))
+    assert s.freq == "D"
+    with pytest.raises(ValueError) as err:
+        ts.make_series("odd", [1, 2], ["Jan-1-1995", "Feb-1-1995"])
+    _one_line_error(err, "'odd'", "'Jan-1-1995'", "ISO dates")
+    with pytest.raises(ValueError) as err:
+        ts.to_pandas_long([s])
+    _one_line_error(err, "moekit[ts]")
+    monkeypatch.setitem(sys.modules, "statsforecast", None)
+    with pytest.raises(ValueError) as err:
+        ts.baseline_forecasts([s], 2)
+    _one_line_error(err, "statsforecast", "moekit[ts]")
+
+
+def test_package_import_stays_on_its_floor():
+    code = (
+        "import sys, moekit.timeseries\n"
+        "heavy = [m for m in ('torch', 'pandas', 'statsforecast', 'matplotlib', 'statsmodels') if m in sys.modules]\n"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
