@@ -556,6 +556,16 @@ def test_seasonal_naive_is_exact_on_a_seasonal_series():
         assert np.isfinite(m).all() and np.all(qq[:, 0] <= qq[:, 2] + 1e-9)
 
 
+def test_a_failing_baseline_is_named_with_its_series():
+    pytest.importorskip("statsforecast")
+    good = ts.make_series("ok", np.sin(np.arange(40.0)))
+    with pytest.raises(ValueError) as err:
+        ts.baseline_forecasts(
+            [good, ts.make_series("tiny", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])], 3, season_length=4
+        )
+    _one_line_error(err, "AutoETS", "'tiny'", "6 values")
+
+
 def test_rolling_origin_evaluation_shapes_and_a_hand_written_forecaster():
     pytest.importorskip("statsforecast")
     rng = np.random.default_rng(5)

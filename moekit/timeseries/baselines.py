@@ -92,8 +92,17 @@ def baseline_forecasts(
             "SeasonalNaive": lambda m=m: sf_models.SeasonalNaive(season_length=m),
             "Naive": lambda: sf_models.Naive(),
         }
-        sf = StatsForecast(models=[built[name]() for name in models], freq=1, n_jobs=1)
-        out = sf.forecast(df=df, h=horizon, level=levels) if levels else sf.forecast(df=df, h=horizon)
+
+        def run(frame, names, built=built):
+            sf = StatsForecast(models=[built[name]() for name in names], freq=1, n_jobs=1)
+            return (
+                sf.forecast(df=frame, h=horizon, level=levels) if levels else sf.forecast(df=frame, h=horizon)
+            )
+
+        try:
+            out = run(df, models)
+        except Exception as err:  # statsforecast raises assorted types; name the series and model
+            raise _name_failure(run, df, models, err) from None
         out_ids = out["unique_id"].astype(str).to_numpy()
         for s in group:
             rows = out_ids == s.unique_id
@@ -114,6 +123,22 @@ def baseline_forecasts(
         q = np.stack([qs[name][u] for u in ids]) if quantiles else None
         frames[name] = forecast_frame(series, mean, q, quantiles)
     return concat_frames(frames)
+
+
+def _name_failure(run: Callable, df: object, models: Sequence[str], err: Exception) -> ValueError:
+    """Finds the first (series, model) that fails alone, for a one-line error naming both."""
+    for uid in dict.fromkeys(df["unique_id"]):  # type: ignore[index]
+        one = df[df["unique_id"] == uid]  # type: ignore[index]
+        for name in models:
+            try:
+                run(one, [name])
+            except Exception as inner:
+                reason = str(inner).splitlines()[0] if str(inner) else type(inner).__name__
+                return ValueError(
+                    f"baseline {name} failed on series {uid!r} ({len(one)} values): {reason}; drop the series or the model"
+                )
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ValueError(f"the baselines failed: {reason}")
 
 
 @dataclass(frozen=True, eq=False)
