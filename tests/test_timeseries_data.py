@@ -561,7 +561,7 @@ def test_a_failing_baseline_is_named_with_its_series():
     good = ts.make_series("ok", np.sin(np.arange(40.0)))
     with pytest.raises(ValueError) as err:
         ts.baseline_forecasts(
-            [good, ts.make_series("tiny", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])], 3, season_length=4
+            [good, ts.make_series("tiny", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])], 3, 4, models=("Naive", "AutoETS")
         )
     _one_line_error(err, "AutoETS", "'tiny'", "6 values")
 
