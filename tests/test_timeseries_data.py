@@ -134,6 +134,7 @@ def test_constant_series_is_kept_and_normalises_to_zero():
         ),
         ({"unique_id": "irr", "values": [1, 2, 3], "ds": [0, 2, 5]}, ("'irr'", "irregular")),
         ({"unique_id": "txt", "values": [1, "abc"]}, ("'txt'", "'abc'", "not a number")),
+        ({"unique_id": "sparse", "values": [1, 2, 3], "ds": [0, 1, 10]}, ("'sparse'", "only 3 of 11")),
         ({"unique_id": "inf", "values": [1, float("inf")]}, ("'inf'", "inf")),
         ({"unique_id": "bad", "values": [1, 2], "ds": ["2020-01-01", "someday"]}, ("'bad'", "someday")),
         ({"unique_id": "x", "values": [1, 2], "missing": "drop"}, ("missing='drop'",)),

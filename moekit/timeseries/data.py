@@ -11,6 +11,7 @@ Validation, applied by every reader through :func:`make_series`:
 - the frequency is inferred (or checked when given); gaps in the grid become missing values;
 - leading and trailing missing values are dropped: a series spans its first to its last
   observation, so a forecast starts right after the last observed value;
+- at most half of the grid may be gaps (more means a wrong frequency or bad timestamps);
 - interior missing values are linearly interpolated (``missing="interpolate"``, the default) or
   rejected (``missing="reject"``); a series with no observed value is always rejected;
 - ``inf`` is always rejected; constant series are kept (normalisation gives them scale 1);
@@ -171,7 +172,9 @@ def make_series(
         index, y = index[order], y[order]
         dup = np.nonzero(index[1:] == index[:-1])[0]
         if dup.size:
-            raise ValueError(f"{name}: ds {index[dup[0]]} appears more than once; keep one row per time")
+            raise ValueError(
+                f"{name}: ds {format_ds(index[dup[0]])} appears more than once; keep one row per time"
+            )
         observed = ~np.isnan(y)
         if observed.any():
             first, last = np.nonzero(observed)[0][[0, -1]]
@@ -185,6 +188,10 @@ def make_series(
                 positions = grid_positions(index, freq)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
+            if positions[-1] + 1 > 2 * index.shape[0]:
+                raise ValueError(
+                    f"{name}: only {index.shape[0]} of {int(positions[-1]) + 1} points on the {freq!r} grid are present; check ds or pass freq="
+                )
             if positions[-1] + 1 != index.shape[0]:
                 full = np.full(int(positions[-1]) + 1, np.nan)
                 full[positions] = y

@@ -45,7 +45,7 @@ class Scale:
 def fit_scale(x: np.ndarray, method: str = "std", mask: np.ndarray | None = None) -> Scale:
     """Fits a per-row scale over the last axis of ``x`` (..., T), using only ``mask`` (..., T) positions.
 
-    ``std``: mean and standard deviation. ``robust``: median and 1.4826 x MAD, falling back to the
+    ``std``: mean and (population, ddof=0) standard deviation. ``robust``: median and 1.4826 x MAD, falling back to the
     std when the MAD is 0 (series that are mostly constant). A scale of 0 (a constant series, or
     no observed value) becomes 1, so a constant series normalises to zeros and inverts exactly.
     """
