@@ -20,6 +20,7 @@ FLOORS = {
     "layers": 1,
     "data": 1,
     "analysis": 1,
+    "timeseries": 1,
     "blocks": 2,
     "models": 3,
     "convert": 4,
