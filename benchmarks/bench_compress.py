@@ -287,7 +287,7 @@ def bench_quality(args) -> None:
     del pruned
 
     # HOBBIT: low-bit fallback on misses under a throttled store
-    from moekit.infer.offload import offload_model
+    from moekit.offload import offload_model
 
     prompt = val[0][:1, :32]
     with torch.no_grad():
@@ -329,9 +329,9 @@ def bench_offload(args) -> None:
     at a throttled store, next to the float store (same cache size in experts)."""
     from moekit.cli.common import evaluation_tokens, load_model_and_tokenizer
     from moekit.compress import QuantConfig, quantize_model
-    from moekit.compress.offload import offload_quantized_model
     from moekit.data import eval_batches
-    from moekit.infer.offload import offload_model
+    from moekit.offload import offload_model
+    from moekit.offload.quantized import offload_quantized_model
 
     model, tok, folder = load_model_and_tokenizer(small_trained_model())
     val = eval_batches(evaluation_tokens(tok, folder, None, "val"), 256, 4, 2)
@@ -344,7 +344,7 @@ def bench_offload(args) -> None:
                 cache = offload_model(m, tmp, cache_bytes=8 * one, bandwidth=args.bandwidth)
             else:
                 m = quantize_model(m, QuantConfig(bits=bits))
-                from moekit.compress.offload import QuantizedExpertStore
+                from moekit.offload.quantized import QuantizedExpertStore
 
                 QuantizedExpertStore.write(m, tmp)
                 one = QuantizedExpertStore(tmp).expert_bytes(0, 0)

@@ -25,8 +25,12 @@ barriers across oversubscribed cores add waits that are not the engine's. With o
 is the single core's busy time, which is what the bound models. ``--threads N`` times with N threads
 (then CPU time sums over threads, so compare engines only against each other).
 
+Rows: the decode session driven directly (eager fast path, and ``compile=True``), and what users
+call, ``model.generate`` with its defaults (``compile="auto"``: compiled once the model has run a
+compiled step, which the benchmark does once before timing) and with ``compile=False``.
+
 Run: ``.venv/bin/python benchmarks/bench_decode.py`` (``--profile`` prints where a decode step's
-time goes instead). Prints a markdown table.
+time goes instead; ``--layers 2 --rounds 3`` for a quick check). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ import time
 
 import torch
 
-from moekit.infer.generate import DecodeSession, generate
 from moekit.layers import MoEConfig
 from moekit.models import MoEForCausalLM
 from moekit.models.config import ModelConfig
+from moekit.models.decode import DecodeSession
+from moekit.models.generation import auto_compile, iter_tokens
 
 PROMPT_LEN, NEW_TOKENS = 32, 64
 
@@ -223,19 +228,28 @@ def main() -> None:
 
     rows = []
 
-    def moekit_fast(n):
-        return generate(model, ids, max_new_tokens=n)
+    def session_eager(n):
+        return list(iter_tokens(DecodeSession(model, ids, max_new_tokens=n), n))
 
-    def moekit_model_generate(n):
+    def session_compiled(n):
+        return list(iter_tokens(DecodeSession(model, ids, max_new_tokens=n, compile=True), n))
+
+    def model_generate(n):
         return model.generate(ids, max_new_tokens=n)
 
-    def moekit_compiled(n):
-        return generate(model, ids, max_new_tokens=n, compile=True)
+    def model_generate_eager(n):
+        return model.generate(ids, max_new_tokens=n, compile=False)
 
-    engines = [("moekit.infer.generate (DecodeSession)", moekit_fast)]
+    engines = [("moekit DecodeSession (eager fast path)", session_eager)]
     if not args.no_compile:
-        engines.append(("moekit.infer.generate(compile=True)", moekit_compiled))
-    engines.append(("moekit model.generate (models/generation.py)", moekit_model_generate))
+        engines.append(("moekit DecodeSession(compile=True)", session_compiled))
+        # compile="auto" compiles once the model has run a compiled step (or decoded
+        # AUTO_COMPILE_TOKENS eagerly); one compiled call stands in for that history here.
+        model.generate(ids, max_new_tokens=2, compile=True)
+        engines.append(
+            ("moekit model.generate() (defaults: compile='auto', model compiled once)", model_generate)
+        )
+    engines.append(("moekit model.generate(compile=False)", model_generate_eager))
     hf = None
     if not args.no_hf:
         hf = to_hf_mixtral(model)
@@ -246,7 +260,7 @@ def main() -> None:
         if max_diff > 1e-3:
             raise RuntimeError(f"HF copy differs from moekit: max |logit diff| = {max_diff}")
         print(f"HF Mixtral copy checked: max |logit diff| = {max_diff:.2e}")
-        fast_ids = moekit_fast(NEW_TOKENS)
+        fast_ids = model.generate(ids, max_new_tokens=NEW_TOKENS)
         with torch.no_grad():
             hf_ids = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         print(f"same greedy tokens as transformers: {torch.equal(fast_ids, hf_ids)}")
@@ -264,6 +278,8 @@ def main() -> None:
 
     for _, fn in engines:
         fn(4)  # warm up (allocator, lazy inits, the compiled step's compilation)
+    if not args.no_compile:
+        print(f"model.generate() compiles under compile='auto': {auto_compile(model, ids, NEW_TOKENS)}")
     gemv, gemv_bytes = gemv_seconds()
     floor = matmul_floor(model)
     per_token_bytes = decode_bytes_per_token(model, PROMPT_LEN + NEW_TOKENS // 2)

@@ -1,7 +1,7 @@
 """Dynamic k at inference: validation perplexity and decode speed at k = 1..4 on a trained model.
 
 Uses the run's own held-out split (``moekit eval``'s default) and greedy batch-1 decoding with
-:class:`moekit.infer.generate.DecodeSession` (``moe_k`` = k), one torch thread, CPU time.
+:class:`moekit.models.decode.DecodeSession` (``moe_k`` = k), one torch thread, CPU time.
 
 Run: ``.venv/bin/python benchmarks/bench_dynamic_k.py --model runs/compress-small``
 """
@@ -16,7 +16,8 @@ import torch
 
 from moekit.cli.common import evaluation_tokens, load_model_and_tokenizer
 from moekit.data import eval_batches
-from moekit.infer.generate import DecodeSession, iter_tokens
+from moekit.models.decode import DecodeSession
+from moekit.models.generation import iter_tokens
 from moekit.train import TrainConfig, evaluate
 
 

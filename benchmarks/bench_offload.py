@@ -22,16 +22,16 @@ import time
 import torch
 
 from moekit.analysis import RoutingTrace
-from moekit.infer.offload import offload_model
-from moekit.infer.simulate import (
+from moekit.layers import MoEConfig
+from moekit.models import ModelConfig, MoEForCausalLM
+from moekit.offload import offload_model
+from moekit.offload.simulate import (
     HardwareProfile,
     belady_hit_rate,
     oracle_prefetcher,
     replay,
     transition_prefetcher,
 )
-from moekit.layers import MoEConfig
-from moekit.models import ModelConfig, MoEForCausalLM
 
 
 def build(args) -> MoEForCausalLM:

@@ -38,17 +38,28 @@ from moekit.parallel.placement import (
 
 
 def load_model(path: str | None, quick: bool):
+    """``(model, tokens, label)``: the trained model at ``path``, or with ``--quick`` a random one.
+
+    A missing ``path`` is an error, not a silent fallback: the tables would otherwise be labelled
+    with a model they do not describe.
+    """
     from moekit.models import MoEForCausalLM, get_preset
 
-    if path and os.path.exists(path):
-        from moekit.cli.common import evaluation_tokens, load_model_and_tokenizer
+    if quick:
+        torch.manual_seed(0)
+        model = MoEForCausalLM(get_preset("moe-tiny")).eval()
+        tokens = torch.randint(0, model.config.vocab_size, (200_000,))
+        return model, tokens, "random moe-tiny on random tokens (--quick)"
+    if not path or not os.path.exists(path):
+        raise SystemExit(
+            f"bench_placement: {path} does not exist; train it first (`make run`) or pass --quick "
+            "for a random-model smoke test"
+        )
+    from moekit.cli.common import evaluation_tokens, load_model_and_tokenizer
 
-        model, tok, folder = load_model_and_tokenizer(path)
-        tokens = torch.from_numpy(evaluation_tokens(tok, folder, None))
-        return model, tokens
-    torch.manual_seed(0)
-    model = MoEForCausalLM(get_preset("moe-tiny" if quick else "moe-small")).eval()
-    return model, torch.randint(0, model.config.vocab_size, (200_000,))
+    model, tok, folder = load_model_and_tokenizer(path)
+    tokens = torch.from_numpy(evaluation_tokens(tok, folder, None))
+    return model, tokens, f"{path} on its held-out split"
 
 
 def sub_trace(trace: RoutingTrace, lo: int, hi: int) -> RoutingTrace:
@@ -123,13 +134,13 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.tokens, args.seq_len, args.time_limit, args.steps = 2048, 64, 5.0, 3
-    model, tokens = load_model(args.model, args.quick)
+    model, tokens, label = load_model(args.model, args.quick)
     num_seq = min(args.tokens // args.seq_len, len(tokens) // args.seq_len)
     windows = tokens[: num_seq * args.seq_len].reshape(num_seq, args.seq_len)
-    trace = record_trace(model, [(w, None) for w in windows.split(8)], args.model)
+    trace = record_trace(model, [(w, None) for w in windows.split(8)], label)
     cfg = model.config
     print(
-        f"# trace: {trace.num_tokens} tokens, {trace.num_layers} MoE layers x {trace.num_experts[0]} experts"
+        f"# trace of {label}: {trace.num_tokens} tokens, {trace.num_layers} MoE layers x {trace.num_experts[0]} experts"
     )
     for traffic in ("home", "stay"):
         for devices in (2, 4):

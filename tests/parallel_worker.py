@@ -76,6 +76,9 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     out, aux = model(x_local, mask[rank : rank + 1])
     loss = loss_fn(out, aux, target[rank : rank + 1], mask[rank : rank + 1], world)
     loss.backward()
+    with torch.no_grad():  # every rank calls it: the dispatch is collective
+        ran = model.moe1(x_local.detach(), mask[rank : rank + 1]).backend
+    assert ran == "all_to_all", ran
     results = {"out": out.detach(), "x_grad": x_local.grad}
     for k, v in aux.items():
         results[f"aux.{k}"] = v.detach().reshape(1)

@@ -229,14 +229,15 @@ def test_dynamic_pruning_noop_at_zero_and_saves_calls():
 
 
 def test_offload_low_bit_fallback_runs_on_misses(tmp_path):
-    from moekit.infer.offload import offload_model
+    from moekit.offload import offload_model
 
     model = _tiny()
     ids = torch.randint(0, 512, (1, 12))
     low = quantize_model(copy.deepcopy(model), QuantConfig(bits=4, group_size=64))
     fallback = [layer.experts for layer in low.moe_layers]
     one_expert = 128 * 64 * 4 + 64 * 64 * 4
-    cache = offload_model(model, tmp_path / "store", cache_bytes=2 * one_expert, fallback=fallback)
+    with pytest.warns(UserWarning, match="working set"):  # the fallback covers the misses
+        cache = offload_model(model, tmp_path / "store", cache_bytes=2 * one_expert, fallback=fallback)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
     cache.close()
@@ -402,7 +403,7 @@ def test_llama_cpp_greedy_tokens_match_moekit_at_f32(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("prefetch", [None, "pregate"])
 def test_offloaded_quantized_experts_stay_packed_and_match_resident(tmp_path, prefetch):
-    from moekit.compress.offload import QuantizedExpertStore, offload_quantized_model
+    from moekit.offload.quantized import QuantizedExpertStore, offload_quantized_model
 
     q = quantize_model(_tiny(), QuantConfig(bits=4, group_size=64))
     ids = torch.randint(0, 512, (1, 10))
@@ -420,6 +421,23 @@ def test_offloaded_quantized_experts_stay_packed_and_match_resident(tmp_path, pr
     float_bytes = (128 * 64 + 64 * 64) * 4
     assert store.expert_bytes(0, 0) < float_bytes / 6  # 4 bits + scales/zeros instead of 32
     assert cache.stats.misses > 0 and cache.stats.bytes_read % store.expert_bytes(0, 0) == 0
+
+
+def test_a_quantized_store_of_other_codes_is_rebuilt(tmp_path):
+    """Another quantization of the same model must not reuse the first one's packed store."""
+    from moekit.offload.quantized import offload_quantized_model
+
+    ids = torch.randint(0, 512, (1, 8))
+    q4 = quantize_model(_tiny(), QuantConfig(bits=4, group_size=64))
+    q8 = quantize_model(_tiny(), QuantConfig(bits=8, group_size=64))
+    with torch.no_grad():
+        want8 = q8(ids).logits
+    offload_quantized_model(q4, tmp_path / "qstore", cache_bytes=3 * 14_000).close()
+    with pytest.warns(UserWarning, match="other weights"):
+        cache = offload_quantized_model(q8, tmp_path / "qstore", cache_bytes=3 * 30_000)
+    with torch.no_grad():
+        torch.testing.assert_close(q8(ids).logits, want8, rtol=0, atol=0)
+    cache.close()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -1,4 +1,4 @@
-"""Fast generation (moekit.infer.generate) and MoE decoding strategies (moekit.infer.decoding).
+"""Fast generation (moekit.models.decode) and MoE decoding strategies (moekit.infer.decoding).
 
 Tiny float64 models, so argmax ties and batch-shape rounding cannot flip tokens.
 """
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from moekit.infer.decoding import SelfContrastSession, WeakRouting, contrast_scores, weak_routing
-from moekit.infer.generate import DecodeSession, Sampler, generate, iter_tokens
 from moekit.models import MoEForCausalLM
+from moekit.models.decode import DecodeSession
+from moekit.models.generation import Sampler, generate, iter_tokens
 from moekit.models.presets import moe_tiny
 
 
@@ -35,8 +36,10 @@ def _prompt(n: int, seed: int) -> torch.Tensor:
 
 
 def test_matches_reference_generate_greedy_and_sampled(model):
+    # The reference recomputes the whole sequence through model.forward every step (no cache).
     ids = _prompt(7, 1)
-    assert torch.equal(generate(model, ids, max_new_tokens=12), model.generate(ids, max_new_tokens=12))
+    ref_greedy = model.generate(ids, max_new_tokens=12, use_cache=False)
+    assert torch.equal(generate(model, ids, max_new_tokens=12), ref_greedy)
     fast = generate(
         model,
         ids,
@@ -46,6 +49,7 @@ def test_matches_reference_generate_greedy_and_sampled(model):
     ref = model.generate(
         ids,
         max_new_tokens=12,
+        use_cache=False,
         do_sample=True,
         temperature=0.7,
         top_p=0.9,
@@ -125,7 +129,7 @@ def test_rank_routing_keeps_only_the_kth_expert_and_restores(model):
         routing = layer(x).routing
     assert torch.equal(routing.expert_ids, top3[:, 2:3])
     assert torch.equal(routing.weights, torch.ones_like(routing.weights))
-    assert "forward" not in vars(layer.router)
+    assert "forward" not in vars(layer.router) and layer.routing_override is None
     with pytest.raises(ValueError, match="only 4 experts"), weak_routing(model, WeakRouting(k=5)):
         pass
     with pytest.raises(ValueError, match="rank:K"):
@@ -162,11 +166,24 @@ def test_cli_generate_scmoe_dynamic_k_offloaded(tmp_path, capsys):
     assert "--trace" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("variant", ["plain", "sigmoid_bias_shared", "dense_first"])
+@pytest.mark.parametrize(
+    "variant", ["plain", "sigmoid_bias_shared", "dense_first", "groups", "after_topk", "random_fixed"]
+)
 def test_fast_decode_path_matches_general_layers(variant):
-    from moekit.infer.generate import fast_decode_supported
+    from moekit.models.decode import fast_decode_supported
 
     cfg = moe_tiny()
+    moe_k = 3
+    if variant == "groups":  # the router's own group masking: 2 groups of 2, one kept
+        moe = cfg.moe.replace(
+            score_func="sigmoid", num_expert_groups=2, num_limited_groups=1, group_score="max"
+        )
+        cfg, moe_k = cfg.replace(moe=moe), 2
+    elif variant in ("after_topk", "random_fixed"):
+        moe = cfg.moe.replace(softmax_order="after_topk", routed_scaling_factor=1.5)
+        if variant == "random_fixed":
+            moe = cfg.moe.replace(router_type="random_fixed")
+        cfg = cfg.replace(moe=moe)
     if variant == "sigmoid_bias_shared":
         moe = cfg.moe.replace(
             score_func="sigmoid", use_expert_bias=True, shared_ffn_dim=32, routed_scaling_factor=2.0
@@ -185,7 +202,7 @@ def test_fast_decode_path_matches_general_layers(variant):
     mask[1, :2] = 0
     outs = []
     for fast in (True, False):
-        session = DecodeSession(model, batch, mask, max_new_tokens=6, moe_k=3, count_experts=True)
+        session = DecodeSession(model, batch, mask, max_new_tokens=6, moe_k=moe_k, count_experts=True)
         session.fast = fast
         scores = [session.prefill()]
         for _ in range(5):
@@ -229,3 +246,66 @@ def test_compiled_decode_step_matches_general_layers_without_recompiling():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     # Batch > 1 ignores compile (the eager fast path handles ragged rows).
     assert DecodeSession(model, torch.ones(2, 3, dtype=torch.long), compile=True)._compiled is None
+
+
+def test_fast_decode_follows_from_the_layers_components(model, tmp_path):
+    """Each component says whether the fast path may skip it; nothing is decided by type names."""
+    import copy
+
+    from moekit.compress import PruneConfig, dynamic_prune
+    from moekit.models.decode import fast_decode_supported
+
+    assert fast_decode_supported(model)
+    cases = {
+        "top_p": moe_tiny().moe.replace(router_type="top_p"),
+        "expert_choice": moe_tiny().moe.replace(router_type="expert_choice"),
+        "gating_residual": moe_tiny().moe.replace(gating_residual=True),
+        "capacity": moe_tiny().moe.replace(capacity_factor=1.0),
+        "zero_experts": moe_tiny().moe.replace(num_zero_experts=1),
+    }
+    for name, moe in cases.items():
+        assert not fast_decode_supported(MoEForCausalLM(moe_tiny().replace(moe=moe))), name
+    pruned = dynamic_prune(copy.deepcopy(model), PruneConfig(threshold=0.5))  # post-processes forward
+    assert not pruned.moe_layers[0].router.supports_route_small
+    assert not fast_decode_supported(pruned)
+    with weak_routing(model, WeakRouting.parse("rank:2")):
+        assert not fast_decode_supported(model)  # a routing override is set
+    assert fast_decode_supported(model)
+
+
+def test_scmoe_weak_logits_equal_a_forward_routed_to_the_rank_k_expert(model):
+    """Issue 20 item 9: with beta > 0, the weak pass is the model with each layer using only each
+    token's rank-k expert at weight 1, checked against a forward whose MoE outputs are replaced by
+    a hand-written rank-k computation (no override API involved)."""
+    from dataclasses import replace
+
+    rank = 3
+    ids = _prompt(6, 9)
+    session = SelfContrastSession(model, ids, max_new_tokens=5, beta=0.5, weak=f"rank:{rank}")
+    weak, tokens = [], []
+    for next_B in iter_tokens(session, 5):
+        weak.append(session.last_weak_BV[0].clone())
+        tokens.append(int(next_B[0]))
+
+    def rank_only(layer, args, kwargs, out):
+        x = args[0]
+        x_TD = x.reshape(-1, x.shape[-1])
+        scores_TE = torch.softmax(x_TD @ layer.router.weight.t(), dim=-1)
+        expert_T = scores_TE.topk(rank, dim=-1).indices[:, rank - 1]
+        y_TD = torch.cat(
+            [layer.experts.expert_forward(int(e), x_TD[t : t + 1]) for t, e in enumerate(expert_T)]
+        )
+        return replace(out, hidden=y_TD.reshape(x.shape))
+
+    handles = [layer.register_forward_hook(rank_only, with_kwargs=True) for layer in model.moe_layers]
+    try:
+        with torch.no_grad():
+            for step, weak_V in enumerate(weak):
+                prefix = torch.cat([ids, torch.tensor([tokens[:step]], dtype=torch.long)], dim=1)
+                want_V = model(prefix).logits[0, -1].float()
+                torch.testing.assert_close(weak_V, want_V, rtol=1e-5, atol=1e-5)
+    finally:
+        for h in handles:
+            h.remove()
+    strong_model_logits = model(ids).logits[0, -1].float()
+    assert not torch.allclose(weak[0], strong_model_logits, atol=1e-3)  # the weak pass really differs

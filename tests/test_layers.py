@@ -306,21 +306,120 @@ def test_gating_residual_uses_previous_logits():
         layer(x, prev_logits=torch.randn(10, 6))
 
 
-def test_layers_import_nothing_above_them():
-    """moekit.layers is the ground floor: it may import only itself and moekit.config."""
+# Router strategies: each validates its own fields and rejects what it would silently ignore.
+@pytest.mark.parametrize(
+    "overrides, fields",
+    [
+        (dict(softmax_order="after_topk", score_func="sigmoid"), ["score_func"]),
+        (dict(softmax_order="after_topk", num_expert_groups=2), ["num_expert_groups"]),
+        (dict(softmax_order="after_topk", norm_topk_prob=False), ["norm_topk_prob"]),
+        (
+            dict(softmax_order="after_topk", score_func="sigmoid", norm_topk_prob=False),
+            ["score_func", "norm_topk_prob"],
+        ),
+        (dict(router_type="random_fixed", norm_topk_prob=False), ["norm_topk_prob"]),
+        (dict(router_type="random_fixed", softmax_order="after_topk"), ["softmax_order"]),
+        (dict(router_type="top_p", score_func="sigmoid"), ["score_func"]),
+        (dict(router_type="top_p", softmax_order="after_topk"), ["softmax_order"]),
+        (dict(router_type="top_p", noise="gumbel"), ["noise"]),
+        (dict(router_type="expert_choice", noise="gumbel"), ["noise"]),
+        (dict(router_type="expert_choice", drop_policy="random"), ["drop_policy"]),
+        (dict(router_type="expert_choice", top_p=0.7), ["top_p"]),
+        (dict(top_p=0.7), ["top_p"]),
+        (dict(min_k=2), ["min_k"]),
+        (dict(top_p_renormalize=True), ["top_p_renormalize"]),
+        (dict(group_score="max"), ["group_score"]),
+    ],
+)
+def test_router_strategy_rejects_ignored_fields(overrides, fields):
+    with pytest.raises(ValueError) as err:
+        MoEConfig(dim=8, ffn_dim=8, num_experts=4, **overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    for name in fields:
+        assert name in message, message
+
+
+def test_every_router_type_has_one_registered_strategy():
+    from moekit.layers import ROUTER_STRATEGIES
+    from moekit.layers.config import ROUTER_TYPES
+    from moekit.layers.strategies import TopKLogitSoftmaxRouting, TopKRouting, strategy_for
+
+    assert set(ROUTER_TYPES) == set(ROUTER_STRATEGIES)
+    for name, strategy in ROUTER_STRATEGIES.items():
+        assert MoEConfig(dim=8, ffn_dim=8, router_type=name).router_type == strategy.name
+    assert strategy_for(MoEConfig(dim=8, ffn_dim=8)) is TopKRouting
+    assert strategy_for(MoEConfig(dim=8, ffn_dim=8, softmax_order="after_topk")) is TopKLogitSoftmaxRouting
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(norm_topk_prob=False, routed_scaling_factor=2.0),
+        dict(
+            score_func="sigmoid",
+            num_expert_groups=4,
+            num_limited_groups=2,
+            use_expert_bias=True,
+            num_experts=8,
+        ),
+        dict(softmax_order="after_topk", router_bias=True),
+        dict(router_type="random_fixed"),
+    ],
+)
+def test_route_small_equals_forward_for_fixed_k_strategies(overrides):
+    """The decode fast path's routing is the router's own (one copy of the math), in float64."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=8, ffn_dim=8, **{"num_experts": 4, "top_k": 2, **overrides})
+    router = MoELayer(cfg).double().router
+    if router.expert_bias is not None:
+        router.expert_bias.normal_(0, 0.1)
+    assert router.supports_route_small
+    x = torch.randn(5, 8, dtype=torch.float64)
+    for k in (1, 2):
+        ids, weights = router.route_small(x, k)
+        full = router(x, k=k)
+        assert torch.equal(ids, full.expert_ids_TK)
+        torch.testing.assert_close(weights, full.weights_TK, rtol=0, atol=0)
+
+
+def test_routing_override_replaces_routing_and_is_restored():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(dim=8, ffn_dim=8, num_experts=4, top_k=2)).double()
+    x = torch.randn(6, 8, dtype=torch.float64)
+    plain = layer(x)
+
+    def first_expert_only(router, x_TD, token_mask_T, prev_logits_TE, k):
+        out = router(x_TD, token_mask_T, prev_logits_TE, k)
+        ids = torch.zeros_like(out.expert_ids_TK[:, :1])
+        return type(out)(ids, torch.ones_like(ids, dtype=x_TD.dtype), out.logits_TE, out.probs_TE, ids)
+
+    with layer.override_routing(first_expert_only):
+        assert not layer.supports_fast_decode
+        over = layer(x)
+    assert torch.equal(over.routing.expert_ids, torch.zeros(6, 1, dtype=torch.long))
+    torch.testing.assert_close(over.hidden, layer.experts.expert_forward(0, x))
+    assert layer.routing_override is None and layer.supports_fast_decode
+    torch.testing.assert_close(layer(x).hidden, plain.hidden, rtol=0, atol=0)
+
+
+def test_layers_has_no_import_cycle_between_storage_and_dispatch():
     import ast
-    from pathlib import Path
+    import inspect
 
-    import moekit.layers
+    from moekit.layers import experts, strategies
 
-    root = Path(moekit.layers.__file__).parent
-    for path in root.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
-                if name.startswith("moekit"):
-                    assert name.startswith(("moekit.layers", "moekit.config")), f"{path.name} imports {name}"
+    for module, forbidden in (
+        (experts, ("dispatch", "moe", "router")),
+        (strategies, ("router", "moe", "config")),
+    ):
+        tree = ast.parse(inspect.getsource(module))
+        names = [
+            n.module if isinstance(n, ast.ImportFrom) else a.name
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in (n.names if isinstance(n, ast.Import) else [None])
+        ]
+        for name in names:
+            assert not any(name == f"moekit.layers.{f}" for f in forbidden), (module.__name__, name)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moekit.analysis import RoutingTrace
-from moekit.infer.simulate import (
+from moekit.offload.simulate import (
     HardwareProfile,
     access_steps,
     belady_hit_rate,
@@ -77,9 +77,9 @@ def test_prefetch_and_bandwidth_change_modelled_time():
 
 def test_replay_counts_match_real_offloading(tmp_path):
     """Token-by-token decode with the real cache gives the hits and misses the replay predicts."""
-    from moekit.infer.offload import offload_model
     from moekit.layers import MoEConfig
     from moekit.models import ModelConfig, MoEForCausalLM
+    from moekit.offload import offload_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(

@@ -1,12 +1,14 @@
-"""Expert-offloading flags shared by ``moekit generate`` and ``moekit serve`` (see moekit.infer.offload)."""
+"""Expert-offloading flags shared by ``moekit generate`` and ``moekit serve`` (see moekit.offload)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
-    """Expert-offloading flags shared by ``generate`` and ``serve`` (see moekit.infer.offload)."""
+    """Expert-offloading flags shared by ``generate`` and ``serve`` (see moekit.offload)."""
     p.add_argument(
         "--expert-cache-bytes",
         default=None,
@@ -36,10 +38,12 @@ def parse_cache_bytes(text: str, total_expert_bytes: int) -> int:
     try:
         if text.endswith("%"):
             share = float(text[:-1])
-            if not 0 < share <= 100:
+            if not 0 < share <= 100:  # also false for nan
                 raise ValueError
             return int(total_expert_bytes * share / 100)
         value = float(text)
+        if not math.isfinite(value):
+            raise ValueError
     except ValueError:
         raise ValueError(
             f"--expert-cache-bytes {text!r}: give a byte count (e.g. 2e8) or a percentage in (0, 100] (e.g. 50%)"
@@ -57,7 +61,7 @@ def maybe_offload(model, args: argparse.Namespace):
         return None, None
     import tempfile
 
-    from moekit.infer.offload import offload_model
+    from moekit.offload import offload_model
 
     if not model.moe_layers:
         raise ValueError("--expert-cache-bytes: the model has no MoE layers to offload")
@@ -72,6 +76,8 @@ def maybe_offload(model, args: argparse.Namespace):
         trace = load_trace(args.trace)
     tmp = None
     store = args.store
+    if store is not None and Path(store).exists() and not Path(store).is_dir():
+        raise ValueError(f"--store {store} is an existing file; pass a folder (it is created if missing)")
     if store is None:
         tmp = tempfile.TemporaryDirectory(prefix="moekit-experts-")
         store = tmp.name

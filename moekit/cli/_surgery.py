@@ -44,14 +44,15 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(path: str | Path):
-    """``(model, folder)`` from a run, checkpoint or model folder, in eval mode."""
-    from moekit.cli.common import resolve_model_dir
-    from moekit.models import MoEForCausalLM
+    """``(model, folder)`` from any folder :func:`moekit.from_pretrained` opens but a quantized one."""
+    from moekit.loader import from_pretrained, inspect_folder
 
-    folder = resolve_model_dir(path)
-    model = MoEForCausalLM.from_pretrained(folder)
-    model.eval()
-    return model, folder
+    info = inspect_folder(path)
+    if info.kind == "quantized":
+        raise ValueError(
+            f"{path} is a quantized folder; surgery needs float weights: pass the model it was quantized from"
+        )
+    return from_pretrained(path), info.model_dir
 
 
 def build_config(cls, args: argparse.Namespace, changes: dict[str, Any]):
@@ -64,10 +65,9 @@ def build_config(cls, args: argparse.Namespace, changes: dict[str, Any]):
 def calibration_batches(folder: Path, corpus: list[str] | None, args: argparse.Namespace):
     """``[B, S]`` token batches from ``corpus`` (or the run's validation split) with the folder's tokenizer."""
     from moekit.cli.common import evaluation_tokens
-    from moekit.data import eval_batches, load_tokenizer
+    from moekit.data import eval_batches
+    from moekit.loader import load_tokenizer
 
-    if not (folder / "tokenizer.json").is_file():
-        raise ValueError(f"{folder} has no tokenizer.json; calibration text needs the model's tokenizer")
     tokens = evaluation_tokens(load_tokenizer(folder), folder, corpus)
     return [b[:, :-1] for b in eval_batches(tokens, args.seq_len, args.batch_size, args.calib_batches)]
 

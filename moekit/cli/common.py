@@ -10,63 +10,46 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
-    """``--model DIR`` (a run folder, a checkpoint folder or a model folder) and ``--dtype``."""
+    """``--model DIR`` (any folder :func:`moekit.from_pretrained` opens) and ``--dtype``."""
     p.add_argument(
-        "--model", required=True, help="a run folder (runs/NAME), a checkpoint folder or a model folder"
+        "--model",
+        required=True,
+        help="a run folder (runs/NAME), a checkpoint, model or quantized folder, or a Hugging Face folder",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype to run in")
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run folder resolves to ``checkpoints/last``; a model or checkpoint folder to itself."""
-    from moekit.train import find_checkpoint
+def port_number(text: str) -> int:
+    """argparse type for a TCP port: an integer in 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass the folder `moekit train` printed")
-    return find_checkpoint(path)
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The folder that holds the model: a run folder's last checkpoint, otherwise ``path`` itself."""
+    from moekit.loader import inspect_folder
+
+    return inspect_folder(path).model_dir
 
 
 def load_model_and_tokenizer(path: str | Path, dtype: str = "fp32"):
-    """Loads ``(model, tokenizer, folder)``; the tokenizer is a ``tokenizers.Tokenizer``."""
-    import torch
+    """Loads ``(model, tokenizer, folder)`` through :func:`moekit.loader.load_model_and_tokenizer`."""
+    from moekit.loader import load_model_and_tokenizer as load
 
-    from moekit.models import MoEForCausalLM
-    from moekit.train import load_tokenizer
-
-    folder = resolve_model_dir(path)
-    from moekit.compress import is_quantized_folder, load_quantized  # quantized folders: moekit.compress
-
-    load = load_quantized if is_quantized_folder(folder) else MoEForCausalLM.from_pretrained
-    model = load(folder, dtype=getattr(torch, DTYPES[dtype]))
-    model.eval()
-    if not (folder / "tokenizer.json").is_file():
-        raise ValueError(
-            f"{folder} has no tokenizer.json; moekit commands need the tokenizer next to the model"
-        )
-    return model, load_tokenizer(folder), folder
+    loaded = load(path, dtype=dtype)
+    return loaded.model, loaded.tokenizer, loaded.folder
 
 
 def eos_token_id(tokenizer, folder: Path) -> int:
-    """The end-of-text id: from an HF ``config.json``/``tokenizer_config.json``, else moekit's own token."""
-    import json
+    """The end-of-text id of the model in ``folder`` (see :func:`moekit.loader.eos_token_id`)."""
+    from moekit.loader import eos_token_id as find
 
-    from moekit.train.tokenizer import special_token_id
-
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        eos = json.loads(cfg.read_text()).get("eos_token_id")
-        if isinstance(eos, list) and eos:
-            eos = eos[0]
-        if isinstance(eos, int):
-            return eos
-    tok_cfg = folder / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        token = json.loads(tok_cfg.read_text()).get("eos_token")
-        token = token.get("content") if isinstance(token, dict) else token
-        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
-            return tokenizer.token_to_id(token)
-    return special_token_id(tokenizer)
+    return find(tokenizer, folder)
 
 
 def run_train_config(folder: Path):

@@ -33,15 +33,18 @@ def run(args: argparse.Namespace) -> int:
     """Loads ``--from`` and writes ``--to``; prints what it wrote."""
     import torch
 
-    from moekit.convert import from_pretrained, save_hf
+    from moekit.convert import save_hf
     from moekit.convert.checkpoint import copy_tokenizer_files
+    from moekit.loader import from_pretrained, inspect_folder
 
-    src, dst = Path(args.src), Path(args.dst)
-    if not src.is_dir():
-        raise FileNotFoundError(f"--from {src}: no such folder")
-    from moekit.cli.common import resolve_model_dir
-
-    src = resolve_model_dir(src)  # a run folder means its last checkpoint
+    dst = Path(args.dst)
+    info = inspect_folder(args.src)  # a run folder means its last checkpoint
+    src = info.model_dir
+    if info.kind == "quantized":
+        raise ValueError(
+            f"--from {args.src} is a quantized folder; convert the float model it came from "
+            "(or use `moekit export-gguf` for a quantized file llama.cpp reads)"
+        )
     if args.format == "moekit" and args.family is not None:
         raise ValueError("--family only applies to --format hf")
     dtype = getattr(torch, args.dtype) if args.dtype else None

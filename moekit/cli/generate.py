@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step (removes per-operator overhead; the first run compiles)",
+        help="torch.compile the decode step now (default: auto, see moekit.models.generation; MOEKIT_COMPILE=0 disables)",
     )
     add_offload_arguments(p)
 
@@ -61,6 +61,19 @@ def run(args: argparse.Namespace) -> int:
     if not ids:
         raise ValueError("the prompt encodes to no tokens; pass a non-empty --prompt")
     eos = eos_token_id(tok, folder)
+    context = model.config.max_position_embeddings
+    room = context - len(ids)
+    if room < 1:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens but the model has {context} positions; shorten the prompt"
+        )
+    if args.max_new_tokens > room:
+        print(
+            f"moekit generate: --max-new-tokens {args.max_new_tokens} exceeds the room left in the "
+            f"model's {context}-position context; generating at most {room}",
+            file=sys.stderr,
+        )
+        args.max_new_tokens = room
     generated: list[int] = []
     printed = ""
     sys.stdout.write(args.prompt)
@@ -78,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             printed = text
 
     from moekit.infer.decoding import SelfContrastSession
-    from moekit.infer.generate import Sampler, generate
+    from moekit.models.generation import Sampler, generate
 
     decode = args.decode or ("sample" if args.temperature > 0 else "greedy")
     if decode == "sample" and args.temperature <= 0:
@@ -112,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             moe_k=args.k,
             streamer=stream,
             source=source,
-            compile=args.compile,
+            compile=True if args.compile else "auto",
         )
     finally:
         sys.stdout.write("\n")

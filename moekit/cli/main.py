@@ -45,7 +45,10 @@ def _available() -> dict[str, object]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Builds the argument parser with one subparser per available verb."""
+    import moekit
+
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit.")
+    parser.add_argument("--version", action="version", version=f"moekit {moekit.__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, mod in _available().items():
         p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)

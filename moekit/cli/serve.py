@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from moekit.cli._offload import add_offload_arguments, maybe_offload
-from moekit.cli.common import add_model_argument, load_model_and_tokenizer
+from moekit.cli.common import add_model_argument, load_model_and_tokenizer, port_number
 
 HELP = "Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming), on 127.0.0.1 by default."
 
@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the verb's flags."""
     add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (1-65535)")
     p.add_argument(
         "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for"
     )

@@ -14,7 +14,7 @@ Contract:
     ``expert_stats`` + ``allocate_bits`` give one width per expert from a MILP (HiGHS) under an
     average stored-bits budget. ``dynamic_prune(model, PruneConfig) -> model`` drops low-weight
     second experts per token. ``export_gguf(model, file, type)`` writes llama.cpp files.
-    ``offload_quantized_model`` offloads a quantized model with packed experts in the store; any
+    ``moekit.offload.offload_quantized_model`` offloads a quantized model with packed experts in the store; any
     ``QuantizedExperts`` can also be ``offload_model``'s low-bit miss ``fallback`` (HOBBIT).
 
 Layout:
@@ -27,7 +27,6 @@ Layout:
     model.py       quantize_model, save_quantized, load_quantized, model_bytes
     prune.py       PrunedRouter, dynamic_prune, expert_calls_saved
     gguf_export.py GGUF writer (qwen3moe, qwen2moe, llama/Mixtral)
-    offload.py     QuantizedExpertStore / offload_quantized_model: offloaded experts stay packed
 
 To add a bit width: add it to ``config.VALID_BITS``, make :func:`quant.pack_codes` handle it (any
 width up to 8 already packs), and map it to a kernel in :func:`kernels.choose_kernel` (a width

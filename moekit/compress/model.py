@@ -160,37 +160,23 @@ def quantize_model(
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> None:
-    """Writes a quantized folder: ``model.safetensors`` (safetensors only) and ``config.json``.
-
-    Non-persistent kernel buffers are not written; they are rebuilt on load.
-    """
-    from safetensors.torch import save_file
-
-    import moekit
-    from moekit.models.io import CONFIG_NAME, MODEL_TYPE, WEIGHTS_NAME, _atomic_write
+    """Writes a quantized folder: a moekit model folder (:func:`moekit.models.io.write_model_folder`)
+    whose ``config.json`` carries the ``"quantization"`` section. Non-persistent kernel buffers are
+    not written; they are rebuilt on load."""
+    from moekit.models.io import model_tensors, write_model_folder
 
     qconfig = getattr(model, "quant_config", None)
     if qconfig is None:
         raise ValueError(
             "save_quantized: the model was not quantized (no quant_config); use quantize_model first"
         )
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        tensors[name] = tensor.detach().contiguous().cpu()
-    metadata = {"format": "pt", "moekit_version": moekit.__version__, "quantized": "1"}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    config = {
-        "model_type": MODEL_TYPE,
-        "moekit_version": moekit.__version__,
-        **model.config.to_dict(),
-        QUANT_KEY: qconfig.to_dict(),
-    }
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_model_folder(
+        model,
+        path,
+        tensors=model_tensors(model),
+        extra_config={QUANT_KEY: qconfig.to_dict()},
+        metadata={"quantized": "1"},
+    )
 
 
 def is_quantized_folder(path: str | Path) -> bool:
@@ -223,25 +209,25 @@ def load_quantized(
     Raises:
         ValueError: naming the file or tensor when something is missing or mis-shaped.
     """
-    from safetensors.torch import load_file
-
-    from moekit.models import MoEForCausalLM
-    from moekit.models.config import ModelConfig
-    from moekit.models.io import CONFIG_NAME, WEIGHTS_NAME
+    from moekit.models.io import CONFIG_NAME, WEIGHTS_NAME, read_config, read_config_dict
+    from moekit.models.safetensors_io import load_safetensors
 
     folder = Path(path)
-    data = json.loads((folder / CONFIG_NAME).read_text())
+    data = read_config_dict(folder)
     if QUANT_KEY not in data:
         raise ValueError(f"{folder / CONFIG_NAME} has no {QUANT_KEY!r} section: not a quantized folder")
-    qconfig = QuantConfig.from_dict(data.pop(QUANT_KEY))
+    try:
+        qconfig = QuantConfig.from_dict(data[QUANT_KEY])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{folder / CONFIG_NAME}: invalid {QUANT_KEY!r} section: {err}") from None
     if kernel is not None:
         qconfig = qconfig.replace(kernel=kernel)
-    data = {k: v for k, v in data.items() if k not in ("model_type", "moekit_version")}
-    model = MoEForCausalLM(ModelConfig.from_dict(data))
+    family, config = read_config(folder, ignore=(QUANT_KEY,))
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"{weights} not found: the folder has a config but no weights")
-    tensors = load_file(str(weights))
+    tensors = load_safetensors(weights)
+    model = family.build(config)
     for index, layer in enumerate(moe_layers(model)):
         prefix = next(n for n, m in model.named_modules() if m is layer) + ".experts"
         bits = _expert_bits(qconfig, index, layer.config.num_experts)
@@ -280,13 +266,13 @@ def load_quantized(
                 ),
             )
     expected = model.state_dict()
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+    for name in model.tied_weight_names():
+        expected.pop(name, None)
     missing = sorted(set(expected) - set(tensors))
     unknown = sorted(set(tensors) - set(expected))
     if missing or unknown:
         raise ValueError(f"{weights}: missing tensor(s) {missing[:10]}, unknown tensor(s) {unknown[:10]}")
-    model.load_state_dict(tensors, strict=not model.config.tie_word_embeddings)
+    model.load_state_dict(tensors, strict=not model.tied_weight_names())
     if dtype is not None:
         _to_dtype(model, dtype)
     model.quant_config = qconfig

@@ -51,8 +51,10 @@ from moekit.convert.checkpoint import (
 from moekit.convert.families import FAMILIES, family_for, get_family
 from moekit.models.config import ModelConfig
 from moekit.models.decoder import MoEForCausalLM
+from moekit.models.io import atomic_write, materialize
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+GENERATION_CONFIG = "generation_config.json"
 DTYPE_NAMES = {
     torch.float32: "float32",
     torch.bfloat16: "bfloat16",
@@ -81,24 +83,11 @@ def build_empty(config: ModelConfig, dtype: torch.dtype) -> MoEForCausalLM:
     """The model with uninitialised weights allocated once, in ``dtype`` (the checkpoint fills them).
 
     Built on the meta device (no random init, no float32 copy of a bf16 model), then given real
-    memory. Non-persistent buffers are rebuilt: the RoPE tables by ``RotaryEmbedding`` itself, the
-    MoE balance weights (1 for FFN experts, ``zero_expert_tau`` for zero-computation experts) here.
+    memory; the non-persistent buffers are rebuilt by the model (:func:`moekit.models.io.materialize`).
     """
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = MoEForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to_empty(device="cpu")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight  # to_empty gives each module its own tensor
-    with torch.no_grad():
-        for moe in model.moe_layers:
-            moe.balance_weight.fill_(1.0)
-            moe.balance_weight[moe.config.num_experts :] = moe.config.zero_expert_tau
-    return model
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    return materialize(model, dtype)
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoEForCausalLM:
@@ -118,6 +107,12 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoEFo
         return MoEForCausalLM.from_pretrained(folder, dtype=dtype)
     adapter = get_family(str(hf["model_type"]))
     config = adapter.config_from_hf(hf)
+    token_ids = {k: hf[k] for k in TOKEN_ID_KEYS if hf.get(k) is not None}
+    if token_ids:
+        try:
+            config = config.replace(**token_ids)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{folder / 'config.json'}: {err}") from None
     mapping = weight_map(folder)
     run_dtype = dtype or checkpoint_dtype(mapping)
     model = build_empty(config, run_dtype)
@@ -133,8 +128,20 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoEFo
     load_into(state, targets, mapping)
     model.eval()
     model.name_or_path = str(folder)
-    model.hf_token_ids = {k: hf[k] for k in TOKEN_ID_KEYS if k in hf}
     return model
+
+
+def _tokenizer_eos_id(folder: Path) -> int | None:
+    """The id of moekit's end-of-text token in ``folder/tokenizer.json``, or None."""
+    file = folder / "tokenizer.json"
+    try:
+        added = json.loads(file.read_text()).get("added_tokens", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    for token in added if isinstance(added, list) else []:
+        if isinstance(token, dict) and token.get("content") == "<|endoftext|>":
+            return token.get("id")
+    return None
 
 
 def hf_config_for(model: MoEForCausalLM, family: str | None = None) -> tuple[Any, dict[str, Any]]:
@@ -143,7 +150,9 @@ def hf_config_for(model: MoEForCausalLM, family: str | None = None) -> tuple[Any
     hf = adapter.config_to_hf(model.config)
     dtype = next(model.parameters()).dtype
     hf["dtype"] = DTYPE_NAMES.get(dtype, "float32")
-    hf.update(getattr(model, "hf_token_ids", {}) or {})
+    for key in TOKEN_ID_KEYS:
+        if getattr(model.config, key) is not None:
+            hf[key] = getattr(model.config, key)
     return adapter, hf
 
 
@@ -171,9 +180,21 @@ def save_hf(
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     write_shards(hf_tensors(state, adapter.targets(model.config)), folder, max_shard_bytes)
-    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(hf, indent=2, sort_keys=True) + "\n"
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
     src = tokenizer_dir if tokenizer_dir is not None else getattr(model, "name_or_path", None)
     copy_tokenizer_files(Path(src) if src else None, folder)
+    if "eos_token_id" not in hf:
+        eos = _tokenizer_eos_id(folder)
+        if eos is not None:
+            hf["eos_token_id"] = eos
+            text = json.dumps(hf, indent=2, sort_keys=True) + "\n"
+            atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    if "eos_token_id" in hf and not (folder / GENERATION_CONFIG).is_file():
+        # transformers' generate reads eos from here; without it, exported models never stop.
+        gen = {k: hf[k] for k in TOKEN_ID_KEYS if k in hf}
+        gen_text = json.dumps({**gen, "_from_model_config": True}, indent=2, sort_keys=True) + "\n"
+        atomic_write(folder / GENERATION_CONFIG, lambda tmp: Path(tmp).write_text(gen_text))
     return folder
 
 

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moekit.convert.families.base import Piece, Target
+from moekit.models.safetensors_io import open_safetensors
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -73,14 +73,14 @@ def weight_map(folder: Path) -> dict[str, Path]:
                     "save_pretrained(..., safe_serialization=True))"
                 )
             raise ValueError(f"{folder}: no {SAFE_SINGLE} or {SAFE_INDEX} found")
-    with safe_open(str(single), framework="pt") as f:
+    with open_safetensors(single) as f:
         return dict.fromkeys(f.keys(), single)
 
 
 def checkpoint_dtype(mapping: dict[str, Path]) -> torch.dtype:
     """The dtype of the first floating-point tensor of the checkpoint (float32 if none)."""
     for name, shard in mapping.items():
-        with safe_open(str(shard), framework="pt") as f:
+        with open_safetensors(shard) as f:
             dtype = f.get_slice(name).get_dtype()
         table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
         if dtype in table:
@@ -125,7 +125,7 @@ def load_into(state: dict[str, torch.Tensor], targets: list[Target], mapping: di
             stacklevel=3,
         )
     for shard, pieces in plan.items():
-        with safe_open(str(shard), framework="pt") as f:
+        with open_safetensors(shard) as f:
             for piece, name in pieces:
                 dest = state[name][piece.index] if piece.index else state[name]
                 shape = tuple(f.get_slice(piece.key).get_shape())

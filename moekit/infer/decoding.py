@@ -16,9 +16,10 @@ implausible). The paper's defaults: ``alpha = 0.1``, ``beta = 0.5``, strong = to
 example uses the third-ranked expert for the weak pass. Ranks here are **1-based**: ``rank:1`` is
 each token's top expert, ``rank:3`` the third (the paper code's 0-based ``student_routed_tok=2``).
 
-The weak routing is applied by :func:`weak_routing`, a context manager that wraps each MoE layer's
-router ``forward`` for the duration of the weak pass only; ``moekit.layers`` is not modified and
-nothing outside the ``with`` block sees the override.
+The weak routing is applied by :func:`weak_routing`, a context manager that sets each MoE layer's
+declared routing override (:meth:`moekit.layers.MoELayer.override_routing`) to a
+:class:`RankOnlyRouting` for the duration of the weak pass only; nothing outside the ``with``
+block sees it, and the decode fast path is not taken while it is set.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from moekit.infer.generate import DecodeSession
 from moekit.layers import MoELayer
 from moekit.layers.router import RouterOutput
+from moekit.models.decode import DecodeSession
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,21 +68,23 @@ class WeakRouting:
         return f"{self.mode}:{self.k}"
 
 
-def _rank_only_forward(router, rank: int):
-    """A router forward that keeps only each token's ``rank``-th ranked expert (1-based), at weight 1."""
-    original = router.forward
+@dataclass(frozen=True)
+class RankOnlyRouting:
+    """A routing override (:class:`moekit.layers.RoutingOverride`): each token keeps only its
+    ``rank``-th ranked expert (1-based), at weight 1.
 
-    def forward(x_TD, token_mask_T=None, prev_logits_TE=None, k=None) -> RouterOutput:
-        # The router's own top-``rank`` selection (sorted by score, with groups and selection
-        # bias applied as usual), then keep its last column.
-        out = original(x_TD, token_mask_T, prev_logits_TE, rank)
-        ids_T1 = out.expert_ids_TK[:, rank - 1 : rank]
-        out.expert_ids_TK = ids_T1
-        out.choice_ids_TK = ids_T1
-        out.weights_TK = (ids_T1 >= 0).to(out.weights_TK.dtype)
-        return out
+    The router's own top-``rank`` selection (sorted by score, with groups and selection bias
+    applied as usual), then its last column.
+    """
 
-    return forward
+    rank: int
+
+    def __call__(self, router, x_TD: Tensor, token_mask_T, prev_logits_TE, k) -> RouterOutput:
+        """Routes ``x_TD [T, D]`` to ``[T, 1]`` expert ids and unit weights."""
+        out = router(x_TD, token_mask_T, prev_logits_TE, self.rank)
+        ids_T1 = out.expert_ids_TK[:, self.rank - 1 : self.rank]
+        weights_T1 = (ids_T1 >= 0).to(out.weights_TK.dtype)
+        return replace(out, expert_ids_TK=ids_T1, choice_ids_TK=ids_T1, weights_TK=weights_T1)
 
 
 @contextlib.contextmanager
@@ -89,7 +92,8 @@ def weak_routing(model: torch.nn.Module, routing: WeakRouting) -> Iterator[int |
     """Within the block, every MoE layer of ``model`` routes as ``routing`` says.
 
     Yields the ``moe_k`` to pass to the model (``routing.k`` for ``"top"``, None for ``"rank"``,
-    whose override lives in the routers). The routers are restored on exit, even on error.
+    whose override is each layer's ``routing_override``). The overrides are cleared on exit,
+    even on error.
 
     Raises:
         ValueError: a rank above a layer's expert count, or a router type that has no ranking
@@ -107,16 +111,11 @@ def weak_routing(model: torch.nn.Module, routing: WeakRouting) -> Iterator[int |
     if routing.mode == "top":
         yield routing.k
         return
-    patched = []
-    try:
+    override = RankOnlyRouting(routing.k)
+    with contextlib.ExitStack() as stack:
         for layer in layers:
-            # An instance attribute shadows the class method; deleting it restores the original.
-            layer.router.forward = _rank_only_forward(layer.router, routing.k)
-            patched.append(layer.router)
+            stack.enter_context(layer.override_routing(override))
         yield None
-    finally:
-        for router in patched:
-            del router.forward
 
 
 def contrast_scores(
@@ -140,11 +139,11 @@ def contrast_scores(
 
 
 class SelfContrastSession:
-    """SCMoE score source for :func:`moekit.infer.generate.iter_tokens`: two sessions, two KV caches.
+    """SCMoE score source for :func:`moekit.models.generation.iter_tokens`: two sessions, two KV caches.
 
     Args:
         model: the MoE language model.
-        input_ids, attention_mask, max_new_tokens: as :class:`~moekit.infer.generate.DecodeSession`.
+        input_ids, attention_mask, max_new_tokens: as :class:`~moekit.models.decode.DecodeSession`.
         alpha: plausibility threshold in (0, 1].
         beta: contrast strength (0 reproduces the strong model's scores on the kept tokens).
         weak: the weak pass's routing (:class:`WeakRouting` or ``"rank:K"``/``"top:K"``).
@@ -178,11 +177,10 @@ class SelfContrastSession:
         self.alpha, self.beta, self.tau_strong, self.tau_weak = alpha, beta, tau_strong, tau_weak
         self.strong_session = DecodeSession(model, input_ids, attention_mask, max_new_tokens, moe_k=moe_k)
         # The weak KV cache must be built with the weak routing too (the paper's second cache).
-        self.weak_session = DecodeSession(model, input_ids, attention_mask, max_new_tokens)
-        if self.weak.mode == "rank":
-            self.weak_session.fast = False  # rank routing lives in the routers the fast path skips
+        # Built inside the override, the session sees it and keeps off the fast path for "rank"
+        # (fast_decode_supported asks each layer); this also validates the routing now.
         with weak_routing(model, self.weak):
-            pass  # validates the routing against the model now, not at the first token
+            self.weak_session = DecodeSession(model, input_ids, attention_mask, max_new_tokens)
 
     def _weak(self, call, *args) -> Tensor:
         with weak_routing(self.model, self.weak) as moe_k:

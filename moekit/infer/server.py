@@ -43,7 +43,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from moekit.infer.generate import DecodeSession, Sampler, iter_tokens
+from moekit.models.decode import DecodeSession
+from moekit.models.generation import Sampler, iter_tokens
 
 # Documented default chat format for models without a chat template: one block per message,
 # "<|role|>\n" + content + "\n", then "<|assistant|>\n" to prompt the reply.

@@ -2,43 +2,68 @@
 
 Contract:
     ``MoELayer(MoEConfig)(x, token_mask=None, prev_logits=None, k=None) -> MoEOutput(hidden,
-    routing, aux_losses)``. ``x`` is ``[..., D]``. ``aux_losses`` holds unweighted scalars; the
-    trainer applies coefficients. ``routing`` is a :class:`RoutingInfo` of tensors only.
+    routing, aux_losses, backend)``. ``x`` is ``[..., D]``. ``aux_losses`` holds unweighted
+    scalars; the trainer applies coefficients. ``routing`` is a :class:`RoutingInfo` of tensors
+    only; ``backend`` names the expert compute path that ran.
+
+    A layer is three parts: ``router`` (parameters + a registered routing strategy),
+    ``experts`` (storage: tensors, stacked views, the sorted forward) and ``dispatcher`` (how
+    rows reach the storage: locally, over all-to-all, from an offload cache). Storage and
+    dispatch are swapped independently; ``routing_override`` replaces routing for a while
+    (SCMoE's weak pass) through :meth:`MoELayer.override_routing`.
 
 Layout:
     config.py    MoEConfig / FFNConfig dataclasses (validated, JSON round-trip)
-    router.py    routers (top-k softmax/sigmoid with groups and bias, top-p, random-fixed,
-                 expert-choice), noise, gating residual, capacity with score/position/RTS drops
-    experts.py   ExpertWeights interface, stacked default, dense FeedForward
-    dispatch.py  permute -> expert_compute -> combine, backends eager/sorted/grouped_mm
+    strategies.py  router strategies, one class per router_type (top-k softmax/sigmoid with
+                 groups and bias, top-k after-softmax, random-fixed, top-p, expert-choice), each
+                 validating its fields; RouterOutput
+    router.py    Router: parameters, logits (noise, gating residual), route_small for decode;
+                 capacity with score/position/RTS drops
+    experts.py   storage: ExpertWeights interface, stacked default, sorted forward, FeedForward
+    dispatch.py  Dispatcher, LocalDispatcher: permute -> expert_compute -> combine, backends
+                 eager/sorted/grouped_mm (imports experts.py, never the reverse)
     losses.py    balance (all / first choice / sequence-wise, heterogeneous tau), z-loss, entropy
     balance.py   aux-loss-free expert-bias updates, applied as an optimizer-step hook
     moe.py       MoELayer, RoutingInfo, MoEOutput
 
-This package imports nothing else from moekit except ``moekit.config``. To add a router, add a
-branch in ``Router.forward`` returning a ``RouterOutput`` with -1/0 padding, a choice in
-``config.ROUTER_TYPES``, and an oracle test in ``tests/test_layers_oracle.py``. To add an expert
-storage (offload, quantized, sharded), subclass ``ExpertWeights`` and assign it to
-``layer.experts``.
+This package imports nothing else from moekit except ``moekit.config``. To add a router, write a
+``strategies.RouterStrategy`` subclass (``check`` its fields, ``route``, and ``select`` when every
+token gets exactly k experts), register it in ``strategies.ROUTER_STRATEGIES``, and add an oracle
+case to ``tests/test_layers_oracle.py``. To add an expert storage (quantized, sharded), subclass
+``ExpertWeights`` and assign it to ``layer.experts``; to change how rows reach it (all-to-all,
+prefetch), subclass ``dispatch.Dispatcher`` and assign it to ``layer.dispatcher``.
 """
 
 from moekit.layers.balance import ExpertBiasBalancer, update_expert_bias
 from moekit.layers.config import FFNConfig, MoEConfig
-from moekit.layers.dispatch import combine, expert_compute, permute, routed_experts
+from moekit.layers.dispatch import (
+    Dispatcher,
+    LocalDispatcher,
+    combine,
+    expert_compute,
+    permute,
+    routed_experts,
+)
 from moekit.layers.experts import ExpertWeights, FeedForward, StackedExpertWeights
-from moekit.layers.moe import MoELayer, MoEOutput, RoutingInfo, dense_equivalent
-from moekit.layers.router import Router, RouterOutput, apply_capacity
+from moekit.layers.moe import MoELayer, MoEOutput, RoutingInfo, RoutingOverride, dense_equivalent
+from moekit.layers.router import Router, apply_capacity
+from moekit.layers.strategies import ROUTER_STRATEGIES, RouterOutput, RouterStrategy
 
 __all__ = [
+    "ROUTER_STRATEGIES",
+    "Dispatcher",
     "ExpertBiasBalancer",
     "ExpertWeights",
     "FFNConfig",
     "FeedForward",
+    "LocalDispatcher",
     "MoEConfig",
     "MoELayer",
     "MoEOutput",
     "Router",
     "RouterOutput",
+    "RouterStrategy",
+    "RoutingOverride",
     "RoutingInfo",
     "StackedExpertWeights",
     "apply_capacity",

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moekit.config import JsonConfig, check_choice
+from moekit.layers.strategies import ROUTER_STRATEGIES, strategy_for
 
-ROUTER_TYPES = ("topk", "top_p", "random_fixed", "expert_choice")
+ROUTER_TYPES = tuple(ROUTER_STRATEGIES)
 SCORE_FUNCS = ("softmax", "sigmoid")
 SOFTMAX_ORDERS = ("before_topk", "after_topk")
 GROUP_SCORES = ("top2_sum", "max")
@@ -193,6 +194,8 @@ class MoEConfig(JsonConfig):
                 raise ValueError(f"{name}: group-limited routing needs router_type='topk'")
         if self.shared_expert_gate and self.shared_ffn_dim == 0:
             raise ValueError(f"{name}.shared_expert_gate needs shared_ffn_dim > 0")
+        # Each router strategy rejects the fields it would silently ignore.
+        strategy_for(self).check(self)
 
     @property
     def num_total_experts(self) -> int:

@@ -3,9 +3,14 @@
 Shape legend: T = tokens, D = model width, K = slots per token, E = FFN experts,
 N = (token, expert) assignments that reach an FFN expert, H/F as in ``experts.py``.
 
-The stages are separate functions so that expert parallelism can put its all-to-all between
-:func:`permute` and :func:`expert_compute` (and again before :func:`combine`), and offloading or
-quantization can swap the :class:`~moekit.layers.experts.ExpertWeights` without touching them.
+A :class:`Dispatcher` moves rows between tokens and expert storage; the MoE layer holds one
+(``layer.dispatcher``) next to its storage (``layer.experts``). :class:`LocalDispatcher` runs the
+three stages on one device with a named backend. Expert parallelism
+(``moekit.parallel.AllToAllDispatcher``) puts its all-to-alls between :func:`permute` and
+:func:`expert_compute` (and again before :func:`combine`); offloading
+(``moekit.offload.OffloadDispatcher``) prefetches the next layer's experts around them. To add a
+dispatcher: subclass :class:`Dispatcher`, implement :meth:`Dispatcher.dispatch` returning the
+output and the name of the compute path that ran, and assign it to ``layer.dispatcher``.
 
 Backends (all match ``eager`` forward and backward; see ``tests/test_layers_oracle.py``):
     ``eager``: a loop over experts with boolean masks. The readable oracle.
@@ -111,11 +116,14 @@ def _grouped_mm_available(x_ND: Tensor) -> bool:
     return x_ND.dtype in (torch.bfloat16, torch.float32)
 
 
+def grouped_mm_runs(x_ND: Tensor, weights: ExpertWeights) -> bool:
+    """Whether the ``grouped_mm`` backend really runs for these rows and this storage (it falls
+    back to ``sorted`` without stacked weights, without the op, or for a dtype it rejects)."""
+    return x_ND.shape[0] > 0 and _grouped_mm_available(x_ND) and weights.stacked() is not None
+
+
 def _grouped_compute(x_ND: Tensor, counts: list[int], weights: ExpertWeights) -> Tensor:
-    stacked = weights.stacked()
-    if stacked is None or not _grouped_mm_available(x_ND) or x_ND.shape[0] == 0:
-        return _sorted_compute(x_ND, counts, weights)
-    w_in_EHD, w_out_EDF = stacked
+    w_in_EHD, w_out_EDF = weights.stacked()
     offs_E = torch.tensor(counts, device=x_ND.device).cumsum(0).to(torch.int32)
     h_NH = torch._grouped_mm(x_ND, w_in_EHD.transpose(-2, -1), offs=offs_E)
     return torch._grouped_mm(activate(h_NH, weights.activation), w_out_EDF.transpose(-2, -1), offs=offs_E)
@@ -138,9 +146,16 @@ def resolve_backend(backend: str, x: Tensor, num_assignments: int) -> str:
 
 def expert_compute(x_ND: Tensor, counts: list[int], weights: ExpertWeights, backend: str) -> Tensor:
     """Runs each expert on its contiguous slice of permuted rows: ``[N, D] -> [N, D]``."""
-    if backend == "grouped_mm":
-        return _grouped_compute(x_ND, counts, weights)
-    return _sorted_compute(x_ND, counts, weights)
+    return expert_compute_ran(x_ND, counts, weights, backend)[0]
+
+
+def expert_compute_ran(
+    x_ND: Tensor, counts: list[int], weights: ExpertWeights, backend: str
+) -> tuple[Tensor, str]:
+    """As :func:`expert_compute`, plus the backend that actually ran (``"grouped_mm"``/``"sorted"``)."""
+    if backend == "grouped_mm" and grouped_mm_runs(x_ND, weights):
+        return _grouped_compute(x_ND, counts, weights), "grouped_mm"
+    return _sorted_compute(x_ND, counts, weights), "sorted"
 
 
 def eager_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, weights: ExpertWeights) -> Tensor:
@@ -159,9 +174,53 @@ def routed_experts(
     x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, weights: ExpertWeights, backend: str
 ) -> Tensor:
     """All three stages for a single device: ``[T, D] -> [T, D]``."""
-    backend = resolve_backend(backend, x_TD, expert_ids_TK.numel())
-    if backend == "eager":
-        return eager_experts(x_TD, expert_ids_TK, weights_TK, weights)
-    x_ND, plan = permute(x_TD, expert_ids_TK, weights_TK, weights.num_experts)
-    y_ND = expert_compute(x_ND, plan.counts, weights, backend)
-    return combine(y_ND, plan, x_TD.shape[0])
+    return LocalDispatcher().dispatch(weights, x_TD, expert_ids_TK, weights_TK, backend)[0]
+
+
+class Dispatcher:
+    """How a layer's routed rows reach its expert storage and come back.
+
+    A dispatcher holds no parameters (the storage does) and no per-call state; the layer keeps
+    one in its declared ``dispatcher`` field.
+
+    Attributes:
+        supports_fast_decode: the decode fast path may bypass this dispatcher and read the
+            storage's stacked weights directly (true only for local, resident dispatch).
+    """
+
+    supports_fast_decode: bool = False
+
+    def dispatch(
+        self, experts: ExpertWeights, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str
+    ) -> tuple[Tensor, str]:
+        """``[T, D] -> ([T, D] weighted sum of expert outputs, name of the compute path that ran)``.
+
+        Args:
+            experts: the layer's storage.
+            x_TD: token states.
+            expert_ids_TK: ``[T, K]`` FFN expert ids; -1 and ids >= E (zero experts) are skipped.
+            weights_TK: ``[T, K]`` combine weights.
+            backend: the config's backend choice (a dispatcher may ignore it).
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LocalDispatcher(Dispatcher):
+    """Single-device dispatch: permute -> expert compute -> combine, with a named backend
+    (``eager``/``sorted``/``grouped_mm``/``auto``, see the module docstring)."""
+
+    supports_fast_decode = True
+
+    def dispatch(
+        self, experts: ExpertWeights, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str
+    ) -> tuple[Tensor, str]:
+        """See :meth:`Dispatcher.dispatch`; the name is the backend that really ran."""
+        backend = resolve_backend(backend, x_TD, expert_ids_TK.numel())
+        if backend == "eager":
+            return eager_experts(x_TD, expert_ids_TK, weights_TK, experts), "eager"
+        x_ND, plan = permute(x_TD, expert_ids_TK, weights_TK, experts.num_experts)
+        y_ND, ran = expert_compute_ran(x_ND, plan.counts, experts, backend)
+        return combine(y_ND, plan, x_TD.shape[0]), ran

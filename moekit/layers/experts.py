@@ -3,13 +3,15 @@
 Shape legend: E = FFN experts, D = model width, F = expert hidden width, H = input-projection
 rows (2F for SwiGLU, gate rows first then up rows; F for GELU), N = tokens given to one call.
 
-The layer reaches expert weights only through :class:`ExpertWeights`. The default,
-:class:`StackedExpertWeights`, holds two stacked parameters ``w_in [E, H, D]`` and
+Storage only: this module knows nothing of routing or dispatch (``dispatch.py`` imports it,
+never the reverse). The layer reaches expert weights only through :class:`ExpertWeights`. The
+default, :class:`StackedExpertWeights`, holds two stacked parameters ``w_in [E, H, D]`` and
 ``w_out [E, D, F]`` so a grouped matmul can run over them; the layout matches transformers 5's
-fused ``gate_up_proj``/``down_proj``. Offloading (a per-expert cache), quantization (per-expert
-bit widths) and expert parallelism (a shard of experts) each subclass :class:`ExpertWeights`
-and override :meth:`ExpertWeights.expert_forward` (and :meth:`ExpertWeights.stacked` when they
-can offer stacked tensors); the layer code does not change.
+fused ``gate_up_proj``/``down_proj``. Other storages (a per-expert offload cache, quantized
+experts with per-expert bit widths, an expert-parallel shard) subclass :class:`ExpertWeights`
+and override :meth:`ExpertWeights.expert_forward` / :meth:`ExpertWeights.forward_sorted` (and
+:meth:`ExpertWeights.stacked` when they can offer stacked tensors). How rows reach the experts
+(locally, over all-to-all, with prefetch) is the layer's ``dispatcher``, not the storage's.
 """
 
 from __future__ import annotations
@@ -50,16 +52,6 @@ class ExpertWeights(nn.Module):
     dim: int
     ffn_dim: int
     activation: str
-
-    def routed_forward(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str) -> Tensor:
-        """All dispatch stages for these experts: ``[T, D] -> [T, D]`` weighted sum of expert outputs.
-
-        The single-device default runs permute -> expert compute -> combine. Expert parallelism
-        overrides this to put its all-to-all exchanges between the stages.
-        """
-        from moekit.layers.dispatch import routed_experts
-
-        return routed_experts(x_TD, expert_ids_TK, weights_TK, self, backend)
 
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
         """Runs expert ``expert`` on ``x_ND [N, D]``; returns ``[N, D]``."""

@@ -14,16 +14,36 @@ Gating residuals (MoE++): pass ``out.routing.router_logits`` of one MoE layer as
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from moekit.layers import losses
 from moekit.layers.config import FFNConfig, MoEConfig
+from moekit.layers.dispatch import Dispatcher, LocalDispatcher
 from moekit.layers.experts import ExpertWeights, FeedForward, StackedExpertWeights
-from moekit.layers.router import Router, apply_capacity
+from moekit.layers.router import Router, RouterOutput, apply_capacity
+
+
+class RoutingOverride(Protocol):
+    """Replaces a layer's routing for a while (see :meth:`MoELayer.override_routing`).
+
+    Called as ``override(router, x_TD, token_mask_T, prev_logits_TE, k) -> RouterOutput`` in
+    place of ``router(x_TD, token_mask_T, prev_logits_TE, k)``; it may call the router itself.
+    """
+
+    def __call__(
+        self,
+        router: Router,
+        x_TD: Tensor,
+        token_mask_T: Tensor | None,
+        prev_logits_TE: Tensor | None,
+        k: int | None,
+    ) -> RouterOutput: ...
 
 
 @dataclass
@@ -108,19 +128,28 @@ class MoEOutput:
         routing: the layer's :class:`RoutingInfo`.
         aux_losses: unweighted scalar losses: ``load_balance``, ``load_balance_first``,
             ``seq_balance``, ``z_loss`` and ``entropy`` (see :mod:`moekit.layers.losses`).
+        backend: the expert compute path that actually ran (``"eager"``, ``"sorted"``,
+            ``"grouped_mm"``, or a dispatcher's own name such as ``"all_to_all"``/``"offload"``).
     """
 
     hidden: Tensor
     routing: RoutingInfo
     aux_losses: Mapping[str, Tensor] = field(default_factory=dict)
+    backend: str = ""
 
 
 class MoELayer(nn.Module):
     """Mixture-of-Experts FFN built from a :class:`MoEConfig`.
 
-    Submodules:
+    Submodules and fields:
         router: :class:`Router`.
-        experts: :class:`ExpertWeights` (``StackedExpertWeights`` unless replaced).
+        experts: :class:`ExpertWeights`, the storage (``StackedExpertWeights`` unless replaced).
+        dispatcher: :class:`~moekit.layers.dispatch.Dispatcher` that moves rows to the storage
+            (``LocalDispatcher`` unless replaced by expert parallelism or offloading).
+        routing_override: a :class:`RoutingOverride` used instead of the router, or None; set it
+            with :meth:`override_routing`.
+        stats_reduce: sums a tensor over the data/expert-parallel group (with autograd) so
+            balance statistics cover the global batch; None on a single process.
         const_gate ``[C, 2, D]`` and const_vec ``[C, D]``: MoE++ constant experts.
         shared: dense shared expert, with ``shared_gate`` (``Linear(D, 1)``) when gated.
         residual_mlp and residual_coef (``Linear(D, 2)``): PR-MoE residual branch.
@@ -133,6 +162,8 @@ class MoELayer(nn.Module):
         self.experts: ExpertWeights = StackedExpertWeights(
             config.num_experts, config.dim, config.ffn_dim, config.activation
         )
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.routing_override: RoutingOverride | None = None
         num_c = config.num_constant_experts
         if num_c:
             self.const_gate = nn.Parameter(torch.empty(num_c, 2, config.dim))
@@ -148,12 +179,36 @@ class MoELayer(nn.Module):
                 FFNConfig(dim=config.dim, ffn_dim=config.ffn_dim, activation=config.activation)
             )
             self.residual_coef = nn.Linear(config.dim, 2)
-        # Set by a parallelism package: sums a tensor over the data/expert-parallel group (with
-        # autograd) so balance statistics cover the global batch. None on a single process.
         self.stats_reduce: Callable[[Tensor], Tensor] | None = None
         eta = torch.ones(config.num_total_experts)
         eta[config.num_experts :] = config.zero_expert_tau
         self.register_buffer("balance_weight", eta, persistent=False)
+
+    @contextlib.contextmanager
+    def override_routing(self, override: RoutingOverride | None) -> Iterator[None]:
+        """Within the block, :meth:`forward` routes with ``override`` instead of the router; the
+        previous override (usually None) is restored on exit, even on error."""
+        previous = self.routing_override
+        self.routing_override = override
+        try:
+            yield
+        finally:
+            self.routing_override = previous
+
+    @property
+    def supports_fast_decode(self) -> bool:
+        """Whether a decode step may route with :meth:`Router.route_small` and run the experts
+        from the storage's stacked weights directly, with the same result as :meth:`forward`."""
+        cfg = self.config
+        return (
+            self.routing_override is None
+            and self.router.supports_route_small
+            and self.dispatcher.supports_fast_decode
+            and self.experts.stacked() is not None
+            and cfg.capacity_factor is None
+            and not cfg.residual_moe
+            and cfg.num_experts == cfg.num_total_experts
+        )
 
     @property
     def zero_ids(self) -> range:
@@ -200,7 +255,10 @@ class MoELayer(nn.Module):
         mask_T = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
         prev_TE = None if prev_logits is None else prev_logits.reshape(num_t, -1)
 
-        route = self.router(x_TD, mask_T, prev_TE, k)
+        if self.routing_override is None:
+            route = self.router(x_TD, mask_T, prev_TE, k)
+        else:
+            route = self.routing_override(self.router, x_TD, mask_T, prev_TE, k)
         expert_ids_TK, weights_TK = route.expert_ids_TK, route.weights_TK
         if cfg.capacity_factor is not None and cfg.router_type != "expert_choice":
             num_valid = torch.tensor(num_t, device=x.device) if mask_T is None else mask_T.sum()
@@ -215,7 +273,7 @@ class MoELayer(nn.Module):
                 k or cfg.top_k,
             )
 
-        out_TD = self.experts.routed_forward(x_TD, expert_ids_TK, weights_TK, cfg.backend)
+        out_TD, backend = self.dispatcher.dispatch(self.experts, x_TD, expert_ids_TK, weights_TK, cfg.backend)
         if cfg.num_copy_experts or cfg.num_constant_experts:
             out_TD = out_TD + self._zero_compute_experts(x_TD, expert_ids_TK, weights_TK)
         if cfg.residual_moe:
@@ -228,7 +286,7 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared_TD
 
         routing, aux = self._statistics(route, expert_ids_TK, weights_TK, mask_T, lead_shape)
-        return MoEOutput(out_TD.reshape(*lead_shape, cfg.dim), routing, aux)
+        return MoEOutput(out_TD.reshape(*lead_shape, cfg.dim), routing, aux, backend)
 
     def _zero_compute_experts(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         # Dense [T, E] weight table: cheap (E is small) and handles any number of slots per token.

@@ -9,11 +9,16 @@ The decoder LM:
     with Hugging Face calling conventions (shifted labels, -100 ignored, left padding, KV cache).
     ``save_pretrained``/``from_pretrained`` use ``config.json`` + ``model.safetensors``.
 
+    ``model.generate(...)`` is :func:`generate`: one API (HF kwargs plus ``moe_k``, ``compile``)
+    over one session (:class:`DecodeSession`), fast path by default wherever it applies.
+
 Layout:
-    config.py      ModelConfig (MoE placement rule, rope scaling, q/k norm, loss coefficients)
-    decoder.py     RMSNorm, RoPE, Attention + KVCache, DecoderLayer, MoEForCausalLM
-    mla.py         MLAttention (DeepSeek multi-head latent attention, latent KV cache)
-    generation.py  generate (greedy / sampling, KV cache, left-padded batches)
+    config.py      ModelConfig (MoE placement rule, rope scaling, q/k norm, loss coefficients);
+                   builds the blocks' configs (rope_config, attention_config, mla_config)
+    decoder.py     DecoderLayer, MoEForCausalLM (norms, RoPE, attention, KV cache: moekit.blocks)
+    decode.py      DecodeSession (preallocated cache/masks/RoPE rows), the fast decode path, the
+                   compiled batch-1 step
+    generation.py  generate, Sampler, iter_tokens, the compile="auto" policy
     io.py          save/load of moekit folders (safetensors only)
     presets.py     named configs (moe-tiny, moe-small, ..., dense twins)
 
@@ -22,20 +27,26 @@ family needs a switch the decoder lacks), add a preset whose docstring cites the
 put the HF key map in ``moekit.convert``; parameter names here never follow HF.
 """
 
+from moekit.blocks import KVCache
 from moekit.models.config import ModelConfig
-from moekit.models.decoder import CausalLMOutput, KVCache, MoEForCausalLM
-from moekit.models.generation import generate
+from moekit.models.decode import DecodeSession, fast_decode_supported
+from moekit.models.decoder import CausalLMOutput, MoEForCausalLM
+from moekit.models.generation import Sampler, generate, iter_tokens
 from moekit.models.io import is_moekit_folder
 from moekit.models.presets import PRESETS, get_preset, list_presets
 
 __all__ = [
     "PRESETS",
     "CausalLMOutput",
+    "DecodeSession",
     "KVCache",
     "ModelConfig",
     "MoEForCausalLM",
+    "Sampler",
+    "fast_decode_supported",
     "generate",
     "get_preset",
     "is_moekit_folder",
+    "iter_tokens",
     "list_presets",
 ]

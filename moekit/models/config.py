@@ -17,41 +17,23 @@ converters' key maps. The fields cover what the HF MoE families need:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from moekit.blocks.config import (
+    QK_NORMS,
+    AttentionConfig,
+    MLAConfig,
+    RopeConfig,
+    check_rope_scaling,
+    mla_softmax_scale,
+    rope_type_of,
+)
 from moekit.config import JsonConfig, check_choice
 from moekit.layers.config import ACTIVATIONS, MoEConfig
 
 MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit", "none")
-QK_NORMS = ("none", "per_head", "full")
 ATTENTION_TYPES = ("mha", "mla")
-ROPE_TYPES = ("default", "linear", "yarn", "llama3")
-
-# Keys each rope_scaling type accepts (HF's names). "rope_type" (HF >= 4.45) and "type" (older)
-# both name the type.
-_ROPE_KEYS = {
-    "default": set(),
-    "linear": {"factor"},
-    "yarn": {
-        "factor",
-        "original_max_position_embeddings",
-        "beta_fast",
-        "beta_slow",
-        "mscale",
-        "mscale_all_dim",
-        "attention_factor",
-        "truncate",
-    },
-    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
-}
-_ROPE_REQUIRED = {
-    "default": set(),
-    "linear": {"factor"},
-    "yarn": set(),  # factor may be derived from max_position_embeddings / original_max_position_embeddings
-    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
-}
 _AUX_COEFS = ("aux_loss_coef", "z_loss_coef", "seq_balance_coef", "entropy_loss_coef")
 
 
@@ -91,8 +73,8 @@ class ModelConfig(JsonConfig):
             over the whole q/k projection width, OLMoE).
         attention_bias: biases on the q/k/v projections (Qwen2); the output projection has none.
         sliding_window: each token sees itself and the previous ``sliding_window - 1`` tokens.
-        attention_type: ``"mha"`` (GQA with q/k/v projections, see :class:`~moekit.models.decoder.Attention`)
-            or ``"mla"`` (DeepSeek multi-head latent attention, :class:`~moekit.models.mla.MLAttention`;
+        attention_type: ``"mha"`` (GQA with q/k/v projections, see :class:`~moekit.blocks.Attention`)
+            or ``"mla"`` (DeepSeek multi-head latent attention, :class:`~moekit.blocks.MLAttention`;
             ``num_kv_heads``, ``head_dim``, ``qk_norm`` and ``attention_bias`` do not apply).
         q_lora_rank: MLA query compression rank; ``None`` projects queries directly (DeepSeek-V2-Lite).
         kv_lora_rank: MLA key/value latent width (what the KV cache stores per token).
@@ -105,6 +87,9 @@ class ModelConfig(JsonConfig):
         rms_norm_eps: RMSNorm epsilon.
         tie_word_embeddings: ``lm_head`` shares the embedding matrix.
         initializer_range: std of the normal init.
+        bos_token_id, eos_token_id, pad_token_id: the tokenizer's special ids, when known
+            (written to Hugging Face exports and ``generation_config.json``, so ``generate`` stops
+            at end of text there too). ``eos_token_id`` may list several ids.
 
     Recommended loss coefficients (aux losses are averaged over MoE layers). Training does not read
     these directly: the objective's weights come from ``TrainConfig`` (``aux_loss_coef`` etc.) and
@@ -149,6 +134,9 @@ class ModelConfig(JsonConfig):
     rope_interleave: bool = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
 
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
@@ -218,28 +206,7 @@ class ModelConfig(JsonConfig):
             )
 
     def _check_rope_scaling(self) -> None:
-        rs = self.rope_scaling
-        if rs is None:
-            return
-        if not isinstance(rs, dict):
-            raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {type(rs).__name__}")
-        rope_type = self.rope_type
-        check_choice("ModelConfig", "rope_scaling['rope_type']", rope_type, ROPE_TYPES)
-        params = {k: v for k, v in rs.items() if k not in ("rope_type", "type")}
-        unknown = sorted(set(params) - _ROPE_KEYS[rope_type])
-        if unknown:
-            raise ValueError(
-                f"ModelConfig.rope_scaling: unknown key(s) {unknown} for rope_type={rope_type!r}; "
-                f"valid keys are {sorted(_ROPE_KEYS[rope_type])}"
-            )
-        missing = sorted(_ROPE_REQUIRED[rope_type] - set(params))
-        if missing:
-            raise ValueError(f"ModelConfig.rope_scaling: rope_type={rope_type!r} needs key(s) {missing}")
-        factor = params.get("factor")
-        if factor is not None and factor < 1.0:
-            raise ValueError(f"ModelConfig.rope_scaling['factor'] must be >= 1, got {factor}")
-        if rope_type == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
-            raise ValueError("ModelConfig.rope_scaling: llama3 needs high_freq_factor > low_freq_factor")
+        check_rope_scaling("ModelConfig", self.rope_scaling)
 
     def _check_placement(self) -> None:
         name = "ModelConfig"
@@ -309,9 +276,7 @@ class ModelConfig(JsonConfig):
     @property
     def rope_type(self) -> str:
         """``"default"`` without scaling, else ``rope_scaling["rope_type"]`` (or HF's older ``"type"``)."""
-        if not self.rope_scaling:
-            return "default"
-        return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+        return rope_type_of(self.rope_scaling)
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer ``i`` uses the MoE FFN.
@@ -361,63 +326,42 @@ class ModelConfig(JsonConfig):
         num_experts = self.experts_per_layer[self.moe_layer_ids.index(i)]
         return self.moe if num_experts == self.moe.num_experts else self.moe.replace(num_experts=num_experts)
 
+    def rope_config(self) -> RopeConfig:
+        """The :class:`~moekit.blocks.RopeConfig` of the model's rotary tables."""
+        return RopeConfig(
+            head_dim=self.rope_head_dim,
+            theta=self.rope_theta,
+            scaling=self.rope_scaling,
+            max_position_embeddings=self.max_position_embeddings,
+        )
+
+    def attention_config(self) -> AttentionConfig:
+        """The :class:`~moekit.blocks.AttentionConfig` of every GQA layer (``attention_type="mha"``)."""
+        return AttentionConfig(
+            dim=self.dim,
+            num_heads=self.num_heads,
+            num_kv_heads=self.attn_num_kv_heads,
+            head_dim=self.attn_head_dim,
+            qk_norm=self.qk_norm,
+            bias=self.attention_bias,
+            norm_eps=self.rms_norm_eps,
+        )
+
+    def mla_config(self) -> MLAConfig:
+        """The :class:`~moekit.blocks.MLAConfig` of every MLA layer (``attention_type="mla"``)."""
+        return MLAConfig(
+            dim=self.dim,
+            num_heads=self.num_heads,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            q_lora_rank=self.q_lora_rank,
+            rope_interleave=self.rope_interleave,
+            softmax_scale=mla_softmax_scale(self.qk_nope_head_dim, self.qk_rope_head_dim, self.rope_scaling),
+        )
+
     def rope_inv_freq_and_scale(self) -> tuple[list[float], float]:
-        """RoPE inverse frequencies ``[head_dim // 2]`` and the cos/sin scale, per ``rope_scaling``.
-
-        Follows transformers' ``modeling_rope_utils`` for "linear", "yarn" and "llama3", so
-        converted checkpoints see the same frequencies. Pure Python (float64), no torch.
-        """
-        dim = self.rope_head_dim
-        base = self.rope_theta
-        inv = [base ** (-(2 * j) / dim) for j in range(dim // 2)]
-        rs = self.rope_scaling or {}
-        rope_type = self.rope_type
-        if rope_type == "default":
-            return inv, 1.0
-        if rope_type == "linear":
-            return [f / rs["factor"] for f in inv], 1.0
-        if rope_type == "llama3":
-            factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-            old_len = rs["original_max_position_embeddings"]
-            low_wavelen, high_wavelen = old_len / low, old_len / high
-            out = []
-            for f in inv:
-                wavelen = 2 * math.pi / f
-                if wavelen < high_wavelen:
-                    out.append(f)
-                elif wavelen > low_wavelen:
-                    out.append(f / factor)
-                else:
-                    smooth = (old_len / wavelen - low) / (high - low)
-                    out.append((1 - smooth) * f / factor + smooth * f)
-            return out, 1.0
-        # yarn
-        orig = rs.get("original_max_position_embeddings") or self.max_position_embeddings
-        factor = rs.get("factor") or self.max_position_embeddings / orig
-
-        def get_mscale(scale: float, mscale: float = 1.0) -> float:
-            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-        attention_factor = rs.get("attention_factor")
-        if attention_factor is None:
-            mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
-            if mscale and mscale_all_dim:
-                attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
-            else:
-                attention_factor = get_mscale(factor)
-        beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
-
-        def correction_dim(num_rotations: float) -> float:
-            return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
-
-        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-        if rs.get("truncate", True):
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001  # avoids a zero-width ramp, as transformers does
-        out = []
-        for j, f in enumerate(inv):
-            extrapolation = 1.0 - min(max((j - low) / (high - low), 0.0), 1.0)
-            out.append(f / factor * (1 - extrapolation) + f * extrapolation)
-        return out, float(attention_factor)
+        """RoPE inverse frequencies ``[rope_head_dim // 2]`` and the cos/sin scale, per ``rope_scaling``
+        (see :meth:`moekit.blocks.RopeConfig.inv_freq_and_scale`)."""
+        return self.rope_config().inv_freq_and_scale()

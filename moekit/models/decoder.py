@@ -1,8 +1,8 @@
-"""The MoE decoder language model: RMSNorm, RoPE, GQA attention with a KV cache, decoder layers.
+"""The MoE decoder language model: decoder layers (blocks from ``moekit.blocks``) and the LM.
 
 Shape legend: B = batch, S = new tokens in this call, P = tokens already in the KV cache,
-K = P + S keys, D = model width, H = query heads, G = key/value heads, Dh = head width,
-V = vocabulary, T = B * S tokens (flattened for the MoE layers), E = experts.
+K = P + S keys, D = model width, Dh = RoPE width, V = vocabulary, T = B * S tokens (flattened
+for the MoE layers), E = experts.
 
 Conventions follow Hugging Face's Llama/Qwen3 family so converters only rename keys: pre-norm
 layers, rotate-half RoPE, SwiGLU, ``attention_mask`` ``[B, P + S]`` with 1 for real tokens,
@@ -15,12 +15,20 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moekit.blocks import (
+    Attention,
+    KVCache,
+    MLAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    build_attention_mask,
+)
 from moekit.layers import FeedForward, FFNConfig, MoELayer, MoEOutput, RoutingInfo
 from moekit.layers.experts import StackedExpertWeights
 from moekit.layers.moe import AuxLosses
@@ -29,199 +37,6 @@ from moekit.models.objectives import MODEL_CONFIG_COEFS, LossWeights, causal_lm_
 
 # Aux-loss names ``forward(labels=...)`` weights, paired with their ModelConfig coefficient.
 AUX_LOSS_COEFS = MODEL_CONFIG_COEFS
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale, computed in float32: ``[..., N] -> [..., N]``."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalises over the last dim; the result has ``x``'s dtype."""
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """RoPE tables (rotate-half layout), precomputed in float32 and grown on demand.
-
-    Buffers (not saved): ``cos``/``sin`` ``[N, Dh]`` for positions ``0..N-1``, already multiplied
-    by the rope-scaling attention factor (YaRN).
-    """
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        # Kept as Python floats, not a buffer, so model.to(bfloat16) cannot round them.
-        self.inv_freq, self.attention_factor = config.rope_inv_freq_and_scale()
-        self.register_buffer("cos", torch.empty(0), persistent=False)
-        self.register_buffer("sin", torch.empty(0), persistent=False)
-        self._build(config.max_position_embeddings, torch.device("cpu"))
-
-    def _build(self, num_positions: int, device: torch.device) -> None:
-        # float64 angles: position * freq loses digits in float32 at long positions.
-        pos_N = torch.arange(num_positions, dtype=torch.float64, device=device)
-        inv_freq_F = torch.tensor(self.inv_freq, dtype=torch.float64, device=device)
-        angles_NF = pos_N[:, None] * inv_freq_F[None, :]
-        angles_ND = torch.cat([angles_NF, angles_NF], dim=-1)
-        self.cos = (angles_ND.cos() * self.attention_factor).to(torch.float32)
-        self.sin = (angles_ND.sin() * self.attention_factor).to(torch.float32)
-
-    def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) would round the tables; rebuild them in float32 on the new device.
-        super()._apply(fn, recurse)
-        self._build(self.cos.shape[0], self.cos.device)
-        return self
-
-    def forward(self, position_ids_BS: Tensor, num_positions: int | None = None) -> tuple[Tensor, Tensor]:
-        """Returns ``(cos, sin)``, each float32 ``[B, 1, S, Dh]``, for integer positions ``[B, S]``.
-
-        ``num_positions`` is an upper bound on ``max(position_ids) + 1`` when the caller knows
-        one; it saves a device sync.
-        """
-        if num_positions is None:
-            num_positions = int(position_ids_BS.max()) + 1 if position_ids_BS.numel() else 0
-        if num_positions > self.cos.shape[0]:
-            self._build(max(num_positions, 2 * self.cos.shape[0]), self.cos.device)
-        return self.cos[position_ids_BS].unsqueeze(1), self.sin[position_ids_BS].unsqueeze(1)
-
-
-def apply_rotary(x_BHSd: Tensor, cos_B1Sd: Tensor, sin_B1Sd: Tensor) -> Tensor:
-    """Rotates ``[B, H, S, Dh]`` by the position tables (rotate-half convention), in float32."""
-    x32 = x_BHSd.float()
-    half = x32.shape[-1] // 2
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos_B1Sd + rotated * sin_B1Sd).to(x_BHSd.dtype)
-
-
-class KVCache:
-    """Per-layer key/value cache for a batch, preallocated and grown in chunks.
-
-    Each layer holds ``keys``/``values`` ``[B, G, capacity, Dh]``; :meth:`update` writes the new
-    tokens in place and returns views of the filled part, so decoding does not reallocate per
-    token. When the capacity runs out it grows to the next multiple of ``chunk_size`` (one copy).
-
-    Args:
-        num_layers: decoder layers.
-        max_length: initial capacity (e.g. prompt + new tokens, so generation never grows).
-        chunk_size: growth granularity in tokens.
-    """
-
-    def __init__(self, num_layers: int, max_length: int = 0, chunk_size: int = 256) -> None:
-        if chunk_size <= 0:
-            raise ValueError(f"KVCache: chunk_size must be positive, got {chunk_size}")
-        self.num_layers, self.max_length, self.chunk_size = num_layers, max_length, chunk_size
-        self.keys: list[Tensor | None] = [None] * num_layers
-        self.values: list[Tensor | None] = [None] * num_layers
-        self.lengths = [0] * num_layers
-
-    @property
-    def seq_len(self) -> int:
-        """P: tokens cached so far (layer 0's count; all layers agree between forwards)."""
-        return self.lengths[0]
-
-    def capacity(self, layer_idx: int) -> int:
-        """Tokens layer ``layer_idx`` can hold before growing."""
-        k = self.keys[layer_idx]
-        return 0 if k is None else k.shape[2]
-
-    def update(self, layer_idx: int, k_BGSd: Tensor, v_BGSd: Tensor) -> tuple[Tensor, Tensor]:
-        """Appends S new keys/values ``[B, G, S, Dh]``; returns all ``[B, G, P + S, Dh]`` (views)."""
-        length, new = self.lengths[layer_idx], k_BGSd.shape[2]
-        end = length + new
-        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
-        if old_k is not None and old_k.shape[:2] != k_BGSd.shape[:2]:
-            raise ValueError(
-                f"KVCache layer {layer_idx}: cached batch/heads {tuple(old_k.shape[:2])} != new "
-                f"{tuple(k_BGSd.shape[:2])}; use a fresh cache for a new batch"
-            )
-        if end > self.capacity(layer_idx):
-            capacity = max(self.max_length, math.ceil(end / self.chunk_size) * self.chunk_size)
-            b, g, _, d = k_BGSd.shape
-            new_k = k_BGSd.new_empty(b, g, capacity, d)
-            new_v = v_BGSd.new_empty(b, g, capacity, v_BGSd.shape[-1])
-            if old_k is not None and length:
-                new_k[:, :, :length] = old_k[:, :, :length]
-                new_v[:, :, :length] = old_v[:, :, :length]
-            self.keys[layer_idx], self.values[layer_idx] = new_k, new_v
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[:, :, length:end] = k_BGSd
-        values[:, :, length:end] = v_BGSd
-        self.lengths[layer_idx] = end
-        return keys[:, :, :end], values[:, :, :end]
-
-    def crop(self, length: int) -> None:
-        """Forgets every token after the first ``length`` (speculative decoding rollback)."""
-        self.lengths = [min(n, length) for n in self.lengths]
-
-
-class Attention(nn.Module):
-    """Causal self-attention with GQA, optional q/k RMSNorm, qkv bias and a KV cache.
-
-    Parameters:
-        q_proj ``[H*Dh, D]``, k_proj/v_proj ``[G*Dh, D]`` (biases when ``attention_bias``),
-        o_proj ``[D, H*Dh]``; q_norm/k_norm over ``Dh`` (per_head) or ``H*Dh``/``G*Dh`` (full).
-    """
-
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads = config.num_heads, config.attn_num_kv_heads
-        self.head_dim = config.attn_head_dim
-        self.qk_norm = config.qk_norm
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(config.dim, q_width, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.dim, kv_width, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.dim, kv_width, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_width, config.dim, bias=False)
-        if config.qk_norm == "per_head":
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        elif config.qk_norm == "full":
-            self.q_norm = RMSNorm(q_width, config.rms_norm_eps)
-            self.k_norm = RMSNorm(kv_width, config.rms_norm_eps)
-
-    def forward(
-        self,
-        x_BSD: Tensor,
-        cos_B1Sd: Tensor,
-        sin_B1Sd: Tensor,
-        mask_B1SK: Tensor | None,
-        cache: KVCache | None = None,
-    ) -> Tensor:
-        """Attends S new tokens to the cached and new keys.
-
-        Args:
-            x_BSD: ``[B, S, D]`` normed hidden states.
-            cos_B1Sd, sin_B1Sd: RoPE tables for the new tokens' positions.
-            mask_B1SK: bool ``[B, 1, S, K]`` (True = may attend), or None for plain causal
-                attention without a cache.
-            cache: the KV cache to append to and read from.
-
-        Returns:
-            ``[B, S, D]``.
-        """
-        b, s, _ = x_BSD.shape
-        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q_BHSd = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BGSd = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_BGSd = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm == "per_head":
-            q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
-        q_BHSd = apply_rotary(q_BHSd, cos_B1Sd, sin_B1Sd)
-        k_BGSd = apply_rotary(k_BGSd, cos_B1Sd, sin_B1Sd)
-        if cache is not None:
-            k_BGSd, v_BGSd = cache.update(self.layer_idx, k_BGSd, v_BGSd)
-        gqa = self.num_kv_heads != self.num_heads
-        out_BHSd = F.scaled_dot_product_attention(
-            q_BHSd, k_BGSd, v_BGSd, attn_mask=mask_B1SK, is_causal=mask_B1SK is None, enable_gqa=gqa
-        )
-        return self.o_proj(out_BHSd.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
@@ -237,11 +52,9 @@ class DecoderLayer(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.input_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
         if config.attention_type == "mla":
-            from moekit.models.mla import MLAttention
-
-            self.self_attn: nn.Module = MLAttention(config, layer_idx)
+            self.self_attn: nn.Module = MLAttention(config.mla_config(), layer_idx)
         else:
-            self.self_attn = Attention(config, layer_idx)
+            self.self_attn = Attention(config.attention_config(), layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(config.moe_config(layer_idx))
@@ -312,35 +125,6 @@ class CausalLMOutput:
         return self.__dict__["_aux_loss"]
 
 
-def build_attention_mask(
-    attention_mask_BK: Tensor | None,
-    batch: int,
-    num_new: int,
-    num_past: int,
-    sliding_window: int | None,
-    device: torch.device,
-) -> Tensor | None:
-    """The boolean SDPA mask ``[B, 1, S, K]`` (True = may attend), or None for plain causal.
-
-    Causal over cache slots, minus padded keys, minus keys outside the sliding window. Each query
-    may always see itself, so rows of padding queries are never fully masked (SDPA would return
-    NaN for them); their outputs are unused.
-    """
-    if attention_mask_BK is None and num_past == 0 and sliding_window is None:
-        return None
-    num_keys = num_past + num_new
-    q_S1 = torch.arange(num_past, num_keys, device=device)[:, None]
-    k_1K = torch.arange(num_keys, device=device)[None, :]
-    allowed_SK = k_1K <= q_S1
-    if sliding_window is not None:
-        allowed_SK = allowed_SK & (q_S1 - k_1K < sliding_window)
-    allowed_BSK = allowed_SK.expand(batch, num_new, num_keys)
-    if attention_mask_BK is not None:
-        allowed_BSK = allowed_BSK & attention_mask_BK.to(torch.bool)[:, None, :]
-        allowed_BSK = allowed_BSK | (k_1K == q_S1)
-    return allowed_BSK.unsqueeze(1)
-
-
 class MoEForCausalLM(nn.Module):
     """Decoder-only LM whose FFNs are dense or MoE per :meth:`ModelConfig.is_moe_layer`.
 
@@ -352,20 +136,63 @@ class MoEForCausalLM(nn.Module):
         config: the :class:`ModelConfig`.
         gradient_checkpointing: recompute each layer in backward (set by the trainer; only in
             training mode and without a KV cache).
+        num_eager_decode_tokens: batch-1 tokens :func:`~moekit.models.generation.generate` decoded
+            on the eager fast path so far (0 at construction); ``compile="auto"`` compiles the
+            decode step once this reaches its threshold.
+        decode_compiled: a compiled decode step has run for this model (False at construction),
+            so ``compile="auto"`` reuses the cached graph from then on.
+
+    Provenance, set by the function that produced the model (None or empty when it did not):
+        name_or_path: the folder it was loaded from (``moekit.convert`` sets it; ``save_hf`` copies
+            the tokenizer from there).
+        hf_token_ids: the HF config's special-token ids (``bos_token_id``, ...) to write back on export.
+        quant_config: the quantization config with the widths used (``moekit.compress``), which
+            ``save_quantized`` writes; None for an unquantized model.
+        pruned_experts: per MoE layer, the old expert ids kept (``surgery.prune``).
+        merged_groups: per MoE layer, the groups of old expert ids merged into each new expert
+            (``surgery.merge``).
+        dmu_clusters: ``[N]`` the cluster id of each input sequence (``surgery.dmu``).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.num_eager_decode_tokens = 0
+        self.decode_compiled = False
+        self.name_or_path: str | None = None
+        self.hf_token_ids: dict[str, int] = {}
+        self.quant_config: Any = None  # a moekit.compress config (a higher floor: not imported here)
+        self.pruned_experts: list[list[int]] | None = None
+        self.merged_groups: list[list[list[int]]] | None = None
+        self.dmu_clusters: Tensor | None = None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.rope_config())
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Makes ``lm_head`` share the embedding when ``tie_word_embeddings`` (again after ``to_empty``)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def tied_weight_names(self) -> list[str]:
+        """State-dict names that alias another tensor, so model folders do not store them."""
+        return ["lm_head.weight"] if self.config.tie_word_embeddings else []
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recomputes the non-persistent buffers, which no file holds (after a meta-device build).
+
+        RoPE tables rebuild themselves whenever the model moves; the MoE balance weights are 1 for
+        FFN experts and ``zero_expert_tau`` for zero-computation experts.
+        """
+        for moe in self.moe_layers:
+            moe.balance_weight.fill_(1.0)
+            moe.balance_weight[moe.config.num_experts :] = moe.config.zero_expert_tau
 
     @property
     def moe_layers(self) -> list[MoELayer]:
@@ -575,7 +402,13 @@ class MoEForCausalLM(nn.Module):
         return round(total)
 
     def generate(self, input_ids: Tensor, **kwargs) -> Tensor:
-        """See :func:`moekit.models.generation.generate`; returns ``[B, S + new]`` ids."""
+        """Generates up to ``max_new_tokens`` per row; returns ``[B, S + new]`` ids.
+
+        Takes :func:`moekit.models.generation.generate`'s keyword arguments: HF's
+        (``attention_mask``, ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+        ``top_p``, ``eos_token_id``, ``pad_token_id``, ``use_cache``, ``generator``,
+        ``streamer``) and moekit's (``sampler``, ``moe_k``, ``compile``, ``source``).
+        """
         from moekit.models.generation import generate
 
         return generate(self, input_ids, **kwargs)

@@ -87,9 +87,7 @@ def smoe_dropout_small() -> ModelConfig:
     """
     cfg = moe_small()
     assert cfg.moe is not None
-    return cfg.replace(
-        moe=cfg.moe.replace(router_type="random_fixed", norm_topk_prob=False), aux_loss_coef=0.0
-    )
+    return cfg.replace(moe=cfg.moe.replace(router_type="random_fixed"), aux_loss_coef=0.0)
 
 
 def topp_small() -> ModelConfig:

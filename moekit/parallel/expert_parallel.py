@@ -4,11 +4,12 @@ Shape legend: T = local tokens, D = model width, K = slots per token, E = global
 E_loc = experts on this rank, N = local (token, slot) assignments, M = rows this rank computes,
 W = ranks in the expert-parallel group.
 
-``parallelize_experts(model, group)`` replaces each MoE layer's ``experts`` with an
-:class:`ExpertParallelExperts` holding this rank's contiguous shard of E / W experts, and sets
-the layer's ``stats_reduce`` so balance losses, z-loss, entropy and aux-free bias counts cover
-the global batch. The model code does not change: the layer calls
-``experts.routed_forward``, and the shard puts its all-to-alls between the stages:
+``parallelize_experts(model, group)`` replaces each MoE layer's storage (``experts``) with an
+:class:`ExpertParallelExperts` holding this rank's contiguous shard of E / W experts, its
+``dispatcher`` with an :class:`AllToAllDispatcher`, and sets the layer's ``stats_reduce`` so
+balance losses, z-loss, entropy and aux-free bias counts cover the global batch. The model code
+does not change: the layer calls ``dispatcher.dispatch``, which puts its all-to-alls between the
+stages:
 
 1. permute locally by global expert id (``moekit.layers.permute``);
 2. exchange per-expert counts (all-to-all);
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from torch.distributed.nn.functional import all_reduce as _all_reduce_with_grad
 from torch.distributed.nn.functional import all_to_all_single as _all_to_all_single
 
-from moekit.layers import ExpertWeights, MoELayer, StackedExpertWeights, combine, permute
+from moekit.layers import Dispatcher, ExpertWeights, MoELayer, StackedExpertWeights, combine, permute
 from moekit.layers.experts import SortedExpertsFunction
 
 
@@ -76,7 +77,8 @@ def expert_shard(num_experts: int, world: int, rank: int) -> tuple[int, int]:
 
 
 class ExpertParallelExperts(ExpertWeights):
-    """This rank's shard of a layer's experts, and the all-to-all dispatch around it.
+    """This rank's shard of a layer's experts (storage only; :class:`AllToAllDispatcher` moves
+    the rows). Local expert ``i`` is global expert ``first_expert + i``.
 
     Parameters:
         w_in: ``[E_loc, H, D]``, experts ``first_expert .. first_expert + E_loc - 1``.
@@ -113,11 +115,35 @@ class ExpertParallelExperts(ExpertWeights):
         """Not available: this rank holds a shard only."""
         return None
 
-    def routed_forward(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str) -> Tensor:
-        """Dispatch with all-to-all (see module docstring): ``[T, D] -> [T, D]``."""
-        world, num_local = self.world, self.num_local
+    def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
+        """Local expert i on the i-th contiguous slice (``counts`` has E_loc entries): ``[N, D]``."""
+        return SortedExpertsFunction.apply(x_ND, self.w_in, self.w_out, counts, self.activation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts {self.first_expert}..{self.first_expert + self.num_local - 1} of {self.num_experts} "
+            f"on rank {self.rank}/{self.world}"
+        )
+
+
+class AllToAllDispatcher(Dispatcher):
+    """Expert-parallel dispatch over ``group`` (see the module docstring) into an
+    :class:`ExpertParallelExperts` shard. Reports backend ``"all_to_all"``."""
+
+    def __init__(self, group=None) -> None:
+        self.group = group
+
+    def dispatch(
+        self, experts: ExpertWeights, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, backend: str
+    ) -> tuple[Tensor, str]:
+        """``[T, D] -> [T, D]``: permute, exchange counts and rows, compute locally, send back, combine."""
+        if not isinstance(experts, ExpertParallelExperts):
+            raise ValueError(
+                f"AllToAllDispatcher needs ExpertParallelExperts storage, got {type(experts).__name__}"
+            )
+        world, num_local = experts.world, experts.num_local
         # 1. local permute by global expert id
-        x_ND, plan = permute(x_TD, expert_ids_TK, weights_TK, self.num_experts)
+        x_ND, plan = permute(x_TD, expert_ids_TK, weights_TK, experts.num_experts)
         send_counts_E = torch.tensor(plan.counts, dtype=torch.long)
         # 2. counts: row r of recv_counts_WL = rows rank r sends to each of my local experts
         recv_counts = torch.empty_like(send_counts_E)
@@ -127,25 +153,20 @@ class ExpertParallelExperts(ExpertWeights):
         recv_splits = recv_counts_WL.sum(-1).tolist()
         # 3. tokens
         x_MD = all_to_all_single(
-            x_ND.new_empty(sum(recv_splits), self.dim), x_ND, recv_splits, send_splits, group=self.group
+            x_ND.new_empty(sum(recv_splits), experts.dim), x_ND, recv_splits, send_splits, group=self.group
         )
-        # 4. rank-major -> expert-major, compute
+        # 4. rank-major -> expert-major, compute on the local storage
         order_M, local_counts = _rank_major_to_expert_major(recv_counts_WL)
-        y_sorted = SortedExpertsFunction.apply(
-            x_MD[order_M], self.w_in, self.w_out, local_counts, self.activation
-        )
+        y_sorted = experts.forward_sorted(x_MD[order_M], local_counts)
         y_MD = torch.empty_like(y_sorted).index_copy(0, order_M, y_sorted)
         # 5. back to the senders, combine
         y_ND = all_to_all_single(
-            y_MD.new_empty(x_ND.shape[0], self.dim), y_MD, send_splits, recv_splits, group=self.group
+            y_MD.new_empty(x_ND.shape[0], experts.dim), y_MD, send_splits, recv_splits, group=self.group
         )
-        return combine(y_ND, plan, x_TD.shape[0])
+        return combine(y_ND, plan, x_TD.shape[0]), "all_to_all"
 
-    def extra_repr(self) -> str:
-        return (
-            f"experts {self.first_expert}..{self.first_expert + self.num_local - 1} of {self.num_experts} "
-            f"on rank {self.rank}/{self.world}"
-        )
+    def __repr__(self) -> str:
+        return f"AllToAllDispatcher(group={self.group!r})"
 
 
 def _rank_major_to_expert_major(recv_counts_WL: Tensor) -> tuple[Tensor, list[int]]:
@@ -182,6 +203,7 @@ def parallelize_experts(model: nn.Module, group=None) -> nn.Module:
                     f"parallelize_experts: layer has {type(layer.experts).__name__}, expected stacked experts"
                 )
             layer.experts = ExpertParallelExperts(layer.experts, group)
+            layer.dispatcher = AllToAllDispatcher(group)
             layer.stats_reduce = reduce
     return model
 

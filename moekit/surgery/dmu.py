@@ -141,5 +141,5 @@ def dmu_upcycle(dense_model: MoEForCausalLM, config: DMUConfig, sequences: Batch
             seed=config.seed,
         )
     moe.eval()
-    moe.dmu_clusters = assign  # type: ignore[attr-defined]
+    moe.dmu_clusters = assign
     return moe

@@ -153,21 +153,14 @@ class ExtendedRouter(Router):
             extended = torch.cat([old.expert_bias, old.expert_bias.new_zeros(new_weight.shape[0])])
             self.expert_bias = extended  # reassigning a registered buffer keeps it a buffer
 
-    def logits(self, x_TD: Tensor, prev_logits_TE: Tensor | None = None) -> Tensor:
-        """``[T, E + N]``: the old rows exactly as :meth:`Router.logits`, then the new rows."""
-        cfg = self.config
-        dtype = torch.promote_types(x_TD.dtype, torch.float32)  # as Router.logits: gating in >= fp32
-        x_TD = x_TD.to(dtype)
-        if self.training and cfg.noise == "jitter" and cfg.noise_eps > 0:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - cfg.noise_eps, 1.0 + cfg.noise_eps)
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        old_TE = F.linear(x_TD, self.weight.to(dtype), bias)
+    def project(self, x_TD: Tensor) -> Tensor:
+        """``[T, E + N]``: the old rows exactly as :meth:`Router.project`, then the new rows (noise,
+        residual and the strategy math stay :class:`Router`'s)."""
+        old_TE = super().project(x_TD)
+        dtype = old_TE.dtype
         new_bias = self.new_bias.to(dtype) if self.new_bias is not None else None
-        new_TN = F.linear(x_TD, self.new_weight.to(dtype), new_bias)
-        logits_TE = torch.cat([old_TE, new_TN], dim=-1)
-        if self.training and cfg.noise == "gaussian" and cfg.noise_eps > 0:
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * (cfg.noise_eps / logits_TE.shape[-1])
-        return logits_TE
+        new_TN = F.linear(x_TD.to(dtype), self.new_weight.to(dtype), new_bias)
+        return torch.cat([old_TE, new_TN], dim=-1)
 
 
 class SplitExpertWeights(ExpertWeights):
@@ -346,9 +339,7 @@ def extend_experts(
             new_w = router_rows_from_directions(
                 direction, torch.cat([x_old, x_new]), config.contrast_logit_std
             )
-            old_logits = x_old @ mlp.router.weight.to(torch.float64).t()
-            if mlp.router.bias is not None:
-                old_logits = old_logits + mlp.router.bias.to(torch.float64)
+            old_logits = mlp.router.project(x_old)  # float64 in, float64 out
             kth = old_logits.topk(old_cfg.top_k, dim=-1).values[:, -1]
             margin = (x_old @ new_w.t()).squeeze(-1) - kth
             bias = -float(torch.quantile(margin, 1.0 - config.contrast_leak))
@@ -479,9 +470,7 @@ def calibrate_new_bias(model: MoEForCausalLM, old_data: Batches, leak: float = 0
                 f"calibrate_new_bias: layer {i} has no new_bias; extend with new_bias or 'contrast'"
             )
         x_old = collect_ffn_inputs(out, old_data, [i])[i].to(torch.float64)
-        old_logits = x_old @ router.weight.to(torch.float64).t()
-        if router.bias is not None:
-            old_logits = old_logits + router.bias.to(torch.float64)
+        old_logits = Router.project(router, x_old)  # the old rows only
         kth = old_logits.topk(out.layers[i].mlp.config.top_k, dim=-1).values[:, -1:]
         margin = x_old @ router.new_weight.to(torch.float64).t() - kth  # [N, num_new], without the bias
         q = torch.quantile(margin, 1.0 - leak, dim=0) if leak > 0 else margin.amax(0)

@@ -177,5 +177,5 @@ def merge_experts(
         moe_t = moe_t.replace(router_bias=True)
     new_cfg = cfg.replace(moe=moe_t, experts_per_layer=tuple(config.num_experts for _ in ids))
     out = build_model(new_cfg, state, next(model.parameters()).dtype)
-    out.merged_groups = all_groups  # type: ignore[attr-defined]
+    out.merged_groups = all_groups
     return out

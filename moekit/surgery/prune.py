@@ -133,5 +133,5 @@ def prune_experts(
     except ValueError as err:
         raise ValueError(f"prune: the pruned config is invalid: {err}") from err
     out = build_model(new_cfg, state, next(model.parameters()).dtype)
-    out.pruned_experts = [k.tolist() for k in survivors]  # type: ignore[attr-defined]
+    out.pruned_experts = [k.tolist() for k in survivors]
     return out

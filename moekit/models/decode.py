@@ -1,4 +1,4 @@
-"""Fast token-by-token generation on CPU: a decode session with a preallocated KV cache and masks.
+"""Token-by-token decoding: a session with a preallocated KV cache and masks, and its fast path.
 
 Shape legend: B = batch, S = prompt length (left-padded), N = new tokens at most, K = keys so far
 (``S + tokens generated``), V = vocabulary, D = model width, Dh = RoPE width.
@@ -32,73 +32,30 @@ key/value are written into the preallocated cache at a dynamic position, and one
 every prompt and length. That removes the remaining per-operator overhead (the step then runs at
 the speed of its matmuls alone, ``benchmarks/bench_decode.py``).
 
-Sampling, stopping and streaming live in :func:`iter_tokens` (a generator, so a server can run
-it one token at a time and stop early) and :func:`generate` (collects everything).
+Sampling, stopping and streaming live in :mod:`moekit.models.generation` (:func:`iter_tokens`,
+:class:`Sampler`, :func:`generate`), which drives a session.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.layers import MoELayer, StackedExpertWeights
+from moekit.blocks import Attention, KVCache, RMSNorm, apply_rotary, build_attention_mask
+from moekit.layers import MoELayer
 from moekit.layers.experts import activate
-from moekit.layers.router import Router
-from moekit.models.decoder import (
-    Attention,
-    KVCache,
-    MoEForCausalLM,
-    RMSNorm,
-    apply_rotary,
-    build_attention_mask,
-)
-
-
-@dataclass(kw_only=True)
-class Sampler:
-    """Turns next-token scores into token ids.
-
-    Attributes:
-        temperature: 0 is greedy (argmax); otherwise logits are divided by it before sampling.
-        top_k: sample among the k highest-scoring tokens (None: all).
-        top_p: sample from the smallest nucleus with mass >= p (None or 1.0: all).
-        generator: RNG for sampling (a seeded ``torch.Generator`` makes runs repeatable).
-    """
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    generator: torch.Generator | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-
-    @property
-    def greedy(self) -> bool:
-        """True when decoding takes the argmax."""
-        return self.temperature == 0
-
-    def __call__(self, scores_BV: Tensor) -> Tensor:
-        """``[B, V]`` float scores (logits or log-probs; -inf = banned) -> ``[B]`` int64 ids."""
-        if self.greedy:
-            return scores_BV.argmax(-1)
-        from moekit.models.generation import _filter_logits
-
-        scores_BV = _filter_logits(scores_BV / self.temperature, self.top_k, self.top_p)
-        return torch.multinomial(scores_BV.softmax(-1), 1, generator=self.generator).squeeze(-1)
+from moekit.models.decoder import MoEForCausalLM
 
 
 def fast_decode_supported(model: MoEForCausalLM) -> bool:
-    """Whether :class:`DecodeSession` can take the fast decode path for this model (see the module doc)."""
+    """Whether :class:`DecodeSession` can take the fast decode path for this model (see the module doc).
+
+    The MoE side asks each layer (:attr:`~moekit.layers.MoELayer.supports_fast_decode`: its
+    router, dispatcher, storage and routing override); the rest checks attention and norms.
+    """
     if model.config.sliding_window is not None:
         return False
     for layer in model.layers:
@@ -108,23 +65,7 @@ def fast_decode_supported(model: MoEForCausalLM) -> bool:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if type(norm) is not RMSNorm:
                 return False
-        if not layer.is_moe:
-            continue
-        mlp = layer.mlp
-        cfg = mlp.config
-        if (
-            type(mlp) is not MoELayer
-            or type(mlp.experts) is not StackedExpertWeights
-            or type(mlp.router) is not Router
-            or "forward" in vars(mlp.router)  # a routing override (SCMoE's weak pass)
-            or cfg.router_type != "topk"
-            or cfg.softmax_order != "before_topk"
-            or cfg.num_expert_groups > 1
-            or cfg.gating_residual
-            or cfg.capacity_factor is not None
-            or cfg.residual_moe
-            or cfg.num_experts != cfg.num_total_experts
-        ):
+        if layer.is_moe and not (isinstance(layer.mlp, MoELayer) and layer.mlp.supports_fast_decode):
             return False
     return True
 
@@ -161,28 +102,9 @@ def _fast_attention(attn: Attention, x_B1D: Tensor, cos, sin, mask, cache: KVCac
 
 
 def _fast_route(mlp: MoELayer, x_BD: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
-    """The router for one token per row: ``(expert ids [B, K], gate weights [B, K])``."""
-    cfg, router = mlp.config, mlp.router
-    k = cfg.top_k if k is None else int(k)
-    if not 1 <= k <= cfg.num_experts:
-        raise ValueError(f"k={k} must be in [1, {cfg.num_experts}] (the number of experts)")
-    # Routing in float32 at least, as the router does.
-    dtype = torch.promote_types(x_BD.dtype, torch.float32)
-    bias = router.bias.to(dtype) if router.bias is not None else None
-    logits_BE = F.linear(x_BD.to(dtype), router.weight.to(dtype), bias)
-    if cfg.score_func == "softmax":
-        scores_BE = torch.softmax(logits_BE, dim=-1)
-    else:
-        scores_BE = torch.sigmoid(logits_BE)
-    select_BE = scores_BE if router.expert_bias is None else scores_BE + router.expert_bias
-    ids_BK = select_BE.topk(k, dim=-1).indices
-    weights_BK = scores_BE.gather(-1, ids_BK)
-    if cfg.norm_topk_prob:
-        weights_BK = weights_BK / weights_BK.sum(-1, keepdim=True).clamp_min(1e-20)
-    if cfg.routed_scaling_factor != 1.0:
-        weights_BK = weights_BK * cfg.routed_scaling_factor
-    weights_BK = weights_BK.to(x_BD.dtype)
-    return ids_BK, weights_BK
+    """The router for one token per row: ``(expert ids [B, K], gate weights [B, K])`` in ``x``'s dtype."""
+    ids_BK, weights_BK = mlp.router.route_small(x_BD, k)
+    return ids_BK, weights_BK.to(x_BD.dtype)
 
 
 def _shared_experts(mlp: MoELayer, x_BD: Tensor, out_BD: Tensor) -> Tensor:
@@ -293,6 +215,8 @@ class DecodeSession:
             sessions on the fast path and is ignored otherwise (same tokens either way). The first
             step of a process compiles (seconds to a minute on CPU); later sessions of any prompt
             or length reuse the graph while the model's structure stays the same.
+        compile_fallback: if compiling fails, warn and decode eagerly instead of raising (what
+            ``generate(compile="auto")`` asks for).
     """
 
     def __init__(
@@ -304,6 +228,7 @@ class DecodeSession:
         moe_k: int | None = None,
         count_experts: bool = False,
         compile: bool = False,
+        compile_fallback: bool = False,
     ) -> None:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length>0], got {tuple(input_ids.shape)}")
@@ -356,8 +281,14 @@ class DecodeSession:
         #: general layers (what the fast path is tested against).
         self.fast = fast_decode_supported(model)
         self._compiled = None
+        self._compile_fallback = compile_fallback
         if compile and self.fast and batch == 1:
             self._compiled = torch.compile(_static_decode_step, fullgraph=True)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run the compiled graph (False after a compile fallback)."""
+        return self._compiled is not None and self.fast
 
     def _fast_step(self, x_B1D: Tensor, cos, sin, mask) -> Tensor:
         for layer in self.model.layers:
@@ -454,108 +385,18 @@ class DecodeSession:
         cos, sin = self._cos_NB11d[t], self._sin_NB11d[t]
         self.num_decoded = t + 1
         if self._compiled is not None and self.fast:
-            return self._compiled_step(next_B, cos, sin, mask, num_keys)
+            if not self._compile_fallback:
+                return self._compiled_step(next_B, cos, sin, mask, num_keys)
+            try:
+                return self._compiled_step(next_B, cos, sin, mask, num_keys)
+            except Exception as err:  # noqa: BLE001 - the eager path below gives the same tokens
+                # A compile failure (no C++ compiler, an unsupported op) happens before the step
+                # writes the cache, so the eager step can take over from the same state.
+                warnings.warn(
+                    f"decode step: torch.compile failed ({err!r:.200}); decoding eagerly", stacklevel=2
+                )
+                self._compiled = None
         x_B1D = self.model.embed_tokens(next_B[:, None])
         if self.fast:
             return self._fast_step(x_B1D, cos, sin, mask)
         return self._run_layers(x_B1D, cos, sin, mask, None)
-
-
-def _eos_list(eos_token_id: int | Sequence[int] | None) -> list[int]:
-    if eos_token_id is None:
-        return []
-    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-
-
-@torch.no_grad()
-def iter_tokens(
-    source,
-    max_new_tokens: int,
-    sampler: Sampler | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-) -> Iterator[Tensor]:
-    """Yields the ``[B]`` new ids of each step until ``max_new_tokens`` or every row hit EOS.
-
-    The prompt is prefilled on the first ``next()``; each later ``next()`` decodes one token, so a
-    caller (a server thread) can stop between tokens by simply not asking for more.
-
-    Args:
-        source: a :class:`DecodeSession`, or anything with ``prefill() -> [B, V]`` and
-            ``step(ids_B) -> [B, V]`` scores (e.g. :class:`moekit.infer.decoding.SelfContrastSession`).
-        max_new_tokens: tokens to produce at most (the session must have room for them).
-        sampler: how scores become ids (default greedy).
-        eos_token_id: a row stops after producing one of these; later rows get ``pad_token_id``.
-        pad_token_id: fill for finished rows (default: the first EOS id, else 0).
-    """
-    sampler = sampler or Sampler()
-    eos_ids = _eos_list(eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    if max_new_tokens <= 0:
-        return
-    scores_BV = source.prefill()
-    batch = scores_BV.shape[0]
-    finished_B = torch.zeros(batch, dtype=torch.bool, device=scores_BV.device)
-    eos_E = torch.tensor(eos_ids, dtype=torch.long, device=scores_BV.device)
-    for step in range(max_new_tokens):
-        next_B = sampler(scores_BV)
-        if eos_ids:
-            next_B = torch.where(finished_B, pad, next_B)
-            finished_B |= torch.isin(next_B, eos_E)
-        yield next_B
-        # On CPU there is no device queue to drain, so this check costs only a few microseconds.
-        if (eos_ids and bool(finished_B.all())) or step + 1 == max_new_tokens:
-            return
-        scores_BV = source.step(next_B)
-
-
-@torch.no_grad()
-def generate(
-    model: MoEForCausalLM,
-    input_ids: Tensor,
-    attention_mask: Tensor | None = None,
-    max_new_tokens: int = 20,
-    sampler: Sampler | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    moe_k: int | None = None,
-    streamer: Callable[[Tensor], object] | None = None,
-    source=None,
-    compile: bool = False,
-) -> Tensor:
-    """Generates up to ``max_new_tokens`` per row with a :class:`DecodeSession`.
-
-    Args:
-        model: the language model.
-        input_ids: ``[B, S]`` prompt ids, left-padded for ragged batches.
-        attention_mask: ``[B, S]`` (1 = real token), or None.
-        max_new_tokens: tokens to add at most.
-        sampler: greedy by default; see :class:`Sampler`.
-        eos_token_id, pad_token_id: as in :func:`iter_tokens`.
-        moe_k: experts per token (dynamic k); None keeps the model's top-k.
-        streamer: called with the ``[B]`` new ids after every step.
-        source: a prebuilt score source (e.g. an SCMoE session) to use instead of a plain session.
-        compile: compile the decode step (batch 1; see :class:`DecodeSession`).
-
-    Returns:
-        ``[B, S + N]`` ids (prompt then new tokens), ``N <= max_new_tokens``.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        if source is None:
-            source = DecodeSession(
-                model, input_ids, attention_mask, max_new_tokens, moe_k=moe_k, compile=compile
-            )
-        batch, prompt_len = input_ids.shape
-        out_BC = input_ids.new_empty(batch, prompt_len + max_new_tokens)
-        out_BC[:, :prompt_len] = input_ids
-        num = 0
-        for next_B in iter_tokens(source, max_new_tokens, sampler, eos_token_id, pad_token_id):
-            out_BC[:, prompt_len + num] = next_B
-            num += 1
-            if streamer is not None:
-                streamer(next_B)
-        return out_BC[:, : prompt_len + num]
-    finally:
-        model.train(was_training)

@@ -14,32 +14,17 @@ transformers 5 caches too), and expands them on every call.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.models.config import ModelConfig
+from moekit.blocks.cache import KVCache
+from moekit.blocks.config import MLAConfig
+from moekit.blocks.norm import RMSNorm
+from moekit.blocks.rope import apply_rotary, deinterleave
 
 # transformers builds the q_a/kv_a norms with its RMSNorm default eps, not config.rms_norm_eps.
 MLA_NORM_EPS = 1e-6
-
-
-def mla_softmax_scale(config: ModelConfig) -> float:
-    """``(Dn + Dr) ** -0.5``, times ``mscale(factor, mscale_all_dim) ** 2`` under YaRN (DeepSeek)."""
-    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
-    rs = config.rope_scaling or {}
-    if config.rope_type != "default" and rs.get("mscale_all_dim"):
-        factor = rs.get("factor") or 1.0
-        mscale = 1.0 if factor <= 1 else 0.1 * rs["mscale_all_dim"] * math.log(factor) + 1.0
-        scale = scale * mscale * mscale
-    return scale
-
-
-def deinterleave(x: Tensor) -> Tensor:
-    """``(x0, x1), (x2, x3), ...`` -> ``(x0, x2, ..., x1, x3, ...)`` over the last dim."""
-    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
 
 
 class MLAttention(nn.Module):
@@ -49,18 +34,24 @@ class MLAttention(nn.Module):
         q_a_proj ``[Q, D]``, q_a_norm ``[Q]``, q_b_proj ``[H*(Dn+Dr), Q]`` (or q_proj ``[H*(Dn+Dr), D]``
         when ``q_lora_rank`` is None), kv_a_proj ``[R+Dr, D]``, kv_a_norm ``[R]``,
         kv_b_proj ``[H*(Dn+Dv), R]``, o_proj ``[D, H*Dv]``. No biases.
+
+    Args:
+        config: the :class:`~moekit.blocks.MLAConfig`.
+        layer_idx: which slot of a shared :class:`~moekit.blocks.KVCache` this layer uses.
     """
 
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: MLAConfig, layer_idx: int) -> None:
         super().__init__()
-        from moekit.models.decoder import RMSNorm
-
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
         self.rope_interleave = config.rope_interleave
-        self.scale = mla_softmax_scale(config)
+        self.scale = (
+            config.softmax_scale
+            if config.softmax_scale is not None
+            else (self.nope_dim + self.rope_dim) ** -0.5
+        )
         qk_dim = self.nope_dim + self.rope_dim
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(config.dim, self.num_heads * qk_dim, bias=False)
@@ -74,18 +65,21 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.dim, bias=False)
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        from moekit.models.decoder import apply_rotary
-
         if self.rope_interleave:
             x = deinterleave(x)
         return apply_rotary(x, cos, sin)
 
     def forward(
-        self, x_BSD: Tensor, cos_B1Sr: Tensor, sin_B1Sr: Tensor, mask_B1SK: Tensor | None, cache=None
+        self,
+        x_BSD: Tensor,
+        cos_B1Sr: Tensor,
+        sin_B1Sr: Tensor,
+        mask_B1SK: Tensor | None,
+        cache: KVCache | None = None,
     ) -> Tensor:
-        """Same contract as :meth:`moekit.models.decoder.Attention.forward`: ``[B, S, D] -> [B, S, D]``.
+        """Same contract as :meth:`moekit.blocks.Attention.forward`: ``[B, S, D] -> [B, S, D]``.
 
-        The RoPE tables cover ``Dr`` dims. ``cache`` (a :class:`~moekit.models.decoder.KVCache`)
+        The RoPE tables cover ``Dr`` dims. ``cache`` (a :class:`~moekit.blocks.KVCache`)
         stores the latent as "keys" ``[B, 1, K, R]`` and the shared rotary key as "values" ``[B, 1, K, Dr]``.
         """
         b, s, _ = x_BSD.shape

@@ -3,12 +3,12 @@ per weight instead of 32.
 
 Shape legend: T = tokens, D = model width, N = rows given to one expert.
 
-:class:`QuantizedExpertStore` is an :class:`~moekit.infer.offload.ExpertStore` whose files hold
+:class:`QuantizedExpertStore` is an :class:`~moekit.offload.store.ExpertStore` whose files hold
 ``{e}.w_in.qweight``/``.scale``/``.zero`` and the same for ``w_out`` (one safetensors file per MoE
 layer, plus ``quant_store.json`` with each expert's width and shapes); a read returns two
-:class:`~moekit.compress.kernels.PackedLinear` (kernel forms are built after the throttled read).
-:class:`OffloadedQuantizedExperts` runs them; the shared :class:`~moekit.infer.offload.ExpertCache`
-(budget, LRU/LFU, prefetch, counters) is reused unchanged.
+:class:`~moekit.compress.kernels.PackedLinear` (kernel forms are built after the throttled read),
+and its ``compute`` runs them. Everything else (the cache, budget, LRU/LFU, prefetch, counters,
+the one forward loop of :class:`~moekit.offload.experts.OffloadedExperts`) is shared.
 """
 
 from __future__ import annotations
@@ -24,16 +24,18 @@ from moekit.compress.calibrate import moe_layers
 from moekit.compress.experts import QuantizedExperts
 from moekit.compress.kernels import PackedLinear
 from moekit.compress.quant import QuantizedTensor
-from moekit.infer.offload import (
-    ExpertCache,
-    ExpertStore,
-    MappedSafetensors,
-    OffloadedExperts,
-    StorageLink,
-    serve_from_store,
-)
 from moekit.layers import ExpertWeights
 from moekit.layers.experts import activate
+from moekit.offload.cache import ExpertCache
+from moekit.offload.experts import prepare_store, serve_from_store
+from moekit.offload.store import (
+    ExpertStore,
+    MappedSafetensors,
+    StorageLink,
+    tensors_fingerprint,
+    write_fingerprint,
+    write_layer_files,
+)
 
 META_NAME = "quant_store.json"
 _PARTS = ("qweight", "scale", "zero")
@@ -66,14 +68,11 @@ class QuantizedExpertStore(ExpertStore):
                 total = sum(f.nbytes(f"{e}.{proj}.{part}") for proj in ("w_in", "w_out") for part in _PARTS)
                 self._bytes[(layer, e)] = total
 
-    @staticmethod
-    def write(model: nn.Module, root: str | os.PathLike) -> Path:
-        """Writes every MoE layer's :class:`QuantizedExperts` of ``model`` to ``root``."""
-        from safetensors.torch import save_file
+    kind = "quantized"
 
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        meta = []
+    @staticmethod
+    def _tensors_and_meta(model: nn.Module) -> tuple[list[dict[str, Tensor]], list[dict]]:
+        per_layer, meta = [], []
         for index, layer in enumerate(moe_layers(model)):
             experts = layer.experts
             if not isinstance(experts, QuantizedExperts):
@@ -84,9 +83,7 @@ class QuantizedExpertStore(ExpertStore):
             for e in range(experts.num_experts):
                 for proj in ("w_in", "w_out"):
                     tensors.update(getattr(experts, proj)[e].quantized().state_dict(f"{e}.{proj}"))
-            tmp = root / f".layer{index}.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, root / f"layer{index}.safetensors")
+            per_layer.append({k: v.contiguous() for k, v in tensors.items()})
             meta.append(
                 {
                     "bits": experts.bits,
@@ -96,7 +93,25 @@ class QuantizedExpertStore(ExpertStore):
                     "activation": experts.activation,
                 }
             )
+        return per_layer, meta
+
+    @staticmethod
+    def model_fingerprint(model: nn.Module) -> str:
+        """The fingerprint a store written from ``model`` would carry (packed codes plus widths)."""
+        per_layer, meta = QuantizedExpertStore._tensors_and_meta(model)
+        return tensors_fingerprint(per_layer) + _meta_hash(meta)
+
+    @staticmethod
+    def write(model: nn.Module, root: str | os.PathLike, fingerprint: str | None = None) -> Path:
+        """Writes every MoE layer's :class:`QuantizedExperts` of ``model`` to ``root``, then the
+        fingerprint (``fingerprint``: the caller's :meth:`model_fingerprint`, to hash once)."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        per_layer, meta = QuantizedExpertStore._tensors_and_meta(model)
+        write_layer_files(root, per_layer)
         (root / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+        fingerprint = fingerprint or tensors_fingerprint(per_layer) + _meta_hash(meta)
+        write_fingerprint(root, QuantizedExpertStore.kind, fingerprint, [len(m["bits"]) for m in meta])
         return root
 
     def read(
@@ -116,37 +131,23 @@ class QuantizedExpertStore(ExpertStore):
             mods.append(PackedLinear(qt, kernel=self.kernel))
         return mods[0], mods[1], nbytes
 
+    @staticmethod
+    def compute(
+        w_in: PackedLinear, w_out: PackedLinear, x_ND: Tensor, activation: str, out_ND: Tensor
+    ) -> None:
+        """Runs one loaded expert with its packed kernels into ``out_ND``."""
+        out_ND.copy_(w_out(activate(w_in(x_ND), activation)))
 
-class OffloadedQuantizedExperts(OffloadedExperts):
-    """A layer's quantized experts served from an :class:`ExpertCache` over a
-    :class:`QuantizedExpertStore` (same arguments as :class:`OffloadedExperts`)."""
-
-    def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
-        """Runs one expert (loading it on a miss): ``[N, D] -> [N, D]``."""
-        w_in, w_out = self.cache.get(self.layer_index, expert)
-        return w_out(activate(w_in(x_ND), self.activation))
-
-    def expert_tensors(self, expert: int) -> tuple[Tensor, Tensor]:
-        """Dequantized ``(w_in [H, D], w_out [D, F])`` float32 (loads on a miss)."""
-        w_in, w_out = self.cache.get(self.layer_index, expert)
+    @staticmethod
+    def tensors(w_in: PackedLinear, w_out: PackedLinear) -> tuple[Tensor, Tensor]:
+        """Dequantized float32 ``(w_in [H, D], w_out [D, F])``."""
         return w_in.dequantized_weight(), w_out.dequantized_weight()
 
-    def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
-        """Expert e on the e-th contiguous slice; a low-bit ``fallback`` runs on misses if set."""
-        y_ND = x_ND.new_empty(x_ND.shape[0], self.dim)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                if self.fallback is not None and not self.cache.is_resident(self.layer_index, expert):
-                    self.cache.prefetch([(self.layer_index, expert)])
-                    with self.cache.stats.lock:
-                        self.cache.stats.fallbacks += 1
-                    y_ND[rows] = self.fallback.expert_forward(expert, x_ND[rows])
-                else:
-                    y_ND[rows] = self.expert_forward(expert, x_ND[rows])
-                start += count
-        return y_ND
+
+def _meta_hash(meta: list[dict]) -> str:
+    import hashlib
+
+    return hashlib.blake2b(json.dumps(meta, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 def offload_quantized_model(
@@ -159,7 +160,7 @@ def offload_quantized_model(
     trace=None,
     fallback: list[ExpertWeights] | None = None,
 ) -> ExpertCache:
-    """:func:`moekit.infer.offload.offload_model` for a model quantized by :func:`quantize_model`.
+    """:func:`moekit.offload.offload_model` for a model quantized by ``moekit.compress.quantize_model``.
 
     The experts go to a :class:`QuantizedExpertStore` (packed codes) and are served through one
     byte-budgeted cache; arguments as ``offload_model``. Returns the cache.
@@ -167,14 +168,16 @@ def offload_quantized_model(
     layers = moe_layers(model)
     if not layers:
         raise ValueError("offload_quantized_model: the model has no MoE layers")
-    store_dir = Path(store_dir)
-    if not (store_dir / META_NAME).is_file():
-        QuantizedExpertStore.write(model, store_dir)
-    kernel = getattr(getattr(model, "quant_config", None), "kernel", "auto")
-    store = QuantizedExpertStore(store_dir, bandwidth=bandwidth, kernel=kernel)
-    return serve_from_store(
-        model, layers, store, cache_bytes, policy, prefetch, trace, fallback, OffloadedQuantizedExperts
+    fingerprint = QuantizedExpertStore.model_fingerprint(model)
+    root = prepare_store(
+        store_dir,
+        QuantizedExpertStore.kind,
+        fingerprint,
+        lambda r: QuantizedExpertStore.write(model, r, fingerprint),
     )
+    kernel = getattr(getattr(model, "quant_config", None), "kernel", "auto")
+    store = QuantizedExpertStore(root, bandwidth=bandwidth, kernel=kernel)
+    return serve_from_store(model, layers, store, cache_bytes, policy, prefetch, trace, fallback)
 
 
-__all__ = ["OffloadedQuantizedExperts", "QuantizedExpertStore", "offload_quantized_model"]
+__all__ = ["QuantizedExpertStore", "offload_quantized_model"]

@@ -3,14 +3,14 @@
 A routing trace (``moekit trace``) fixes which experts each token needs at each MoE layer.
 Replaying it through a cache model answers "how fast would decoding be with this cache size,
 this policy, this prefetcher, on this hardware?" before buying the hardware. The timing model
-mirrors :mod:`moekit.infer.offload` step by step:
+mirrors :mod:`moekit.offload` step by step:
 
 * tokens are decoded one at a time; each MoE layer first spends ``non_expert_s`` (attention,
   norms and its share of the embedding/lm_head work), then runs its experts one after another;
 * an expert not resident waits for its load on the single storage link
   (``expert_bytes / storage_bw``); prefetches issued when the previous layer starts its experts
   run on the same link in the background, one after another, and yield it to demand loads
-  (:class:`moekit.infer.offload.StorageLink`): a demand load starts at once, a prefetch already
+  (:class:`moekit.offload.store.StorageLink`): a demand load starts at once, a prefetch already
   loading an entry that is demanded finishes first, and one demanded while still queued is
   loaded as a demand load instead;
 * computing an expert takes ``expert_bytes / mem_bw`` (decode is memory-bound) or

@@ -1,0 +1,55 @@
+"""moekit.blocks: the reusable pieces of a transformer that are not MoE: norms, RoPE, attention, KV cache.
+
+Contract:
+    Every block is an ``nn.Module`` built from its own small config dataclass
+    (:class:`RopeConfig`, :class:`AttentionConfig`, :class:`MLAConfig`) or from explicit
+    arguments, never from a model family's config, so any family (the decoder LM, vision,
+    time-series, state-space hybrids) imports them without importing another family. This
+    package imports only ``moekit.config`` and ``moekit.layers`` (floor 2,
+    ``tests/test_floors.py``). Parameter names are part of the contract: converters and saved
+    folders depend on them (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``q_norm``,
+    ``k_norm``, MLA's ``q_a_proj``/``q_a_norm``/``q_b_proj``/``kv_a_proj``/``kv_a_norm``/
+    ``kv_b_proj``, ``RMSNorm.weight``); never rename one.
+
+    Attention blocks share one calling convention:
+    ``attn(x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK | None, cache: KVCache | None) -> [B, S, D]``,
+    with the RoPE tables from :class:`RotaryEmbedding` and the mask from
+    :func:`build_attention_mask` (None = plain causal). ``layer_idx`` picks the block's slot in
+    a shared :class:`KVCache`.
+
+Layout:
+    config.py     RopeConfig (rope scaling: linear, YaRN, llama3), AttentionConfig, MLAConfig,
+                  mla_softmax_scale, check_rope_scaling
+    norm.py       RMSNorm (float32 compute)
+    rope.py       RotaryEmbedding (float32 tables, grown on demand), apply_rotary, deinterleave
+    attention.py  Attention (GQA, q/k norm, qkv bias), build_attention_mask (padding, sliding window)
+    mla.py        MLAttention (DeepSeek multi-head latent attention, latent KV cache)
+    cache.py      KVCache (preallocated, grown in chunks)
+
+To add a block: give it a config dataclass here (validated in ``__post_init__``, errors naming
+the field), keep to the calling convention above if it is an attention, export it here, and
+test it against a slow reference (``tests/test_blocks.py``). A model family's config builds the
+block's config (e.g. ``ModelConfig.attention_config()``); the block never sees the family's.
+"""
+
+from moekit.blocks.attention import Attention, build_attention_mask
+from moekit.blocks.cache import KVCache
+from moekit.blocks.config import AttentionConfig, MLAConfig, RopeConfig, mla_softmax_scale
+from moekit.blocks.mla import MLAttention
+from moekit.blocks.norm import RMSNorm
+from moekit.blocks.rope import RotaryEmbedding, apply_rotary, deinterleave
+
+__all__ = [
+    "Attention",
+    "AttentionConfig",
+    "KVCache",
+    "MLAConfig",
+    "MLAttention",
+    "RMSNorm",
+    "RopeConfig",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "build_attention_mask",
+    "deinterleave",
+    "mla_softmax_scale",
+]

@@ -1,0 +1,116 @@
+"""Causal GQA self-attention with optional q/k RMSNorm, qkv bias and a KV cache; the SDPA mask.
+
+Shape legend: B = batch, S = new tokens in this call, P = tokens already in the KV cache,
+K = P + S keys, D = model width, H = query heads, G = key/value heads, Dh = head width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.blocks.cache import KVCache
+from moekit.blocks.config import AttentionConfig
+from moekit.blocks.norm import RMSNorm
+from moekit.blocks.rope import apply_rotary
+
+
+class Attention(nn.Module):
+    """Causal self-attention with GQA, optional q/k RMSNorm, qkv bias and a KV cache.
+
+    Parameters:
+        q_proj ``[H*Dh, D]``, k_proj/v_proj ``[G*Dh, D]`` (biases when ``config.bias``),
+        o_proj ``[D, H*Dh]``; q_norm/k_norm over ``Dh`` (per_head) or ``H*Dh``/``G*Dh`` (full).
+
+    Args:
+        config: the :class:`~moekit.blocks.AttentionConfig`.
+        layer_idx: which slot of a shared :class:`~moekit.blocks.KVCache` this layer uses.
+    """
+
+    def __init__(self, config: AttentionConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.qk_norm = config.qk_norm
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.dim, q_width, bias=config.bias)
+        self.k_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
+        self.v_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
+        self.o_proj = nn.Linear(q_width, config.dim, bias=False)
+        if config.qk_norm == "per_head":
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(q_width, config.norm_eps)
+            self.k_norm = RMSNorm(kv_width, config.norm_eps)
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos_B1Sd: Tensor,
+        sin_B1Sd: Tensor,
+        mask_B1SK: Tensor | None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Attends S new tokens to the cached and new keys.
+
+        Args:
+            x_BSD: ``[B, S, D]`` normed hidden states.
+            cos_B1Sd, sin_B1Sd: RoPE tables for the new tokens' positions.
+            mask_B1SK: bool ``[B, 1, S, K]`` (True = may attend, see :func:`build_attention_mask`),
+                or None for plain causal attention without a cache.
+            cache: the KV cache to append to and read from.
+
+        Returns:
+            ``[B, S, D]``.
+        """
+        b, s, _ = x_BSD.shape
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BHSd = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BGSd = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGSd = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "per_head":
+            q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
+        q_BHSd = apply_rotary(q_BHSd, cos_B1Sd, sin_B1Sd)
+        k_BGSd = apply_rotary(k_BGSd, cos_B1Sd, sin_B1Sd)
+        if cache is not None:
+            k_BGSd, v_BGSd = cache.update(self.layer_idx, k_BGSd, v_BGSd)
+        gqa = self.num_kv_heads != self.num_heads
+        out_BHSd = F.scaled_dot_product_attention(
+            q_BHSd, k_BGSd, v_BGSd, attn_mask=mask_B1SK, is_causal=mask_B1SK is None, enable_gqa=gqa
+        )
+        return self.o_proj(out_BHSd.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+def build_attention_mask(
+    attention_mask_BK: Tensor | None,
+    batch: int,
+    num_new: int,
+    num_past: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> Tensor | None:
+    """The boolean SDPA mask ``[B, 1, S, K]`` (True = may attend), or None for plain causal.
+
+    Causal over cache slots, minus padded keys (``attention_mask_BK`` ``[B, K]``, 1 = real),
+    minus keys outside the sliding window (each token sees itself and the previous
+    ``sliding_window - 1``). Each query may always see itself, so rows of padding queries are
+    never fully masked (SDPA would return NaN for them); their outputs are unused.
+    """
+    if attention_mask_BK is None and num_past == 0 and sliding_window is None:
+        return None
+    num_keys = num_past + num_new
+    q_S1 = torch.arange(num_past, num_keys, device=device)[:, None]
+    k_1K = torch.arange(num_keys, device=device)[None, :]
+    allowed_SK = k_1K <= q_S1
+    if sliding_window is not None:
+        allowed_SK = allowed_SK & (q_S1 - k_1K < sliding_window)
+    allowed_BSK = allowed_SK.expand(batch, num_new, num_keys)
+    if attention_mask_BK is not None:
+        allowed_BSK = allowed_BSK & attention_mask_BK.to(torch.bool)[:, None, :]
+        allowed_BSK = allowed_BSK | (k_1K == q_S1)
+    return allowed_BSK.unsqueeze(1)

@@ -1,0 +1,114 @@
+"""The registry of model families: the one place that knows which classes make up a family.
+
+A family is a config dataclass, a model class built from it, and (for training) the objective and
+the data module it trains with. The loader (:mod:`moekit.loader`), the model-folder reader
+(:mod:`moekit.models.io`) and the training engine look families up here; nothing else in moekit
+switches on a family's name.
+
+A moekit model folder records its family in ``config.json`` as ``"moekit_family"`` (folders
+written before families existed have none and are the causal LM).
+
+To add a family:
+    1. write its config (a :class:`moekit.config.JsonConfig`) and its model (an ``nn.Module``
+       whose ``__init__`` takes the config and whose ``config`` attribute holds it);
+    2. add a :class:`ModelFamily` entry to :func:`_build_families` below;
+    3. give it an objective and a data module if it trains (see ``moekit.models.objectives`` and
+       ``moekit.data``).
+The table is built once, on first use, from constants: it is not mutable state.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from moekit.config import JsonConfig
+
+DEFAULT_FAMILY = "causal_lm"
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family.
+
+    Attributes:
+        name: the family's id, stored in model folders as ``"moekit_family"``.
+        config_cls: its config dataclass (``from_dict``/``to_dict`` round-trip through JSON).
+        model_cls: the ``nn.Module`` built as ``model_cls(config)``.
+        description: one line for ``--help`` texts and error messages.
+        objective_cls: the training objective (``moekit.models.objectives``), or None.
+        data_module_cls: the default data module (``moekit.data``), or None.
+        hf_exporter: ``"module:function"`` writing the model as a Hugging Face folder, or None.
+            A name rather than an import, because exporters live on a higher floor (``convert``)
+            than the models they export; it is resolved only when a user asks for ``format="hf"``.
+    """
+
+    name: str
+    config_cls: type[JsonConfig]
+    model_cls: type[nn.Module]
+    description: str
+    objective_cls: type | None = None
+    data_module_cls: type | None = None
+    hf_exporter: str | None = None
+
+    def build(self, config: JsonConfig) -> nn.Module:
+        """A fresh model of this family from ``config``."""
+        return self.model_cls(config)
+
+    def resolve_hf_exporter(self):
+        """The Hugging Face export function, or ValueError when the family has none."""
+        if self.hf_exporter is None:
+            raise ValueError(
+                f"the {self.name} family has no Hugging Face format; save it with format='moekit'"
+            )
+        module, _, attr = self.hf_exporter.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@functools.cache
+def _build_families() -> dict[str, ModelFamily]:
+    from moekit.models.config import ModelConfig
+    from moekit.models.decoder import MoEForCausalLM
+
+    entries = [
+        ModelFamily(
+            name=DEFAULT_FAMILY,
+            config_cls=ModelConfig,
+            model_cls=MoEForCausalLM,
+            description="decoder-only language model with dense or MoE FFNs (GQA or MLA attention)",
+            hf_exporter="moekit.convert:save_hf",
+        ),
+    ]
+    return {family.name: family for family in entries}
+
+
+def families() -> tuple[ModelFamily, ...]:
+    """Every registered family, in registration order."""
+    return tuple(_build_families().values())
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family called ``name``; ValueError listing the registered ones otherwise."""
+    table = _build_families()
+    if name not in table:
+        raise ValueError(f"unknown model family {name!r}; moekit has {sorted(table)}")
+    return table[name]
+
+
+def family_of(obj: Any) -> ModelFamily:
+    """The family of a model instance or of a config instance (ValueError when none matches)."""
+    for family in families():
+        if isinstance(obj, (family.model_cls, family.config_cls)):
+            return family
+    config = getattr(obj, "config", None)
+    for family in families():
+        if config is not None and isinstance(config, family.config_cls):
+            return family
+    raise ValueError(
+        f"{type(obj).__name__} is not a model or config of a registered family "
+        f"({[f.name for f in families()]})"
+    )
