@@ -194,6 +194,15 @@ class ChatRequest(_Request):
         return self
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ChatMessage"}
+
+
+def _is_type_tag(part: Any) -> bool:
+    # pydantic puts the union member tried into the error's location (``stop.list[str]``); the
+    # client's field is what comes before it.
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "(" in part)
+
+
 def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     """Validates ``raw`` (the request body) as ``model``; :class:`RequestError` (400) otherwise.
 
@@ -213,11 +222,13 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
             ) from None
         parts, param = [], None
         for err in errors:
-            loc = ".".join(str(x) for x in err.get("loc", ()))
+            loc = ".".join(str(x) for x in err.get("loc", ()) if not _is_type_tag(x))
             if param is None and loc:
                 param = loc
             msg = err.get("msg", "invalid")
-            parts.append(f"{loc or 'body'}: {msg.removeprefix('Value error, ')}")
+            part = f"{loc or 'body'}: {msg.removeprefix('Value error, ')}"
+            if part not in parts:
+                parts.append(part)
         raise RequestError(400, "; ".join(parts), param) from None
     except ValueError as exc:  # a RequestError raised inside a validator arrives wrapped
         raise RequestError(400, str(exc)) from None
