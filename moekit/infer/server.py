@@ -229,12 +229,20 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def _first_per_key(top: list[tuple[str, list[int], float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for text, _, lp in top:
+        out.setdefault(text, lp)
+    return out
+
+
 def _completion_logprobs(infos: list[TokenInfo], base_offset: int) -> dict:
     """OpenAI's legacy completions ``logprobs`` object for ``infos``."""
     return {
         "tokens": [i.token for i in infos],
         "token_logprobs": [i.logprob for i in infos],
-        "top_logprobs": [{t: lp for t, _, lp in i.top} for i in infos],
+        # Keyed by text as OpenAI's format is; a repeated text keeps its likeliest entry.
+        "top_logprobs": [_first_per_key(i.top) for i in infos],
         "text_offset": [base_offset + i.offset for i in infos],
     }
 

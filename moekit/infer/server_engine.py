@@ -50,7 +50,7 @@ class TokenInfo:
     """One generated (or echoed) token with its log-probability.
 
     Attributes:
-        token: its text (bytes that are not whole characters show as U+FFFD).
+        token: its text (bytes that are not whole characters: ``"bytes:\\xe2\\x80"``).
         token_bytes: its UTF-8 bytes.
         logprob: log-probability under the model (None for a prompt's first token).
         top: the most likely alternatives at that position, ``(text, bytes, logprob)``.
@@ -239,11 +239,21 @@ class Engine:
     # -- token text and log-probabilities --
 
     def token_bytes(self, token_id: int) -> list[int]:
-        """The UTF-8 bytes a token stands for."""
-        piece = self.tokenizer.id_to_token(token_id) or ""
+        """The UTF-8 bytes a token stands for (a special token: its name)."""
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:  # an id past the tokenizer's vocabulary (the model's can be larger): no text
+            return []
         if self.byte_decoder is not None and all(c in self.byte_decoder for c in piece):
             return [self.byte_decoder[c] for c in piece]
-        return list(self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8"))
+        return list(piece.encode("utf-8"))
+
+    @staticmethod
+    def token_text(raw: list[int]) -> str:
+        """A token's text; bytes that are not whole characters are written ``bytes:\\xe2\\x80`` (as OpenAI does)."""
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def _info(self, token_id: int, logprobs_V, top: int, offset: int) -> TokenInfo:
         raw = self.token_bytes(token_id)
@@ -252,9 +262,9 @@ class Engine:
             values, ids = logprobs_V.topk(min(top, logprobs_V.shape[-1]))
             for v, i in zip(values.tolist(), ids.tolist(), strict=True):
                 alt = self.token_bytes(i)
-                alternatives.append((bytes(alt).decode("utf-8", "replace"), alt, v))
+                alternatives.append((self.token_text(alt), alt, v))
         lp = None if logprobs_V is None else float(logprobs_V[token_id])
-        return TokenInfo(bytes(raw).decode("utf-8", "replace"), raw, lp, alternatives, offset)
+        return TokenInfo(self.token_text(raw), raw, lp, alternatives, offset)
 
     def prompt_infos(self, prompt_ids: list[int], top: int) -> list[TokenInfo]:
         """Echoed prompt tokens with their log-probabilities (one forward pass; worker thread)."""
