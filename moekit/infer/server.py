@@ -377,7 +377,7 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
         echo = (not chat) and body.echo
         prefix, prompt_infos = "", []
         if echo:
-            prefix = tokenizer.decode(prompt_ids) if body.prompt else ""
+            prefix = body.prompt
             if top is not None and body.prompt:
                 prompt_infos = await engine.call(engine.prompt_infos, prompt_ids, top)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
