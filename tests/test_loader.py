@@ -291,9 +291,8 @@ def test_cli_flags_are_validated(moekit_dir, tmp_path, capsys):
     args = ["generate", "--model", d, "--prompt", "x", "--expert-cache-bytes", "50%", "--store", str(a_file)]
     assert main(args) == 2
     assert "existing file" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["serve", "--model", d, "--port", "99999"])
-    assert "not a port number" in capsys.readouterr().err
+    assert main(["serve", "--model", d, "--port", "99999"]) == 2
+    assert "--port" in capsys.readouterr().err
 
 
 def test_generate_stays_inside_the_context(moekit_dir, capsys):

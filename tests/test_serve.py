@@ -54,6 +54,7 @@ def running_server(folder, config):
         assert srv.started, "uvicorn did not start"
         port = srv.servers[0].sockets[0].getsockname()[1]
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            client.moekit_app, client.moekit_port = app, port  # for tests that script the engine
             yield client
     finally:
         srv.should_exit = True
@@ -149,10 +150,18 @@ def test_stop_sequence_truncates(server):
     assert out["choices"][0]["finish_reason"] == "stop"
 
 
-def test_seed_reproducible(server):
-    a = _complete(server, temperature=1.0, seed=7, max_tokens=12).json()["choices"][0]["text"]
-    b = _complete(server, temperature=1.0, seed=7, max_tokens=12).json()["choices"][0]["text"]
-    assert a == b
+def test_seed_reproducible_and_temperature_is_used(server):
+    def sample(**body):
+        r = _complete(server, max_tokens=12, **body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    assert sample(temperature=1.0, seed=7) == sample(temperature=1.0, seed=7)
+    # If temperature (or the seed) were ignored, every sample below would be the greedy text.
+    greedy = sample(temperature=0)
+    sampled = {sample(temperature=1.0, seed=s) for s in range(4)}
+    assert len(sampled) > 1, sampled
+    assert sampled != {greedy}
 
 
 @pytest.mark.parametrize(

@@ -19,17 +19,6 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype to run in")
 
 
-def port_number(text: str) -> int:
-    """argparse type for a TCP port: an integer in 1..65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
-    return port
-
-
 def resolve_model_dir(path: str | Path) -> Path:
     """The folder that holds the model: a run folder's last checkpoint, otherwise ``path`` itself."""
     from moekit.loader import inspect_folder

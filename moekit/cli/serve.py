@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 
 from moekit.cli._offload import add_offload_arguments, maybe_offload
-from moekit.cli.common import add_model_argument, load_model_and_tokenizer, port_number
+from moekit.cli.common import add_model_argument, load_model_and_tokenizer
 
 HELP = "Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming), on 127.0.0.1 by default."
 
@@ -15,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the verb's flags."""
     add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=port_number, default=8000, help="TCP port (1-65535)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0-65535; 0 picks a free one)")
     p.add_argument(
         "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for"
     )
@@ -24,6 +26,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="prompt + max_tokens bound (default: the model's positions)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MOEKIT_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOEKIT_API_KEY; none if unset)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=2 * 2**20, help="larger request bodies get 413 (default 2 MiB)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="requests that may wait behind the running one; more get 429 with Retry-After",
     )
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder name)")
     p.add_argument(
@@ -34,9 +50,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_offload_arguments(p)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
 def run(args: argparse.Namespace) -> int:
     """Loads the model (offloaded if asked) and serves until interrupted."""
     import uvicorn
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (0 to 65535)")
+    if not is_loopback(args.host) and not args.api_key:
+        bar = "!" * 78
+        print(
+            f"{bar}\nmoekit serve: WARNING: binding {args.host} exposes the model to the network WITHOUT an "
+            "API key.\nAnyone who can reach this port can use it. Set --api-key or MOEKIT_API_KEY.\n"
+            f"{bar}",
+            file=sys.stderr,
+        )
 
     from moekit.infer.server import ServerConfig, chat_template_of, create_app
 
@@ -49,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit,
         max_context=args.max_context,
         chat_template=chat_template_of(folder),
+        max_body_bytes=args.max_body_bytes,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
         compile=args.compile,
     )
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from moekit.config import ConfigTypeError
 from moekit.convert.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     checkpoint_dtype,
@@ -75,8 +76,21 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Translates an HF config dict into a :class:`ModelConfig` (ValueError for unknown types/options)."""
-    return get_family(str(hf["model_type"])).config_from_hf(hf)
+    """Translates an HF config dict into a :class:`ModelConfig` (ValueError for unknown types/options).
+
+    A value of the wrong type (``"num_local_experts": "four"``) is reported under its HF key.
+    """
+    try:
+        return get_family(str(hf["model_type"])).config_from_hf(hf)
+    except ConfigTypeError as e:
+        # The readers pass HF values through unchanged, so the offending object is in ``hf``.
+        keys = [k for k, v in hf.items() if v is e.value and type(v) is type(e.value)]
+        if not keys:
+            raise
+        raise ValueError(
+            f"{hf['model_type']} config.json: {' / '.join(keys)}={e.value!r} must be {e.expected} "
+            f"(it becomes moekit's {e.field})"
+        ) from None
 
 
 def build_empty(config: ModelConfig, dtype: torch.dtype) -> MoEForCausalLM:
@@ -106,7 +120,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoEFo
     if hf["model_type"] == "moekit":
         return MoEForCausalLM.from_pretrained(folder, dtype=dtype)
     adapter = get_family(str(hf["model_type"]))
-    config = adapter.config_from_hf(hf)
+    config = config_from_hf(hf)
     token_ids = {k: hf[k] for k in TOKEN_ID_KEYS if hf.get(k) is not None}
     if token_ids:
         try:

@@ -2,18 +2,28 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``: server-sent
 events ``data: {...}\\n\\n`` then ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (status and
-counters: requests, generated tokens, cancelled requests).
+counters: requests, generated tokens, cancelled, queued and refused requests).
 
-* One generation runs at a time: requests wait on an ``asyncio.Lock`` in arrival order, and every
-  model call runs on one dedicated worker thread, so the model is never used concurrently even
-  when a cancelled request's last token is still being computed.
-* Generation advances one token per worker call; between tokens the handler checks
-  ``await request.is_disconnected()``, so a client that goes away stops its generation after at
-  most one more token.
-* Requests are pydantic models; a bad request gets a 4xx with an OpenAI-style error body
-  (``{"error": {"message", "type", "param", "code"}}``), never a 500. ``n > 1`` is refused with 400.
-* ``max_tokens`` is bounded by ``max_tokens_limit`` and prompt + ``max_tokens`` by the context
-  length (400 beyond either).
+What the server promises (each is tested in ``tests/test_serve*.py``):
+
+* Every error is a 4xx (or, for a bug, a 500) with OpenAI's body
+  ``{"error": {"message", "type", "param", "code"}}``: bad JSON, a non-UTF-8 body, a wrong field
+  type, 404, 405, 413, 429 and 401 alike. A 500 never closes the keep-alive connection, and a
+  streamed response that fails after its 200 ends with an ``error`` event and ``[DONE]``, never a
+  cut body. All validation happens before a stream starts.
+* Bounded resources: bodies over ``max_body_bytes`` get 413 before they are read (by their
+  ``Content-Length``, or as soon as a chunked body passes the limit); tokenization and chat-template
+  rendering run off the event loop; past ``max_queue`` waiting requests a request gets 429 with
+  ``Retry-After``. See :mod:`moekit.infer.server_engine` for the queue and the worker thread.
+* ``max_tokens`` (or ``max_completion_tokens``) is bounded by ``max_tokens_limit`` and by the room
+  left in the context; a request that omits it gets ``default_max_tokens`` (completions) or
+  ``max_tokens_limit`` (chat), clamped to that room.
+* ``logprobs`` (and ``top_logprobs``) of the chosen tokens, ``echo`` for completions; the
+  ``developer`` role and ``[{"type": "text", "text": ...}]`` content parts in chat. Fields OpenAI
+  defines but this server does not implement (penalties, ``logit_bias``, ``best_of``, ``suffix``,
+  tools) are refused with a 400 that names them.
+* With ``api_key`` set, ``/v1/*`` needs ``Authorization: Bearer <key>`` (401 otherwise);
+  ``/health`` stays open for load balancers.
 * Chat prompts use ``chat_template`` from the model folder's ``tokenizer_config.json`` (a Jinja
   template, rendered in a sandbox as transformers does) when present, else
   :data:`DEFAULT_CHAT_TEMPLATE`.
@@ -25,26 +35,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
-import random
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Literal
-
-import torch
+from dataclasses import dataclass
 
 # fastapi is the optional ``serve`` extra; this module is imported only by ``moekit serve``. The
 # names are module-level because FastAPI resolves the handlers' (string) annotations here.
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moekit.models.decode import DecodeSession
-from moekit.models.generation import Sampler, iter_tokens
+from moekit.infer.server_engine import Engine, ServerStats, TokenInfo
+from moekit.infer.server_requests import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    error_body,
+    parse_body,
+)
+
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "ServerConfig", "ServerStats", "chat_template_of", "create_app"]
+
+log = logging.getLogger("moekit.serve")
 
 # Documented default chat format for models without a chat template: one block per message,
 # "<|role|>\n" + content + "\n", then "<|assistant|>\n" to prompt the reply.
@@ -52,63 +68,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-MAX_STOP_SEQUENCES = 4
-
-
-class _Request(BaseModel):
-    """Fields shared by completions and chat completions (OpenAI names and ranges)."""
-
-    # Clients send many optional OpenAI fields (user, logit_bias, ...): accept and ignore them.
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, stop):
-        if stop is None:
-            return []
-        stops = [stop] if isinstance(stop, str) else stop
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return stops
-
-
-class CompletionRequest(_Request):
-    """``POST /v1/completions`` body: ``prompt`` is a string (or a list holding one string)."""
-
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ValueError("exactly one prompt per request is supported (batch prompts are not)")
-            return prompt[0]
-        return prompt
-
-
-class ChatMessage(BaseModel):
-    """One chat message."""
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Request):
-    """``POST /v1/chat/completions`` body."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 401: "invalid_api_key"}
 
 
 @dataclass(kw_only=True)
@@ -118,10 +78,14 @@ class ServerConfig:
     Attributes:
         model_name: the id clients must send as ``model`` (and ``/v1/models`` lists).
         max_tokens_limit: the largest ``max_tokens`` a request may ask for.
-        max_context: prompt + ``max_tokens`` bound (None: the model's ``max_position_embeddings``).
+        max_context: prompt + ``max_tokens`` bound (None: the model's ``max_position_embeddings``;
+            more than that is refused when the app is built).
         default_max_tokens: ``max_tokens`` when a completion request omits it (OpenAI's 16);
-            chat requests default to ``max_tokens_limit``.
+            chat requests default to ``max_tokens_limit``. Both are clamped to the room left.
         chat_template: a Jinja chat template (None: :data:`DEFAULT_CHAT_TEMPLATE`).
+        max_body_bytes: larger request bodies get 413 without being read.
+        max_queue: requests that may wait behind the running one; more get 429 + ``Retry-After``.
+        api_key: when set, ``/v1/*`` requests need ``Authorization: Bearer <api_key>``.
         token_delay_s: sleep after each token. For tests and demos of cancellation only.
         compile: decode with a ``torch.compile``-d step (see :class:`DecodeSession`); the first
             request pays the compilation.
@@ -132,6 +96,9 @@ class ServerConfig:
     max_context: int | None = None
     default_max_tokens: int = 16
     chat_template: str | None = None
+    max_body_bytes: int = 2 * 2**20
+    max_queue: int = 16
+    api_key: str | None = None
     token_delay_s: float = 0.0
     compile: bool = False
 
@@ -140,32 +107,12 @@ class ServerConfig:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
-
-
-@dataclass
-class ServerStats:
-    """Counters exposed on ``/health``."""
-
-    requests: int = 0
-    generated_tokens: int = 0
-    cancelled: int = 0
-    active: int = 0
-    last_request_tokens: int = 0
-    started: float = field(default_factory=time.time)
-
-
-class RequestError(Exception):
-    """A client error: becomes an OpenAI-style error response with ``status``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def _error_body(
-    message: str, param: str | None = None, code: str | None = None, kind="invalid_request_error"
-):
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be a non-empty string (or None for no key)")
 
 
 def render_chat(template: str, messages: list[dict], eos_token: str) -> str:
@@ -178,138 +125,100 @@ def render_chat(template: str, messages: list[dict], eos_token: str) -> str:
     )
 
 
-def _stop_holdback(text: str, stops: list[str]) -> int:
-    """Characters at the end of ``text`` that could start a stop sequence (not yet safe to send)."""
-    hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:n]):
-                hold = n
-                break
-    return hold
+def _json_error(status: int, message: str, param=None, code=None, kind=None, headers=None) -> JSONResponse:
+    kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse(error_body(message, param, code, kind), status_code=status, headers=headers)
 
 
-class _Engine:
-    """Model, tokenizer and one worker thread; turns a request into a stream of text pieces."""
+class _Guard:
+    """ASGI middleware: the API key check, and a JSON 500 for any exception that escapes a handler.
 
-    def __init__(self, model, tokenizer, config: ServerConfig, eos_token_id: int) -> None:
-        self.model, self.tokenizer, self.config, self.eos = model, tokenizer, config, eos_token_id
-        self.max_context = config.max_context or model.config.max_position_embeddings
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-generate")
-        self.lock = asyncio.Lock()
-        self.stats = ServerStats()
+    Answering the 500 here (instead of letting the exception reach uvicorn) keeps the keep-alive
+    connection open; an exception after the response started is logged and swallowed, since the
+    stream generators already end their body cleanly.
+    """
 
-    def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text).ids
-        return ids or [self.eos]  # an empty prompt starts from the document separator
+    def __init__(self, app, api_key: str | None, stats: ServerStats) -> None:
+        self.app, self.api_key, self.stats = app, api_key, stats
 
-    def check_limits(self, body: _Request, prompt_len: int, default_max: int) -> int:
-        """Returns the effective max_tokens or raises a 4xx :class:`RequestError`."""
-        if body.model != self.config.model_name:
-            raise RequestError(
-                404,
-                f"model {body.model!r} is not served here; use {self.config.model_name!r}",
-                "model",
-                "model_not_found",
+    def _authorized(self, scope) -> bool:
+        if self.api_key is None or not scope["path"].startswith("/v1"):
+            return True
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(
+                    token.strip().encode(), self.api_key.encode()
+                )
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if not self._authorized(scope):
+            response = _json_error(
+                401,
+                "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
             )
-        if body.n != 1:
-            raise RequestError(400, f"n={body.n} is not supported; this server returns one choice (n=1)", "n")
-        max_tokens = body.max_tokens if body.max_tokens is not None else default_max
-        if max_tokens > self.config.max_tokens_limit:
-            raise RequestError(
-                400,
-                f"max_tokens={max_tokens} exceeds this server's limit of {self.config.max_tokens_limit}",
-                "max_tokens",
-            )
-        if prompt_len + max_tokens > self.max_context:
-            raise RequestError(
-                400,
-                f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the context length "
-                f"({self.max_context} tokens); shorten the prompt or lower max_tokens",
-                "max_tokens",
-                "context_length_exceeded",
-            )
-        return max_tokens
+            return await response(scope, receive, send)
+        started = False
 
-    def start(self, prompt_ids: list[int], body: _Request, max_tokens: int):
-        """A blocking iterator of new token ids (runs on the worker thread, one ``next`` per token)."""
-        seed = body.seed if body.seed is not None else random.randrange(2**63)
-        sampler = Sampler(
-            temperature=body.temperature,
-            top_p=None if body.top_p >= 1.0 else body.top_p,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        session = DecodeSession(
-            self.model, torch.tensor([prompt_ids]), max_new_tokens=max_tokens, compile=self.config.compile
-        )
-        delay = self.config.token_delay_s
-        stats = self.stats
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
 
-        def tokens():
-            for next_B in iter_tokens(session, max_tokens, sampler, eos_token_id=self.eos):
-                stats.generated_tokens += 1
-                if delay:
-                    time.sleep(delay)
-                yield int(next_B[0])
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            self.stats.errors += 1
+            log.exception("moekit serve: unexpected error in %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                response = _json_error(
+                    500, f"internal server error ({type(exc).__name__}); see the server log"
+                )
+                await response(scope, receive, send)
 
-        return tokens()
 
-    async def run(
-        self, request, prompt_ids: list[int], body: _Request, max_tokens: int
-    ) -> AsyncIterator[tuple]:
-        """Yields ``(text_piece, None)`` as text becomes final, then ``("", finish_reason, num_tokens)``.
+class _SlotResponse(StreamingResponse):
+    """A stream that frees its queue place when the response ends, however it ends."""
 
-        Holds the engine lock for the whole generation; stops early when the client disconnects.
-        """
-        loop = asyncio.get_running_loop()
-        stops: list[str] = body.stop or []
-        done = object()
-        async with self.lock:
-            self.stats.requests += 1
-            self.stats.active += 1
-            generated: list[int] = []
-            sent = 0
-            finish = "length"
-            try:
-                it = await loop.run_in_executor(self.executor, self.start, prompt_ids, body, max_tokens)
-                while True:
-                    token = await loop.run_in_executor(self.executor, next, it, done)
-                    if token is done:
-                        break
-                    if token == self.eos:
-                        finish = "stop"
-                        break
-                    generated.append(token)
-                    text = self.tokenizer.decode(generated)
-                    if text.endswith("\ufffd"):
-                        continue  # the rest of a multi-byte character is still to come
-                    cut = min(
-                        (i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0),
-                        default=-1,
-                    )
-                    if cut >= 0:
-                        if cut > sent:
-                            yield text[sent:cut], None
-                        finish = "stop"
-                        break
-                    safe = len(text) - _stop_holdback(text, stops)
-                    if safe > sent:
-                        yield text[sent:safe], None
-                        sent = safe
-                    if await request.is_disconnected():
-                        self.stats.cancelled += 1
-                        return
-                if finish == "length":
-                    text = self.tokenizer.decode(generated)
-                    if len(text) > sent:
-                        yield text[sent:], None
-                yield "", finish, len(generated)
-            except (asyncio.CancelledError, GeneratorExit):
-                self.stats.cancelled += 1
-                raise
-            finally:
-                self.stats.active -= 1
-                self.stats.last_request_tokens = len(generated)
+    def __init__(self, content, slot, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_large = RequestError(
+        413,
+        f"the request body exceeds this server's limit of {limit} bytes",
+        None,
+        "request_too_large",
+        headers={"Connection": "close"},  # the rest of the body is never read
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, f"invalid Content-Length header {declared!r}")
+        if int(declared) > limit:
+            raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -317,6 +226,40 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _first_per_key(top: list[tuple[str, list[int], float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for text, _, lp in top:
+        out.setdefault(text, lp)
+    return out
+
+
+def _completion_logprobs(infos: list[TokenInfo], base_offset: int) -> dict:
+    """OpenAI's legacy completions ``logprobs`` object for ``infos``."""
+    return {
+        "tokens": [i.token for i in infos],
+        "token_logprobs": [i.logprob for i in infos],
+        # Keyed by text as OpenAI's format is; a repeated text keeps its likeliest entry.
+        "top_logprobs": [_first_per_key(i.top) for i in infos],
+        "text_offset": [base_offset + i.offset for i in infos],
+    }
+
+
+def _chat_logprobs(infos: list[TokenInfo]) -> dict:
+    """OpenAI's chat ``logprobs`` object for ``infos``."""
+    return {
+        "content": [
+            {
+                "token": i.token,
+                "logprob": i.logprob,
+                "bytes": i.token_bytes,
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, b, lp in i.top],
+            }
+            for i in infos
+        ],
+        "refusal": None,
     }
 
 
@@ -330,11 +273,23 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
         eos_token_id: the stop token (default: the tokenizer's ``<|endoftext|>``).
         on_shutdown: called once when the server shuts down (uvicorn re-raises SIGTERM after its
             shutdown, so code after ``uvicorn.run`` may never run; this does).
+
+    Raises:
+        ValueError: ``config.max_context`` beyond the model's positions.
     """
     from moekit.train.tokenizer import EOS_TOKEN, special_token_id
 
     eos = special_token_id(tokenizer) if eos_token_id is None else eos_token_id
-    engine = _Engine(model, tokenizer, config, eos)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_context=config.max_context,
+        max_tokens_limit=config.max_tokens_limit,
+        max_queue=config.max_queue,
+        eos_token_id=eos,
+        token_delay_s=config.token_delay_s,
+        compile=config.compile,
+    )
     template = config.chat_template or DEFAULT_CHAT_TEMPLATE
 
     @contextlib.asynccontextmanager
@@ -349,21 +304,26 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
     )
     app.state.engine = engine
     app.state.stats = engine.stats
+    app.add_middleware(_Guard, api_key=config.api_key, stats=engine.stats)
 
     @app.exception_handler(RequestError)
     async def _request_error(_, exc: RequestError):
-        return JSONResponse(_error_body(exc.message, exc.param, exc.code), status_code=exc.status)
+        return _json_error(exc.status, exc.message, exc.param, exc.code, exc.kind, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = {
+            404: f"no route {request.url.path!r}; this server has /v1/completions, /v1/chat/completions, "
+            "/v1/models and /health",
+            405: f"method {request.method} is not allowed on {request.url.path!r}",
+        }.get(exc.status_code, str(exc.detail))
+        return _json_error(
+            exc.status_code, message, None, _HTTP_CODES.get(exc.status_code), headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_, exc: RequestValidationError):
-        # OpenAI answers malformed bodies with 400 and one readable message.
-        parts = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
-        param = str(first[-1]) if first else None
-        return JSONResponse(_error_body("; ".join(parts), param), status_code=400)
+    async def _validation_error(_, exc: RequestValidationError):  # only for routes with typed params
+        return _json_error(400, "; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid request")
 
     @app.get("/health")
     async def health():
@@ -375,6 +335,9 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
             "generated_tokens": s.generated_tokens,
             "cancelled": s.cancelled,
             "active": s.active,
+            "queued": s.queued,
+            "rejected_busy": s.rejected_busy,
+            "errors": s.errors,
             "last_request_tokens": s.last_request_tokens,
             "uptime_s": round(time.time() - s.started, 1),
         }
@@ -396,85 +359,135 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
     def _sse(payload) -> str:
         return f"data: {json.dumps(payload)}\n\n"
 
-    async def _respond(request: Request, body: _Request, prompt: str, chat: bool, default_max: int):
-        prompt_ids = engine.encode(prompt)
+    async def _respond(request: Request, body, prompt_ids: list[int], chat: bool, default_max: int, slot):
+        if body.model != config.model_name:
+            raise RequestError(
+                404,
+                f"model {body.model!r} is not served here; use {config.model_name!r}",
+                "model",
+                "model_not_found",
+            )
+        if body.n != 1:
+            raise RequestError(400, f"n={body.n} is not supported; this server returns one choice (n=1)", "n")
         max_tokens = engine.check_limits(body, len(prompt_ids), default_max)
+        if chat:
+            top = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            top = body.logprobs
+        echo = (not chat) and body.echo
+        prefix, prompt_infos = "", []
+        if echo:
+            prefix = body.prompt
+            if top is not None and body.prompt:
+                prompt_infos = await engine.call(engine.prompt_infos, prompt_ids, top)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        base = {"id": rid, "created": created, "model": config.model_name}
-        events = engine.run(request, prompt_ids, body, max_tokens)
+        base = {"id": rid, "created": int(time.time()), "model": config.model_name}
+        events = engine.run(request, prompt_ids, body, max_tokens, top)
+
+        def logprobs_of(infos: list[TokenInfo], offset: int):
+            if top is None:
+                return None
+            return _chat_logprobs(infos) if chat else _completion_logprobs(infos, offset)
 
         if not body.stream:
-            pieces, finish, count = [], "length", 0
-            async for event in events:
-                if event[1] is None:
-                    pieces.append(event[0])
+            pieces, infos, finish, count = [], list(prompt_infos), "length", 0
+            async for kind, *rest in events:
+                if kind == "text":
+                    pieces.append(rest[0])
+                    infos.extend(
+                        TokenInfo(i.token, i.token_bytes, i.logprob, i.top, i.offset + len(prefix))
+                        for i in rest[1]
+                    )
                 else:
-                    finish, count = event[1], event[2]
+                    finish, count = rest
             text = "".join(pieces)
+            usage = _usage(len(prompt_ids), count)
             if chat:
                 choice = {
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs_of(infos, 0),
                     "finish_reason": finish,
                 }
-                return {
-                    **base,
-                    "object": "chat.completion",
-                    "choices": [choice],
-                    "usage": _usage(len(prompt_ids), count),
-                }
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            return {
-                **base,
-                "object": "text_completion",
-                "choices": [choice],
-                "usage": _usage(len(prompt_ids), count),
+                return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            choice = {
+                "index": 0,
+                "text": prefix + text,
+                "logprobs": logprobs_of(infos, 0),
+                "finish_reason": finish,
             }
+            return {**base, "object": "text_completion", "choices": [choice], "usage": usage}
 
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, usage: dict | None = None, role: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, usage=None, role=False, logprobs=None) -> str:
             if chat:
                 delta = {} if text is None else {"content": text}
                 if role:
                     delta = {"role": "assistant", "content": ""}
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             payload = {**base, "object": obj, "choices": [choice]}
             if usage is not None:
                 payload["usage"] = usage
             return _sse(payload)
 
         async def stream():
-            if chat:
-                yield chunk(None, None, role=True)
-            async for event in events:
-                if event[1] is None:
-                    yield chunk(event[0], None)
-                else:
-                    yield chunk(None, event[1], _usage(len(prompt_ids), event[2]))
+            offset = len(prefix)
+            try:
+                if chat:
+                    yield chunk(None, None, role=True)
+                if prefix:
+                    yield chunk(prefix, None, logprobs=logprobs_of(prompt_infos, 0))
+                async for kind, *rest in events:
+                    if kind == "text":
+                        yield chunk(rest[0], None, logprobs=logprobs_of(rest[1], offset))
+                    else:
+                        yield chunk(None, rest[0], _usage(len(prompt_ids), rest[1]))
+            except Exception as exc:  # the 200 is already sent: end the body cleanly, say what failed
+                engine.stats.errors += 1
+                log.exception("moekit serve: error while streaming %s", rid)
+                message = f"internal server error while streaming ({type(exc).__name__}); see the server log"
+                yield _sse(error_body(message, kind="server_error"))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(
-            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        return _SlotResponse(
+            stream(), slot, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    async def _serve(request: Request, chat: bool):
+        slot = engine.admit()
+        handed_over = False
+        try:
+            raw = await _read_body(request, config.max_body_bytes)
+            body = parse_body(ChatRequest if chat else CompletionRequest, raw)
+            if chat:
+                messages = [m.model_dump(exclude_none=True) for m in body.messages]
+                try:
+                    prompt = await asyncio.to_thread(render_chat, template, messages, EOS_TOKEN)
+                except Exception as e:  # a broken template is the model folder's fault; say what failed
+                    raise RequestError(
+                        400, f"the chat template failed to render these messages: {e}", "messages"
+                    ) from e
+                default_max = config.max_tokens_limit
+            else:
+                prompt, default_max = body.prompt, config.default_max_tokens
+            prompt_ids = await engine.encode(prompt)
+            response = await _respond(request, body, prompt_ids, chat, default_max, slot)
+            handed_over = isinstance(response, _SlotResponse)
+            return response
+        finally:
+            if not handed_over:
+                slot.release()
+
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await _respond(request, body, body.prompt, chat=False, default_max=config.default_max_tokens)
+    async def completions(request: Request):
+        return await _serve(request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
-        messages = [m.model_dump() for m in body.messages]
-        try:
-            prompt = render_chat(template, messages, EOS_TOKEN)
-        except Exception as e:  # a broken template is the model folder's fault, but say what failed
-            raise RequestError(
-                400, f"the chat template failed to render these messages: {e}", "messages"
-            ) from e
-        return await _respond(request, body, prompt, chat=True, default_max=config.max_tokens_limit)
+    async def chat_completions(request: Request):
+        return await _serve(request, chat=True)
 
     return app
 
