@@ -14,7 +14,7 @@ from moekit.data import BatchListDataModule, DataModule
 from moekit.layers import MoEConfig, MoELayer
 from moekit.models import ModelConfig, MoEForCausalLM
 from moekit.models.objectives import CausalLMObjective, LossWeights, Objective, ObjectiveOutput
-from moekit.train import LoopConfig, fit, load_checkpoint, seed_everything
+from moekit.train import KSchedule, LoopConfig, fit, load_checkpoint, seed_everything
 from moekit.train.freeze import FREEZE_GROUPS, apply_freeze
 
 # ---- a family that is not a language model -----------------------------------------------------
@@ -93,7 +93,7 @@ def _toy_loop(**kw) -> LoopConfig:
         eval_interval=3,
         log_interval=1,
         save_interval=2,
-        k_schedule={"type": "step", "k_min": 1, "k_max": 2},
+        k_schedule=KSchedule(type="step", k_min=1, k_max=2),
         freeze=["re:^head\\.bias$"],
     )
     base.update(kw)
