@@ -385,11 +385,12 @@ def fit(
                 stop_reason = "interrupted"
                 optimizer.zero_grad(set_to_none=True)
                 if updating:
-                    print(
-                        f"\ninterrupted inside the parameter update: not saved; {ckpt_root / ckpt.LAST} "
-                        f"holds step {last_saved_step}",
-                        file=sys.stderr,
+                    kept = (
+                        f"{ckpt_root / ckpt.LAST} holds step {last_saved_step}"
+                        if last_saved_step >= 0
+                        else "no checkpoint was written yet"
                     )
+                    print(f"\ninterrupted inside the parameter update: not saved; {kept}", file=sys.stderr)
                 elif step != last_saved_step:
                     # The step in flight (if any) is dropped: model, optimizer and commit are `step`.
                     save(commit)
