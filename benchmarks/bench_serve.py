@@ -22,9 +22,9 @@ from pathlib import Path
 def _tiny_folder(root: Path) -> Path:
     import torch
 
+    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
     from moekit.models import MoEForCausalLM
     from moekit.models.presets import moe_tiny
-    from moekit.train.tokenizer import save_tokenizer, train_tokenizer
 
     text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n    y = 2\n" * 20
     folder = root / "tiny"

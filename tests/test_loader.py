@@ -26,7 +26,7 @@ TEXT = "def parse(text):\n    return [line.split() for line in text.splitlines()
 
 @pytest.fixture(scope="module")
 def tok():
-    from moekit.train.tokenizer import train_tokenizer
+    from moekit.data.tokenizer import train_tokenizer
 
     return train_tokenizer([TEXT], vocab_size=300)
 
@@ -34,7 +34,7 @@ def tok():
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tok):
     """A tiny random Qwen3-MoE folder written by transformers itself, with a tokenizer.json."""
-    from moekit.train.tokenizer import save_tokenizer
+    from moekit.data.tokenizer import save_tokenizer
 
     folder = tmp_path_factory.mktemp("hf") / "qwen3moe"
     cfg = transformers.Qwen3MoeConfig(
@@ -60,7 +60,7 @@ def hf_dir(tmp_path_factory, tok):
 
 @pytest.fixture(scope="module")
 def moekit_dir(tmp_path_factory, tok):
-    from moekit.train.tokenizer import save_tokenizer
+    from moekit.data.tokenizer import save_tokenizer
 
     folder = tmp_path_factory.mktemp("mk") / "model"
     config = get_preset("moe-tiny").replace(vocab_size=tok.get_vocab_size())
@@ -159,7 +159,7 @@ def test_cli_verbs_take_an_hf_folder(hf_dir, tmp_path, capsys):
 
 
 def test_upcycle_an_hf_dense_folder(tmp_path, tok, capsys):
-    from moekit.train.tokenizer import save_tokenizer
+    from moekit.data.tokenizer import save_tokenizer
 
     dense = tmp_path / "qwen3"
     cfg = transformers.Qwen3Config(

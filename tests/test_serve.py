@@ -20,9 +20,9 @@ TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n    y = 2\n
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
+    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
     from moekit.models import MoEForCausalLM
     from moekit.models.presets import moe_tiny
-    from moekit.train.tokenizer import save_tokenizer, train_tokenizer
 
     folder = tmp_path_factory.mktemp("serve") / "tiny"
     tok = train_tokenizer([TEXT], vocab_size=300)

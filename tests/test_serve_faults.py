@@ -22,7 +22,7 @@ BODY_LIMIT = 64 * 1024
 
 @pytest.fixture(scope="module")
 def tok(model_folder):  # noqa: F811
-    from moekit.train.tokenizer import load_tokenizer
+    from moekit.data.tokenizer import load_tokenizer
 
     return load_tokenizer(model_folder)
 
@@ -97,7 +97,7 @@ def _assert_openai_error(r, status, param="__any__", code="__any__"):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_sequence_then_eos_keeps_the_held_back_tail(server, scripted, tok, stream):
-    from moekit.train.tokenizer import special_token_id
+    from moekit.data.tokenizer import special_token_id
 
     ids = tok.encode("return a\n").ids
     assert tok.decode(ids) == "return a\n"

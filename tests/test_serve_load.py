@@ -50,8 +50,8 @@ def _rss_mb() -> float:
 def expected(model_folder):  # noqa: F811
     """Greedy completions of PROMPTS by a direct generate (no server)."""
     from moekit.cli.common import load_model_and_tokenizer
+    from moekit.data.tokenizer import special_token_id
     from moekit.models.generation import generate
-    from moekit.train.tokenizer import special_token_id
 
     model, tok, _ = load_model_and_tokenizer(model_folder)
     eos = special_token_id(tok)

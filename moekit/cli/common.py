@@ -60,8 +60,7 @@ def evaluation_tokens(tokenizer, folder: Path, corpus: list[str] | None, split: 
     """
     import numpy as np
 
-    from moekit.train import resolve_corpus, split_documents
-    from moekit.train.data import read_text
+    from moekit.data import read_text, resolve_corpus, split_documents
 
     cfg = run_train_config(folder)
     if corpus:

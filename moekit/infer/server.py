@@ -277,7 +277,7 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
     Raises:
         ValueError: ``config.max_context`` beyond the model's positions.
     """
-    from moekit.train.tokenizer import EOS_TOKEN, special_token_id
+    from moekit.data.tokenizer import EOS_TOKEN, special_token_id
 
     eos = special_token_id(tokenizer) if eos_token_id is None else eos_token_id
     engine = Engine(

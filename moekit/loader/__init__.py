@@ -39,6 +39,7 @@ from moekit.compress import load_quantized
 from moekit.compress.model import QUANT_KEY
 from moekit.convert import from_pretrained as load_hf
 from moekit.convert.families import FAMILIES as HF_FAMILIES
+from moekit.data.tokenizer import EOS_TOKEN
 from moekit.models.io import CONFIG_NAME, MODEL_TYPE, WEIGHTS_NAME, load_pretrained
 
 KINDS = ("run", "checkpoint", "moekit", "quantized", "hf")
@@ -55,8 +56,7 @@ DTYPES = {
     "fp64": torch.float64,
     "float64": torch.float64,
 }
-# moekit's own tokenizer names its end-of-text token so (moekit.data.tokenizer.EOS_TOKEN).
-_MOEKIT_EOS = "<|endoftext|>"
+_MOEKIT_EOS = EOS_TOKEN  # moekit's own tokenizer's end of text
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,10 @@ class ModelFamily:
 
 @functools.cache
 def _build_families() -> dict[str, ModelFamily]:
+    from moekit.data import TextDataModule
     from moekit.models.config import ModelConfig
     from moekit.models.decoder import MoEForCausalLM
+    from moekit.models.objectives import CausalLMObjective
 
     entries = [
         ModelFamily(
@@ -80,6 +82,8 @@ def _build_families() -> dict[str, ModelFamily]:
             config_cls=ModelConfig,
             model_cls=MoEForCausalLM,
             description="decoder-only language model with dense or MoE FFNs (GQA or MLA attention)",
+            objective_cls=CausalLMObjective,
+            data_module_cls=TextDataModule,
             hf_exporter="moekit.convert:save_hf",
         ),
     ]

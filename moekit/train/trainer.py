@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.data import TextDataModule, load_token_data, load_tokenizer, prepare_tokenizer
 from moekit.data import corpus as data_mod
+from moekit.data import load_token_data, load_tokenizer, prepare_tokenizer
 from moekit.models.objectives import CausalLMObjective, LossWeights
+from moekit.models.registry import family_of
 from moekit.train import checkpoint as ckpt
 from moekit.train.config import TrainConfig, TrainResult
 from moekit.train.engine import _autocast, fit, seed_everything
@@ -72,10 +73,13 @@ def evaluate(model: nn.Module, batches: list[Tensor], config: TrainConfig, moe_k
 
 
 def _resolve_init_from(path: str) -> Path:
-    source = Path(path)
-    if not source.exists():
-        raise FileNotFoundError(f"init_from {source} does not exist; pass a model, checkpoint or run folder")
-    return ckpt.find_checkpoint(source)
+    """The model folder ``init_from`` names (any folder the loader opens but a quantized one)."""
+    from moekit.loader import inspect_folder
+
+    info = inspect_folder(path)
+    if info.kind == "quantized":
+        raise ValueError(f"init_from {path} is a quantized folder; train from the float model it came from")
+    return info.model_dir
 
 
 def train(
@@ -93,6 +97,7 @@ def train(
     Ctrl-C and SIGTERM save a checkpoint of the last completed step and return with
     ``stop_reason="interrupted"``.
     """
+    from moekit.loader import from_pretrained as load_any
     from moekit.models import MoEForCausalLM
     from moekit.parallel import distributed as dist_mod
 
@@ -114,7 +119,7 @@ def train(
         model = MoEForCausalLM.from_pretrained(loaded.path)
     elif config.init_from is not None:
         source = _resolve_init_from(config.init_from)
-        model = MoEForCausalLM.from_pretrained(source)
+        model = load_any(source)
         has_tok = (source / "tokenizer.json").is_file() and not config.tokenizer_dir
         tok = (
             load_tokenizer(source)
@@ -148,8 +153,12 @@ def train(
     tokens = load_token_data(tok, train_docs, val_docs, config.cache_dir, config.val_fraction)
     # Each rank draws its own windows: a different stream per rank from one seed.
     sampler_seed = config.seed if ctx is None else config.seed + 1_000_003 * ctx.rank
-    data = TextDataModule(tok, tokens, config.seq_len, config.batch_size, config.eval_steps, sampler_seed)
-    objective = CausalLMObjective(loss_weights(config, model.config))
+    # The family registry says which data module and objective this model trains with.
+    family = family_of(model)
+    data = family.data_module_cls(
+        tok, tokens, config.seq_len, config.batch_size, config.eval_steps, sampler_seed
+    )
+    objective = family.objective_cls(loss_weights(config, model.config))
     result = fit(
         model,
         objective,
