@@ -91,6 +91,19 @@ class ModelConfig(JsonConfig):
             (written to Hugging Face exports and ``generation_config.json``, so ``generate`` stops
             at end of text there too). ``eos_token_id`` may list several ids.
 
+    Family features (appended; each neutral by default):
+        partial_rotary_factor: RoPE rotates the first ``int(head_dim * factor)`` dims of each GQA
+            head and passes the rest through (GLM-4-MoE: 0.5). 1.0 rotates the whole head.
+        embedding_multiplier: scales the token embeddings (Granite).
+        residual_multiplier: scales each attention and FFN output before it joins the residual
+            stream (Granite).
+        attention_multiplier: the attention softmax scale; ``None`` means ``head_dim ** -0.5``
+            (Granite).
+        logits_scaling: the LM logits are divided by it (Granite).
+        clip_qkv: clamps the q/k/v projections to ``[-clip_qkv, clip_qkv]`` (DBRX); None: no clamp.
+        With ``attention_type="mha"``, ``rope_interleave`` stores q/k rotary dims as interleaved pairs
+        (ERNIE 4.5).
+
     Loss coefficients (the model applies them; aux losses are averaged over MoE layers):
         aux_loss_coef: on ``aux_losses["load_balance"]``.
         z_loss_coef: on ``aux_losses["z_loss"]``.
@@ -139,6 +152,13 @@ class ModelConfig(JsonConfig):
     seq_balance_coef: float = 0.0
     entropy_loss_coef: float = 0.0
 
+    partial_rotary_factor: float = 1.0
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
+    clip_qkv: float | None = None
+
     def __post_init__(self) -> None:
         name = "ModelConfig"
         for field in ("vocab_size", "dim", "num_layers", "num_heads", "max_position_embeddings"):
@@ -180,8 +200,8 @@ class ModelConfig(JsonConfig):
                 raise ValueError(f"{name}.q_lora_rank must be positive or None, got {self.q_lora_rank}")
             if self.qk_norm != "none":
                 raise ValueError(f"{name}.qk_norm={self.qk_norm!r} does not apply to attention_type='mla'")
-        elif self.rope_interleave:
-            raise ValueError(f"{name}.rope_interleave is only implemented for attention_type='mla'")
+        elif self.rope_interleave and self.partial_rotary_factor != 1.0:
+            raise ValueError(f"{name}.rope_interleave is not implemented with partial_rotary_factor < 1")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"{name}.rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
@@ -194,6 +214,7 @@ class ModelConfig(JsonConfig):
             if getattr(self, field) < 0:
                 raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
         self._check_rope_scaling()
+        self._check_family_features()
         self._check_placement()
         if self.ffn_dim == 0 and self.num_moe_layers < self.num_layers:
             raise ValueError(
@@ -203,6 +224,30 @@ class ModelConfig(JsonConfig):
 
     def _check_rope_scaling(self) -> None:
         check_rope_scaling("ModelConfig", self.rope_scaling)
+
+    def _check_family_features(self) -> None:
+        name = "ModelConfig"
+        factor = self.partial_rotary_factor
+        if not (0.0 < factor <= 1.0):
+            raise ValueError(f"{name}.partial_rotary_factor must be in (0, 1], got {factor}")
+        if factor != 1.0:
+            if self.attention_type != "mha":
+                raise ValueError(f"{name}.partial_rotary_factor applies to attention_type='mha' only")
+            rot = int(self.attn_head_dim * factor)
+            if rot <= 0 or rot % 2:
+                raise ValueError(
+                    f"{name}.partial_rotary_factor={factor} rotates {rot} of head_dim={self.attn_head_dim} "
+                    "dims; it must be a positive even number"
+                )
+        for field in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{name}.{field} must be positive, got {getattr(self, field)}")
+        for field in ("attention_multiplier", "clip_qkv"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}.{field} must be positive or None, got {value}")
+            if value is not None and self.attention_type != "mha":
+                raise ValueError(f"{name}.{field} applies to attention_type='mha' only")
 
     def _check_placement(self) -> None:
         name = "ModelConfig"
@@ -266,8 +311,11 @@ class ModelConfig(JsonConfig):
 
     @property
     def rope_head_dim(self) -> int:
-        """Width the RoPE tables cover: ``qk_rope_head_dim`` for MLA, else :attr:`attn_head_dim`."""
-        return self.qk_rope_head_dim if self.attention_type == "mla" else self.attn_head_dim
+        """Width the RoPE tables cover: ``qk_rope_head_dim`` for MLA, else :attr:`attn_head_dim` times
+        ``partial_rotary_factor``."""
+        if self.attention_type == "mla":
+            return self.qk_rope_head_dim
+        return int(self.attn_head_dim * self.partial_rotary_factor)
 
     @property
     def rope_type(self) -> str:
@@ -341,6 +389,9 @@ class ModelConfig(JsonConfig):
             qk_norm=self.qk_norm,
             bias=self.attention_bias,
             norm_eps=self.rms_norm_eps,
+            softmax_scale=self.attention_multiplier,
+            clip_qkv=self.clip_qkv,
+            rope_interleave=self.rope_interleave,
         )
 
     def mla_config(self) -> MLAConfig:

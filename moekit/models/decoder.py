@@ -55,6 +55,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.is_moe = config.is_moe_layer(layer_idx)
+        self.residual_multiplier = config.residual_multiplier
         self.input_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
         if config.attention_type == "mla":
             self.self_attn: nn.Module = MLAttention(config.mla_config(), layer_idx)
@@ -84,12 +85,18 @@ class DecoderLayer(nn.Module):
         ``token_mask_BS`` (bool, False for padding) keeps padding out of routing statistics;
         ``prev_logits_TE`` feeds the gating residual; ``moe_k`` overrides the layer's top-k.
         """
-        h_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
+        attn_BSD = self.self_attn(self.input_layernorm(x_BSD), cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
+        h_BSD = x_BSD + self._scaled(attn_BSD)
         normed_BSD = self.post_attention_layernorm(h_BSD)
         if not self.is_moe:
-            return h_BSD + self.mlp(normed_BSD), None
+            return h_BSD + self._scaled(self.mlp(normed_BSD)), None
         out = self.mlp(normed_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k)
-        return h_BSD + out.hidden, out
+        return h_BSD + self._scaled(out.hidden), out
+
+    def _scaled(self, branch_BSD: Tensor) -> Tensor:
+        # Granite's residual_multiplier; 1.0 (every other family) skips the multiply.
+        m = self.residual_multiplier
+        return branch_BSD if m == 1.0 else branch_BSD * m
 
 
 @dataclass
@@ -176,6 +183,18 @@ class MoEForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config.rope_config())
         self.tie_weights()
         self.init_weights()
+
+    def embed(self, input_ids_BS: Tensor) -> Tensor:
+        """Token embeddings ``[B, S, D]``, times ``embedding_multiplier`` (Granite; 1 elsewhere)."""
+        x_BSD = self.embed_tokens(input_ids_BS)
+        m = self.config.embedding_multiplier
+        return x_BSD if m == 1.0 else x_BSD * m
+
+    def lm_logits(self, x_BSD: Tensor) -> Tensor:
+        """Logits ``[..., V]`` of final hidden states: ``lm_head(norm(x)) / logits_scaling``."""
+        logits = self.lm_head(self.norm(x_BSD))
+        s = self.config.logits_scaling
+        return logits if s == 1.0 else logits / s
 
     def tie_weights(self) -> None:
         """Makes ``lm_head`` share the embedding when ``tie_word_embeddings`` (again after ``to_empty``)."""
@@ -312,7 +331,7 @@ class MoEForCausalLM(nn.Module):
         mask_B1SK = build_attention_mask(attention_mask, batch, num_new, num_past, cfg.sliding_window, device)
         cos, sin = self.rotary(position_ids, num_positions)
 
-        x_BSD = self.embed_tokens(input_ids)
+        x_BSD = self.embed(input_ids)
         routing: list[RoutingInfo] = []
         layer_aux: list[Mapping[str, Tensor]] = []
         prev_logits_TE = None
@@ -336,7 +355,7 @@ class MoEForCausalLM(nn.Module):
                 routing.append(moe_out.routing)
                 layer_aux.append(moe_out.aux_losses)
                 prev_logits_TE = moe_out.routing.router_logits
-        logits_BSV = self.lm_head(self.norm(x_BSD))
+        logits_BSV = self.lm_logits(x_BSD)
 
         aux_losses = _mean_aux_losses(layer_aux)
 

@@ -35,6 +35,8 @@ class LlamaAdapter(FamilyAdapter):
         "initializer_range": 0.02,
     }
     default_rope_theta = 10000.0
+    # The family reads partial_rotary_factor itself (refused by the rope reader otherwise).
+    partial_rope = False
 
     # ---- config: HF -> moekit ------------------------------------------------------------------
     def reader(self, hf: dict[str, Any]) -> HFConfigReader:
@@ -45,7 +47,7 @@ class LlamaAdapter(FamilyAdapter):
         """Shape, norm, rope and embedding fields every Llama-like family shares."""
         r.refuse("hidden_act", "silu", "moekit's FFNs are SwiGLU")
         r.refuse("pretraining_tp", 1, "tensor-parallel slicing of the reference implementation")
-        theta, scaling = r.rope(self.default_rope_theta)
+        theta, scaling = r.rope(self.default_rope_theta, partial=self.partial_rope)
         num_heads = r.require("num_attention_heads")
         return {
             "vocab_size": r.require("vocab_size"),

@@ -1,0 +1,141 @@
+"""More Hugging Face MoE families (issue 17 part 2): tiny random models from transformers' own
+config classes import with the same logits (1e-5, fp32), decode the same 20 greedy tokens with and
+without the cache, export back exactly, and transformers reproduces the export."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+
+from moekit.convert import from_pretrained  # noqa: E402
+
+torch.set_num_threads(1)
+VOCAB = 100
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=3, initializer_range=0.1
+)
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
+LINEAR = {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}
+
+
+def hf_config(name, **overrides):
+    tr = transformers
+    base = {
+        "glm4_moe": lambda: tr.Glm4MoeConfig(
+            **COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            num_key_value_heads=2,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.5,
+        ),
+    }[name]()
+    for k, v in overrides.items():
+        setattr(base, k, v)
+    return base
+
+
+def make_hf(name, **overrides):
+    """A random HF model of ``name`` with perturbed norms, biases and correction biases."""
+    cfg = hf_config(name, **overrides)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1 or "correction_bias" in str(p.shape):
+                p.add_(torch.randn_like(p) * 0.1)
+        for pname, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "e_score_correction_bias" in pname:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def ids(batch=2, length=12, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_greedy(model, prompt, n=20):
+    model.generation_config.eos_token_id = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def max_diff(a, b):
+    return float((a - b).abs().max())
+
+
+def round_trip(family, tmp_path, overrides, check_layout=True):
+    """The full contract; returns the measured max logit difference."""
+    hf = make_hf(family, **overrides)
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    model = from_pretrained(src)
+    x = ids()
+    with torch.no_grad():
+        ref = hf(x).logits
+        diff = max_diff(ref, model(x).logits)
+    assert diff < 1e-5, diff
+
+    prompt = ids(1, 5, seed=2)
+    want = hf_greedy(hf, prompt)
+    assert torch.equal(model.generate(prompt, max_new_tokens=20), want)
+    assert torch.equal(model.generate(prompt, max_new_tokens=20, use_cache=False), want)
+
+    out = tmp_path / "export"
+    model.save_pretrained(out, format="hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == [type(hf).__name__]
+    again = from_pretrained(out)
+    sd1, sd2 = model.state_dict(), again.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf2 = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert max_diff(hf2(x).logits, ref) < 1e-5
+    if check_layout:
+        ours, theirs = load_file(out / "model.safetensors"), load_file(src / "model.safetensors")
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    return diff
+
+
+CASES = [
+    ("glm4_moe", {}),
+    (
+        "glm4_moe",
+        dict(
+            use_qk_norm=True,
+            attention_bias=True,
+            head_dim=16,
+            n_shared_experts=2,
+            norm_topk_prob=False,
+            rope_parameters=LINEAR | {"partial_rotary_factor": 0.25},
+        ),
+    ),
+    ("glm4_moe", dict(rope_parameters=YARN | {"partial_rotary_factor": 0.5}, max_position_embeddings=64)),
+]
+
+
+@pytest.mark.parametrize(("family", "overrides"), CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
+def test_family(family, overrides, tmp_path):
+    round_trip(family, tmp_path, overrides)
