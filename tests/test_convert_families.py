@@ -46,6 +46,21 @@ def hf_config(name, **overrides):
             first_k_dense_replace=1,
             routed_scaling_factor=1.5,
         ),
+        "deepseek_v2": lambda: tr.DeepseekV2Config(
+            **COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            q_lora_rank=16,
+            kv_lora_rank=8,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            routed_scaling_factor=1.5,
+        ),
     }[name]()
     for k, v in overrides.items():
         setattr(base, k, v)
@@ -133,6 +148,18 @@ CASES = [
         ),
     ),
     ("glm4_moe", dict(rope_parameters=YARN | {"partial_rotary_factor": 0.5}, max_position_embeddings=64)),
+    ("deepseek_v2", {}),
+    ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1, norm_topk_prob=True)),
+    (
+        "deepseek_v2",
+        dict(
+            q_lora_rank=None,
+            n_shared_experts=2,
+            first_k_dense_replace=0,
+            rope_parameters=YARN | {"mscale": 1.0, "mscale_all_dim": 0.707},
+            max_position_embeddings=64,
+        ),
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ choice: the first whose ``matches(cfg)`` is true wins), and add a round-trip tes
 from __future__ import annotations
 
 from moekit.convert.families.base import FamilyAdapter, Piece, Target
+from moekit.convert.families.deepseek_v2 import DeepseekV2Adapter
 from moekit.convert.families.deepseek_v3 import DeepseekV3Adapter
 from moekit.convert.families.glm4_moe import Glm4MoeAdapter
 from moekit.convert.families.llama import LlamaAdapter
@@ -28,6 +29,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
     for a in (
         Glm4MoeAdapter(),
         DeepseekV3Adapter(),
+        DeepseekV2Adapter(),
         Qwen2MoeAdapter(),
         OlmoeAdapter(),
         Qwen3MoeAdapter(),
