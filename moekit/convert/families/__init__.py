@@ -13,6 +13,7 @@ from moekit.convert.families.base import FamilyAdapter, Piece, Target
 from moekit.convert.families.deepseek_v2 import DeepseekV2Adapter
 from moekit.convert.families.deepseek_v3 import DeepseekV3Adapter
 from moekit.convert.families.glm4_moe import Glm4MoeAdapter
+from moekit.convert.families.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moekit.convert.families.llama import LlamaAdapter
 from moekit.convert.families.mistral import MistralAdapter
 from moekit.convert.families.mixtral import MixtralAdapter
@@ -30,6 +31,8 @@ FAMILIES: dict[str, FamilyAdapter] = {
         Glm4MoeAdapter(),
         DeepseekV3Adapter(),
         DeepseekV2Adapter(),
+        GraniteMoeSharedAdapter(),
+        GraniteMoeAdapter(),
         Qwen2MoeAdapter(),
         OlmoeAdapter(),
         Qwen3MoeAdapter(),
