@@ -84,6 +84,15 @@ def hf_config(name, **overrides):
             attention_multiplier=0.2,
             logits_scaling=2.0,
         ),
+        "ernie4_5_moe": lambda: tr.Ernie4_5_MoeConfig(
+            **COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            num_key_value_heads=2,
+            moe_num_experts=4,
+            moe_k=2,
+            moe_num_shared_experts=1,
+        ),
     }[name]()
     for k, v in overrides.items():
         setattr(base, k, v)
@@ -194,6 +203,20 @@ CASES = [
     ),
     ("granitemoeshared", {}),
     ("granitemoeshared", dict(shared_intermediate_size=0, num_experts_per_tok=1, rope_parameters=YARN)),
+    ("ernie4_5_moe", {}),
+    (
+        "ernie4_5_moe",
+        dict(
+            num_hidden_layers=4,
+            moe_layer_start_index=0,
+            moe_layer_end_index=3,
+            moe_layer_interval=2,
+            moe_num_shared_experts=2,
+            head_dim=16,
+            tie_word_embeddings=False,
+            rope_parameters=LINEAR,
+        ),
+    ),
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from moekit.convert.families.base import FamilyAdapter, Piece, Target
 from moekit.convert.families.deepseek_v2 import DeepseekV2Adapter
 from moekit.convert.families.deepseek_v3 import DeepseekV3Adapter
+from moekit.convert.families.ernie4_5_moe import Ernie45MoeAdapter
 from moekit.convert.families.glm4_moe import Glm4MoeAdapter
 from moekit.convert.families.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moekit.convert.families.llama import LlamaAdapter
@@ -33,6 +34,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
         DeepseekV2Adapter(),
         GraniteMoeSharedAdapter(),
         GraniteMoeAdapter(),
+        Ernie45MoeAdapter(),
         Qwen2MoeAdapter(),
         OlmoeAdapter(),
         Qwen3MoeAdapter(),
