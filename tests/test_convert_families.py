@@ -93,6 +93,14 @@ def hf_config(name, **overrides):
             moe_k=2,
             moe_num_shared_experts=1,
         ),
+        "phimoe": lambda: tr.PhimoeConfig(
+            **COMMON,
+            intermediate_size=24,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            router_jitter_noise=0.1,
+        ),
     }[name]()
     for k, v in overrides.items():
         setattr(base, k, v)
@@ -217,9 +225,44 @@ CASES = [
             rope_parameters=LINEAR,
         ),
     ),
+    ("phimoe", {}),
+    (
+        "phimoe",
+        dict(
+            attention_bias=True,
+            lm_head_bias=True,
+            sliding_window=5,
+            router_jitter_noise=0.01,
+            head_dim=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e4},
+        ),
+    ),
 ]
 
 
 @pytest.mark.parametrize(("family", "overrides"), CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
 def test_family(family, overrides, tmp_path):
     round_trip(family, tmp_path, overrides, expect_plain=overrides.get("shared_intermediate_size") == 0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.01, 0.1, 0.5])
+def test_sparsemixer_matches_transformers_eval_path(eps):
+    """moekit's sparsemixer strategy against transformers' own function, on logits whose margins bite."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    from moekit.layers import MoEConfig
+    from moekit.layers.strategies import SparseMixerRouting
+
+    g = torch.Generator().manual_seed(0)
+    logits = (
+        torch.randn(200, 8, generator=g, dtype=torch.float64)
+        * torch.tensor([0.05, 1.0, 3.0]).repeat(67)[:200, None].double()
+    )
+    cfg = MoEConfig(dim=8, ffn_dim=8, num_experts=8, router_type="sparsemixer", sparsemixer_eps=eps)
+    ids_TK, weights_TK, _ = SparseMixerRouting.select(cfg, logits, None, 2, training=False)
+    want_w, want_ids = sparsemixer(logits, jitter_eps=eps, training=False)
+    assert torch.equal(ids_TK, want_ids)
+    torch.testing.assert_close(weights_TK, want_w, rtol=0, atol=1e-15)
+    # The margin masks experts for some tokens (so the test would notice a plain softmax).
+    plain = torch.softmax(logits, -1).gather(-1, ids_TK[:, :1])
+    assert eps == 0.0 or bool((weights_TK[:, :1] - plain).abs().max() > 1e-3)

@@ -40,7 +40,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(config.dim, q_width, bias=config.bias)
         self.k_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
         self.v_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
-        self.o_proj = nn.Linear(q_width, config.dim, bias=False)
+        self.o_proj = nn.Linear(q_width, config.dim, bias=config.out_bias)
         if config.qk_norm == "per_head":
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)

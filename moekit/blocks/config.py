@@ -202,6 +202,7 @@ class AttentionConfig(JsonConfig):
         rope_interleave: q/k rotary dims are stored as interleaved pairs ``(x0, x1), (x2, x3), ...``
             (ERNIE 4.5); they are de-interleaved before the rotate-half rotation, which leaves every
             q.k product as the interleaved rotation gives it.
+        out_bias: a bias on the output projection (PhiMoE).
     """
 
     dim: int
@@ -214,6 +215,7 @@ class AttentionConfig(JsonConfig):
     softmax_scale: float | None = None
     clip_qkv: float | None = None
     rope_interleave: bool = False
+    out_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "num_heads", "num_kv_heads", "head_dim"):

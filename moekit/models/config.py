@@ -34,6 +34,7 @@ from moekit.layers.config import ACTIVATIONS, MoEConfig
 
 MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit", "none")
 ATTENTION_TYPES = ("mha", "mla")
+NORM_TYPES = ("rmsnorm", "layernorm")
 _AUX_COEFS = ("aux_loss_coef", "z_loss_coef", "seq_balance_coef", "entropy_loss_coef")
 
 
@@ -101,6 +102,11 @@ class ModelConfig(JsonConfig):
             (Granite).
         logits_scaling: the LM logits are divided by it (Granite).
         clip_qkv: clamps the q/k/v projections to ``[-clip_qkv, clip_qkv]`` (DBRX); None: no clamp.
+        norm_type: ``"rmsnorm"`` or ``"layernorm"`` (mean-centred ``nn.LayerNorm``, eps ``rms_norm_eps``;
+            PhiMoE, DBRX) for the layer norms and the final norm (q/k norms stay RMSNorm).
+        norm_bias: the LayerNorms have a bias (PhiMoE); only with ``norm_type="layernorm"``.
+        attention_out_bias: the attention output projection has a bias (PhiMoE's ``attention_bias``).
+        lm_head_bias: the LM head has a bias (PhiMoE ``lm_head_bias``).
         With ``attention_type="mha"``, ``rope_interleave`` stores q/k rotary dims as interleaved pairs
         (ERNIE 4.5).
 
@@ -158,6 +164,10 @@ class ModelConfig(JsonConfig):
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     clip_qkv: float | None = None
+    norm_type: str = "rmsnorm"
+    norm_bias: bool = False
+    attention_out_bias: bool = False
+    lm_head_bias: bool = False
 
     def __post_init__(self) -> None:
         name = "ModelConfig"
@@ -239,6 +249,13 @@ class ModelConfig(JsonConfig):
                     f"{name}.partial_rotary_factor={factor} rotates {rot} of head_dim={self.attn_head_dim} "
                     "dims; it must be a positive even number"
                 )
+        check_choice(name, "norm_type", self.norm_type, NORM_TYPES)
+        if self.norm_bias and self.norm_type != "layernorm":
+            raise ValueError(f"{name}.norm_bias needs norm_type='layernorm' (RMSNorm has no bias)")
+        if self.attention_out_bias and self.attention_type != "mha":
+            raise ValueError(f"{name}.attention_out_bias applies to attention_type='mha' only")
+        if self.lm_head_bias and self.tie_word_embeddings:
+            raise ValueError(f"{name}.lm_head_bias cannot be combined with tie_word_embeddings")
         for field in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{name}.{field} must be positive, got {getattr(self, field)}")
@@ -392,6 +409,7 @@ class ModelConfig(JsonConfig):
             softmax_scale=self.attention_multiplier,
             clip_qkv=self.clip_qkv,
             rope_interleave=self.rope_interleave,
+            out_bias=self.attention_out_bias,
         )
 
     def mla_config(self) -> MLAConfig:

@@ -44,6 +44,13 @@ AUX_LOSS_COEFS = {
 }
 
 
+def make_norm(config: ModelConfig) -> nn.Module:
+    """The layer/final norm of ``config.norm_type``: :class:`RMSNorm` or ``nn.LayerNorm`` (``[D] -> [D]``)."""
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(config.dim, eps=config.rms_norm_eps, bias=config.norm_bias)
+    return RMSNorm(config.dim, config.rms_norm_eps)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))``; ``mlp`` is dense or MoE.
 
@@ -56,12 +63,12 @@ class DecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.is_moe = config.is_moe_layer(layer_idx)
         self.residual_multiplier = config.residual_multiplier
-        self.input_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.input_layernorm = make_norm(config)
         if config.attention_type == "mla":
             self.self_attn: nn.Module = MLAttention(config.mla_config(), layer_idx)
         else:
             self.self_attn = Attention(config.attention_config(), layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(config)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(config.moe_config(layer_idx))
         else:
@@ -178,8 +185,8 @@ class MoEForCausalLM(nn.Module):
         self.dmu_clusters: Tensor | None = None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=config.lm_head_bias)
         self.rotary = RotaryEmbedding(config.rope_config())
         self.tie_weights()
         self.init_weights()
@@ -245,6 +252,10 @@ class MoEForCausalLM(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, StackedExpertWeights):
                 nn.init.normal_(module.w_in, std=std)
                 nn.init.normal_(module.w_out, std=out_std)

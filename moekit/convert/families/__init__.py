@@ -19,6 +19,7 @@ from moekit.convert.families.llama import LlamaAdapter
 from moekit.convert.families.mistral import MistralAdapter
 from moekit.convert.families.mixtral import MixtralAdapter
 from moekit.convert.families.olmoe import OlmoeAdapter
+from moekit.convert.families.phimoe import PhimoeAdapter
 from moekit.convert.families.qwen2 import Qwen2Adapter
 from moekit.convert.families.qwen2_moe import Qwen2MoeAdapter
 from moekit.convert.families.qwen3 import Qwen3Adapter
@@ -35,6 +36,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
         GraniteMoeSharedAdapter(),
         GraniteMoeAdapter(),
         Ernie45MoeAdapter(),
+        PhimoeAdapter(),
         Qwen2MoeAdapter(),
         OlmoeAdapter(),
         Qwen3MoeAdapter(),

@@ -180,6 +180,10 @@ NEUTRAL_MODEL = {
     "attention_multiplier": None,
     "logits_scaling": 1.0,
     "clip_qkv": None,
+    "norm_type": "rmsnorm",
+    "norm_bias": False,
+    "attention_out_bias": False,
+    "lm_head_bias": False,
 }
 
 
