@@ -33,6 +33,7 @@ LINEAR = {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}
 
 def hf_config(name, **overrides):
     tr = transformers
+    overrides = dict(overrides)
     base = {
         "glm4_moe": lambda: tr.Glm4MoeConfig(
             **COMMON,
@@ -100,6 +101,17 @@ def hf_config(name, **overrides):
             num_local_experts=4,
             num_experts_per_tok=2,
             router_jitter_noise=0.1,
+        ),
+        # transformers 5.24's DBRX crashes with clip_qkv=None (clamp with no bounds): 1e4 never clips.
+        "dbrx": lambda: tr.DbrxConfig(
+            d_model=32,
+            n_heads=4,
+            n_layers=3,
+            max_seq_len=64,
+            vocab_size=VOCAB,
+            initializer_range=0.1,
+            attn_config=overrides.pop("attn_config", dict(kv_n_heads=1, clip_qkv=1e4, rope_theta=10000.0)),
+            ffn_config=overrides.pop("ffn_config", dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=1)),
         ),
     }[name]()
     for k, v in overrides.items():
@@ -235,6 +247,25 @@ CASES = [
             router_jitter_noise=0.01,
             head_dim=16,
             rope_parameters={"rope_type": "default", "rope_theta": 5e4},
+        ),
+    ),
+    ("dbrx", {}),
+    (
+        "dbrx",
+        dict(
+            attn_config=dict(kv_n_heads=2, clip_qkv=0.3, rope_theta=5e4),
+            ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2),
+            rope_parameters={"rope_type": "default", "rope_theta": 5e4},
+        ),
+    ),
+    (
+        "dbrx",
+        dict(
+            attn_config=dict(kv_n_heads=4, clip_qkv=1.0, rope_theta=10000.0),
+            ffn_config=dict(
+                ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=None
+            ),
+            rope_parameters=LINEAR,
         ),
     ),
 ]

@@ -10,6 +10,7 @@ choice: the first whose ``matches(cfg)`` is true wins), and add a round-trip tes
 from __future__ import annotations
 
 from moekit.convert.families.base import FamilyAdapter, Piece, Target
+from moekit.convert.families.dbrx import DbrxAdapter
 from moekit.convert.families.deepseek_v2 import DeepseekV2Adapter
 from moekit.convert.families.deepseek_v3 import DeepseekV3Adapter
 from moekit.convert.families.ernie4_5_moe import Ernie45MoeAdapter
@@ -37,6 +38,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
         GraniteMoeAdapter(),
         Ernie45MoeAdapter(),
         PhimoeAdapter(),
+        DbrxAdapter(),
         Qwen2MoeAdapter(),
         OlmoeAdapter(),
         Qwen3MoeAdapter(),

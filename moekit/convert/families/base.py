@@ -28,10 +28,52 @@ Index = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class Piece:
-    """One HF tensor ``key`` and the region ``index`` (a tuple of ints/slices) of the moekit tensor it fills."""
+    """One HF tensor ``key`` and the region ``index`` (a tuple of ints/slices) of the moekit tensor it fills.
+
+    Optional layout changes, for checkpoints that store tensors other than moekit does (DBRX):
+
+    * ``hf_rows``: the piece is only rows ``hf_rows`` of the HF tensor (a fused ``Wqkv`` split
+      into q/k/v); export concatenates the pieces of one key in row order;
+    * ``transpose``: the HF values are the region with its last two dims swapped;
+    * ``flatten``: the HF tensor is the (transposed) region with its leading dims flattened into
+      one, ``[E * F, D]`` for a region ``[E, F, D]``.
+    """
 
     key: str
     index: Index = ()
+    hf_rows: slice | None = None
+    transpose: bool = False
+    flatten: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """Whether the HF tensor is the region as it is (no rows, transpose or flatten)."""
+        return self.hf_rows is None and not self.transpose and not self.flatten
+
+    def to_hf(self, region: Any) -> Any:
+        """The HF values of this piece from the moekit ``region`` (a tensor)."""
+        out = region.mT if self.transpose else region
+        return out.reshape(-1, out.shape[-1]) if self.flatten else out
+
+    def from_hf(self, values: Any, region_shape: tuple[int, ...]) -> Any:
+        """The moekit region's values from this piece's HF ``values`` (the inverse of :meth:`to_hf`)."""
+        shape = list(region_shape)
+        if self.transpose:
+            shape[-1], shape[-2] = shape[-2], shape[-1]
+        out = values.reshape(shape) if self.flatten else values
+        return out.mT if self.transpose else out
+
+    def hf_shape(self, region_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape this piece's HF values must have for a moekit region of ``region_shape``."""
+        shape = list(region_shape)
+        if self.transpose:
+            shape[-1], shape[-2] = shape[-2], shape[-1]
+        if self.flatten:
+            lead = 1
+            for n in shape[:-1]:
+                lead *= n
+            shape = [lead, shape[-1]]
+        return tuple(shape)
 
 
 @dataclass
