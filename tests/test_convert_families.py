@@ -297,3 +297,79 @@ def test_sparsemixer_matches_transformers_eval_path(eps):
     # The margin masks experts for some tokens (so the test would notice a plain softmax).
     plain = torch.softmax(logits, -1).gather(-1, ids_TK[:, :1])
     assert eps == 0.0 or bool((weights_TK[:, :1] - plain).abs().max() > 1e-3)
+
+
+# ---- refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "option", "pattern"),
+    [
+        ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method"),
+        ("deepseek_v2", {"attention_bias": True}, "attention_bias"),
+        ("deepseek_v2", {"mlp_bias": True}, "mlp_bias"),
+        ("glm4_moe", {"hidden_act": "gelu"}, "hidden_act"),
+        ("granitemoe", {"attention_bias": True}, "attention_bias"),
+        ("granitemoe", {"shared_intermediate_size": 8}, "shared_intermediate_size"),
+        ("ernie4_5_moe", {"use_bias": True}, "use_bias"),
+        ("ernie4_5_moe", {"moe_norm_min": 0.9}, "moe_norm_min"),
+        ("phimoe", {"num_experts_per_tok": 3}, "num_experts_per_tok"),
+        ("phimoe", {"rope_parameters": LINEAR}, "rope_type"),
+        ("dbrx", {"ffn_config": {"moe_normalize_expert_weights": 2.0}}, "moe_normalize_expert_weights"),
+        ("dbrx", {"ffn_config": {"ffn_act_fn": {"name": "gelu"}}}, "ffn_act_fn"),
+        ("dbrx", {"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ],
+)
+def test_unmodelled_hf_option_is_refused_by_name(family, option, pattern):
+    from moekit.convert import config_from_hf
+
+    hf = hf_config(family).to_dict()
+    for key, value in option.items():
+        # DBRX's nested ffn_config is edited key by key; other options replace the value.
+        hf[key] = hf[key] | value if key == "ffn_config" else value
+    with pytest.raises(ValueError, match=pattern):
+        config_from_hf(hf)
+
+
+def _exportable(**fields):
+    from moekit.models import MoEForCausalLM, get_preset
+
+    return MoEForCausalLM(get_preset("moe-tiny").replace(**fields))
+
+
+@pytest.mark.parametrize(
+    ("fields", "family", "pattern"),
+    [
+        (dict(partial_rotary_factor=0.5), None, "partial_rotary_factor"),
+        (dict(residual_multiplier=0.5), "qwen3_moe", "residual_multiplier"),
+        (dict(clip_qkv=2.0), "qwen3_moe", "clip_qkv"),
+        (dict(norm_type="layernorm", norm_bias=True), "qwen3_moe", "norm_type"),
+        (dict(rope_interleave=True), "qwen3_moe", "rope_interleave"),
+        (dict(logits_scaling=2.0), "glm4_moe", "logits_scaling"),
+        (dict(qk_norm="none"), "phimoe", "router_type"),
+        (dict(), "dbrx", "qk_norm|norm_type"),
+        (dict(), "deepseek_v2", "attention_type"),
+    ],
+)
+def test_inexpressible_feature_refuses_export(fields, family, pattern, tmp_path):
+    from moekit.convert import save_hf
+
+    with pytest.raises(ValueError, match=pattern):
+        save_hf(_exportable(**fields), tmp_path / "out", family=family)
+
+
+def test_unknown_family_lists_the_new_ones():
+    from moekit.convert import config_from_hf
+
+    with pytest.raises(ValueError, match="unknown Hugging Face model_type 'jetmoe'") as err:
+        config_from_hf({"model_type": "jetmoe"})
+    for family in (
+        "glm4_moe",
+        "deepseek_v2",
+        "granitemoe",
+        "granitemoeshared",
+        "ernie4_5_moe",
+        "phimoe",
+        "dbrx",
+    ):
+        assert family in str(err.value)
