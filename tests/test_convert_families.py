@@ -113,6 +113,21 @@ def hf_config(name, **overrides):
             attn_config=overrides.pop("attn_config", dict(kv_n_heads=1, clip_qkv=1e4, rope_theta=10000.0)),
             ffn_config=overrides.pop("ffn_config", dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=1)),
         ),
+        "dots1": lambda: tr.Dots1Config(
+            **COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            num_key_value_heads=2,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.0,
+            sliding_window=None,
+        ),
     }[name]()
     for k, v in overrides.items():
         setattr(base, k, v)
@@ -204,6 +219,19 @@ CASES = [
         ),
     ),
     ("glm4_moe", dict(rope_parameters=YARN | {"partial_rotary_factor": 0.5}, max_position_embeddings=64)),
+    ("dots1", {}),
+    (
+        "dots1",
+        dict(
+            sliding_window=5,
+            layer_types=["sliding_attention"] * 3,
+            attention_bias=True,
+            head_dim=16,
+            n_shared_experts=2,
+            norm_topk_prob=False,
+            rope_parameters=YARN,
+        ),
+    ),
     ("deepseek_v2", {}),
     ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1, norm_topk_prob=True)),
     (

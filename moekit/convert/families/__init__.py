@@ -13,6 +13,7 @@ from moekit.convert.families.base import FamilyAdapter, Piece, Target
 from moekit.convert.families.dbrx import DbrxAdapter
 from moekit.convert.families.deepseek_v2 import DeepseekV2Adapter
 from moekit.convert.families.deepseek_v3 import DeepseekV3Adapter
+from moekit.convert.families.dots1 import Dots1Adapter
 from moekit.convert.families.ernie4_5_moe import Ernie45MoeAdapter
 from moekit.convert.families.glm4_moe import Glm4MoeAdapter
 from moekit.convert.families.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
@@ -32,6 +33,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
     a.model_type: a
     for a in (
         Glm4MoeAdapter(),
+        Dots1Adapter(),
         DeepseekV3Adapter(),
         DeepseekV2Adapter(),
         GraniteMoeSharedAdapter(),

@@ -46,6 +46,7 @@ class Glm4MoeAdapter(DeepseekV3Adapter):
     }
     default_partial_rotary_factor = 0.5
     partial_rope = True
+    sliding = False  # the family has no sliding window (Dots1 has)
 
     def common_from_hf(self, r: HFConfigReader) -> dict[str, Any]:
         """Llama's shared fields plus the partial-RoPE factor."""
@@ -93,7 +94,7 @@ class Glm4MoeAdapter(DeepseekV3Adapter):
         moe = self.check_moe(cfg, allowed=allowed | {"use_expert_bias", "shared_ffn_dim"})
         if cfg.qk_norm not in ("none", "per_head"):
             raise refuse_export(self.model_type, "qk_norm", cfg.qk_norm, "GLM-4-MoE norms q/k per head")
-        self.check_attention(cfg, qk_norm=cfg.qk_norm, bias=None)
+        self.check_attention(cfg, qk_norm=cfg.qk_norm, bias=None, sliding=self.sliding)
         for name, want in (("score_func", "sigmoid"), ("use_expert_bias", True), ("group_score", "top2_sum")):
             if getattr(moe, name) != want:
                 raise refuse_export(

@@ -138,6 +138,8 @@ class LlamaAdapter(FamilyAdapter):
         out = [Target.copy(f"{dst}{p}_proj.weight", f"{src}{p}_proj.weight") for p in "qkvo"]
         if cfg.attention_bias:
             out += [Target.copy(f"{dst}{p}_proj.bias", f"{src}{p}_proj.bias") for p in "qkv"]
+        if cfg.attention_out_bias:
+            out.append(Target.copy(f"{dst}o_proj.bias", f"{src}o_proj.bias"))
         if cfg.qk_norm != "none":
             out += [Target.copy(f"{dst}{p}_norm.weight", f"{src}{p}_norm.weight") for p in "qk"]
         return out

@@ -132,14 +132,6 @@ class PhimoeAdapter(MixtralAdapter):
         """Sparsemixer routing."""
         return cfg.moe is not None and cfg.moe.router_type == "sparsemixer"
 
-    def attention_targets(self, cfg: ModelConfig, i: int) -> list[Target]:
-        """Llama names plus the o_proj bias."""
-        out = super().attention_targets(cfg, i)
-        if cfg.attention_out_bias:
-            src, dst = self.layer_prefix(i) + "self_attn.", f"layers.{i}.self_attn."
-            out.append(Target.copy(f"{dst}o_proj.bias", f"{src}o_proj.bias"))
-        return out
-
     def targets(self, cfg: ModelConfig) -> list[Target]:
         """Mixtral's targets plus the LayerNorm and LM-head biases."""
         out = super().targets(cfg)
