@@ -128,6 +128,14 @@ def hf_config(name, **overrides):
             routed_scaling_factor=2.0,
             sliding_window=None,
         ),
+        "hunyuan_v1_moe": lambda: tr.HunYuanMoEV1Config(
+            **COMMON,
+            intermediate_size=24,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            moe_topk=2,
+        ),
     }[name]()
     for k, v in overrides.items():
         setattr(base, k, v)
@@ -232,6 +240,8 @@ CASES = [
             rope_parameters=YARN,
         ),
     ),
+    ("hunyuan_v1_moe", {}),
+    ("hunyuan_v1_moe", dict(attention_bias=True, head_dim=16, moe_topk=1, rope_parameters=LINEAR)),
     ("deepseek_v2", {}),
     ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1, norm_topk_prob=True)),
     (

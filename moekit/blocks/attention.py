@@ -36,6 +36,7 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.softmax_scale, self.clip_qkv = config.softmax_scale, config.clip_qkv
         self.rope_interleave = config.rope_interleave
+        self.qk_norm_after_rope = config.qk_norm_after_rope
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(config.dim, q_width, bias=config.bias)
         self.k_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
@@ -77,12 +78,14 @@ class Attention(nn.Module):
         q_BHSd = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k_BGSd = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BGSd = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm == "per_head":
+        if self.qk_norm == "per_head" and not self.qk_norm_after_rope:
             q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
         if self.rope_interleave:
             q_BHSd, k_BGSd = deinterleave(q_BHSd), deinterleave(k_BGSd)
         q_BHSd = apply_rotary(q_BHSd, cos_B1Sd, sin_B1Sd)
         k_BGSd = apply_rotary(k_BGSd, cos_B1Sd, sin_B1Sd)
+        if self.qk_norm_after_rope:
+            q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
         if cache is not None:
             k_BGSd, v_BGSd = cache.update(self.layer_idx, k_BGSd, v_BGSd)
         gqa = self.num_kv_heads != self.num_heads

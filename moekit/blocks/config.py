@@ -203,6 +203,8 @@ class AttentionConfig(JsonConfig):
             (ERNIE 4.5); they are de-interleaved before the rotate-half rotation, which leaves every
             q.k product as the interleaved rotation gives it.
         out_bias: a bias on the output projection (PhiMoE).
+        qk_norm_after_rope: the per-head q/k norms act on the rotated q/k (Hunyuan-MoE) instead of
+            before the rotation.
     """
 
     dim: int
@@ -216,8 +218,11 @@ class AttentionConfig(JsonConfig):
     clip_qkv: float | None = None
     rope_interleave: bool = False
     out_bias: bool = False
+    qk_norm_after_rope: bool = False
 
     def __post_init__(self) -> None:
+        if self.qk_norm_after_rope and self.qk_norm != "per_head":
+            raise ValueError("AttentionConfig.qk_norm_after_rope needs qk_norm='per_head'")
         for name in ("dim", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"AttentionConfig.{name} must be positive, got {getattr(self, name)}")

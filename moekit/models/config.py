@@ -107,6 +107,7 @@ class ModelConfig(JsonConfig):
         norm_bias: the LayerNorms have a bias (PhiMoE); only with ``norm_type="layernorm"``.
         attention_out_bias: the attention output projection has a bias (PhiMoE's ``attention_bias``).
         lm_head_bias: the LM head has a bias (PhiMoE ``lm_head_bias``).
+        qk_norm_after_rope: the per-head q/k norms act after the rotation (Hunyuan-MoE).
         With ``attention_type="mha"``, ``rope_interleave`` stores q/k rotary dims as interleaved pairs
         (ERNIE 4.5).
 
@@ -168,6 +169,7 @@ class ModelConfig(JsonConfig):
     norm_bias: bool = False
     attention_out_bias: bool = False
     lm_head_bias: bool = False
+    qk_norm_after_rope: bool = False
 
     def __post_init__(self) -> None:
         name = "ModelConfig"
@@ -254,6 +256,8 @@ class ModelConfig(JsonConfig):
             raise ValueError(f"{name}.norm_bias needs norm_type='layernorm' (RMSNorm has no bias)")
         if self.attention_out_bias and self.attention_type != "mha":
             raise ValueError(f"{name}.attention_out_bias applies to attention_type='mha' only")
+        if self.qk_norm_after_rope and self.qk_norm != "per_head":
+            raise ValueError(f"{name}.qk_norm_after_rope needs qk_norm='per_head'")
         if self.lm_head_bias and self.tie_word_embeddings:
             raise ValueError(f"{name}.lm_head_bias cannot be combined with tie_word_embeddings")
         for field in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
@@ -410,6 +414,7 @@ class ModelConfig(JsonConfig):
             clip_qkv=self.clip_qkv,
             rope_interleave=self.rope_interleave,
             out_bias=self.attention_out_bias,
+            qk_norm_after_rope=self.qk_norm_after_rope,
         )
 
     def mla_config(self) -> MLAConfig:

@@ -87,11 +87,14 @@ def _project_qkv(attn: Attention, x_B1D: Tensor, cos, sin) -> tuple[Tensor, Tens
     q_BH1d = attn.q_proj(x_B1D).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     k_BG1d = attn.k_proj(x_B1D).view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     v_BG1d = attn.v_proj(x_B1D).view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    if attn.qk_norm == "per_head":
+    if attn.qk_norm == "per_head" and not attn.qk_norm_after_rope:
         q_BH1d, k_BG1d = _rms(attn.q_norm, q_BH1d), _rms(attn.k_norm, k_BG1d)
     if attn.rope_interleave:
         q_BH1d, k_BG1d = deinterleave(q_BH1d), deinterleave(k_BG1d)
-    return apply_rotary(q_BH1d, cos, sin), apply_rotary(k_BG1d, cos, sin), v_BG1d
+    q_BH1d, k_BG1d = apply_rotary(q_BH1d, cos, sin), apply_rotary(k_BG1d, cos, sin)
+    if attn.qk_norm_after_rope:
+        q_BH1d, k_BG1d = _rms(attn.q_norm, q_BH1d), _rms(attn.k_norm, k_BG1d)
+    return q_BH1d, k_BG1d, v_BG1d
 
 
 def _attend(attn: Attention, q_BH1d: Tensor, k_BGKd: Tensor, v_BGKd: Tensor, mask) -> Tensor:

@@ -17,6 +17,7 @@ from moekit.convert.families.dots1 import Dots1Adapter
 from moekit.convert.families.ernie4_5_moe import Ernie45MoeAdapter
 from moekit.convert.families.glm4_moe import Glm4MoeAdapter
 from moekit.convert.families.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
+from moekit.convert.families.hunyuan_v1_moe import HunyuanV1MoeAdapter
 from moekit.convert.families.llama import LlamaAdapter
 from moekit.convert.families.mistral import MistralAdapter
 from moekit.convert.families.mixtral import MixtralAdapter
@@ -41,6 +42,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
         Ernie45MoeAdapter(),
         PhimoeAdapter(),
         DbrxAdapter(),
+        HunyuanV1MoeAdapter(),
         Qwen2MoeAdapter(),
         OlmoeAdapter(),
         Qwen3MoeAdapter(),

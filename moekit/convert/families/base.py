@@ -226,6 +226,7 @@ NEUTRAL_MODEL = {
     "norm_bias": False,
     "attention_out_bias": False,
     "lm_head_bias": False,
+    "qk_norm_after_rope": False,
 }
 
 
