@@ -136,6 +136,15 @@ def hf_config(name, **overrides):
             num_experts=4,
             moe_topk=2,
         ),
+        "flex_olmo": lambda: tr.FlexOlmoConfig(
+            **COMMON,
+            intermediate_size=24,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
     }[name]()
     for k, v in overrides.items():
         setattr(base, k, v)
@@ -242,6 +251,11 @@ CASES = [
     ),
     ("hunyuan_v1_moe", {}),
     ("hunyuan_v1_moe", dict(attention_bias=True, head_dim=16, moe_topk=1, rope_parameters=LINEAR)),
+    ("flex_olmo", {}),
+    (
+        "flex_olmo",
+        dict(attention_bias=True, norm_topk_prob=True, num_key_value_heads=4, rope_parameters=YARN),
+    ),
     ("deepseek_v2", {}),
     ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1, norm_topk_prob=True)),
     (

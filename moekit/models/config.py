@@ -35,6 +35,7 @@ from moekit.layers.config import ACTIVATIONS, MoEConfig
 MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit", "none")
 ATTENTION_TYPES = ("mha", "mla")
 NORM_TYPES = ("rmsnorm", "layernorm")
+NORM_PLACEMENTS = ("pre", "post")
 _AUX_COEFS = ("aux_loss_coef", "z_loss_coef", "seq_balance_coef", "entropy_loss_coef")
 
 
@@ -108,6 +109,9 @@ class ModelConfig(JsonConfig):
         attention_out_bias: the attention output projection has a bias (PhiMoE's ``attention_bias``).
         lm_head_bias: the LM head has a bias (PhiMoE ``lm_head_bias``).
         qk_norm_after_rope: the per-head q/k norms act after the rotation (Hunyuan-MoE).
+        norm_placement: ``"pre"`` (``x + f(norm(x))``, every family but OLMo-2 style ones) or
+            ``"post"`` (``x + norm(f(x))``: the layer has ``post_attention_layernorm`` and
+            ``post_feedforward_layernorm`` and no ``input_layernorm``; FlexOlmo).
         With ``attention_type="mha"``, ``rope_interleave`` stores q/k rotary dims as interleaved pairs
         (ERNIE 4.5).
 
@@ -170,6 +174,7 @@ class ModelConfig(JsonConfig):
     attention_out_bias: bool = False
     lm_head_bias: bool = False
     qk_norm_after_rope: bool = False
+    norm_placement: str = "pre"
 
     def __post_init__(self) -> None:
         name = "ModelConfig"
@@ -252,6 +257,7 @@ class ModelConfig(JsonConfig):
                     "dims; it must be a positive even number"
                 )
         check_choice(name, "norm_type", self.norm_type, NORM_TYPES)
+        check_choice(name, "norm_placement", self.norm_placement, NORM_PLACEMENTS)
         if self.norm_bias and self.norm_type != "layernorm":
             raise ValueError(f"{name}.norm_bias needs norm_type='layernorm' (RMSNorm has no bias)")
         if self.attention_out_bias and self.attention_type != "mha":

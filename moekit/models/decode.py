@@ -62,7 +62,7 @@ def fast_decode_supported(model: MoEForCausalLM) -> bool:
     # Family features the fast step does not implement (Granite multipliers, DBRX clipping).
     if (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_scaling) != (1.0, 1.0, 1.0):
         return False
-    if cfg.attention_multiplier is not None or cfg.clip_qkv is not None:
+    if cfg.attention_multiplier is not None or cfg.clip_qkv is not None or cfg.norm_placement != "pre":
         return False
     for layer in model.layers:
         attn = layer.self_attn

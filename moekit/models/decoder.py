@@ -54,7 +54,9 @@ def make_norm(config: ModelConfig) -> nn.Module:
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))``; ``mlp`` is dense or MoE.
 
-    Submodules: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``
+    Submodules: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``; with
+    ``norm_placement="post"`` the block is ``x + norm(attn(x))``, then ``h + norm(mlp(h))``, with
+    ``post_attention_layernorm`` and ``post_feedforward_layernorm`` and no ``input_layernorm``
     (:class:`~moekit.layers.FeedForward` or :class:`~moekit.layers.MoELayer`).
     """
 
@@ -63,12 +65,16 @@ class DecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.is_moe = config.is_moe_layer(layer_idx)
         self.residual_multiplier = config.residual_multiplier
-        self.input_layernorm = make_norm(config)
+        self.post_norm = config.norm_placement == "post"
+        if not self.post_norm:
+            self.input_layernorm = make_norm(config)
         if config.attention_type == "mla":
             self.self_attn: nn.Module = MLAttention(config.mla_config(), layer_idx)
         else:
             self.self_attn = Attention(config.attention_config(), layer_idx)
         self.post_attention_layernorm = make_norm(config)
+        if self.post_norm:
+            self.post_feedforward_layernorm = make_norm(config)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(config.moe_config(layer_idx))
         else:
@@ -92,6 +98,10 @@ class DecoderLayer(nn.Module):
         ``token_mask_BS`` (bool, False for padding) keeps padding out of routing statistics;
         ``prev_logits_TE`` feeds the gating residual; ``moe_k`` overrides the layer's top-k.
         """
+        if self.post_norm:
+            return self._post_norm_forward(
+                x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache
+            )
         attn_BSD = self.self_attn(self.input_layernorm(x_BSD), cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
         h_BSD = x_BSD + self._scaled(attn_BSD)
         normed_BSD = self.post_attention_layernorm(h_BSD)
@@ -99,6 +109,17 @@ class DecoderLayer(nn.Module):
             return h_BSD + self._scaled(self.mlp(normed_BSD)), None
         out = self.mlp(normed_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k)
         return h_BSD + self._scaled(out.hidden), out
+
+    def _post_norm_forward(
+        self, x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache
+    ):
+        # OLMo-2 order: each sublayer reads the raw stream and its output is normed before the add.
+        attn_BSD = self.self_attn(x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
+        h_BSD = x_BSD + self._scaled(self.post_attention_layernorm(attn_BSD))
+        if not self.is_moe:
+            return h_BSD + self._scaled(self.post_feedforward_layernorm(self.mlp(h_BSD))), None
+        out = self.mlp(h_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k)
+        return h_BSD + self._scaled(self.post_feedforward_layernorm(out.hidden)), out
 
     def _scaled(self, branch_BSD: Tensor) -> Tensor:
         # Granite's residual_multiplier; 1.0 (every other family) skips the multiply.

@@ -15,6 +15,7 @@ from moekit.convert.families.deepseek_v2 import DeepseekV2Adapter
 from moekit.convert.families.deepseek_v3 import DeepseekV3Adapter
 from moekit.convert.families.dots1 import Dots1Adapter
 from moekit.convert.families.ernie4_5_moe import Ernie45MoeAdapter
+from moekit.convert.families.flex_olmo import FlexOlmoAdapter
 from moekit.convert.families.glm4_moe import Glm4MoeAdapter
 from moekit.convert.families.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moekit.convert.families.hunyuan_v1_moe import HunyuanV1MoeAdapter
@@ -43,6 +44,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
         PhimoeAdapter(),
         DbrxAdapter(),
         HunyuanV1MoeAdapter(),
+        FlexOlmoAdapter(),
         Qwen2MoeAdapter(),
         OlmoeAdapter(),
         Qwen3MoeAdapter(),

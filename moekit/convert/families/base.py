@@ -227,6 +227,7 @@ NEUTRAL_MODEL = {
     "attention_out_bias": False,
     "lm_head_bias": False,
     "qk_norm_after_rope": False,
+    "norm_placement": "pre",
 }
 
 
