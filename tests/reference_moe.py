@@ -69,6 +69,21 @@ def reference_route(layer: MoELayer, x_TD, mask_T=None, prev_TE=None, k=None):
             if cfg.top_p_renormalize:
                 s = sum(w for _, w in choices[t])
                 choices[t] = [(e, w / s) for e, w in choices[t]]
+        elif cfg.router_type == "sparsemixer":
+            # Two picks; each keeps the logits within a relative margin of the pick's own logit.
+            vals = [lt[e].item() for e in range(num_e)]
+            taken = []
+            for _ in range(2):
+                pick = max((e for e in range(num_e) if e not in taken), key=lambda e: vals[e])
+                m = vals[pick]
+                kept = [
+                    e
+                    for e in range(num_e)
+                    if e not in taken and (m - vals[e]) / max(abs(vals[e]), m) <= 2 * cfg.sparsemixer_eps
+                ]
+                w = torch.softmax(torch.stack([lt[e] for e in kept]), -1)[kept.index(pick)]
+                choices[t].append((pick, w))
+                taken.append(pick)
         elif cfg.router_type == "random_fixed" or cfg.softmax_order == "after_topk":
             order = sorted(range(num_e), key=lambda e: -(lt[e].item() + bias[e].item()))[:k]
             w = torch.softmax(torch.stack([lt[e] for e in order]), -1)

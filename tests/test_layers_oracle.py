@@ -31,6 +31,7 @@ CASES = {
     "top_p_bounds_renorm": dict(router_type="top_p", top_p=0.9, min_k=2, max_k=3, top_p_renormalize=True),
     "random_fixed": dict(router_type="random_fixed", top_k=2),
     "expert_choice": dict(router_type="expert_choice", top_k=2),
+    "sparsemixer": dict(router_type="sparsemixer", top_k=2, sparsemixer_eps=0.3),
     "shared_gated": dict(top_k=2, shared_ffn_dim=16, shared_expert_gate=True),
     "residual_moe": dict(top_k=1, residual_moe=True),
     "moepp_zero_copy_constant": dict(

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from moekit.blocks.cache import KVCache
 from moekit.blocks.config import AttentionConfig
 from moekit.blocks.norm import RMSNorm
-from moekit.blocks.rope import apply_rotary
+from moekit.blocks.rope import apply_rotary, deinterleave
 
 
 class Attention(nn.Module):
@@ -34,11 +34,14 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.qk_norm = config.qk_norm
+        self.softmax_scale, self.clip_qkv = config.softmax_scale, config.clip_qkv
+        self.rope_interleave = config.rope_interleave
+        self.qk_norm_after_rope = config.qk_norm_after_rope
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(config.dim, q_width, bias=config.bias)
         self.k_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
         self.v_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
-        self.o_proj = nn.Linear(q_width, config.dim, bias=False)
+        self.o_proj = nn.Linear(q_width, config.dim, bias=config.out_bias)
         if config.qk_norm == "per_head":
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -68,20 +71,32 @@ class Attention(nn.Module):
         """
         b, s, _ = x_BSD.shape
         q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BHSd = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k_BGSd = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BGSd = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm == "per_head":
+        if self.qk_norm == "per_head" and not self.qk_norm_after_rope:
             q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
+        if self.rope_interleave:
+            q_BHSd, k_BGSd = deinterleave(q_BHSd), deinterleave(k_BGSd)
         q_BHSd = apply_rotary(q_BHSd, cos_B1Sd, sin_B1Sd)
         k_BGSd = apply_rotary(k_BGSd, cos_B1Sd, sin_B1Sd)
+        if self.qk_norm_after_rope:
+            q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
         if cache is not None:
             k_BGSd, v_BGSd = cache.update(self.layer_idx, k_BGSd, v_BGSd)
         gqa = self.num_kv_heads != self.num_heads
         out_BHSd = F.scaled_dot_product_attention(
-            q_BHSd, k_BGSd, v_BGSd, attn_mask=mask_B1SK, is_causal=mask_B1SK is None, enable_gqa=gqa
+            q_BHSd,
+            k_BGSd,
+            v_BGSd,
+            attn_mask=mask_B1SK,
+            is_causal=mask_B1SK is None,
+            enable_gqa=gqa,
+            scale=self.softmax_scale,
         )
         return self.o_proj(out_BHSd.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 

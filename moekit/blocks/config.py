@@ -196,6 +196,15 @@ class AttentionConfig(JsonConfig):
             the whole q/k projection width, OLMoE).
         bias: biases on the q/k/v projections (Qwen2); the output projection has none.
         norm_eps: epsilon of the q/k RMSNorms.
+        softmax_scale: the attention scale; ``None`` means ``Dh ** -0.5`` (Granite's
+            ``attention_multiplier`` sets it).
+        clip_qkv: clamp the q/k/v projections to ``[-clip_qkv, clip_qkv]`` (DBRX); ``None`` for no clamp.
+        rope_interleave: q/k rotary dims are stored as interleaved pairs ``(x0, x1), (x2, x3), ...``
+            (ERNIE 4.5); they are de-interleaved before the rotate-half rotation, which leaves every
+            q.k product as the interleaved rotation gives it.
+        out_bias: a bias on the output projection (PhiMoE).
+        qk_norm_after_rope: the per-head q/k norms act on the rotated q/k (Hunyuan-MoE) instead of
+            before the rotation.
     """
 
     dim: int
@@ -205,8 +214,15 @@ class AttentionConfig(JsonConfig):
     qk_norm: str = "none"
     bias: bool = False
     norm_eps: float = 1e-6
+    softmax_scale: float | None = None
+    clip_qkv: float | None = None
+    rope_interleave: bool = False
+    out_bias: bool = False
+    qk_norm_after_rope: bool = False
 
     def __post_init__(self) -> None:
+        if self.qk_norm_after_rope and self.qk_norm != "per_head":
+            raise ValueError("AttentionConfig.qk_norm_after_rope needs qk_norm='per_head'")
         for name in ("dim", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"AttentionConfig.{name} must be positive, got {getattr(self, name)}")
@@ -217,6 +233,10 @@ class AttentionConfig(JsonConfig):
         check_choice("AttentionConfig", "qk_norm", self.qk_norm, QK_NORMS)
         if self.norm_eps <= 0:
             raise ValueError(f"AttentionConfig.norm_eps must be positive, got {self.norm_eps}")
+        for name in ("softmax_scale", "clip_qkv"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"AttentionConfig.{name} must be positive or None, got {value}")
 
 
 @dataclass(kw_only=True)

@@ -56,7 +56,15 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x_BHSd: Tensor, cos_B1Sd: Tensor, sin_B1Sd: Tensor) -> Tensor:
-    """Rotates ``[B, H, S, Dh]`` by the position tables (rotate-half convention), in float32."""
+    """Rotates ``[B, H, S, Dh]`` by the position tables (rotate-half convention), in float32.
+
+    Partial RoPE: when the tables are narrower than ``Dh`` (``[..., Dr]``, Dr < Dh), only the first
+    Dr dims rotate and the rest pass through (GLM-4 ``partial_rotary_factor``).
+    """
+    rot = cos_B1Sd.shape[-1]
+    if rot < x_BHSd.shape[-1]:
+        rotated = apply_rotary(x_BHSd[..., :rot], cos_B1Sd, sin_B1Sd)
+        return torch.cat([rotated, x_BHSd[..., rot:]], dim=-1)
     x32 = x_BHSd.float()
     half = x32.shape[-1] // 2
     rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)

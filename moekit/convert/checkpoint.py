@@ -128,21 +128,61 @@ def load_into(state: dict[str, torch.Tensor], targets: list[Target], mapping: di
         with open_safetensors(shard) as f:
             for piece, name in pieces:
                 dest = state[name][piece.index] if piece.index else state[name]
-                shape = tuple(f.get_slice(piece.key).get_shape())
-                if shape != tuple(dest.shape):
-                    raise ValueError(
-                        f"checkpoint tensor {piece.key!r} has shape {shape}, but moekit {name!r} expects "
-                        f"{tuple(dest.shape)} there (config.json and weights disagree?)"
-                    )
-                dest.copy_(f.get_tensor(piece.key))
+                if piece.plain:
+                    shape = tuple(f.get_slice(piece.key).get_shape())
+                    if shape != tuple(dest.shape):
+                        raise ValueError(
+                            f"checkpoint tensor {piece.key!r} has shape {shape}, but moekit {name!r} expects "
+                            f"{tuple(dest.shape)} there (config.json and weights disagree?)"
+                        )
+                    dest.copy_(f.get_tensor(piece.key))
+                    continue
+                _copy_changed_layout(f, piece, name, dest)
+
+
+def _copy_changed_layout(f, piece: Piece, name: str, dest: torch.Tensor) -> None:
+    """Copies a piece with ``hf_rows``/``transpose``/``flatten`` (see :class:`Piece`) into ``dest``."""
+    full = tuple(f.get_slice(piece.key).get_shape())
+    want = piece.hf_shape(tuple(dest.shape))
+    rows = piece.hf_rows
+    if rows is not None:
+        start, stop, _ = rows.indices(full[0] if full else 0)
+        shape = (max(stop - start, 0), *full[1:])
+    else:
+        shape = full
+    if shape != want or (rows is not None and (rows.stop is None or rows.stop > full[0])):
+        where = f" rows {rows.start}:{rows.stop}" if rows is not None else ""
+        raise ValueError(
+            f"checkpoint tensor {piece.key!r}{where} has shape {shape} (full {full}), but moekit {name!r} "
+            f"expects {want} there (config.json and weights disagree?)"
+        )
+    values = f.get_slice(piece.key)[rows.start : rows.stop] if rows is not None else f.get_tensor(piece.key)
+    dest.copy_(piece.from_hf(values, tuple(dest.shape)))
 
 
 def hf_tensors(state: dict[str, torch.Tensor], targets: list[Target]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(HF name, tensor)`` pairs in the export layout (each target's first layout)."""
+    """``(HF name, tensor)`` pairs in the export layout (each target's first layout).
+
+    Pieces that are row ranges of one HF tensor (``Piece.hf_rows``) are concatenated in row order
+    and yielded once, when the last of them is reached.
+    """
+    split: dict[str, int] = defaultdict(int)
+    for target in targets:
+        for piece in target.layouts[0]:
+            if piece.hf_rows is not None:
+                split[piece.key] += 1
+    parts: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     for target in targets:
         src = state[target.name]
         for piece in target.layouts[0]:
-            yield piece.key, (src[piece.index] if piece.index else src).detach().contiguous().cpu()
+            region = src[piece.index] if piece.index else src
+            values = piece.to_hf(region.detach()).contiguous().cpu()
+            if piece.hf_rows is None:
+                yield piece.key, values
+                continue
+            parts[piece.key].append((piece.hf_rows.start or 0, values))
+            if len(parts[piece.key]) == split[piece.key]:
+                yield piece.key, torch.cat([v for _, v in sorted(parts.pop(piece.key), key=lambda p: p[0])])
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -91,6 +91,10 @@ class MoEConfig(JsonConfig):
 
     Compute:
         backend: expert compute backend: ``"auto"``, ``"eager"``, ``"sorted"``, ``"grouped_mm"``.
+
+    Router strategies added later (neutral unless their ``router_type`` is chosen):
+        sparsemixer_eps: the relative logit margin of ``router_type="sparsemixer"`` (PhiMoE's
+            ``router_jitter_noise``; it is not noise, it applies at inference too).
     """
 
     dim: int
@@ -130,6 +134,8 @@ class MoEConfig(JsonConfig):
     drop_policy: str = "score"
 
     backend: str = "auto"
+
+    sparsemixer_eps: float = 0.01
 
     def __post_init__(self) -> None:
         name = "MoEConfig"
@@ -194,6 +200,12 @@ class MoEConfig(JsonConfig):
                 raise ValueError(f"{name}: group-limited routing needs router_type='topk'")
         if self.shared_expert_gate and self.shared_ffn_dim == 0:
             raise ValueError(f"{name}.shared_expert_gate needs shared_ffn_dim > 0")
+        if self.sparsemixer_eps < 0:
+            raise ValueError(f"{name}.sparsemixer_eps must be >= 0, got {self.sparsemixer_eps}")
+        if self.router_type != "sparsemixer" and self.sparsemixer_eps != 0.01:
+            raise ValueError(
+                f"{name}.sparsemixer_eps={self.sparsemixer_eps} is only read by router_type='sparsemixer'"
+            )
         # Each router strategy rejects the fields it would silently ignore.
         strategy_for(self).check(self)
 

@@ -327,6 +327,65 @@ class ExpertChoiceRouting(RouterStrategy):
         return RouterOutput(ids_TE, weights_TE, logits_TE, probs_TE, ids_TE)
 
 
+class SparseMixerRouting(RouterStrategy):
+    """PhiMoE's sparsemixer, top-2: the best expert, then the best of the rest, each weighted by a
+    softmax over the logits within a relative margin of its own logit.
+
+    For choice j (j = 1, 2) with threshold logit ``m_j`` (the best logit not yet chosen), the
+    logits ``s`` with ``(m_j - s) / max(|s|, m_j) > 2 * sparsemixer_eps`` are masked out (and, for
+    the second choice, the first expert too); the weight is the softmax of the rest at the chosen
+    expert. This is transformers' eval path exactly. In training moekit uses the same deterministic
+    choice with plain autograd through the masked softmaxes; it does not sample experts (Gumbel)
+    or use the paper's Heun's-method gradient estimator, so fine-tuning gradients differ from the
+    official ones.
+    """
+
+    name = "sparsemixer"
+    fixed_k = True
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        if cfg.top_k != 2:
+            raise ValueError(
+                f"MoEConfig: sparsemixer routing always picks 2 experts; set top_k=2, got {cfg.top_k}"
+            )
+        _reject(
+            cfg,
+            "sparsemixer",
+            {
+                "score_func": "softmax",
+                "softmax_order": "before_topk",
+                "norm_topk_prob": True,
+                "routed_scaling_factor": 1.0,
+                "num_expert_groups": 1,
+                "group_score": "top2_sum",
+                "use_expert_bias": False,
+            }
+            | _TOP_P_FIELDS,
+            "its weights come from the masked softmaxes alone",
+        )
+        if cfg.noise == "gumbel":
+            raise ValueError("MoEConfig: sparsemixer routing ignores noise='gumbel'; use 'jitter' or 'none'")
+
+    @classmethod
+    def select(cls, cfg: Any, logits_TE: Tensor, bias_E: Tensor | None, k: int, training: bool):
+        if k != 2:
+            raise ValueError(f"sparsemixer routing picks exactly 2 experts per token, got k={k}")
+        eps2 = 2 * cfg.sparsemixer_eps
+        abs_TE = logits_TE.abs()
+        top_T1, first_T1 = logits_TE.max(dim=-1, keepdim=True)
+        with torch.no_grad():
+            drop_TE = (top_T1 - logits_TE) / abs_TE.clamp(min=top_T1) > eps2
+        w1_T1 = torch.softmax(logits_TE.masked_fill(drop_TE, float("-inf")), dim=-1).gather(-1, first_T1)
+        rest_TE = logits_TE.scatter(-1, first_T1, float("-inf"))
+        second_val_T1, second_T1 = rest_TE.max(dim=-1, keepdim=True)
+        with torch.no_grad():
+            drop_TE = (second_val_T1 - logits_TE) / abs_TE.clamp(min=second_val_T1) > eps2
+        w2_T1 = torch.softmax(rest_TE.masked_fill(drop_TE, float("-inf")), dim=-1).gather(-1, second_T1)
+        ids_TK = torch.cat([first_T1, second_T1], dim=-1)
+        return ids_TK, torch.cat([w1_T1, w2_T1], dim=-1), torch.softmax(logits_TE, dim=-1)
+
+
 #: ``router_type`` -> strategy. ``"topk"`` maps to :class:`TopKRouting`; with
 #: ``softmax_order="after_topk"`` :func:`strategy_for` picks :class:`TopKLogitSoftmaxRouting`.
 #: Read-only: the registry is fixed at import (no module-level mutable state).
@@ -336,6 +395,7 @@ ROUTER_STRATEGIES: Mapping[str, type[RouterStrategy]] = MappingProxyType(
         "top_p": TopPRouting,
         "random_fixed": RandomFixedRouting,
         "expert_choice": ExpertChoiceRouting,
+        "sparsemixer": SparseMixerRouting,
     }
 )
 

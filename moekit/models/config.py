@@ -34,6 +34,8 @@ from moekit.layers.config import ACTIVATIONS, MoEConfig
 
 MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit", "none")
 ATTENTION_TYPES = ("mha", "mla")
+NORM_TYPES = ("rmsnorm", "layernorm")
+NORM_PLACEMENTS = ("pre", "post")
 _AUX_COEFS = ("aux_loss_coef", "z_loss_coef", "seq_balance_coef", "entropy_loss_coef")
 
 
@@ -91,6 +93,28 @@ class ModelConfig(JsonConfig):
             (written to Hugging Face exports and ``generation_config.json``, so ``generate`` stops
             at end of text there too). ``eos_token_id`` may list several ids.
 
+    Family features (appended; each neutral by default):
+        partial_rotary_factor: RoPE rotates the first ``int(head_dim * factor)`` dims of each GQA
+            head and passes the rest through (GLM-4-MoE: 0.5). 1.0 rotates the whole head.
+        embedding_multiplier: scales the token embeddings (Granite).
+        residual_multiplier: scales each attention and FFN output before it joins the residual
+            stream (Granite).
+        attention_multiplier: the attention softmax scale; ``None`` means ``head_dim ** -0.5``
+            (Granite).
+        logits_scaling: the LM logits are divided by it (Granite).
+        clip_qkv: clamps the q/k/v projections to ``[-clip_qkv, clip_qkv]`` (DBRX); None: no clamp.
+        norm_type: ``"rmsnorm"`` or ``"layernorm"`` (mean-centred ``nn.LayerNorm``, eps ``rms_norm_eps``;
+            PhiMoE, DBRX) for the layer norms and the final norm (q/k norms stay RMSNorm).
+        norm_bias: the LayerNorms have a bias (PhiMoE); only with ``norm_type="layernorm"``.
+        attention_out_bias: the attention output projection has a bias (PhiMoE's ``attention_bias``).
+        lm_head_bias: the LM head has a bias (PhiMoE ``lm_head_bias``).
+        qk_norm_after_rope: the per-head q/k norms act after the rotation (Hunyuan-MoE).
+        norm_placement: ``"pre"`` (``x + f(norm(x))``, every family but OLMo-2 style ones) or
+            ``"post"`` (``x + norm(f(x))``: the layer has ``post_attention_layernorm`` and
+            ``post_feedforward_layernorm`` and no ``input_layernorm``; FlexOlmo).
+        With ``attention_type="mha"``, ``rope_interleave`` stores q/k rotary dims as interleaved pairs
+        (ERNIE 4.5).
+
     Recommended loss coefficients (aux losses are averaged over MoE layers). Training does not read
     these directly: the objective's weights come from ``TrainConfig`` (``aux_loss_coef`` etc.) and
     fall back to these values when the TrainConfig leaves them None. They stay in the model config
@@ -143,6 +167,19 @@ class ModelConfig(JsonConfig):
     seq_balance_coef: float = 0.0
     entropy_loss_coef: float = 0.0
 
+    partial_rotary_factor: float = 1.0
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
+    clip_qkv: float | None = None
+    norm_type: str = "rmsnorm"
+    norm_bias: bool = False
+    attention_out_bias: bool = False
+    lm_head_bias: bool = False
+    qk_norm_after_rope: bool = False
+    norm_placement: str = "pre"
+
     def __post_init__(self) -> None:
         name = "ModelConfig"
         for field in ("vocab_size", "dim", "num_layers", "num_heads", "max_position_embeddings"):
@@ -184,8 +221,8 @@ class ModelConfig(JsonConfig):
                 raise ValueError(f"{name}.q_lora_rank must be positive or None, got {self.q_lora_rank}")
             if self.qk_norm != "none":
                 raise ValueError(f"{name}.qk_norm={self.qk_norm!r} does not apply to attention_type='mla'")
-        elif self.rope_interleave:
-            raise ValueError(f"{name}.rope_interleave is only implemented for attention_type='mla'")
+        elif self.rope_interleave and self.partial_rotary_factor != 1.0:
+            raise ValueError(f"{name}.rope_interleave is not implemented with partial_rotary_factor < 1")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"{name}.rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
@@ -198,6 +235,7 @@ class ModelConfig(JsonConfig):
             if getattr(self, field) < 0:
                 raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
         self._check_rope_scaling()
+        self._check_family_features()
         self._check_placement()
         if self.ffn_dim == 0 and self.num_moe_layers < self.num_layers:
             raise ValueError(
@@ -207,6 +245,40 @@ class ModelConfig(JsonConfig):
 
     def _check_rope_scaling(self) -> None:
         check_rope_scaling("ModelConfig", self.rope_scaling)
+
+    def _check_family_features(self) -> None:
+        name = "ModelConfig"
+        factor = self.partial_rotary_factor
+        if not (0.0 < factor <= 1.0):
+            raise ValueError(f"{name}.partial_rotary_factor must be in (0, 1], got {factor}")
+        if factor != 1.0:
+            if self.attention_type != "mha":
+                raise ValueError(f"{name}.partial_rotary_factor applies to attention_type='mha' only")
+            rot = int(self.attn_head_dim * factor)
+            if rot <= 0 or rot % 2:
+                raise ValueError(
+                    f"{name}.partial_rotary_factor={factor} rotates {rot} of head_dim={self.attn_head_dim} "
+                    "dims; it must be a positive even number"
+                )
+        check_choice(name, "norm_type", self.norm_type, NORM_TYPES)
+        check_choice(name, "norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        if self.norm_bias and self.norm_type != "layernorm":
+            raise ValueError(f"{name}.norm_bias needs norm_type='layernorm' (RMSNorm has no bias)")
+        if self.attention_out_bias and self.attention_type != "mha":
+            raise ValueError(f"{name}.attention_out_bias applies to attention_type='mha' only")
+        if self.qk_norm_after_rope and self.qk_norm != "per_head":
+            raise ValueError(f"{name}.qk_norm_after_rope needs qk_norm='per_head'")
+        if self.lm_head_bias and self.tie_word_embeddings:
+            raise ValueError(f"{name}.lm_head_bias cannot be combined with tie_word_embeddings")
+        for field in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{name}.{field} must be positive, got {getattr(self, field)}")
+        for field in ("attention_multiplier", "clip_qkv"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}.{field} must be positive or None, got {value}")
+            if value is not None and self.attention_type != "mha":
+                raise ValueError(f"{name}.{field} applies to attention_type='mha' only")
 
     def _check_placement(self) -> None:
         name = "ModelConfig"
@@ -270,8 +342,11 @@ class ModelConfig(JsonConfig):
 
     @property
     def rope_head_dim(self) -> int:
-        """Width the RoPE tables cover: ``qk_rope_head_dim`` for MLA, else :attr:`attn_head_dim`."""
-        return self.qk_rope_head_dim if self.attention_type == "mla" else self.attn_head_dim
+        """Width the RoPE tables cover: ``qk_rope_head_dim`` for MLA, else :attr:`attn_head_dim` times
+        ``partial_rotary_factor``."""
+        if self.attention_type == "mla":
+            return self.qk_rope_head_dim
+        return int(self.attn_head_dim * self.partial_rotary_factor)
 
     @property
     def rope_type(self) -> str:
@@ -345,6 +420,11 @@ class ModelConfig(JsonConfig):
             qk_norm=self.qk_norm,
             bias=self.attention_bias,
             norm_eps=self.rms_norm_eps,
+            softmax_scale=self.attention_multiplier,
+            clip_qkv=self.clip_qkv,
+            rope_interleave=self.rope_interleave,
+            out_bias=self.attention_out_bias,
+            qk_norm_after_rope=self.qk_norm_after_rope,
         )
 
     def mla_config(self) -> MLAConfig:

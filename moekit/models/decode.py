@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.blocks import Attention, KVCache, RMSNorm, apply_rotary, build_attention_mask
+from moekit.blocks import Attention, KVCache, RMSNorm, apply_rotary, build_attention_mask, deinterleave
 from moekit.layers import MoELayer
 from moekit.layers.experts import activate
 from moekit.models.decoder import MoEForCausalLM
@@ -56,7 +56,13 @@ def fast_decode_supported(model: MoEForCausalLM) -> bool:
     The MoE side asks each layer (:attr:`~moekit.layers.MoELayer.supports_fast_decode`: its
     router, dispatcher, storage and routing override); the rest checks attention and norms.
     """
-    if model.config.sliding_window is not None:
+    cfg = model.config
+    if cfg.sliding_window is not None:
+        return False
+    # Family features the fast step does not implement (Granite multipliers, DBRX clipping).
+    if (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_scaling) != (1.0, 1.0, 1.0):
+        return False
+    if cfg.attention_multiplier is not None or cfg.clip_qkv is not None or cfg.norm_placement != "pre":
         return False
     for layer in model.layers:
         attn = layer.self_attn
@@ -81,9 +87,14 @@ def _project_qkv(attn: Attention, x_B1D: Tensor, cos, sin) -> tuple[Tensor, Tens
     q_BH1d = attn.q_proj(x_B1D).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     k_BG1d = attn.k_proj(x_B1D).view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     v_BG1d = attn.v_proj(x_B1D).view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    if attn.qk_norm == "per_head":
+    if attn.qk_norm == "per_head" and not attn.qk_norm_after_rope:
         q_BH1d, k_BG1d = _rms(attn.q_norm, q_BH1d), _rms(attn.k_norm, k_BG1d)
-    return apply_rotary(q_BH1d, cos, sin), apply_rotary(k_BG1d, cos, sin), v_BG1d
+    if attn.rope_interleave:
+        q_BH1d, k_BG1d = deinterleave(q_BH1d), deinterleave(k_BG1d)
+    q_BH1d, k_BG1d = apply_rotary(q_BH1d, cos, sin), apply_rotary(k_BG1d, cos, sin)
+    if attn.qk_norm_after_rope:
+        q_BH1d, k_BG1d = _rms(attn.q_norm, q_BH1d), _rms(attn.k_norm, k_BG1d)
+    return q_BH1d, k_BG1d, v_BG1d
 
 
 def _attend(attn: Attention, q_BH1d: Tensor, k_BGKd: Tensor, v_BGKd: Tensor, mask) -> Tensor:
@@ -340,7 +351,7 @@ class DecodeSession:
                     self.expert_assignments += int((moe_out.routing.expert_ids >= 0).sum())
         # Only the last position's logits are ever needed: skip S-1 rows of the LM head.
         last_BD = x_BSD[:, -1]
-        return self.model.lm_head(self.model.norm(last_BD)).float()
+        return self.model.lm_logits(last_BD).float()
 
     @torch.no_grad()
     def prefill(self) -> Tensor:
@@ -362,7 +373,7 @@ class DecodeSession:
         else:
             mask = None  # plain causal: SDPA's is_causal path
         token_mask = self.mask_BK[:, :prompt_len] if self.padded else None
-        return self._run_layers(self.model.embed_tokens(self.input_ids), cos, sin, mask, token_mask)
+        return self._run_layers(self.model.embed(self.input_ids), cos, sin, mask, token_mask)
 
     @torch.no_grad()
     def step(self, next_B: Tensor) -> Tensor:
@@ -396,7 +407,7 @@ class DecodeSession:
                     f"decode step: torch.compile failed ({err!r:.200}); decoding eagerly", stacklevel=2
                 )
                 self._compiled = None
-        x_B1D = self.model.embed_tokens(next_B[:, None])
+        x_B1D = self.model.embed(next_B[:, None])
         if self.fast:
             return self._fast_step(x_B1D, cos, sin, mask)
         return self._run_layers(x_B1D, cos, sin, mask, None)

@@ -39,10 +39,19 @@ from moekit.models.objectives import MODEL_CONFIG_COEFS, LossWeights, causal_lm_
 AUX_LOSS_COEFS = MODEL_CONFIG_COEFS
 
 
+def make_norm(config: ModelConfig) -> nn.Module:
+    """The layer/final norm of ``config.norm_type``: :class:`RMSNorm` or ``nn.LayerNorm`` (``[D] -> [D]``)."""
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(config.dim, eps=config.rms_norm_eps, bias=config.norm_bias)
+    return RMSNorm(config.dim, config.rms_norm_eps)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))``; ``mlp`` is dense or MoE.
 
-    Submodules: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``
+    Submodules: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``; with
+    ``norm_placement="post"`` the block is ``x + norm(attn(x))``, then ``h + norm(mlp(h))``, with
+    ``post_attention_layernorm`` and ``post_feedforward_layernorm`` and no ``input_layernorm``
     (:class:`~moekit.layers.FeedForward` or :class:`~moekit.layers.MoELayer`).
     """
 
@@ -50,12 +59,17 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.is_moe = config.is_moe_layer(layer_idx)
-        self.input_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.residual_multiplier = config.residual_multiplier
+        self.post_norm = config.norm_placement == "post"
+        if not self.post_norm:
+            self.input_layernorm = make_norm(config)
         if config.attention_type == "mla":
             self.self_attn: nn.Module = MLAttention(config.mla_config(), layer_idx)
         else:
             self.self_attn = Attention(config.attention_config(), layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(config)
+        if self.post_norm:
+            self.post_feedforward_layernorm = make_norm(config)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(config.moe_config(layer_idx))
         else:
@@ -79,12 +93,33 @@ class DecoderLayer(nn.Module):
         ``token_mask_BS`` (bool, False for padding) keeps padding out of routing statistics;
         ``prev_logits_TE`` feeds the gating residual; ``moe_k`` overrides the layer's top-k.
         """
-        h_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
+        if self.post_norm:
+            return self._post_norm_forward(
+                x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache
+            )
+        attn_BSD = self.self_attn(self.input_layernorm(x_BSD), cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
+        h_BSD = x_BSD + self._scaled(attn_BSD)
         normed_BSD = self.post_attention_layernorm(h_BSD)
         if not self.is_moe:
-            return h_BSD + self.mlp(normed_BSD), None
+            return h_BSD + self._scaled(self.mlp(normed_BSD)), None
         out = self.mlp(normed_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k)
-        return h_BSD + out.hidden, out
+        return h_BSD + self._scaled(out.hidden), out
+
+    def _post_norm_forward(
+        self, x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache
+    ):
+        # OLMo-2 order: each sublayer reads the raw stream and its output is normed before the add.
+        attn_BSD = self.self_attn(x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
+        h_BSD = x_BSD + self._scaled(self.post_attention_layernorm(attn_BSD))
+        if not self.is_moe:
+            return h_BSD + self._scaled(self.post_feedforward_layernorm(self.mlp(h_BSD))), None
+        out = self.mlp(h_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k)
+        return h_BSD + self._scaled(self.post_feedforward_layernorm(out.hidden)), out
+
+    def _scaled(self, branch_BSD: Tensor) -> Tensor:
+        # Granite's residual_multiplier; 1.0 (every other family) skips the multiply.
+        m = self.residual_multiplier
+        return branch_BSD if m == 1.0 else branch_BSD * m
 
 
 @dataclass
@@ -168,11 +203,23 @@ class MoEForCausalLM(nn.Module):
         self.dmu_clusters: Tensor | None = None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.dim, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=config.lm_head_bias)
         self.rotary = RotaryEmbedding(config.rope_config())
         self.tie_weights()
         self.init_weights()
+
+    def embed(self, input_ids_BS: Tensor) -> Tensor:
+        """Token embeddings ``[B, S, D]``, times ``embedding_multiplier`` (Granite; 1 elsewhere)."""
+        x_BSD = self.embed_tokens(input_ids_BS)
+        m = self.config.embedding_multiplier
+        return x_BSD if m == 1.0 else x_BSD * m
+
+    def lm_logits(self, x_BSD: Tensor) -> Tensor:
+        """Logits ``[..., V]`` of final hidden states: ``lm_head(norm(x)) / logits_scaling``."""
+        logits = self.lm_head(self.norm(x_BSD))
+        s = self.config.logits_scaling
+        return logits if s == 1.0 else logits / s
 
     def tie_weights(self) -> None:
         """Makes ``lm_head`` share the embedding when ``tie_word_embeddings`` (again after ``to_empty``)."""
@@ -254,6 +301,10 @@ class MoEForCausalLM(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, StackedExpertWeights):
                 nn.init.normal_(module.w_in, std=std)
                 nn.init.normal_(module.w_out, std=out_std)
@@ -340,7 +391,7 @@ class MoEForCausalLM(nn.Module):
         mask_B1SK = build_attention_mask(attention_mask, batch, num_new, num_past, cfg.sliding_window, device)
         cos, sin = self.rotary(position_ids, num_positions)
 
-        x_BSD = self.embed_tokens(input_ids)
+        x_BSD = self.embed(input_ids)
         routing: list[RoutingInfo] = []
         layer_aux: list[Mapping[str, Tensor]] = []
         prev_logits_TE = None
@@ -364,7 +415,7 @@ class MoEForCausalLM(nn.Module):
                 routing.append(moe_out.routing)
                 layer_aux.append(moe_out.aux_losses)
                 prev_logits_TE = moe_out.routing.router_logits
-        logits_BSV = self.lm_head(self.norm(x_BSD))
+        logits_BSV = self.lm_logits(x_BSD)
 
         aux_losses = _mean_aux_losses(layer_aux)
 

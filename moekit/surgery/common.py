@@ -104,7 +104,7 @@ def require_plain_experts(model: MoEForCausalLM, what: str) -> None:
 def collect_ffn_inputs(
     model: MoEForCausalLM, batches: Batches, layers: Sequence[int], max_tokens: int | None = None
 ) -> dict[int, Tensor]:
-    """The inputs each listed layer's FFN sees (the post-attention RMSNorm output).
+    """The inputs each listed layer's FFN sees (the post-attention norm's output in pre-norm models).
 
     Args:
         model: dense or MoE model (run in eval mode).
@@ -119,10 +119,12 @@ def collect_ffn_inputs(
     hooks = []
     for i in layers:
 
-        def hook(_mod, _inp, out, i=i):
-            store[i].append(out.detach().reshape(-1, out.shape[-1]))
+        def hook(_mod, args, i=i):
+            x = args[0]
+            store[i].append(x.detach().reshape(-1, x.shape[-1]))
 
-        hooks.append(model.layers[i].post_attention_layernorm.register_forward_hook(hook))
+        # A pre-hook on the FFN itself: right for post-norm layers too, whose FFN reads the stream.
+        hooks.append(model.layers[i].mlp.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()
     try:

@@ -10,11 +10,20 @@ choice: the first whose ``matches(cfg)`` is true wins), and add a round-trip tes
 from __future__ import annotations
 
 from moekit.convert.families.base import FamilyAdapter, Piece, Target
+from moekit.convert.families.dbrx import DbrxAdapter
+from moekit.convert.families.deepseek_v2 import DeepseekV2Adapter
 from moekit.convert.families.deepseek_v3 import DeepseekV3Adapter
+from moekit.convert.families.dots1 import Dots1Adapter
+from moekit.convert.families.ernie4_5_moe import Ernie45MoeAdapter
+from moekit.convert.families.flex_olmo import FlexOlmoAdapter
+from moekit.convert.families.glm4_moe import Glm4MoeAdapter
+from moekit.convert.families.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
+from moekit.convert.families.hunyuan_v1_moe import HunyuanV1MoeAdapter
 from moekit.convert.families.llama import LlamaAdapter
 from moekit.convert.families.mistral import MistralAdapter
 from moekit.convert.families.mixtral import MixtralAdapter
 from moekit.convert.families.olmoe import OlmoeAdapter
+from moekit.convert.families.phimoe import PhimoeAdapter
 from moekit.convert.families.qwen2 import Qwen2Adapter
 from moekit.convert.families.qwen2_moe import Qwen2MoeAdapter
 from moekit.convert.families.qwen3 import Qwen3Adapter
@@ -25,7 +34,17 @@ from moekit.models.config import ModelConfig
 FAMILIES: dict[str, FamilyAdapter] = {
     a.model_type: a
     for a in (
+        Glm4MoeAdapter(),
+        Dots1Adapter(),
         DeepseekV3Adapter(),
+        DeepseekV2Adapter(),
+        GraniteMoeSharedAdapter(),
+        GraniteMoeAdapter(),
+        Ernie45MoeAdapter(),
+        PhimoeAdapter(),
+        DbrxAdapter(),
+        HunyuanV1MoeAdapter(),
+        FlexOlmoAdapter(),
         Qwen2MoeAdapter(),
         OlmoeAdapter(),
         Qwen3MoeAdapter(),

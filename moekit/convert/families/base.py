@@ -28,10 +28,52 @@ Index = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class Piece:
-    """One HF tensor ``key`` and the region ``index`` (a tuple of ints/slices) of the moekit tensor it fills."""
+    """One HF tensor ``key`` and the region ``index`` (a tuple of ints/slices) of the moekit tensor it fills.
+
+    Optional layout changes, for checkpoints that store tensors other than moekit does (DBRX):
+
+    * ``hf_rows``: the piece is only rows ``hf_rows`` of the HF tensor (a fused ``Wqkv`` split
+      into q/k/v); export concatenates the pieces of one key in row order;
+    * ``transpose``: the HF values are the region with its last two dims swapped;
+    * ``flatten``: the HF tensor is the (transposed) region with its leading dims flattened into
+      one, ``[E * F, D]`` for a region ``[E, F, D]``.
+    """
 
     key: str
     index: Index = ()
+    hf_rows: slice | None = None
+    transpose: bool = False
+    flatten: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """Whether the HF tensor is the region as it is (no rows, transpose or flatten)."""
+        return self.hf_rows is None and not self.transpose and not self.flatten
+
+    def to_hf(self, region: Any) -> Any:
+        """The HF values of this piece from the moekit ``region`` (a tensor)."""
+        out = region.mT if self.transpose else region
+        return out.reshape(-1, out.shape[-1]) if self.flatten else out
+
+    def from_hf(self, values: Any, region_shape: tuple[int, ...]) -> Any:
+        """The moekit region's values from this piece's HF ``values`` (the inverse of :meth:`to_hf`)."""
+        shape = list(region_shape)
+        if self.transpose:
+            shape[-1], shape[-2] = shape[-2], shape[-1]
+        out = values.reshape(shape) if self.flatten else values
+        return out.mT if self.transpose else out
+
+    def hf_shape(self, region_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape this piece's HF values must have for a moekit region of ``region_shape``."""
+        shape = list(region_shape)
+        if self.transpose:
+            shape[-1], shape[-2] = shape[-2], shape[-1]
+        if self.flatten:
+            lead = 1
+            for n in shape[:-1]:
+                lead *= n
+            shape = [lead, shape[-1]]
+        return tuple(shape)
 
 
 @dataclass
@@ -102,14 +144,23 @@ class HFConfigReader:
                 f"moekit can only import {key}={ok!r}"
             )
 
-    def rope(self, default_theta: float) -> tuple[float, dict[str, Any] | None]:
-        """``(rope_theta, rope_scaling)`` from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``."""
+    def partial_rotary_factor(self, default: float = 1.0) -> float:
+        """``partial_rotary_factor`` from ``rope_parameters`` (transformers 5) or the top level."""
+        params = self.hf.get("rope_scaling") or self.hf.get("rope_parameters") or {}
+        factor = params.get("partial_rotary_factor") or self.hf.get("partial_rotary_factor")
+        return float(default if factor is None else factor)
+
+    def rope(self, default_theta: float, partial: bool = False) -> tuple[float, dict[str, Any] | None]:
+        """``(rope_theta, rope_scaling)`` from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``.
+
+        ``partial_rotary_factor`` is refused unless ``partial`` (the family reads it with
+        :meth:`partial_rotary_factor`)."""
         params = dict(self.hf.get("rope_parameters") or {})
         theta = params.pop("rope_theta", None) or self.hf.get("rope_theta") or default_theta
         scaling = dict(self.hf.get("rope_scaling") or params)
         scaling.pop("rope_theta", None)
         factor = scaling.pop("partial_rotary_factor", None) or self.hf.get("partial_rotary_factor")
-        if factor not in (None, 1, 1.0):
+        if factor not in (None, 1, 1.0) and not partial:
             raise ValueError(
                 f"{self.model_type} config.json: unsupported option partial_rotary_factor={factor!r} "
                 "(moekit rotates the whole head)"
@@ -133,6 +184,8 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     for k, v in (cfg.rope_scaling or {}).items():
         if k not in ("rope_type", "type"):
             params[k] = v
+    if cfg.partial_rotary_factor != 1.0:
+        params["partial_rotary_factor"] = cfg.partial_rotary_factor
     return params
 
 
@@ -160,6 +213,24 @@ NEUTRAL_MOE = {
 }
 
 
+# ModelConfig family features and their neutral values (the same rule as NEUTRAL_MOE): an adapter
+# lists the ones it expresses in ``model_features``; any other non-neutral value refuses export.
+NEUTRAL_MODEL = {
+    "partial_rotary_factor": 1.0,
+    "embedding_multiplier": 1.0,
+    "residual_multiplier": 1.0,
+    "attention_multiplier": None,
+    "logits_scaling": 1.0,
+    "clip_qkv": None,
+    "norm_type": "rmsnorm",
+    "norm_bias": False,
+    "attention_out_bias": False,
+    "lm_head_bias": False,
+    "qk_norm_after_rope": False,
+    "norm_placement": "pre",
+}
+
+
 def refuse_export(family: str, option: str, value: Any, why: str) -> ValueError:
     """The ValueError HF export raises for an option the family cannot express."""
     return ValueError(f"cannot export to HF {family!r}: option {option}={value!r} is not expressible ({why})")
@@ -177,6 +248,8 @@ class FamilyAdapter:
     architecture: str = ""
     # transformers keeps these routers in float32 whatever the run dtype (``_keep_in_fp32_modules``).
     fp32_routers: bool = False
+    # ModelConfig fields of NEUTRAL_MODEL the family expresses (plus "rope_interleave" for GQA).
+    model_features: frozenset[str] = frozenset()
 
     def config_from_hf(self, hf: dict[str, Any]) -> ModelConfig:
         """Translates an HF config dict (ValueError naming an unsupported option)."""
@@ -195,8 +268,23 @@ class FamilyAdapter:
         return False
 
     # Shared checks for MoE families.
+    def check_model_features(self, cfg: ModelConfig) -> None:
+        """Refuses :data:`NEUTRAL_MODEL` fields outside :attr:`model_features` (and GQA rope_interleave)."""
+        for name, neutral in NEUTRAL_MODEL.items():
+            if name not in self.model_features and getattr(cfg, name) != neutral:
+                raise refuse_export(
+                    self.model_type, name, getattr(cfg, name), "no HF equivalent in the family"
+                )
+        if (
+            cfg.attention_type == "mha"
+            and cfg.rope_interleave
+            and "rope_interleave" not in self.model_features
+        ):
+            raise refuse_export(self.model_type, "rope_interleave", True, "the family rotates halves")
+
     def check_moe(self, cfg: ModelConfig, allowed: set[str] = frozenset()) -> MoEConfig:
         """Refuses MoE options outside :data:`NEUTRAL_MOE` (except ``allowed``) and per-layer expert counts."""
+        self.check_model_features(cfg)
         moe = cfg.moe
         if moe is None or cfg.num_moe_layers == 0:
             raise refuse_export(
@@ -219,6 +307,7 @@ class FamilyAdapter:
         self, cfg: ModelConfig, qk_norm: str = "none", bias: bool | None = False, sliding: bool = False
     ) -> None:
         """Refuses attention options the family lacks (``bias=None`` accepts either)."""
+        self.check_model_features(cfg)
         if cfg.attention_type != "mha":
             raise refuse_export(self.model_type, "attention_type", cfg.attention_type, "the family uses GQA")
         if cfg.qk_norm != qk_norm:

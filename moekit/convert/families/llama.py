@@ -35,6 +35,8 @@ class LlamaAdapter(FamilyAdapter):
         "initializer_range": 0.02,
     }
     default_rope_theta = 10000.0
+    # The family reads partial_rotary_factor itself (refused by the rope reader otherwise).
+    partial_rope = False
 
     # ---- config: HF -> moekit ------------------------------------------------------------------
     def reader(self, hf: dict[str, Any]) -> HFConfigReader:
@@ -45,7 +47,7 @@ class LlamaAdapter(FamilyAdapter):
         """Shape, norm, rope and embedding fields every Llama-like family shares."""
         r.refuse("hidden_act", "silu", "moekit's FFNs are SwiGLU")
         r.refuse("pretraining_tp", 1, "tensor-parallel slicing of the reference implementation")
-        theta, scaling = r.rope(self.default_rope_theta)
+        theta, scaling = r.rope(self.default_rope_theta, partial=self.partial_rope)
         num_heads = r.require("num_attention_heads")
         return {
             "vocab_size": r.require("vocab_size"),
@@ -136,6 +138,8 @@ class LlamaAdapter(FamilyAdapter):
         out = [Target.copy(f"{dst}{p}_proj.weight", f"{src}{p}_proj.weight") for p in "qkvo"]
         if cfg.attention_bias:
             out += [Target.copy(f"{dst}{p}_proj.bias", f"{src}{p}_proj.bias") for p in "qkv"]
+        if cfg.attention_out_bias:
+            out.append(Target.copy(f"{dst}o_proj.bias", f"{src}o_proj.bias"))
         if cfg.qk_norm != "none":
             out += [Target.copy(f"{dst}{p}_norm.weight", f"{src}{p}_norm.weight") for p in "qk"]
         return out
