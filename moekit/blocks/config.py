@@ -196,6 +196,8 @@ class AttentionConfig(JsonConfig):
             the whole q/k projection width, OLMoE).
         bias: biases on the q/k/v projections (Qwen2); the output projection has none.
         norm_eps: epsilon of the q/k RMSNorms.
+        rope: rotate queries and keys; False attends without positions (Jamba, whose Mamba
+            layers carry the order).
     """
 
     dim: int
@@ -205,6 +207,7 @@ class AttentionConfig(JsonConfig):
     qk_norm: str = "none"
     bias: bool = False
     norm_eps: float = 1e-6
+    rope: bool = True
 
     def __post_init__(self) -> None:
         for name in ("dim", "num_heads", "num_kv_heads", "head_dim"):
