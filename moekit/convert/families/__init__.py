@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from moekit.convert.families.base import FamilyAdapter, Piece, Target
 from moekit.convert.families.deepseek_v3 import DeepseekV3Adapter
+from moekit.convert.families.jamba import JambaAdapter
 from moekit.convert.families.llama import LlamaAdapter
 from moekit.convert.families.mistral import MistralAdapter
 from moekit.convert.families.mixtral import MixtralAdapter
@@ -25,6 +26,7 @@ from moekit.models.config import ModelConfig
 FAMILIES: dict[str, FamilyAdapter] = {
     a.model_type: a
     for a in (
+        JambaAdapter(),
         DeepseekV3Adapter(),
         Qwen2MoeAdapter(),
         OlmoeAdapter(),
