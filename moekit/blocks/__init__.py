@@ -24,7 +24,12 @@ Layout:
     rope.py       RotaryEmbedding (float32 tables, grown on demand), apply_rotary, deinterleave
     attention.py  Attention (GQA, q/k norm, qkv bias), build_attention_mask (padding, sliding window)
     mla.py        MLAttention (DeepSeek multi-head latent attention, latent KV cache)
-    cache.py      KVCache (preallocated, grown in chunks)
+    cache.py      KVCache (preallocated, grown in chunks; Mamba layers keep a MambaState there)
+    ssm.py        MambaMixer (Jamba's selective SSM), MambaConfig, scan_sequential /
+                  scan_chunked / scan_step (the reference loop, the chunked scan, decode)
+
+    The Mamba mixer's convention is ``mixer(x_BSD, token_mask_BS | None, cache) -> [B, S, D]``
+    (no RoPE, no attention mask: padding is a ``[B, S]`` token mask).
 
 To add a block: give it a config dataclass here (validated in ``__post_init__``, errors naming
 the field), keep to the calling convention above if it is an attention, export it here, and
@@ -33,11 +38,20 @@ block's config (e.g. ``ModelConfig.attention_config()``); the block never sees t
 """
 
 from moekit.blocks.attention import Attention, build_attention_mask
-from moekit.blocks.cache import KVCache
+from moekit.blocks.cache import KVCache, MambaState
 from moekit.blocks.config import AttentionConfig, MLAConfig, RopeConfig, mla_softmax_scale
 from moekit.blocks.mla import MLAttention
 from moekit.blocks.norm import RMSNorm
 from moekit.blocks.rope import RotaryEmbedding, apply_rotary, deinterleave
+from moekit.blocks.ssm import (
+    MambaConfig,
+    MambaMixer,
+    cumsum_chunk_size,
+    scan_chunked,
+    scan_method,
+    scan_sequential,
+    scan_step,
+)
 
 __all__ = [
     "Attention",
@@ -45,11 +59,19 @@ __all__ = [
     "KVCache",
     "MLAConfig",
     "MLAttention",
+    "MambaConfig",
+    "MambaMixer",
+    "MambaState",
     "RMSNorm",
     "RopeConfig",
     "RotaryEmbedding",
     "apply_rotary",
     "build_attention_mask",
+    "cumsum_chunk_size",
     "deinterleave",
     "mla_softmax_scale",
+    "scan_chunked",
+    "scan_method",
+    "scan_sequential",
+    "scan_step",
 ]

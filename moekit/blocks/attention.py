@@ -37,6 +37,7 @@ class Attention(nn.Module):
         self.softmax_scale, self.clip_qkv = config.softmax_scale, config.clip_qkv
         self.rope_interleave = config.rope_interleave
         self.qk_norm_after_rope = config.qk_norm_after_rope
+        self.rope = config.rope
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(config.dim, q_width, bias=config.bias)
         self.k_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
@@ -61,7 +62,7 @@ class Attention(nn.Module):
 
         Args:
             x_BSD: ``[B, S, D]`` normed hidden states.
-            cos_B1Sd, sin_B1Sd: RoPE tables for the new tokens' positions.
+            cos_B1Sd, sin_B1Sd: RoPE tables for the new tokens' positions (unused without ``rope``).
             mask_B1SK: bool ``[B, 1, S, K]`` (True = may attend, see :func:`build_attention_mask`),
                 or None for plain causal attention without a cache.
             cache: the KV cache to append to and read from.
@@ -80,10 +81,11 @@ class Attention(nn.Module):
         v_BGSd = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "per_head" and not self.qk_norm_after_rope:
             q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
-        if self.rope_interleave:
-            q_BHSd, k_BGSd = deinterleave(q_BHSd), deinterleave(k_BGSd)
-        q_BHSd = apply_rotary(q_BHSd, cos_B1Sd, sin_B1Sd)
-        k_BGSd = apply_rotary(k_BGSd, cos_B1Sd, sin_B1Sd)
+        if self.rope:
+            if self.rope_interleave:
+                q_BHSd, k_BGSd = deinterleave(q_BHSd), deinterleave(k_BGSd)
+            q_BHSd = apply_rotary(q_BHSd, cos_B1Sd, sin_B1Sd)
+            k_BGSd = apply_rotary(k_BGSd, cos_B1Sd, sin_B1Sd)
         if self.qk_norm_after_rope:
             q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
         if cache is not None:

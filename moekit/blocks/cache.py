@@ -1,13 +1,28 @@
-"""The per-layer key/value cache of a decoding batch (preallocated, grown in chunks).
+"""The per-layer cache of a decoding batch: keys/values (preallocated, grown in chunks) or Mamba states.
 
-Shape legend: B = batch, G = key/value heads, S = new tokens, P = cached tokens, Dh = head width.
+Shape legend: B = batch, G = key/value heads, S = new tokens, P = cached tokens, Dh = head width,
+I = Mamba inner width, K = conv kernel width, N = SSM state size.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import Tensor
+
+
+@dataclass
+class MambaState:
+    """The recurrent state of one Mamba layer for a batch (constant size, whatever the length).
+
+    Attributes:
+        conv_BIK: ``[B, I, K]`` the last K inputs of the causal conv (zeros before the first token).
+        ssm_BIN: ``[B, I, N]`` the selective-scan state after the last token.
+    """
+
+    conv_BIK: Tensor
+    ssm_BIN: Tensor
 
 
 class KVCache:
@@ -19,8 +34,12 @@ class KVCache:
     An attention block may store anything token-indexed on dim 2 (MLA stores its latent as
     "keys" and its shared rotary key as "values").
 
+    A hybrid model's Mamba layers keep a :class:`MambaState` instead (:meth:`mamba_state`,
+    :meth:`set_mamba_state`); they count tokens in ``lengths`` too, so :attr:`seq_len` holds
+    whichever kind layer 0 is.
+
     Args:
-        num_layers: attention layers.
+        num_layers: decoder layers (attention or Mamba).
         max_length: initial capacity (e.g. prompt + new tokens, so generation never grows).
         chunk_size: growth granularity in tokens.
     """
@@ -32,6 +51,7 @@ class KVCache:
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        self.mamba_states: list[MambaState | None] = [None] * num_layers
 
     @property
     def seq_len(self) -> int:
@@ -68,6 +88,32 @@ class KVCache:
         self.lengths[layer_idx] = end
         return keys[:, :, :end], values[:, :, :end]
 
+    def mamba_state(self, layer_idx: int) -> MambaState | None:
+        """Mamba layer ``layer_idx``'s state after the cached tokens (None before its first call)."""
+        return self.mamba_states[layer_idx]
+
+    def set_mamba_state(self, layer_idx: int, state: MambaState, num_new: int) -> None:
+        """Stores Mamba layer ``layer_idx``'s state after ``num_new`` more tokens."""
+        old = self.mamba_states[layer_idx]
+        if old is not None and old.ssm_BIN.shape[0] != state.ssm_BIN.shape[0]:
+            raise ValueError(
+                f"KVCache layer {layer_idx}: cached batch {old.ssm_BIN.shape[0]} != new "
+                f"{state.ssm_BIN.shape[0]}; use a fresh cache for a new batch"
+            )
+        self.mamba_states[layer_idx] = state
+        self.lengths[layer_idx] += num_new
+
     def crop(self, length: int) -> None:
-        """Forgets every token after the first ``length`` (speculative decoding rollback)."""
+        """Forgets every token after the first ``length`` (speculative decoding rollback).
+
+        Raises:
+            ValueError: when a Mamba layer would have to forget tokens: its state is a running
+                summary that cannot be rolled back.
+        """
+        for i, state in enumerate(self.mamba_states):
+            if state is not None and length < self.lengths[i]:
+                raise ValueError(
+                    f"KVCache.crop({length}): Mamba layer {i} holds a recurrent state over "
+                    f"{self.lengths[i]} tokens that cannot be rolled back"
+                )
         self.lengths = [min(n, length) for n in self.lengths]

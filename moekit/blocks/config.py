@@ -205,6 +205,8 @@ class AttentionConfig(JsonConfig):
         out_bias: a bias on the output projection (PhiMoE).
         qk_norm_after_rope: the per-head q/k norms act on the rotated q/k (Hunyuan-MoE) instead of
             before the rotation.
+        rope: rotate queries and keys; False attends without positions (Jamba, whose Mamba
+            layers carry the order).
     """
 
     dim: int
@@ -219,6 +221,7 @@ class AttentionConfig(JsonConfig):
     rope_interleave: bool = False
     out_bias: bool = False
     qk_norm_after_rope: bool = False
+    rope: bool = True
 
     def __post_init__(self) -> None:
         if self.qk_norm_after_rope and self.qk_norm != "per_head":

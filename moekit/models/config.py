@@ -29,6 +29,7 @@ from moekit.blocks.config import (
     mla_softmax_scale,
     rope_type_of,
 )
+from moekit.blocks.ssm import MambaConfig
 from moekit.config import JsonConfig, check_choice
 from moekit.layers.config import ACTIVATIONS, MoEConfig
 
@@ -36,6 +37,7 @@ MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit",
 ATTENTION_TYPES = ("mha", "mla")
 NORM_TYPES = ("rmsnorm", "layernorm")
 NORM_PLACEMENTS = ("pre", "post")
+LAYER_TYPES = ("attention", "mamba")
 _AUX_COEFS = ("aux_loss_coef", "z_loss_coef", "seq_balance_coef", "entropy_loss_coef")
 
 
@@ -115,6 +117,14 @@ class ModelConfig(JsonConfig):
         With ``attention_type="mha"``, ``rope_interleave`` stores q/k rotary dims as interleaved pairs
         (ERNIE 4.5).
 
+    Token mixers (hybrid layouts, see :meth:`layer_type`; :func:`periodic_layer_types` builds
+    Jamba's periods, :func:`layout_from_pattern` BlackMamba-style strings):
+        layer_types: per layer ``"attention"`` (``attention_type``: GQA or MLA) or ``"mamba"``
+            (:class:`~moekit.blocks.MambaMixer`); None means attention everywhere.
+        mamba: the Mamba mixer of every ``"mamba"`` layer (required with one); ``mamba.dim`` must
+            equal ``dim``.
+        use_rope: rotate queries and keys; False gives attention without positions (Jamba).
+
     Recommended loss coefficients (aux losses are averaged over MoE layers). Training does not read
     these directly: the objective's weights come from ``TrainConfig`` (``aux_loss_coef`` etc.) and
     fall back to these values when the TrainConfig leaves them None. They stay in the model config
@@ -179,6 +189,9 @@ class ModelConfig(JsonConfig):
     lm_head_bias: bool = False
     qk_norm_after_rope: bool = False
     norm_placement: str = "pre"
+    layer_types: tuple[str, ...] | None = None
+    mamba: MambaConfig | None = None
+    use_rope: bool = True
 
     def __post_init__(self) -> None:
         name = "ModelConfig"
@@ -237,6 +250,7 @@ class ModelConfig(JsonConfig):
         self._check_rope_scaling()
         self._check_family_features()
         self._check_placement()
+        self._check_mixers()
         if self.ffn_dim == 0 and self.num_moe_layers < self.num_layers:
             raise ValueError(
                 f"{name}.ffn_dim must be positive: layers {self.dense_layer_indices} are dense "
@@ -329,6 +343,37 @@ class ModelConfig(JsonConfig):
                     f"{name}.experts_per_layer={list(self.experts_per_layer)}: moe.gating_residual needs the "
                     "same expert count in every MoE layer (the residual maps logits [E] -> [E])"
                 )
+
+    def _check_mixers(self) -> None:
+        name = "ModelConfig"
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(
+                    f"{name}.layer_types has {len(self.layer_types)} entries for num_layers={self.num_layers}; "
+                    "give one per layer"
+                )
+            for t in self.layer_types:
+                check_choice(name, "layer_types[...]", t, LAYER_TYPES)
+        if self.mamba_layer_ids and self.mamba is None:
+            raise ValueError(
+                f"{name}: layers {self.mamba_layer_ids} are 'mamba' but mamba is None; set mamba"
+            )
+        if self.mamba is not None and self.mamba.dim != self.dim:
+            raise ValueError(f"{name}.mamba.dim={self.mamba.dim} must equal dim={self.dim}")
+        if not self.use_rope and self.attention_type == "mla":
+            raise ValueError(f"{name}.use_rope=False is only implemented for attention_type='mha'")
+
+    def layer_type(self, i: int) -> str:
+        """Layer ``i``'s token mixer: ``"attention"`` or ``"mamba"``."""
+        if not (0 <= i < self.num_layers):
+            raise IndexError(f"layer {i} out of range [0, {self.num_layers})")
+        return "attention" if self.layer_types is None else self.layer_types[i]
+
+    @property
+    def mamba_layer_ids(self) -> list[int]:
+        """Indices of the Mamba layers, ascending (empty for a pure-attention model)."""
+        return [i for i, t in enumerate(self.layer_types or ()) if t == "mamba"]
 
     @property
     def attn_head_dim(self) -> int:
@@ -425,6 +470,7 @@ class ModelConfig(JsonConfig):
             rope_interleave=self.rope_interleave,
             out_bias=self.attention_out_bias,
             qk_norm_after_rope=self.qk_norm_after_rope,
+            rope=self.use_rope,
         )
 
     def mla_config(self) -> MLAConfig:
@@ -445,3 +491,53 @@ class ModelConfig(JsonConfig):
         """RoPE inverse frequencies ``[rope_head_dim // 2]`` and the cos/sin scale, per ``rope_scaling``
         (see :meth:`moekit.blocks.RopeConfig.inv_freq_and_scale`)."""
         return self.rope_config().inv_freq_and_scale()
+
+
+def periodic_layer_types(num_layers: int, attn_layer_period: int, attn_layer_offset: int) -> tuple[str, ...]:
+    """Jamba's layout: layer i is attention iff ``i % attn_layer_period == attn_layer_offset``, else Mamba."""
+    if attn_layer_period <= 0 or not (0 <= attn_layer_offset < attn_layer_period):
+        raise ValueError(
+            f"attn_layer_offset={attn_layer_offset} must be in [0, attn_layer_period={attn_layer_period})"
+        )
+    return tuple(
+        "attention" if i % attn_layer_period == attn_layer_offset else "mamba" for i in range(num_layers)
+    )
+
+
+def periodic_layer_ids(num_layers: int, period: int, offset: int) -> tuple[int, ...]:
+    """The layers i with ``i % period == offset`` (Jamba's ``expert_layer_period``/``offset``)."""
+    if period <= 0 or not (0 <= offset < period):
+        raise ValueError(f"layer offset={offset} must be in [0, period={period})")
+    return tuple(i for i in range(num_layers) if i % period == offset)
+
+
+_PATTERN_LETTERS = {
+    "a": ("attention", False),
+    "A": ("attention", True),
+    "m": ("mamba", False),
+    "M": ("mamba", True),
+}
+
+
+def layout_from_pattern(pattern: str) -> dict[str, Any]:
+    """ModelConfig fields for a BlackMamba-style layer string, one letter per layer.
+
+    ``a``/``m``: an attention/Mamba layer with a dense FFN; ``A``/``M``: the same with the MoE FFN
+    (spaces are ignored). E.g. ``"mMmM"`` is BlackMamba's alternation, ``"mMmMaMmM"`` a Jamba
+    block. Returns ``num_layers``, ``layer_types``, ``moe_placement`` (``"explicit"``, or
+    ``"none"`` without upper case) and ``moe_layer_indices``, to pass to :class:`ModelConfig` with the rest.
+    """
+    letters = pattern.replace(" ", "")
+    bad = sorted(set(letters) - set(_PATTERN_LETTERS))
+    if not letters or bad:
+        raise ValueError(
+            f"layer pattern {pattern!r}: use one letter per layer from a, A (attention), m, M (Mamba); "
+            f"upper case = MoE FFN{f' (unknown: {bad})' if bad else ''}"
+        )
+    moe_ids = tuple(i for i, c in enumerate(letters) if _PATTERN_LETTERS[c][1])
+    return {
+        "num_layers": len(letters),
+        "layer_types": tuple(_PATTERN_LETTERS[c][0] for c in letters),
+        "moe_placement": "explicit" if moe_ids else "none",
+        "moe_layer_indices": moe_ids or None,
+    }

@@ -16,7 +16,7 @@ forward is pure overhead at one token per row:
 * the MoE layers compute only the experts the step routes to (``moekit.layers`` already does).
 
 Decode steps take a *fast path* when the model allows it (:func:`fast_decode_supported`: GQA
-attention, plain token-choice top-k routers, resident stacked experts). The same math as the
+attention with RoPE and no Mamba layers, plain token-choice top-k routers, resident stacked experts). The same math as the
 layers, written for one token per row with fewer operator calls: fused ``F.rms_norm``, the router
 as linear -> softmax -> top-k, each routed expert as two matmuls on its own weight slices (ids read
 on the host once per layer), and no routing statistics or aux-loss closures, which decoding never
@@ -64,6 +64,8 @@ def fast_decode_supported(model: MoEForCausalLM) -> bool:
         return False
     if cfg.attention_multiplier is not None or cfg.clip_qkv is not None or cfg.norm_placement != "pre":
         return False
+    if not cfg.use_rope or cfg.mamba_layer_ids:
+        return False  # hybrids and NoPE attention take the general layers
     for layer in model.layers:
         attn = layer.self_attn
         if type(attn) is not Attention or attn.qk_norm == "full":

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from moekit.blocks import (
     Attention,
     KVCache,
+    MambaMixer,
     MLAttention,
     RMSNorm,
     RotaryEmbedding,
@@ -47,7 +48,11 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))``; ``mlp`` is dense or MoE.
+    """Pre-norm block: ``x + mixer(norm(x))``, then ``h + mlp(norm(h))``; ``mlp`` is dense or MoE.
+
+    The token mixer is attention (``self_attn``: GQA or MLA) or, for ``"mamba"`` layers of a
+    hybrid (:meth:`ModelConfig.layer_type`), a :class:`~moekit.blocks.MambaMixer` (``mamba``;
+    ``self_attn`` is then None).
 
     Submodules: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``; with
     ``norm_placement="post"`` the block is ``x + norm(attn(x))``, then ``h + norm(mlp(h))``, with
@@ -63,7 +68,12 @@ class DecoderLayer(nn.Module):
         self.post_norm = config.norm_placement == "post"
         if not self.post_norm:
             self.input_layernorm = make_norm(config)
-        if config.attention_type == "mla":
+        self.mamba: MambaMixer | None = None
+        if config.layer_type(layer_idx) == "mamba":
+            assert config.mamba is not None  # ModelConfig checks it
+            self.mamba = MambaMixer(config.mamba, layer_idx)
+            self.self_attn: nn.Module | None = None
+        elif config.attention_type == "mla":
             self.self_attn: nn.Module = MLAttention(config.mla_config(), layer_idx)
         else:
             self.self_attn = Attention(config.attention_config(), layer_idx)
@@ -97,8 +107,12 @@ class DecoderLayer(nn.Module):
             return self._post_norm_forward(
                 x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache
             )
-        attn_BSD = self.self_attn(self.input_layernorm(x_BSD), cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
-        h_BSD = x_BSD + self._scaled(attn_BSD)
+        normed_BSD = self.input_layernorm(x_BSD)
+        if self.mamba is not None:
+            mixed_BSD = self.mamba(normed_BSD, token_mask_BS, cache)
+        else:
+            mixed_BSD = self.self_attn(normed_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
+        h_BSD = x_BSD + self._scaled(mixed_BSD)
         normed_BSD = self.post_attention_layernorm(h_BSD)
         if not self.is_moe:
             return h_BSD + self._scaled(self.mlp(normed_BSD)), None
@@ -284,7 +298,9 @@ class MoEForCausalLM(nn.Module):
         Linear and embedding weights ~ N(0, initializer_range), biases 0, norms 1. Projections that
         write into the residual stream (``o_proj``, FFN/expert ``w_out``) get std divided by
         sqrt(2 * num_layers) so the stream's variance does not grow with depth (GPT-2). Experts use
-        the same std as dense FFNs, so a 1-expert MoE starts like a dense model. Trainable routers
+        the same std as dense FFNs, so a 1-expert MoE starts like a dense model. Mamba mixers keep
+        their own SSM init (:meth:`~moekit.blocks.MambaMixer.reset_ssm_parameters`) and PyTorch's
+        conv init. Trainable routers
         start at N(0, initializer_range): near-uniform routing. Frozen routers (SMoE-Dropout) keep
         the layer's own init because their logit scale is their routing sharpness forever. The
         gating-residual projection and the expert bias stay zero: a new layer routes as if it had
@@ -309,7 +325,11 @@ class MoEForCausalLM(nn.Module):
                 nn.init.normal_(module.w_in, std=std)
                 nn.init.normal_(module.w_out, std=out_std)
         for layer in self.layers:
-            nn.init.normal_(layer.self_attn.o_proj.weight, std=out_std)
+            if layer.mamba is not None:
+                nn.init.normal_(layer.mamba.out_proj.weight, std=out_std)
+                layer.mamba.reset_ssm_parameters()  # A, D and the time-step bias, overwritten above
+            else:
+                nn.init.normal_(layer.self_attn.o_proj.weight, std=out_std)
             mlp = layer.mlp
             if isinstance(mlp, FeedForward):
                 nn.init.normal_(mlp.w_out.weight, std=out_std)

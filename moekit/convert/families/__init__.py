@@ -19,6 +19,7 @@ from moekit.convert.families.flex_olmo import FlexOlmoAdapter
 from moekit.convert.families.glm4_moe import Glm4MoeAdapter
 from moekit.convert.families.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moekit.convert.families.hunyuan_v1_moe import HunyuanV1MoeAdapter
+from moekit.convert.families.jamba import JambaAdapter
 from moekit.convert.families.llama import LlamaAdapter
 from moekit.convert.families.mistral import MistralAdapter
 from moekit.convert.families.mixtral import MixtralAdapter
@@ -36,6 +37,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
     for a in (
         Glm4MoeAdapter(),
         Dots1Adapter(),
+        JambaAdapter(),
         DeepseekV3Adapter(),
         DeepseekV2Adapter(),
         GraniteMoeSharedAdapter(),

@@ -267,6 +267,13 @@ class FamilyAdapter:
         """Whether automatic family choice should pick this family for ``cfg`` (export)."""
         return False
 
+    def check_mixers(self, cfg: ModelConfig) -> None:
+        """Refuses Mamba layers and attention without RoPE (only the hybrid families express them)."""
+        if cfg.mamba_layer_ids:
+            raise refuse_export(self.model_type, "layer_types", "mamba layers", "an attention-only family")
+        if not cfg.use_rope:
+            raise refuse_export(self.model_type, "use_rope", False, "the family's attention uses RoPE")
+
     # Shared checks for MoE families.
     def check_model_features(self, cfg: ModelConfig) -> None:
         """Refuses :data:`NEUTRAL_MODEL` fields outside :attr:`model_features` (and GQA rope_interleave)."""
@@ -285,6 +292,7 @@ class FamilyAdapter:
     def check_moe(self, cfg: ModelConfig, allowed: set[str] = frozenset()) -> MoEConfig:
         """Refuses MoE options outside :data:`NEUTRAL_MOE` (except ``allowed``) and per-layer expert counts."""
         self.check_model_features(cfg)
+        self.check_mixers(cfg)
         moe = cfg.moe
         if moe is None or cfg.num_moe_layers == 0:
             raise refuse_export(
@@ -308,6 +316,7 @@ class FamilyAdapter:
     ) -> None:
         """Refuses attention options the family lacks (``bias=None`` accepts either)."""
         self.check_model_features(cfg)
+        self.check_mixers(cfg)
         if cfg.attention_type != "mha":
             raise refuse_export(self.model_type, "attention_type", cfg.attention_type, "the family uses GQA")
         if cfg.qk_norm != qk_norm:
