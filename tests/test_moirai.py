@@ -258,6 +258,10 @@ def test_resume_through_fit_is_exact(tmp_path, one_thread, monkeypatch):
     for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.val_loss == full.val_loss
+    # The run folder opens with the one loader, centroids included.
+    loaded = moekit.from_pretrained(tmp_path / "a")
+    assert isinstance(loaded, MoiraiMoEModel)
+    assert torch.equal(loaded.layers[0].ffn.router.centroids, full_model.layers[0].ffn.router.centroids)
 
 
 def test_learned_router_option_trains(one_thread):
@@ -288,3 +292,23 @@ def test_fit_centroids_from_the_dense_twin():
     with torch.no_grad():
         out = fitted(batches[0]["values"], batches[0]["observed"])
     assert bool((out.routing[1].tokens_per_expert > 0).all())
+
+
+def test_predict_df_takes_a_long_dataframe_and_constant_series():
+    pd = pytest.importorskip("pandas")
+    torch.manual_seed(0)
+    model = MoiraiMoEModel(_tiny())
+    df = pd.DataFrame(
+        {
+            "unique_id": ["flat"] * 20 + ["ramp"] * 30,
+            "ds": list(pd.date_range("2020-01-01", periods=20, freq="MS"))
+            + list(pd.date_range("2020-01-01", periods=30, freq="MS")),
+            "y": [4.0] * 20 + list(np.arange(30.0)),
+        }
+    )
+    frame = MoiraiForecaster(model).predict_df(df, 3, num_samples=10)
+    assert list(frame["unique_id"]) == ["flat"] * 3 + ["ramp"] * 3
+    assert str(frame["ds"][0])[:10] == "2021-09-01" and str(frame["ds"][3])[:10] == "2022-07-01"
+    assert np.all(np.isfinite(frame["mean"]))  # a constant series normalises with scale 1
+    with pytest.raises(ValueError, match="horizon=0"):
+        MoiraiForecaster(model).predict_df(df, 0)
