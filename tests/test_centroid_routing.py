@@ -153,3 +153,17 @@ def test_fit_centroids_errors():
         fit_centroids(dense, [torch.randn(2, 3)])
     with pytest.raises(ValueError, match="cannot make 3 clusters"):
         fit_centroids(_Toy(moe=True), [torch.randn(2, 3)])
+
+
+def test_expert_bias_steers_the_choice_not_the_weights():
+    torch.manual_seed(2)
+    cfg = MoEConfig(dim=4, ffn_dim=4, num_experts=4, top_k=2, router_type="centroid", use_expert_bias=True)
+    layer = MoELayer(cfg).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.router.expert_bias[3] = 1e3
+    out = layer(x)
+    assert bool((out.routing.expert_ids == 3).any(-1).all())
+    d = torch.cdist(x, layer.router.centroids)
+    chosen = d.gather(1, out.routing.expert_ids)
+    torch.testing.assert_close(out.routing.weights, torch.softmax(-chosen, -1))
