@@ -15,8 +15,10 @@ Contract:
 Layout:
     config.py    MoEConfig / FFNConfig dataclasses (validated, JSON round-trip)
     strategies.py  router strategies, one class per router_type (top-k softmax/sigmoid with
-                 groups and bias, top-k after-softmax, random-fixed, top-p, expert-choice), each
-                 validating its fields; RouterOutput
+                 groups and bias, top-k after-softmax, random-fixed, top-p, expert-choice,
+                 centroid), each validating its fields; RouterOutput
+    centroids.py kmeans (k-means++), fit_centroids: token-cluster gating's centroids from a
+                 (dense) model's FFN inputs
     router.py    Router: parameters, logits (noise, gating residual), route_small for decode;
                  capacity with score/position/RTS drops
     experts.py   storage: ExpertWeights interface, stacked default, sorted forward, FeedForward
@@ -35,6 +37,7 @@ prefetch), subclass ``dispatch.Dispatcher`` and assign it to ``layer.dispatcher`
 """
 
 from moekit.layers.balance import ExpertBiasBalancer, update_expert_bias
+from moekit.layers.centroids import fit_centroids, kmeans
 from moekit.layers.config import FFNConfig, MoEConfig
 from moekit.layers.dispatch import (
     Dispatcher,
@@ -70,6 +73,8 @@ __all__ = [
     "combine",
     "dense_equivalent",
     "expert_compute",
+    "fit_centroids",
+    "kmeans",
     "permute",
     "routed_experts",
     "update_expert_bias",

@@ -58,7 +58,8 @@ class MoEConfig(JsonConfig):
 
     Router:
         router_type: ``"topk"`` (token choice), ``"top_p"`` (dynamic), ``"random_fixed"``
-            (SMoE-Dropout: frozen random router, softmax over the chosen logits), ``"expert_choice"``.
+            (SMoE-Dropout: frozen random router, softmax over the chosen logits), ``"expert_choice"``,
+            ``"centroid"`` (Moirai-MoE token-cluster gating: nearest of E fixed k-means centroids).
         top_k: experts per token for token-choice routers; capacity multiplier for expert choice.
         score_func: ``"softmax"`` or ``"sigmoid"`` scores.
         softmax_order: ``"before_topk"`` (Mixtral/Qwen/OLMoE) or ``"after_topk"`` (softmax over the
@@ -80,6 +81,9 @@ class MoEConfig(JsonConfig):
         noise_eps: noise scale.
         gating_residual: MoE++ gating residual; the layer adds ``W_g @ prev_logits`` to its logits.
         zero_expert_tau: weight of zero-computation experts in the heterogeneous balance loss.
+        centroid_farthest: ``router_type="centroid"`` only: route to the *farthest* centroids, as
+            the released Moirai-MoE code does (a compatibility flag for its checkpoints; new models
+            route to the nearest).
 
     Capacity:
         capacity_factor: ``None`` is dropless. Otherwise each expert takes at most
@@ -128,6 +132,7 @@ class MoEConfig(JsonConfig):
     noise_eps: float = 1e-2
     gating_residual: bool = False
     zero_expert_tau: float = 0.75
+    centroid_farthest: bool = False
 
     capacity_factor: float | None = None
     min_capacity: int = 4
@@ -205,6 +210,10 @@ class MoEConfig(JsonConfig):
         if self.router_type != "sparsemixer" and self.sparsemixer_eps != 0.01:
             raise ValueError(
                 f"{name}.sparsemixer_eps={self.sparsemixer_eps} is only read by router_type='sparsemixer'"
+            )
+        if self.centroid_farthest and self.router_type != "centroid":
+            raise ValueError(
+                f"{name}.centroid_farthest applies to router_type='centroid', not {self.router_type!r}; remove it"
             )
         # Each router strategy rejects the fields it would silently ignore.
         strategy_for(self).check(self)

@@ -31,7 +31,9 @@ class Router(nn.Module):
     """Scores tokens against experts and picks experts per token.
 
     Parameters:
-        weight: ``[E, D]`` router projection (``bias`` ``[E]`` when ``router_bias``).
+        weight: ``[E, D]`` router projection (``bias`` ``[E]`` when ``router_bias``); None for
+            ``router_type="centroid"``, whose logits are distances to the ``centroids`` buffer
+            ``[E, D]`` (persistent, never trained; set by :func:`~moekit.layers.centroids.set_centroids`).
         residual_weight: ``[E, E]`` MoE++ gating-residual projection, zero at init so a new
             layer starts as if it had no residual.
         expert_bias: ``[E]`` buffer used only to choose experts (aux-loss-free balancing).
@@ -41,7 +43,12 @@ class Router(nn.Module):
         super().__init__()
         self.config = config
         num_e = config.num_total_experts
-        self.weight = nn.Parameter(torch.empty(num_e, config.dim))
+        if config.router_type == "centroid":
+            self.register_parameter("weight", None)
+            self.register_buffer("centroids", torch.empty(num_e, config.dim), persistent=True)
+        else:
+            self.weight = nn.Parameter(torch.empty(num_e, config.dim))
+            self.centroids = None
         self.bias = (
             nn.Parameter(torch.zeros(num_e))
             if config.router_bias or config.router_type == "random_fixed"
@@ -53,13 +60,21 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
         self.reset_parameters()
-        if config.router_frozen or config.router_type == "random_fixed":
+        if self.weight is not None and (config.router_frozen or config.router_type == "random_fixed"):
             self.weight.requires_grad_(False)
             if self.bias is not None:
                 self.bias.requires_grad_(False)
 
     def reset_parameters(self) -> None:
-        """Initialises the projection like ``nn.Linear`` (kaiming-uniform, fan-in bound)."""
+        """Initialises the projection like ``nn.Linear`` (kaiming-uniform, fan-in bound).
+
+        Centroids start as N(0, 1) rows (the scale of RMS-normed token states) so an unfitted
+        centroid router still spreads tokens; k-means replaces them.
+        """
+        if self.centroids is not None:
+            with torch.no_grad():
+                self.centroids.normal_()
+            return
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.config.dim)
@@ -69,6 +84,13 @@ class Router(nn.Module):
         """The router projection alone: ``[T, D] -> [T, E]`` in the routing dtype (no noise, no
         residual). Subclasses with extra rows (``surgery.extend``) override this."""
         dtype = _routing_dtype(x_TD)
+        if self.centroids is not None:
+            # Exact pairwise distances (no ||x||^2 - 2xc + ||c||^2 shortcut, whose rounding can
+            # flip which centroid is nearest); the router's choice must not depend on batch size.
+            dist_TE = torch.cdist(
+                x_TD.to(dtype), self.centroids.to(dtype), compute_mode="donot_use_mm_for_euclid_dist"
+            )
+            return dist_TE if self.config.centroid_farthest else -dist_TE
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x_TD.to(dtype), self.weight.to(dtype), bias)
 

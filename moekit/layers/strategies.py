@@ -3,6 +3,9 @@
 Shape legend: T = tokens, E = experts the router scores (FFN plus zero-computation), K = experts
 per token (padded to K_max), G = expert groups.
 
+``CentroidRouting`` (token-cluster gating) needs the router to compute distance logits: the
+:class:`~moekit.layers.Router` does that from its ``centroids`` buffer (no projection weight).
+
 Every strategy is a stateless class with two parts:
 
 * :meth:`RouterStrategy.check` validates the :class:`~moekit.layers.MoEConfig` fields the strategy
@@ -272,6 +275,55 @@ class TopPRouting(RouterStrategy):
         return RouterOutput(ids_TK, weights_TK, logits_TE, probs_TE, ids_TK)
 
 
+class CentroidRouting(RouterStrategy):
+    """Token-cluster gating (Moirai-MoE): each token goes to its ``k`` nearest centroids.
+
+    The router holds ``E`` centroids ``[E, D]`` (a buffer from k-means over a pretrained dense
+    model's token states, :func:`moekit.layers.centroids.fit_centroids`); nothing in it trains.
+    Its logits are ``-||x - c_e||`` (Euclidean distance), so top-k picks the nearest centroids
+    and the weights are the softmax of the chosen negative distances (they sum to 1; times
+    ``routed_scaling_factor``). ``centroid_farthest=True`` reproduces the released uni2ts code,
+    which takes top-k of the raw distances and so routes to the *farthest* centroids (logits
+    ``+||x - c_e||``); it exists only to run checkpoints trained that way.
+
+    [paper*] The paper describes the gate as a distance to cluster centroids; whether its weights
+    are a softmax of the chosen negative distances (as here) or of all distances is not stated
+    unambiguously. The softmax over the chosen k follows the released code's form.
+    """
+
+    name = "centroid"
+    fixed_k = True
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        _reject(
+            cfg,
+            "centroid",
+            {
+                "score_func": "softmax",
+                "softmax_order": "before_topk",
+                "norm_topk_prob": True,
+                "num_expert_groups": 1,
+                "group_score": "top2_sum",
+                "router_bias": False,
+                "gating_residual": False,
+            },
+            "it scores tokens by distance to fixed centroids and takes a softmax over the chosen k",
+        )
+        _reject(cfg, "centroid", _TOP_P_FIELDS, "they are top-p settings")
+
+    @classmethod
+    def select(cls, cfg: Any, logits_TE: Tensor, bias_E: Tensor | None, k: int, training: bool):
+        select_TE = logits_TE if bias_E is None else logits_TE + bias_E
+        if training and cfg.noise == "gumbel":
+            select_TE = select_TE + _gumbel_like(select_TE)
+        ids_TK = select_TE.topk(k, dim=-1).indices
+        weights_TK = torch.softmax(logits_TE.gather(-1, ids_TK), dim=-1)
+        if cfg.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * cfg.routed_scaling_factor
+        return ids_TK, weights_TK, logits_TE
+
+
 class ExpertChoiceRouting(RouterStrategy):
     """Expert choice: each expert takes its top-C tokens, ``C = ceil(cf * T * k / E)``."""
 
@@ -396,6 +448,7 @@ ROUTER_STRATEGIES: Mapping[str, type[RouterStrategy]] = MappingProxyType(
         "random_fixed": RandomFixedRouting,
         "expert_choice": ExpertChoiceRouting,
         "sparsemixer": SparseMixerRouting,
+        "centroid": CentroidRouting,
     }
 )
 

@@ -21,6 +21,8 @@ Layout:
     generation.py  generate, Sampler, iter_tokens, the compile="auto" policy
     io.py          save/load of moekit folders (safetensors only)
     presets.py     named configs (moe-tiny, moe-small, ..., dense twins)
+    moirai*.py     the Moirai-MoE forecaster family (model, mixture heads, objective, data
+                   module, forecaster; family ``moirai_moe``), docs/timeseries-moirai.md
 
 To add a family: express it as ModelConfig fields (add a field with a neutral default when a
 family needs a switch the decoder lacks), add a preset whose docstring cites the HF config, and

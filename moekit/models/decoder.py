@@ -335,7 +335,9 @@ class MoEForCausalLM(nn.Module):
                 nn.init.normal_(mlp.w_out.weight, std=out_std)
                 continue
             router = mlp.router
-            if router.weight.requires_grad:
+            if router.weight is None:  # centroid routing: no projection; k-means sets the centroids
+                router.reset_parameters()
+            elif router.weight.requires_grad:
                 nn.init.normal_(router.weight, std=std)
                 if router.bias is not None:
                     nn.init.zeros_(router.bias)

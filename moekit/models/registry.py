@@ -74,6 +74,8 @@ def _build_families() -> dict[str, ModelFamily]:
     from moekit.data import TextDataModule
     from moekit.models.config import ModelConfig
     from moekit.models.decoder import MoEForCausalLM
+    from moekit.models.moirai import MoiraiMoEConfig, MoiraiMoEModel
+    from moekit.models.moirai_train import MoiraiDataModule, MoiraiObjective
     from moekit.models.objectives import CausalLMObjective
 
     entries = [
@@ -85,6 +87,15 @@ def _build_families() -> dict[str, ModelFamily]:
             objective_cls=CausalLMObjective,
             data_module_cls=TextDataModule,
             hf_exporter="moekit.convert:save_hf",
+        ),
+        # Lead: set task="forecast" here once ModelFamily has the `task` field (timemoe's branch).
+        ModelFamily(
+            name="moirai_moe",
+            config_cls=MoiraiMoEConfig,
+            model_cls=MoiraiMoEModel,
+            description="Moirai-MoE patch forecaster: mixture-distribution head, token-cluster gated MoE FFNs",
+            objective_cls=MoiraiObjective,
+            data_module_cls=MoiraiDataModule,
         ),
     ]
     return {family.name: family for family in entries}
