@@ -273,6 +273,9 @@ CASES = [
         "deepseek_v2",
         dict(
             q_lora_rank=None,
+            qk_rope_head_dim=8,
+            head_dim=8,  # transformers derives it from qk_rope_head_dim at construction only
+            v_head_dim=12,
             n_shared_experts=2,
             first_k_dense_replace=0,
             rope_parameters=YARN | {"mscale": 1.0, "mscale_all_dim": 0.707},
@@ -360,6 +363,28 @@ def test_sparsemixer_matches_transformers_eval_path(eps):
     # The margin masks experts for some tokens (so the test would notice a plain softmax).
     plain = torch.softmax(logits, -1).gather(-1, ids_TK[:, :1])
     assert eps == 0.0 or bool((weights_TK[:, :1] - plain).abs().max() > 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("glm4_moe", {}),
+        ("ernie4_5_moe", {}),
+        ("phimoe", dict(sliding_window=4)),
+        ("granitemoeshared", {}),
+        ("flex_olmo", {}),
+    ],
+)
+def test_left_padding_matches_hf(family, overrides, tmp_path):
+    hf = make_hf(family, **overrides)
+    hf.save_pretrained(tmp_path / "pad")
+    model = from_pretrained(tmp_path / "pad")
+    x = ids(2, 10)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ref, got = hf(x, attention_mask=mask).logits, model(x, attention_mask=mask).logits
+    assert max_diff(ref[mask.bool()], got[mask.bool()]) < 1e-5
 
 
 # ---- refusals ------------------------------------------------------------------------------
