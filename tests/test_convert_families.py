@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 
 from moekit.convert import from_pretrained  # noqa: E402
+from moekit.models import MoEForCausalLM  # noqa: E402
 
 torch.set_num_threads(1)
 VOCAB = 100
@@ -183,6 +184,11 @@ def max_diff(a, b):
     return float((a - b).abs().max())
 
 
+def _saved(model, folder):
+    model.save_pretrained(folder)
+    return folder
+
+
 def round_trip(family, tmp_path, overrides, check_layout=True, expect_plain=False):
     """The full contract; returns the measured max logit difference."""
     hf = make_hf(family, **overrides)
@@ -199,6 +205,11 @@ def round_trip(family, tmp_path, overrides, check_layout=True, expect_plain=Fals
     want = hf_greedy(hf, prompt)
     assert torch.equal(model.generate(prompt, max_new_tokens=20), want)
     assert torch.equal(model.generate(prompt, max_new_tokens=20, use_cache=False), want)
+
+    # moekit's own folder keeps every new field and tensor.
+    native = MoEForCausalLM.from_pretrained(_saved(model, tmp_path / "native"))
+    with torch.no_grad():
+        assert torch.equal(native(x).logits, model(x).logits)
 
     out = tmp_path / "export"
     model.save_pretrained(out, format="hf")
@@ -262,6 +273,9 @@ CASES = [
         "deepseek_v2",
         dict(
             q_lora_rank=None,
+            qk_rope_head_dim=8,
+            head_dim=8,  # transformers derives it from qk_rope_head_dim at construction only
+            v_head_dim=12,
             n_shared_experts=2,
             first_k_dense_replace=0,
             rope_parameters=YARN | {"mscale": 1.0, "mscale_all_dim": 0.707},
@@ -351,6 +365,28 @@ def test_sparsemixer_matches_transformers_eval_path(eps):
     assert eps == 0.0 or bool((weights_TK[:, :1] - plain).abs().max() > 1e-3)
 
 
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("glm4_moe", {}),
+        ("ernie4_5_moe", {}),
+        ("phimoe", dict(sliding_window=4)),
+        ("granitemoeshared", {}),
+        ("flex_olmo", {}),
+    ],
+)
+def test_left_padding_matches_hf(family, overrides, tmp_path):
+    hf = make_hf(family, **overrides)
+    hf.save_pretrained(tmp_path / "pad")
+    model = from_pretrained(tmp_path / "pad")
+    x = ids(2, 10)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ref, got = hf(x, attention_mask=mask).logits, model(x, attention_mask=mask).logits
+    assert max_diff(ref[mask.bool()], got[mask.bool()]) < 1e-5
+
+
 # ---- refusals ------------------------------------------------------------------------------
 
 
@@ -410,11 +446,20 @@ def test_inexpressible_feature_refuses_export(fields, family, pattern, tmp_path)
         save_hf(_exportable(**fields), tmp_path / "out", family=family)
 
 
-def test_unknown_family_lists_the_new_ones():
+@pytest.mark.parametrize(
+    ("model_type", "pattern"),
+    [
+        ("jetmoe", "model_type 'jetmoe' is not supported: .*mixture-of-attention-heads"),
+        ("gpt_oss", "model_type 'gpt_oss' is not supported: .*attention sinks"),
+        ("qwen3_next", "DeltaNet"),
+        ("gpt2", "unknown Hugging Face model_type 'gpt2'"),
+    ],
+)
+def test_unsupported_family_is_named_with_the_supported_ones(model_type, pattern):
     from moekit.convert import config_from_hf
 
-    with pytest.raises(ValueError, match="unknown Hugging Face model_type 'jetmoe'") as err:
-        config_from_hf({"model_type": "jetmoe"})
+    with pytest.raises(ValueError, match=pattern) as err:
+        config_from_hf({"model_type": model_type})
     for family in (
         "glm4_moe",
         "deepseek_v2",

@@ -13,6 +13,16 @@ converters' key maps. The fields cover what the HF MoE families need:
                  groups, moe.use_expert_bias, moe.routed_scaling_factor, rope_scaling "yarn"
                  attention_type="mla" (multi-head latent attention: q_lora_rank, kv_lora_rank,
                  qk_nope_head_dim, qk_rope_head_dim, v_head_dim), rope_interleave
+    GLM-4-MoE    partial_rotary_factor (plus DeepSeek-V3's routing on GQA attention)
+    Granite-MoE  embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling,
+                 moe.softmax_order="after_topk"
+    ERNIE 4.5    rope_interleave on GQA attention, moe.use_expert_bias with softmax scores
+    PhiMoE       norm_type="layernorm" + norm_bias, attention_out_bias, lm_head_bias,
+                 moe.router_type="sparsemixer"
+    DBRX         clip_qkv, norm_type="layernorm"
+    Hunyuan-MoE  qk_norm_after_rope
+    FlexOlmo     norm_placement="post"
+The family fields come last in the field list, each neutral by default.
 """
 
 from __future__ import annotations

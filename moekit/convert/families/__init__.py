@@ -59,8 +59,25 @@ FAMILIES: dict[str, FamilyAdapter] = {
 }
 
 
+# MoE families transformers ships that moekit knows it cannot run yet, and why (the error says so).
+NOT_MODELLED = {
+    "gpt_oss": "attention sinks, alternating sliding/full layers, expert biases and a clamped SwiGLU",
+    "llama4": "chunked attention, NoPE layers and a shared expert before top-1 sigmoid routing",
+    "llama4_text": "chunked attention, NoPE layers and a shared expert before top-1 sigmoid routing",
+    "jetmoe": "mixture-of-attention-heads (MoE inside attention)",
+    "minimax": "linear-attention (lightning) layers beside softmax attention",
+    "qwen3_next": "gated DeltaNet linear-attention layers",
+    "granitemoehybrid": "Mamba2 mixers",
+}
+
+
 def get_family(model_type: str) -> FamilyAdapter:
     """The adapter for an HF ``model_type``; ValueError naming it and the supported ones if unknown."""
+    if model_type in NOT_MODELLED and model_type not in FAMILIES:
+        raise ValueError(
+            f"Hugging Face model_type {model_type!r} is not supported: moekit does not model its "
+            f"{NOT_MODELLED[model_type]}; moekit.convert supports {sorted(FAMILIES)}"
+        )
     if model_type not in FAMILIES:
         raise ValueError(
             f"unknown Hugging Face model_type {model_type!r}; moekit.convert supports {sorted(FAMILIES)}"
