@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the verb's flags; each sets a ``DistillConfig`` field (unset flags keep its value)."""
     p.add_argument("--teacher", metavar="DIR", help="teacher folder (run, checkpoint, model or Hugging Face)")
     p.add_argument("--student", metavar="DIR", help="student folder (e.g. `moekit upcycle` output)")
-    p.add_argument("--student-preset", metavar="NAME", help="a new student from this preset (teacher's vocabulary)")
+    p.add_argument(
+        "--student-preset", metavar="NAME", help="a new student from this preset (teacher's vocabulary)"
+    )
     p.add_argument(
         "--upcycle-experts",
         type=int,
@@ -28,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="KD temperature T (the loss is scaled by T^2)")
     p.add_argument("--kd-weight", type=float, help="weight of the KD term")
     p.add_argument("--ce-weight", type=float, help="weight of the data cross-entropy")
-    p.add_argument("--kd-stop-step", type=int, metavar="N", help="staged KD: no KD from step N on (mos: steps/2)")
+    p.add_argument(
+        "--kd-stop-step", type=int, metavar="N", help="staged KD: no KD from step N on (mos: steps/2)"
+    )
     p.add_argument("--top-k-logits", type=int, metavar="K", help="KD on the teacher's top-K logits only")
     p.add_argument("--cache-teacher", action="store_true", help="run the teacher once, caching top-K logits")
     p.add_argument("--mos-num-layers", type=int, help="depth of the Mixture-of-Students student")
@@ -36,13 +40,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pref-beta", type=float, help="preference beta (default 0.1)")
     p.add_argument("--num-prompts", type=int, help="prompts for preference pairs")
     p.add_argument("--num-samples", type=int, help="student samples per prompt (ranked by the teacher)")
-    p.add_argument("--corpus", action="append", metavar="PATH", help="text file/folder/glob (default: stdlib)")
+    p.add_argument(
+        "--corpus", action="append", metavar="PATH", help="text file/folder/glob (default: stdlib)"
+    )
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch-size", type=int, help="sequences (or pairs) per micro-batch")
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="seed of every RNG")
-    p.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop with a checkpoint after this long")
+    p.add_argument(
+        "--time-limit", type=float, metavar="SECONDS", help="stop with a checkpoint after this long"
+    )
     p.add_argument("--config", metavar="FILE", help="a DistillConfig JSON file; flags override it")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/distill)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
@@ -108,8 +116,12 @@ def _upcycled_student(config, num_experts: int):
         raise ValueError("--upcycle-experts needs --student DIR (the smaller dense model)")
     dense = from_pretrained(config.student)
     if dense.config.moe is not None and dense.config.num_moe_layers:
-        raise ValueError(f"--upcycle-experts: {config.student} is already an MoE model; drop --upcycle-experts")
-    up = upcycle(dense, UpcycleConfig(layers="every_other", num_experts=num_experts, top_k=min(2, num_experts)))
+        raise ValueError(
+            f"--upcycle-experts: {config.student} is already an MoE model; drop --upcycle-experts"
+        )
+    up = upcycle(
+        dense, UpcycleConfig(layers="every_other", num_experts=num_experts, top_k=min(2, num_experts))
+    )
     return up.train()
 
 

@@ -45,7 +45,11 @@ def _float(t: Tensor) -> Tensor:
 
 
 def kd_divergence(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, kind: str = "forward_kl", beta: float = 0.5
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
 ) -> Tensor:
     """Per-token divergence ``[...]`` between ``softmax(teacher / T)`` and ``softmax(student / T)``.
 
@@ -164,7 +168,9 @@ def completion_mask(attention_mask: Tensor, prompt_lengths: Tensor) -> Tensor:
     return (positions[None, :] >= prompt_lengths.to(attention_mask.device)[:, None]) & attention_mask.bool()
 
 
-def completion_logps(logits_BSV: Tensor, input_ids: Tensor, attention_mask: Tensor, prompt_lengths: Tensor) -> Tensor:
+def completion_logps(
+    logits_BSV: Tensor, input_ids: Tensor, attention_mask: Tensor, prompt_lengths: Tensor
+) -> Tensor:
     """``[B]`` summed log-probabilities of each row's completion under ``logits_BSV``.
 
     Args:
@@ -179,7 +185,9 @@ def completion_logps(logits_BSV: Tensor, input_ids: Tensor, attention_mask: Tens
     return (token_lp * keep).sum(-1)
 
 
-def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_lengths: Tensor) -> Tensor:
+def sequence_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_lengths: Tensor
+) -> Tensor:
     """``[B]`` log-probability of each row's completion under ``model``, the prompt masked.
 
     Runs ``model(input_ids, attention_mask=...)`` (gradients flow if enabled) and applies
@@ -260,7 +268,13 @@ class TeacherLogitCache:
     @classmethod
     @torch.no_grad()
     def build(
-        cls, teacher: nn.Module, data: DataModule, num_batches: int, k: int, temperature: float, path: str | Path
+        cls,
+        teacher: nn.Module,
+        data: DataModule,
+        num_batches: int,
+        k: int,
+        temperature: float,
+        path: str | Path,
     ) -> TeacherLogitCache:
         """Runs the teacher on the next ``num_batches`` training batches of ``data`` (a
         :class:`DistillDataModule` or any module yielding ``[B, S + 1]`` tokens) and writes ``path``."""
@@ -298,7 +312,7 @@ class TeacherLogitCache:
         tensors = {}
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensors[name] = f.get_tensor(name)
         return cls(tensors, meta)
 
@@ -347,11 +361,18 @@ class DistillDataModule(DataModule):
         tokens = self.base.next_train_batch()
         index = self.num_drawn
         self.num_drawn += 1
-        return {"tokens": tokens, "index": torch.tensor(index), "step": torch.tensor(index // self.grad_accum)}
+        return {
+            "tokens": tokens,
+            "index": torch.tensor(index),
+            "step": torch.tensor(index // self.grad_accum),
+        }
 
     def val_batches(self) -> list[dict[str, Tensor]]:
         """The base module's validation batches, wrapped."""
-        return [{"tokens": b, "index": torch.tensor(-1), "step": torch.tensor(-1)} for b in self.base.val_batches()]
+        return [
+            {"tokens": b, "index": torch.tensor(-1), "step": torch.tensor(-1)}
+            for b in self.base.val_batches()
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         """The base state plus ``distill_num_drawn``."""

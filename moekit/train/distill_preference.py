@@ -68,14 +68,24 @@ class PreferencePairs:
 
 @torch.no_grad()
 def sample_responses(
-    model: nn.Module, prompts: Tensor, num_samples: int, response_len: int, generator: torch.Generator, temperature: float = 1.0
+    model: nn.Module,
+    prompts: Tensor,
+    num_samples: int,
+    response_len: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
 ) -> Tensor:
     """``[P, N, R]`` sampled responses (no early stop, so every response has R tokens) to ``[P, L]`` prompts."""
     from moekit.models.generation import generate
 
     repeated = prompts.repeat_interleave(num_samples, dim=0)
     out = generate(
-        model, repeated, max_new_tokens=response_len, do_sample=True, temperature=temperature, generator=generator
+        model,
+        repeated,
+        max_new_tokens=response_len,
+        do_sample=True,
+        temperature=temperature,
+        generator=generator,
     )
     return out[:, prompts.shape[1] :].reshape(prompts.shape[0], num_samples, response_len)
 
@@ -123,7 +133,9 @@ def build_preference_pairs(
     # The teacher is the reference model (LLaVA-MoD), so its log-probabilities are computed once here.
     ref_c = sequence_logps(teacher, chosen_t, mask, lengths).float()
     ref_r = sequence_logps(teacher, rejected_t, mask, lengths).float()
-    return PreferencePairs(chosen_t, rejected_t, lengths, ref_c, ref_r, torch.stack(c_scores), torch.stack(r_scores))
+    return PreferencePairs(
+        chosen_t, rejected_t, lengths, ref_c, ref_r, torch.stack(c_scores), torch.stack(r_scores)
+    )
 
 
 class PreferenceDataModule(DataModule):
@@ -175,13 +187,19 @@ class PreferenceObjective(Objective):
     Validation scores the preference loss on the validation pairs.
     """
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "kto_pair", weights: LossWeights | None = None) -> None:
+    def __init__(
+        self, beta: float = 0.1, loss_type: str = "kto_pair", weights: LossWeights | None = None
+    ) -> None:
         if loss_type not in PREFERENCE_LOSSES:
-            raise ValueError(f"PreferenceObjective.loss_type={loss_type!r}; use one of {list(PREFERENCE_LOSSES)}")
+            raise ValueError(
+                f"PreferenceObjective.loss_type={loss_type!r}; use one of {list(PREFERENCE_LOSSES)}"
+            )
         self.beta, self.loss_type = beta, loss_type
         self.weights = weights if weights is not None else LossWeights()
 
-    def forward(self, model: nn.Module, batch: dict[str, Tensor], moe_k: int | None = None) -> tuple[Any, Tensor, Tensor]:
+    def forward(
+        self, model: nn.Module, batch: dict[str, Tensor], moe_k: int | None = None
+    ) -> tuple[Any, Tensor, Tensor]:
         """One pass over ``[2P, S]`` (chosen then rejected); returns (output, chosen logps, rejected logps)."""
         ids = torch.cat([batch["chosen"], batch["rejected"]])
         mask = torch.ones_like(ids)
@@ -193,7 +211,12 @@ class PreferenceObjective(Objective):
     def _pref(self, output, batch) -> tuple[Tensor, Tensor, Tensor]:
         _, chosen, rejected = output
         return preference_loss(
-            chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], self.beta, self.loss_type
+            chosen,
+            rejected,
+            batch["ref_chosen_logps"],
+            batch["ref_rejected_logps"],
+            self.beta,
+            self.loss_type,
         )
 
     def loss(self, output, batch) -> ObjectiveOutput:
@@ -220,7 +243,9 @@ class PreferenceObjective(Objective):
 
 
 @torch.no_grad()
-def preference_stats(model: nn.Module, pairs: PreferencePairs, beta: float, loss_type: str) -> dict[str, float]:
+def preference_stats(
+    model: nn.Module, pairs: PreferencePairs, beta: float, loss_type: str
+) -> dict[str, float]:
     """``{"loss", "reward_margin", "reward_accuracy"}`` of ``model`` as the policy on ``pairs``
     (rewards relative to the teacher reference). Runs in eval mode."""
     was = model.training

@@ -121,8 +121,18 @@ class DistillConfig(JsonConfig):
         if not 0 <= self.kd_beta <= 1:
             raise ValueError(f"{name}.kd_beta must be in [0, 1], got {self.kd_beta}")
         if self.cache_teacher and self.top_k_logits is None:
-            raise ValueError(f"{name}.cache_teacher needs top_k_logits (the cache stores the teacher's top-k)")
-        for f in ("max_steps", "seq_len", "batch_size", "grad_accum", "num_prompts", "prompt_len", "response_len"):
+            raise ValueError(
+                f"{name}.cache_teacher needs top_k_logits (the cache stores the teacher's top-k)"
+            )
+        for f in (
+            "max_steps",
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "num_prompts",
+            "prompt_len",
+            "response_len",
+        ):
             if getattr(self, f) < 1:
                 raise ValueError(f"{name}.{f} must be >= 1, got {getattr(self, f)}")
 
@@ -152,12 +162,16 @@ def pr_moe_config(base: Any, num_layers: int) -> Any:
         raise ValueError("the Mixture-of-Students student needs an MoE preset (its moe template)")
     if num_layers < 1:
         raise ValueError(f"the Mixture-of-Students student needs >= 1 layer, got {num_layers}")
-    num_wide = max(1, round(num_layers / 6)) if num_layers > 1 else 0
+    num_wide = max(1, round(num_layers / 6)) if num_layers > 1 else 0  # one layer: no pyramid
     e = base.moe.num_experts
     experts = tuple([e] * (num_layers - num_wide) + [2 * e] * num_wide)
     moe = base.moe.replace(residual_moe=True, top_k=1)
     return base.replace(
-        num_layers=num_layers, moe=moe, moe_placement="all", experts_per_layer=experts, ffn_dim=base.moe.ffn_dim
+        num_layers=num_layers,
+        moe=moe,
+        moe_placement="all",
+        experts_per_layer=experts,
+        ffn_dim=base.moe.ffn_dim,
     )
 
 
@@ -180,11 +194,15 @@ def student_model_config(config: DistillConfig, teacher_config: Any) -> Any:
         if depth is None:
             depth = teacher_config.num_layers - max(1, round(teacher_config.num_layers / 8))
         base = pr_moe_config(base, max(1, depth))
-    merged = _deep_merge(base.to_dict(), {**config.student_overrides, "vocab_size": teacher_config.vocab_size})
+    merged = _deep_merge(
+        base.to_dict(), {**config.student_overrides, "vocab_size": teacher_config.vocab_size}
+    )
     return ModelConfig.from_dict(merged)
 
 
-def check_same_vocabulary(teacher: nn.Module, student: nn.Module, teacher_tok: Any, student_dir: Path | None) -> None:
+def check_same_vocabulary(
+    teacher: nn.Module, student: nn.Module, teacher_tok: Any, student_dir: Path | None
+) -> None:
     """Raises ``ValueError("vocabulary mismatch: ...")`` unless teacher and student share a tokenizer."""
     from moekit.data import tokenizer_hash
     from moekit.loader import load_tokenizer
@@ -195,12 +213,12 @@ def check_same_vocabulary(teacher: nn.Module, student: nn.Module, teacher_tok: A
             f"vocabulary mismatch: the teacher has {t_vocab} tokens and the student {s_vocab}; "
             "teacher and student must share a tokenizer"
         )
-    if student_dir is not None and (student_dir / "tokenizer.json").is_file():
-        if tokenizer_hash(load_tokenizer(student_dir)) != tokenizer_hash(teacher_tok):
-            raise ValueError(
-                f"vocabulary mismatch: {student_dir}/tokenizer.json differs from the teacher's tokenizer; "
-                "teacher and student must share a tokenizer"
-            )
+    has_tok = student_dir is not None and (student_dir / "tokenizer.json").is_file()
+    if has_tok and tokenizer_hash(load_tokenizer(student_dir)) != tokenizer_hash(teacher_tok):
+        raise ValueError(
+            f"vocabulary mismatch: {student_dir}/tokenizer.json differs from the teacher's tokenizer; "
+            "teacher and student must share a tokenizer"
+        )
 
 
 def train_config_of(config: DistillConfig, student_config: Any, teacher_dir: Path) -> Any:
@@ -306,9 +324,13 @@ def distill(
     text = TextDataModule(tok, tokens, config.seq_len, config.batch_size, config.eval_steps, config.seed)
     weights = LossWeights.from_model_config(student.config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "distill_config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    (out_dir / "distill_config.json").write_text(
+        json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    )
     if config.recipe == "preference":
-        return _run_preference(config, student, teacher, text, loop, weights, run_config, resume, progress, judge, device)
+        return _run_preference(
+            config, student, teacher, text, loop, weights, run_config, resume, progress, judge, device
+        )
     return _run_kd(config, student, teacher, text, loop, weights, run_config, resume, progress, device, fit)
 
 
@@ -322,7 +344,9 @@ def _check_resume(config: DistillConfig, saved: dict[str, Any]) -> None:
         raise ValueError(f"cannot resume: {detail} differ from the run's; resume with the original values")
 
 
-def _run_kd(config, student, teacher, text, loop, weights, run_config, resume, progress, device, fit) -> DistillResult:
+def _run_kd(
+    config, student, teacher, text, loop, weights, run_config, resume, progress, device, fit
+) -> DistillResult:
     from moekit.train.distill import DistillDataModule, DistillObjective, TeacherLogitCache, teacher_agreement
 
     out_dir = Path(config.out_dir)
@@ -338,7 +362,9 @@ def _run_kd(config, student, teacher, text, loop, weights, run_config, resume, p
             cache = TeacherLogitCache.load(path)
         if cache is None or not cache.matches(config.top_k_logits, config.temperature, num_batches):
             t0 = time.perf_counter()
-            cache = TeacherLogitCache.build(teacher, data, num_batches, config.top_k_logits, config.temperature, path)
+            cache = TeacherLogitCache.build(
+                teacher, data, num_batches, config.top_k_logits, config.temperature, path
+            )
             t_cache = time.perf_counter() - t0
     objective = DistillObjective(
         teacher,
@@ -395,7 +421,9 @@ def _prompts(stream: Any, num: int, length: int, seed: int) -> torch.Tensor:
     return torch.stack([ids[s : s + length] for s in starts.tolist()])
 
 
-def _run_preference(config, student, teacher, text, loop, weights, run_config, resume, progress, judge, device):
+def _run_preference(
+    config, student, teacher, text, loop, weights, run_config, resume, progress, judge, device
+):
     from moekit.train.distill import freeze_teacher
     from moekit.train.distill_preference import (
         PreferenceDataModule,
@@ -441,7 +469,9 @@ def _run_preference(config, student, teacher, text, loop, weights, run_config, r
         "judge": "callable" if judge is not None else "teacher_log_likelihood",
         "before": stats_before,
         "after": preference_stats(student, val_pairs, config.pref_beta, config.pref_loss_type),
-        "teacher_judged": preference_rate(before, student, teacher, held_out, config.response_len, config.seed, judge),
+        "teacher_judged": preference_rate(
+            before, student, teacher, held_out, config.response_len, config.seed, judge
+        ),
     }
     summary_json(out_dir / "distill_summary.json", summary)
     return DistillResult(result, summary, out_dir)
