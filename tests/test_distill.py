@@ -431,3 +431,17 @@ def test_cli_vocabulary_mismatch_is_one_clear_line(teacher_run, tmp_path, capsys
     errors = [line for line in err.splitlines() if "error" in line]
     assert rc == 2 and "Traceback" not in err and len(errors) == 1, err
     assert errors[0].startswith("moekit distill: error: vocabulary mismatch: the teacher has 320 tokens")
+
+
+def test_routing_overlap_of_a_model_with_itself_and_with_a_dense_teacher():
+    from moekit.train.distill_recipes import routing_overlap
+
+    model = _tiny(4).eval()
+    batches = _token_batches(2)
+    same = routing_overlap(model, model, batches)
+    assert len(same) == 2 and all(r["nmi"] == pytest.approx(1.0) and r["same_top1"] == 1.0 for r in same)
+    assert all(r["topk_overlap"] == 1.0 and r["teacher_layer"] == r["student_layer"] for r in same)
+    other = routing_overlap(model, _tiny(5).eval(), batches)
+    assert all(0.0 <= r["nmi"] < 1.0 for r in other)
+    dense = _tiny(6, moe=None, moe_placement="none").eval()
+    assert routing_overlap(model, dense, batches) == []

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from moekit.config import JsonConfig, check_choice
 from moekit.train.distill import KD_KINDS, PREFERENCE_LOSSES, summary_json
@@ -334,6 +334,70 @@ def distill(
     return _run_kd(config, student, teacher, text, loop, weights, run_config, resume, progress, device, fit)
 
 
+@torch.no_grad()
+def routing_overlap(student: nn.Module, teacher: nn.Module, batches: list[Any]) -> list[dict[str, float]]:
+    """How the student's routing relates to the teacher's on the same tokens, per MoE layer pair.
+
+    Student MoE layer i is paired with the teacher MoE layer at the same relative depth. For each
+    pair: ``nmi``, the normalised mutual information of the two top-1 expert choices (needs no
+    correspondence between the two expert sets, so it is meaningful for any two MoE models), and
+    ``same_top1`` / ``topk_overlap`` (share of tokens with the same top-1 expert / mean share of
+    the student's top-k set the teacher also picked), meaningful only when the experts correspond
+    (a student pruned or upcycled from the teacher). Empty unless both models are MoE.
+
+    Args:
+        batches: ``[B, S + 1]`` token batches (or :class:`~moekit.train.distill.DistillDataModule` dicts).
+    """
+    ids_s: list[list[Tensor]] = []
+    ids_t: list[list[Tensor]] = []
+    for batch in batches:
+        tokens = batch["tokens"] if isinstance(batch, dict) else batch
+        for model, acc in ((student, ids_s), (teacher, ids_t)):
+            routing = model(tokens[:, :-1]).routing or []
+            for i, info in enumerate(routing):
+                if i == len(acc):
+                    acc.append([])
+                acc[i].append(info.expert_ids)
+    if not ids_s or not ids_t:
+        return []
+    out = []
+    n_s, n_t = len(ids_s), len(ids_t)
+    for i in range(n_s):
+        j = round(i * (n_t - 1) / max(n_s - 1, 1))
+        a_TK, b_TK = torch.cat(ids_s[i]), torch.cat(ids_t[j])
+        k = min(a_TK.shape[1], b_TK.shape[1])
+        same = (a_TK[:, :, None] == b_TK[:, None, :k]).any(-1)[:, :k].float().mean()
+        out.append(
+            {
+                "student_layer": i,
+                "teacher_layer": j,
+                "nmi": _nmi(a_TK[:, 0], b_TK[:, 0]),
+                "same_top1": float((a_TK[:, 0] == b_TK[:, 0]).float().mean()),
+                "topk_overlap": float(same),
+            }
+        )
+    return out
+
+
+def _nmi(a: Tensor, b: Tensor) -> float:
+    """Normalised mutual information ``I(a; b) / sqrt(H(a) H(b))`` of two ``[T]`` id vectors (1 when
+    each determines the other, 0 when independent; 1 when both are constant)."""
+    _, a = torch.unique(a, return_inverse=True)
+    _, b = torch.unique(b, return_inverse=True)
+    joint = torch.zeros(int(a.max()) + 1, int(b.max()) + 1, dtype=torch.float64)
+    joint.index_put_((a, b), torch.ones(a.shape[0], dtype=torch.float64), accumulate=True)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+
+    def entropy(p: Tensor) -> float:
+        p = p[p > 0]
+        return float(-(p * p.log()).sum())
+
+    mi = entropy(pa) + entropy(pb) - entropy(joint.flatten())
+    h = (entropy(pa) * entropy(pb)) ** 0.5
+    return 1.0 if h == 0 else max(0.0, mi / h)
+
+
 def _check_resume(config: DistillConfig, saved: dict[str, Any]) -> None:
     fixed = ("teacher", "student", "student_preset", "student_overrides", "recipe", "corpus", "kd_kind",
              "top_k_logits", "num_prompts", "num_samples")  # fmt: skip
@@ -406,6 +470,7 @@ def _run_kd(
         "teacher_cache_build_s": t_cache,
         "student_num_params": sum(p.numel() for p in student.parameters()),
         "teacher_num_params": sum(p.numel() for p in teacher.parameters()),
+        "routing_overlap": routing_overlap(student, teacher, val),
     }
     summary_json(out_dir / "distill_summary.json", summary)
     return DistillResult(result, summary, out_dir)
@@ -484,6 +549,7 @@ __all__ = [
     "check_same_vocabulary",
     "distill",
     "pr_moe_config",
+    "routing_overlap",
     "student_model_config",
     "train_config_of",
 ]
