@@ -97,6 +97,11 @@ def build_config(args: argparse.Namespace):
         if not saved.is_file():
             raise FileNotFoundError(f"{saved} not found: nothing to resume (pass the --out of a distill run)")
         base = json.loads(saved.read_text())
+    # A student flag replaces the config's student of either kind.
+    if args.student is not None:
+        base.pop("student_preset", None)
+    if args.student_preset is not None:
+        base.pop("student", None)
     for flag, name in _FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:

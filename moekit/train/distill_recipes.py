@@ -471,9 +471,22 @@ def _run_kd(
         "student_num_params": sum(p.numel() for p in student.parameters()),
         "teacher_num_params": sum(p.numel() for p in teacher.parameters()),
         "routing_overlap": routing_overlap(student, teacher, val),
+        "process_peak_rss_mb": _peak_rss_mb(),
     }
     summary_json(out_dir / "distill_summary.json", summary)
     return DistillResult(result, summary, out_dir)
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def _prompts(stream: Any, num: int, length: int, seed: int) -> torch.Tensor:
