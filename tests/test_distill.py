@@ -445,3 +445,24 @@ def test_routing_overlap_of_a_model_with_itself_and_with_a_dense_teacher():
     assert all(0.0 <= r["nmi"] < 1.0 for r in other)
     dense = _tiny(6, moe=None, moe_placement="none").eval()
     assert routing_overlap(model, dense, batches) == []
+
+
+def test_cli_mimic_into_a_student_upcycled_from_a_smaller_dense_model(teacher_run, tmp_path, capsys):
+    tmp, corpus = teacher_run
+    dense = _tiny(7, vocab_size=TINY_MODEL["vocab_size"], moe=None, moe_placement="none", num_layers=2)
+    dense.save_pretrained(tmp_path / "dense")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"teacher": str(tmp / "teacher"), "cache_dir": str(tmp / "cache"),
+                               "max_corpus_bytes": None, "val_fraction": 0.2, "eval_interval": 2,
+                               "log_interval": 1, "eval_steps": 1, "warmup_steps": 0}))  # fmt: skip
+    out = tmp_path / "up"
+    rc = _cli(tmp, corpus, "--config", str(cfg), "--student", str(tmp_path / "dense"), "--upcycle-experts", "4",
+              "--steps", "2", "--out", str(out))  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    from moekit.loader import from_pretrained
+
+    student = from_pretrained(out)
+    assert student.config.moe_layer_ids == [1] and student.config.moe.num_experts == 4
+    # the resume rebuilds the same upcycled student from distill_config.json
+    assert _cli(tmp, corpus, "--resume", "--steps", "3", "--out", str(out)) == 0, capsys.readouterr().err
+    assert json.loads((out / "distill_summary.json").read_text())["step"] == 3

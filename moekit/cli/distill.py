@@ -69,6 +69,7 @@ _FLAGS = {
     "kd_stop_step": "kd_stop_step",
     "top_k_logits": "top_k_logits",
     "mos_num_layers": "mos_num_layers",
+    "upcycle_experts": "upcycle_experts",
     "pref_loss": "pref_loss_type",
     "pref_beta": "pref_beta",
     "num_prompts": "num_prompts",
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.train.distill_recipes import distill
 
     config = build_config(args)
-    student = _upcycled_student(config, args.upcycle_experts) if args.upcycle_experts else None
+    student = _upcycled_student(config, config.upcycle_experts) if config.upcycle_experts else None
     print(f"distilling {config.teacher} -> {config.student or config.student_preset} "
           f"({config.recipe}, {config.max_steps} steps) -> {config.out_dir}", file=sys.stderr)  # fmt: skip
     try:

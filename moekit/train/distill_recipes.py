@@ -48,6 +48,10 @@ class DistillConfig(JsonConfig):
         recipe: ``"mimic"``, ``"preference"`` or ``"mos"``.
         mos_num_layers: the Mixture-of-Students student's depth; None is the teacher's minus 1/8
             (at least one layer fewer).
+        upcycle_experts: ``student`` is a smaller dense model to upcycle into this many experts
+            first. The caller does the upcycling (``moekit distill`` does, with
+            :mod:`moekit.surgery`) and passes the model to :func:`distill`; it is recorded here so
+            a resume rebuilds the same student.
 
     KD (mimic, mos): kd_kind, kd_beta, temperature (see :func:`~moekit.train.distill.kd_loss`),
         kd_weight, ce_weight, kd_stop_step (None: KD throughout; mos defaults to half the steps),
@@ -68,6 +72,7 @@ class DistillConfig(JsonConfig):
     student_overrides: dict[str, Any] = field(default_factory=dict)
     recipe: str = "mimic"
     mos_num_layers: int | None = None
+    upcycle_experts: int | None = None
 
     kd_kind: str = "forward_kl"
     kd_beta: float = 0.5
@@ -289,10 +294,11 @@ def distill(
     teacher = from_pretrained(config.teacher)
     tok = load_tokenizer(teacher_dir)
     seed_everything(config.seed)
-    student_dir = None
+    student_dir = inspect_folder(config.student).model_dir if config.student is not None else None
+    if config.upcycle_experts is not None and student is None:
+        raise ValueError("upcycle_experts: pass the upcycled student (moekit distill --upcycle-experts does)")
     if student is None:
         if config.student is not None:
-            student_dir = inspect_folder(config.student).model_dir
             student = from_pretrained(config.student)
         else:
             student = MoEForCausalLM(student_model_config(config, teacher.config))
@@ -400,7 +406,7 @@ def _nmi(a: Tensor, b: Tensor) -> float:
 
 def _check_resume(config: DistillConfig, saved: dict[str, Any]) -> None:
     fixed = ("teacher", "student", "student_preset", "student_overrides", "recipe", "corpus", "kd_kind",
-             "top_k_logits", "num_prompts", "num_samples")  # fmt: skip
+             "top_k_logits", "num_prompts", "num_samples", "upcycle_experts")  # fmt: skip
     now = config.to_dict()
     changed = [f for f in fixed if f in saved and saved[f] != now[f]]
     if changed:
