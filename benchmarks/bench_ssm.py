@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--state-dim", type=int, default=16)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024])
-    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[32])
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -55,7 +55,8 @@ class MambaConfig(JsonConfig):
         dt_bc_norm: RMSNorms on dt, B and C before use (Jamba's; plain Mamba has none).
         norm_eps: epsilon of those norms.
         activation: after the conv, ``"silu"`` or ``"gelu"`` (the output gate is always SiLU).
-        chunk_size: L, tokens per chunk of :func:`scan_chunked`.
+        chunk_size: L, the most tokens per chunk of :func:`scan_chunked` (8 was fastest on CPU:
+            longer chunks leave the cache, ``benchmarks/bench_ssm.py``).
     """
 
     dim: int
@@ -68,7 +69,7 @@ class MambaConfig(JsonConfig):
     dt_bc_norm: bool = False
     norm_eps: float = 1e-6
     activation: str = "silu"
-    chunk_size: int = 32
+    chunk_size: int = 8
 
     def __post_init__(self) -> None:
         for name in ("dim", "expand", "state_dim", "conv_kernel", "chunk_size"):
@@ -173,7 +174,7 @@ def scan_chunked(
     B_BSN: Tensor,
     C_BSN: Tensor,
     h_BIN: Tensor | None = None,
-    chunk_size: int = 32,
+    chunk_size: int = 8,
     form: str = "cumsum",
 ) -> tuple[Tensor, Tensor]:
     """The selective scan in chunks of up to L tokens (training and prefill); same contract as
