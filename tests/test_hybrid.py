@@ -144,3 +144,13 @@ def test_mamba_cache_refuses_rollback():
         out = model(torch.randint(0, 61, (1, 6)), use_cache=True)
     with pytest.raises(ValueError, match="cannot be rolled back"):
         out.past_key_values.crop(3)
+
+
+def test_hybrid_folder_round_trip(tmp_path):
+    model = _hybrid()
+    model.save_pretrained(tmp_path / "hybrid")
+    again = MoEForCausalLM.from_pretrained(tmp_path / "hybrid").eval()
+    assert again.config == model.config
+    x = torch.randint(0, 61, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)

@@ -46,7 +46,7 @@ from moekit.blocks.rope import RotaryEmbedding, apply_rotary, deinterleave
 from moekit.blocks.ssm import (
     MambaConfig,
     MambaMixer,
-    cumsum_chunk_size,
+    cumsum_chunks,
     scan_chunked,
     scan_method,
     scan_sequential,
@@ -67,7 +67,7 @@ __all__ = [
     "RotaryEmbedding",
     "apply_rotary",
     "build_attention_mask",
-    "cumsum_chunk_size",
+    "cumsum_chunks",
     "deinterleave",
     "mla_softmax_scale",
     "scan_chunked",

@@ -55,7 +55,8 @@ class MambaConfig(JsonConfig):
         dt_bc_norm: RMSNorms on dt, B and C before use (Jamba's; plain Mamba has none).
         norm_eps: epsilon of those norms.
         activation: after the conv, ``"silu"`` or ``"gelu"`` (the output gate is always SiLU).
-        chunk_size: L, tokens per chunk of :func:`scan_chunked`.
+        chunk_size: L, the most tokens per chunk of :func:`scan_chunked` (8 was fastest on CPU:
+            longer chunks leave the cache, ``benchmarks/bench_ssm.py``).
     """
 
     dim: int
@@ -68,7 +69,7 @@ class MambaConfig(JsonConfig):
     dt_bc_norm: bool = False
     norm_eps: float = 1e-6
     activation: str = "silu"
-    chunk_size: int = 32
+    chunk_size: int = 8
 
     def __post_init__(self) -> None:
         for name in ("dim", "expand", "state_dim", "conv_kernel", "chunk_size"):
@@ -145,27 +146,25 @@ def _segment_sums(a_BLIN: Tensor) -> Tensor:
 _CUMSUM_LIMIT = {torch.float32: 40.0, torch.float64: 400.0}
 
 
-def cumsum_chunk_size(dt_BSI: Tensor, A_IN: Tensor, chunk_size: int) -> int:
-    """The chunk length the cumulative-sum form of :func:`scan_chunked` can take: ``chunk_size``,
-    halved until every chunk's total log-decay ``sum_t dt_t * A`` fits the dtype's exponent
-    range; 0 when even single tokens do not (then only the segment-sum form is safe).
+def cumsum_chunks(dt_BSI: Tensor, A_IN: Tensor, chunk_size: int) -> list[int]:
+    """Chunk lengths (summing to S) for the cumulative-sum form of :func:`scan_chunked`.
 
-    The steepest total of a chunk and channel is ``sum_t dt_t * max_n |A_n|``, so this reads only
-    ``[B, S, I]`` sums, never the ``[B, S, I, N]`` decays.
+    Greedy from the left: each chunk takes up to ``chunk_size`` tokens while its total log-decay
+    ``sum_t dt_t * A`` stays within the dtype's exponent range, bounded per token by
+    ``max_{b, i} dt_t * max_n |A|`` (one ``[S]`` read on the host). So a few steep tokens only
+    shorten the chunks around them; a token too steep on its own gets a chunk of one.
     """
-    limit = _CUMSUM_LIMIT.get(dt_BSI.dtype)
-    if limit is None:
-        return 0
-    b, s, i = dt_BSI.shape
-    rate_BSI = dt_BSI.detach() * A_IN.detach().abs().amax(1)
-    length = chunk_size
-    while length >= 1:
-        num_chunks = -(-s // length)
-        padded = F.pad(rate_BSI, (0, 0, 0, num_chunks * length - s))
-        if float(padded.view(b, num_chunks, length, i).sum(2).max()) <= limit:
-            return length
-        length //= 2
-    return 0
+    limit = _CUMSUM_LIMIT.get(dt_BSI.dtype, 0.0)
+    rate_S = (dt_BSI.detach() * A_IN.detach().abs().amax(1)).amax(dim=(0, 2))
+    lengths, length, total = [], 0, 0.0
+    for rate in rate_S.tolist():
+        if length == chunk_size or (length and total + rate > limit):
+            lengths.append(length)
+            length, total = 0, 0.0
+        length, total = length + 1, total + rate
+    if length:
+        lengths.append(length)
+    return lengths
 
 
 def scan_chunked(
@@ -175,10 +174,11 @@ def scan_chunked(
     B_BSN: Tensor,
     C_BSN: Tensor,
     h_BIN: Tensor | None = None,
-    chunk_size: int = 32,
-    form: str = "auto",
+    chunk_size: int = 8,
+    form: str = "cumsum",
 ) -> tuple[Tensor, Tensor]:
-    """The selective scan in chunks of L tokens (training and prefill); same contract as :func:`scan_sequential`.
+    """The selective scan in chunks of up to L tokens (training and prefill); same contract as
+    :func:`scan_sequential`.
 
     With ``a = dt * A`` and ``u = dt * x * B``, inside a chunk ``h_t = exp(a_{1..t}) * h_0 +
     sum_{s<=t} exp(a_{s+1..t}) * u_s``, and only each chunk's last state is carried to the next.
@@ -187,34 +187,36 @@ def scan_chunked(
     ``form="cumsum"`` writes the sum as ``exp(c_t) * (h_0 + cumsum_s(exp(-c_s) * u_s))`` with ``c``
     the chunk's running log-decay: about ten tensor operations per chunk instead of eight per
     token. Its rounding error stays relative to ``|u|`` (each term is rescaled by ``exp(c_t - c_s)
-    <= 1``), but ``exp(-c)`` must not overflow, so each chunk's total decay must fit the dtype's
-    range. ``form="segsum"`` builds the ``[B, L, L, I, N]`` decays from segment sums instead, safe
-    for any decay at L times the arithmetic. ``"auto"`` takes the cumulative form with the
-    longest chunks up to ``chunk_size`` that fit (:func:`cumsum_chunk_size`), and the segment sums
-    only where not even one token fits.
+    <= 1``), but ``exp(-c)`` must not overflow, so chunks end where their total decay would leave
+    the dtype's range (:func:`cumsum_chunks`; one-token chunks use the recurrence itself).
+    ``form="segsum"`` builds the ``[B, L, L, I, N]`` decays from segment sums instead, in fixed
+    chunks of L: safe for any decay without the host read, at L times the arithmetic.
     """
-    check_choice("scan_chunked", "form", form, ("auto", "cumsum", "segsum"))
+    check_choice("scan_chunked", "form", form, ("cumsum", "segsum"))
     b, s, i = x_BSI.shape
     h = x_BSI.new_zeros(b, i, A_IN.shape[1]) if h_BIN is None else h_BIN
-    if form == "auto":
-        fits = cumsum_chunk_size(dt_BSI, A_IN, chunk_size)
-        form = "cumsum" if fits else "segsum"
-        chunk_size = fits or chunk_size
-    ys = []
-    for start in range(0, s, chunk_size):
-        chunk = slice(start, start + chunk_size)
+    if form == "cumsum":
+        lengths = cumsum_chunks(dt_BSI, A_IN, chunk_size)
+    else:
+        lengths = [min(chunk_size, s - start) for start in range(0, s, chunk_size)]
+    ys, start = [], 0
+    for length in lengths:
+        chunk = slice(start, start + length)
+        start += length
         dt_BLI = dt_BSI[:, chunk]
         a_BLIN = dt_BLI[..., None] * A_IN
         u_BLIN = (dt_BLI * x_BSI[:, chunk])[..., None] * B_BSN[:, chunk, None]
-        if form == "cumsum":
+        if form == "segsum":
+            decay_BLLIN = torch.exp(_segment_sums(a_BLIN))
+            from_h0_BLIN = torch.exp(a_BLIN.cumsum(1)) * h[:, None]
+            h_BLIN = torch.einsum("btsin,bsin->btin", decay_BLLIN, u_BLIN) + from_h0_BLIN
+        elif length == 1:
+            h_BLIN = torch.exp(a_BLIN) * h[:, None] + u_BLIN
+        else:
             c_BLIN = a_BLIN.cumsum(1)
             # exp(-c) rather than 1 / exp(c): the backward of a division would square the
             # decay and overflow.
             h_BLIN = torch.exp(c_BLIN) * (h[:, None] + torch.cumsum(torch.exp(-c_BLIN) * u_BLIN, 1))
-        else:
-            decay_BLLIN = torch.exp(_segment_sums(a_BLIN))
-            from_h0_BLIN = torch.exp(a_BLIN.cumsum(1)) * h[:, None]
-            h_BLIN = torch.einsum("btsin,bsin->btin", decay_BLLIN, u_BLIN) + from_h0_BLIN
         ys.append((h_BLIN @ C_BSN[:, chunk, :, None])[..., 0])
         h = h_BLIN[:, -1]
     return torch.cat(ys, 1), h
