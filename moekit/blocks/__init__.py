@@ -25,6 +25,7 @@ Layout:
     attention.py  Attention (GQA, q/k norm, qkv bias), build_attention_mask (padding, sliding window)
     mla.py        MLAttention (DeepSeek multi-head latent attention, latent KV cache)
     cache.py      KVCache (preallocated, grown in chunks)
+    encoder.py    SelfAttention (encoders: biased q/k/v/o, no RoPE, bidirectional or causal; ViT, CLIP)
 
 To add a block: give it a config dataclass here (validated in ``__post_init__``, errors naming
 the field), keep to the calling convention above if it is an attention, export it here, and
@@ -35,6 +36,7 @@ block's config (e.g. ``ModelConfig.attention_config()``); the block never sees t
 from moekit.blocks.attention import Attention, build_attention_mask
 from moekit.blocks.cache import KVCache
 from moekit.blocks.config import AttentionConfig, MLAConfig, RopeConfig, mla_softmax_scale
+from moekit.blocks.encoder import SelfAttention
 from moekit.blocks.mla import MLAttention
 from moekit.blocks.norm import RMSNorm
 from moekit.blocks.rope import RotaryEmbedding, apply_rotary, deinterleave
@@ -48,6 +50,7 @@ __all__ = [
     "RMSNorm",
     "RopeConfig",
     "RotaryEmbedding",
+    "SelfAttention",
     "apply_rotary",
     "build_attention_mask",
     "deinterleave",

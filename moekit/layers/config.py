@@ -13,7 +13,8 @@ SOFTMAX_ORDERS = ("before_topk", "after_topk")
 GROUP_SCORES = ("top2_sum", "max")
 NOISE_TYPES = ("none", "jitter", "gaussian", "gumbel")
 DROP_POLICIES = ("score", "position", "random")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "quick_gelu")
+TASK_ROUTINGS = ("embed", "multi_gate")
 BACKENDS = ("auto", "eager", "sorted", "grouped_mm")
 
 
@@ -24,7 +25,8 @@ class FFNConfig(JsonConfig):
     Attributes:
         dim: model width D.
         ffn_dim: hidden width F.
-        activation: ``"swiglu"`` (gate/up/down) or ``"gelu"`` (up/down).
+        activation: ``"swiglu"`` (gate/up/down), ``"gelu"`` (up/down) or ``"quick_gelu"``
+            (up/down with ``x * sigmoid(1.702 x)``, OpenAI CLIP).
         bias: add biases to the projections.
     """
 
@@ -49,7 +51,7 @@ class MoEConfig(JsonConfig):
         num_experts: number of FFN experts.
         num_zero_experts, num_copy_experts, num_constant_experts: MoE++ zero-computation experts,
             indexed after the FFN experts in the order zero, copy, constant.
-        activation: ``"swiglu"`` or ``"gelu"``.
+        activation: ``"swiglu"``, ``"gelu"`` or ``"quick_gelu"``.
         shared_ffn_dim: width of the always-on shared expert(s), 0 for none (DeepSeek's
             ``n_shared_experts * moe_intermediate_size``, Qwen2-MoE's ``shared_expert_intermediate_size``).
         shared_expert_gate: scale the shared expert by ``sigmoid(w . x)`` (Qwen2-MoE).
@@ -91,6 +93,15 @@ class MoEConfig(JsonConfig):
 
     Compute:
         backend: expert compute backend: ``"auto"``, ``"eager"``, ``"sorted"``, ``"grouped_mm"``.
+
+    Vision options (neutral defaults):
+        ffn_bias: each FFN expert has biases on both projections (ViT/CLIP MLPs), so a biased dense
+            FFN upcycles exactly. Biased experts run the per-expert loop (no stacked fast paths).
+        num_tasks: 0, or the number of tasks of a task-level MoE (M3ViT): the router then takes a
+            task id per token and conditions its logits on it.
+        task_routing: ``"embed"`` (one shared router over ``[x ; e_task]``, i.e. a learned
+            per-task logit vector ``task_logits [num_tasks, E]`` added to ``x W^T``) or
+            ``"multi_gate"`` (a gate per task: ``x (W + W_task)^T``).
     """
 
     dim: int
@@ -131,6 +142,10 @@ class MoEConfig(JsonConfig):
 
     backend: str = "auto"
 
+    ffn_bias: bool = False
+    num_tasks: int = 0
+    task_routing: str = "embed"
+
     def __post_init__(self) -> None:
         name = "MoEConfig"
         if self.dim <= 0:
@@ -150,6 +165,11 @@ class MoEConfig(JsonConfig):
         check_choice(name, "noise", self.noise, NOISE_TYPES)
         check_choice(name, "drop_policy", self.drop_policy, DROP_POLICIES)
         check_choice(name, "backend", self.backend, BACKENDS)
+        check_choice(name, "task_routing", self.task_routing, TASK_ROUTINGS)
+        if self.num_tasks < 0:
+            raise ValueError(f"{name}.num_tasks must be >= 0, got {self.num_tasks}")
+        if self.num_tasks == 0 and self.task_routing != "embed":
+            raise ValueError(f"{name}.task_routing={self.task_routing!r} needs num_tasks > 0")
         if self.top_k < 1:
             raise ValueError(f"{name}.top_k must be >= 1, got {self.top_k}")
         if self.router_type != "expert_choice" and self.top_k > self.num_total_experts:

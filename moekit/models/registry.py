@@ -86,8 +86,34 @@ def _build_families() -> dict[str, ModelFamily]:
             data_module_cls=TextDataModule,
             hf_exporter="moekit.convert:save_hf",
         ),
+        _vision_family("vit_moe"),
+        _vision_family("clip_moe"),
     ]
     return {family.name: family for family in entries}
+
+
+def _vision_family(name: str) -> ModelFamily:
+    from moekit.data.images import DigitsDataModule, ShapesCaptionDataModule
+    from moekit.models import vision
+
+    if name == "vit_moe":
+        return ModelFamily(
+            name="vit_moe",
+            config_cls=vision.ViTConfig,
+            model_cls=vision.ViTMoE,
+            description="ViT classifier with dense or MoE FFNs, optionally task-level MoE with per-task heads",
+            objective_cls=vision.ClassificationObjective,
+            data_module_cls=DigitsDataModule,
+        )
+    return ModelFamily(
+        name="clip_moe",
+        config_cls=vision.CLIPConfig,
+        model_cls=vision.CLIPMoE,
+        description="CLIP dual encoder (ViT image tower, causal text tower) with dense or MoE FFNs",
+        objective_cls=vision.ContrastiveObjective,
+        data_module_cls=ShapesCaptionDataModule,
+        hf_exporter="moekit.convert.families.clip:save_clip_hf",
+    )
 
 
 def families() -> tuple[ModelFamily, ...]:
