@@ -29,6 +29,7 @@ VERBS: dict[str, str] = {
     "extend-experts": "extend_experts",
     "moe-merge": "moe_merge",
     "layer-demo": "layer_demo",
+    "vision-train": "vision_train",
 }
 
 

@@ -17,7 +17,7 @@ Layout:
     vit.py         ViTMoE (classification / per-task heads)
     clip.py        TextTower, CLIPMoE, contrastive_loss
     task.py        task-level MoE: per-task expert usage, extract_task_model, memory saved
-    objectives.py  ClassificationObjective, ContrastiveObjective, accuracy
+    objectives.py  ClassificationObjective, ContrastiveObjective, accuracy, retrieval_r1
     presets.py     named configs for the CLI (vit-digits, clip-shapes, multitask-shapes)
 
 To add a vision family: give it a config here, build it from ``Encoder``, and register it in
@@ -27,7 +27,12 @@ To add a vision family: give it a config here, build it from ``Encoder``, and re
 from moekit.models.vision.clip import CLIPMoE, CLIPOutput, TextTower, contrastive_loss
 from moekit.models.vision.config import CLIPConfig, EncoderConfig, TextConfig, ViTConfig
 from moekit.models.vision.encoder import Encoder, EncoderLayer, EncoderOutput
-from moekit.models.vision.objectives import ClassificationObjective, ContrastiveObjective, accuracy
+from moekit.models.vision.objectives import (
+    ClassificationObjective,
+    ContrastiveObjective,
+    accuracy,
+    retrieval_r1,
+)
 from moekit.models.vision.vit import ViTMoE, ViTOutput
 
 __all__ = [
@@ -47,4 +52,5 @@ __all__ = [
     "ViTOutput",
     "accuracy",
     "contrastive_loss",
+    "retrieval_r1",
 ]

@@ -97,3 +97,28 @@ def accuracy(model: nn.Module, batches: list[dict[str, Tensor]], moe_k: int | No
     finally:
         model.train(was)
     return right / max(total, 1)
+
+
+@torch.no_grad()
+def retrieval_r1(model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Recall@1 both ways over all pairs of ``batches`` (eval mode). A retrieved text counts as right
+    when its token ids equal the image's own caption (generated captions repeat)."""
+    was = model.training
+    model.eval()
+    imgs, txts, ids = [], [], []
+    try:
+        for b in batches:
+            out = model(
+                input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"]
+            )
+            imgs.append(out.image_embeds)
+            txts.append(out.text_embeds)
+            ids.append(b["input_ids"])
+    finally:
+        model.train(was)
+    img, txt, tok = torch.cat(imgs), torch.cat(txts), torch.cat(ids)
+    same_NN = (tok[:, None, :] == tok[None, :, :]).all(-1)
+    sim = img @ txt.t()
+    i2t = same_NN[torch.arange(len(tok)), sim.argmax(1)].float().mean()
+    t2i = same_NN[sim.argmax(0), torch.arange(len(tok))].float().mean()
+    return {"image_to_text_r1": float(i2t), "text_to_image_r1": float(t2i)}
