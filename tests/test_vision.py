@@ -137,6 +137,27 @@ def test_hf_clip_import_export_parity(tmp_path, eos):
     assert (want - back).abs().max().item() < 1e-12
 
 
+def test_moekit_convert_round_trips_a_clip_folder(tmp_path):
+    from moekit.cli.main import main
+
+    _, hf = _hf_clip()
+    hf.float().save_pretrained(tmp_path / "hf")
+    assert (
+        main(["convert", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "mk"), "--format", "moekit"])
+        == 0
+    )
+    assert (
+        main(["convert", "--from", str(tmp_path / "mk"), "--to", str(tmp_path / "hf2"), "--format", "hf"])
+        == 0
+    )
+    import moekit
+
+    a, b = moekit.from_pretrained(tmp_path / "hf"), moekit.from_pretrained(tmp_path / "hf2")
+    assert isinstance(b, CLIPMoE)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
 def test_clip_export_refuses_moe(tmp_path):
     from moekit.convert.families.clip import save_clip_hf
 

@@ -202,6 +202,15 @@ class CLIPMoE(nn.Module):
                 loss = contrastive_loss(per_image)
         return CLIPOutput(per_image, per_text, img, txt, loss, merge_aux_losses(*aux), routing)
 
+    def num_parameters(self, active_only: bool = False) -> int:
+        """Parameter count; with ``active_only`` each MoE layer's experts count ``k / E``."""
+        frac = {}
+        if active_only:
+            for mlp in self.moe_layers:
+                for p in mlp.experts.parameters():
+                    frac[id(p)] = mlp.config.top_k / mlp.config.num_total_experts
+        return round(sum(p.numel() * frac.get(id(p), 1.0) for p in self.parameters()))
+
     def save_pretrained(self, path: str | Path, format: str = "moekit") -> None:
         """Writes a moekit folder, or (``format="hf"``) a transformers ``CLIPModel`` folder."""
         from moekit.models.io import save_pretrained
