@@ -407,3 +407,23 @@ def test_vision_train_writes_a_run_folder(tmp_path):
     from moekit.cli.main import VERBS
 
     assert VERBS["vision-train"] == "vision_train"
+
+
+def test_lm_dmu_multiplet_recipe_keeps_the_dense_ffn_as_expert_zero():
+    from moekit.models import ModelConfig, MoEForCausalLM
+    from moekit.surgery.dmu import DMUConfig, dmu_upcycle
+
+    torch.manual_seed(0)
+    dense = MoEForCausalLM(
+        ModelConfig(vocab_size=32, dim=16, num_layers=2, num_heads=2, num_kv_heads=2, ffn_dim=24, moe=None)
+    )
+    seqs = torch.randint(0, 32, (12, 9))
+    base = dict(upcycle=UpcycleConfig(num_experts=3, top_k=2), ffn_steps=2, router_steps=1, batch_size=4)
+    moe = dmu_upcycle(dense, DMUConfig(**base, recipe="multiplet"), seqs)
+    w = moe.layers[0].mlp.experts.w_in
+    assert torch.equal(w[0], dense.layers[0].mlp.w_in.weight)  # stage 0 = the dense model
+    assert not torch.equal(w[1], w[0]) and not torch.equal(w[2], w[1])
+    per = dmu_upcycle(dense, DMUConfig(**base), seqs)  # the default: per_cluster_only
+    assert not torch.equal(per.layers[0].mlp.experts.w_in[0], dense.layers[0].mlp.w_in.weight)
+    with pytest.raises(ValueError, match="recipe"):
+        DMUConfig(recipe="paper")
