@@ -261,6 +261,25 @@ def test_task_routing_uses_only_its_experts_and_extraction_is_exact(routing):
     assert not torch.equal(model(x, task=0).routing[0].expert_ids, model(x, task=1).routing[0].expert_ids)
 
 
+def test_task_expert_budget_is_structural_and_extraction_exact_on_any_input():
+    torch.manual_seed(0)
+    cfg = tiny_multitask()
+    model = ViTMoE(cfg.replace(moe=cfg.moe.replace(task_num_experts=3))).double().eval()
+    calib = [{"pixel_values": scene_batch(4, seed=0)["pixel_values"]}]
+    unseen = scene_batch(8, seed=9)["pixel_values"] * 3  # other images, other scale
+    for t in range(3):
+        ex = extract_task_model(model, t, calib)
+        allowed = [m.router.task_experts_mask()[t] for m in model.moe_layers]
+        assert [sorted(k) for k in ex.kept_experts] == [torch.nonzero(a).flatten().tolist() for a in allowed]
+        out = model(unseen, task=t)
+        for info, kept in zip(out.routing, ex.kept_experts):
+            assert set(info.expert_ids.flatten().tolist()) <= set(kept)
+        assert (out.logits - ex.model(unseen).logits).abs().max().item() < 1e-12
+        assert ex.expert_share == [0.5, 0.5]
+    with pytest.raises(ValueError, match="task_num_experts"):
+        MoEConfig(dim=8, ffn_dim=8, num_experts=4, num_tasks=2, task_num_experts=1)
+
+
 def test_task_ids_required_and_rejected():
     layer = MoELayer(MoEConfig(dim=8, ffn_dim=8, num_experts=4, num_tasks=2))
     with pytest.raises(ValueError, match="pass task_ids"):

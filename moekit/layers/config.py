@@ -102,6 +102,10 @@ class MoEConfig(JsonConfig):
         task_routing: ``"embed"`` (one shared router over ``[x ; e_task]``, i.e. a learned
             per-task logit vector ``task_logits [num_tasks, E]`` added to ``x W^T``) or
             ``"multi_gate"`` (a gate per task: ``x (W + W_task)^T``).
+        task_num_experts: 0, or a hard per-task expert budget (``"embed"`` only): task t routes
+            only among the ``task_num_experts`` experts with the largest ``task_logits[t]``, so
+            serving one task needs only those experts loaded (Edge-MoE). The set follows the
+            learned task vector; it is the same for every input.
     """
 
     dim: int
@@ -145,6 +149,7 @@ class MoEConfig(JsonConfig):
     ffn_bias: bool = False
     num_tasks: int = 0
     task_routing: str = "embed"
+    task_num_experts: int = 0
 
     def __post_init__(self) -> None:
         name = "MoEConfig"
@@ -170,6 +175,14 @@ class MoEConfig(JsonConfig):
             raise ValueError(f"{name}.num_tasks must be >= 0, got {self.num_tasks}")
         if self.num_tasks == 0 and self.task_routing != "embed":
             raise ValueError(f"{name}.task_routing={self.task_routing!r} needs num_tasks > 0")
+        if self.task_num_experts:
+            if not self.num_tasks or self.task_routing != "embed":
+                raise ValueError(f"{name}.task_num_experts needs num_tasks > 0 and task_routing='embed'")
+            if not self.top_k <= self.task_num_experts <= self.num_experts:
+                raise ValueError(
+                    f"{name}.task_num_experts={self.task_num_experts} must be in [top_k={self.top_k}, "
+                    f"num_experts={self.num_experts}]"
+                )
         if self.top_k < 1:
             raise ValueError(f"{name}.top_k must be >= 1, got {self.top_k}")
         if self.router_type != "expert_choice" and self.top_k > self.num_total_experts:

@@ -122,6 +122,11 @@ class Router(nn.Module):
         logits_TE = self.project(x_TD)
         if task_ids_T is not None:
             logits_TE = logits_TE + self.task_term(x_TD, task_ids_T)
+            if self.config.task_num_experts:
+                # A finite floor, not -inf: softmax still gives exactly 0 and no NaN reaches
+                # a gating residual or the z-loss.
+                allowed_TE = self.task_experts_mask()[task_ids_T]
+                logits_TE = logits_TE.masked_fill(~allowed_TE, -1e9)
         if self.residual_weight is not None and prev_logits_TE is not None:
             if prev_logits_TE.shape[-1] != logits_TE.shape[-1]:
                 raise ValueError(
@@ -132,6 +137,18 @@ class Router(nn.Module):
         if self.training and cfg.noise == "gaussian" and cfg.noise_eps > 0:
             logits_TE = logits_TE + torch.randn_like(logits_TE) * (cfg.noise_eps / logits_TE.shape[-1])
         return logits_TE
+
+    def task_experts_mask(self) -> Tensor:
+        """Bool ``[num_tasks, E]``: the experts each task may use under ``task_num_experts``
+        (the top entries of its task vector; all True without a budget)."""
+        num_e = self.config.num_total_experts
+        if self.task_logits is None:
+            return torch.ones(
+                max(self.config.num_tasks, 1), num_e, dtype=torch.bool, device=self.weight.device
+            )
+        n = self.config.task_num_experts or num_e
+        top = self.task_logits.detach().topk(n, dim=-1).indices
+        return torch.zeros_like(self.task_logits, dtype=torch.bool).scatter_(1, top, True)
 
     def task_term(self, x_TD: Tensor, task_ids_T: Tensor) -> Tensor:
         """The task's contribution to the logits, ``[T, E]``: ``task_logits[t]`` ("embed": a linear

@@ -2,8 +2,8 @@
 
 ``vit-digits``: 8x8 digits, 2x2 patches, 4 layers, MoE (4 experts, top-2) in every other layer.
 ``clip-shapes``: 16x16 scenes and their captions, 2-layer towers, MoE in every other layer of both.
-``multitask-shapes``: task-level MoE (8 experts, top-2, task-embedding router) on the shape,
-colour and count tasks. A ``-dense`` suffix gives the same model without MoE (``moe=None``).
+``multitask-shapes``: task-level MoE (8 experts, top-2, task-embedding router, each task limited
+to its 3 best experts) on the shape, colour and count tasks. A ``-dense`` suffix gives the same model without MoE (``moe=None``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _clip_shapes() -> CLIPConfig:
 def _multitask_shapes() -> ViTConfig:
     return ViTConfig(
         dim=48, num_layers=4, num_heads=4, ffn_dim=96, image_size=16, patch_size=4, num_channels=3,
-        task_num_classes=(3, 3, 3), moe=_moe(48, 96, num_experts=8, num_tasks=3), moe_placement="every_other",
+        task_num_classes=(3, 3, 3), moe=_moe(48, 96, num_experts=8, num_tasks=3, budget=3), moe_placement="every_other",
     )  # fmt: skip
 
 

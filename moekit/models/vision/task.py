@@ -79,7 +79,8 @@ def _check_exact(moe: MoELayer) -> None:
 
 @torch.no_grad()
 def extract_task_model(model: ViTMoE, task: int, batches: list[dict[str, Tensor]]) -> TaskExtraction:
-    """A :class:`ViTMoE` with only ``task``'s head and the experts ``task`` activated on ``batches``.
+    """A :class:`ViTMoE` with only ``task``'s head and the experts ``task`` activated on ``batches``
+    (or, under a ``task_num_experts`` budget, the task's expert set: exact for every input).
 
     Args:
         model: a task-level ViT (``task_num_classes`` with MoE layers routed per task).
@@ -98,8 +99,13 @@ def extract_task_model(model: ViTMoE, task: int, batches: list[dict[str, Tensor]
     for moe in model.moe_layers:
         _check_exact(moe)
     counts = task_expert_counts(model, batches, task)
-    kept = [torch.nonzero(c > 0).flatten().tolist() for c in counts]
-    template = cfg.moe.replace(num_tasks=0, task_routing="embed", router_bias=True)
+    kept = []
+    for moe, c in zip(model.moe_layers, counts):
+        if moe.config.task_num_experts:  # a hard budget: the task's set, whatever the input
+            kept.append(torch.nonzero(moe.router.task_experts_mask()[task]).flatten().tolist())
+        else:
+            kept.append(torch.nonzero(c > 0).flatten().tolist())
+    template = cfg.moe.replace(num_tasks=0, task_routing="embed", task_num_experts=0, router_bias=True)
     new_cfg = cfg.replace(
         moe=template,
         experts_per_layer=tuple(len(k) for k in kept),
