@@ -446,3 +446,14 @@ def test_lm_dmu_multiplet_recipe_keeps_the_dense_ffn_as_expert_zero():
     assert not torch.equal(per.layers[0].mlp.experts.w_in[0], dense.layers[0].mlp.w_in.weight)
     with pytest.raises(ValueError, match="recipe"):
         DMUConfig(recipe="paper")
+
+
+def test_every_vision_preset_builds_and_the_multitask_preset_has_a_budget():
+    from moekit.models.vision.presets import list_vision_presets, vision_preset
+
+    for name in list_vision_presets():
+        cfg = vision_preset(name)
+        assert (getattr(cfg, "moe", None) is None) == name.endswith("-dense") or isinstance(cfg, CLIPConfig)
+    assert vision_preset("multitask-shapes").moe.task_num_experts == 3
+    with pytest.raises(ValueError, match="unknown vision preset"):
+        vision_preset("vit-huge")

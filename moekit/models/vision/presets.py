@@ -14,16 +14,11 @@ from moekit.layers import MoEConfig
 from moekit.models.vision.config import CLIPConfig, TextConfig, ViTConfig
 
 
-def _moe(dim: int, ffn: int, num_experts: int = 4, num_tasks: int = 0) -> MoEConfig:
+def _moe(dim: int, ffn: int, num_experts: int = 4, num_tasks: int = 0, budget: int = 0) -> MoEConfig:
     return MoEConfig(
-        dim=dim,
-        ffn_dim=ffn,
-        num_experts=num_experts,
-        top_k=2,
-        activation="gelu",
-        ffn_bias=True,
-        num_tasks=num_tasks,
-    )
+        dim=dim, ffn_dim=ffn, num_experts=num_experts, top_k=2, activation="gelu", ffn_bias=True,
+        num_tasks=num_tasks, task_num_experts=budget,
+    )  # fmt: skip
 
 
 def _vit_digits() -> ViTConfig:
