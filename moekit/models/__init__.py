@@ -21,6 +21,8 @@ Layout:
     generation.py  generate, Sampler, iter_tokens, the compile="auto" policy
     io.py          save/load of moekit folders (safetensors only)
     presets.py     named configs (moe-tiny, moe-small, ..., dense twins)
+    vision/        ViT-MoE, task-level MoE (M3ViT) and CLIP-MoE (``moekit.models.vision``,
+                   registered as the ``vit_moe`` and ``clip_moe`` families)
 
 To add a family: express it as ModelConfig fields (add a field with a neutral default when a
 family needs a switch the decoder lacks), add a preset whose docstring cites the HF config, and
