@@ -457,3 +457,91 @@ def test_every_vision_preset_builds_and_the_multitask_preset_has_a_budget():
     assert vision_preset("multitask-shapes").moe.task_num_experts == 3
     with pytest.raises(ValueError, match="unknown vision preset"):
         vision_preset("vit-huge")
+
+
+# --- MoE-LLaVA core -----------------------------------------------------------------------------
+
+
+def tiny_vlm():
+    from moekit.models import ModelConfig
+    from moekit.models.vision.llava import MoELLaVA, VLMConfig
+
+    vision = ViTConfig(
+        dim=16, num_layers=2, num_heads=2, ffn_dim=24, image_size=8, patch_size=4, num_channels=3
+    )
+    text = ModelConfig(vocab_size=40, dim=16, num_layers=4, num_heads=2, num_kv_heads=1, ffn_dim=24, moe=None)
+    return MoELLaVA(VLMConfig(vision=vision, text=text, image_token_id=39))
+
+
+def test_image_token_splicing_with_0_1_2_images_and_left_padding():
+    from moekit.models.vision.llava import splice_image_features
+
+    torch.manual_seed(0)
+    vlm = tiny_vlm().double().eval()
+    p, img = vlm.config.image_seq_length, 39
+    assert p == 4  # (8 / 4)^2 patches, CLS dropped ("default")
+    rows = [
+        [5, 6, 7, 8],  # no image
+        [5] + [img] * p + [6, 7],  # one image
+        [img] * p + [9] + [img] * p + [10],  # two images
+    ]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])  # left padding
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    px = torch.randn(3, 3, 8, 8, dtype=torch.float64)  # row 1's image, then row 2's two
+    with torch.no_grad():
+        feats = vlm.image_features(px)
+        spliced = splice_image_features(vlm.language_model.embed_tokens(ids), ids, feats, img)
+        assert torch.equal(spliced[1][ids[1] == img], feats[0])
+        assert torch.equal(spliced[2][ids[2] == img], feats[1:].reshape(-1, 16))
+        assert torch.equal(spliced[0], vlm.language_model.embed_tokens(ids[0]))
+        batch = vlm(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+        for r, images in ((0, None), (1, px[:1]), (2, px[1:])):
+            alone = vlm(input_ids=torch.tensor([rows[r]]), pixel_values=images).logits[0]
+            assert (batch[r, width - len(rows[r]) :] - alone).abs().max().item() < 1e-10
+    with pytest.raises(ValueError, match="placeholder"):
+        vlm(input_ids=ids, pixel_values=px[:2], attention_mask=mask)
+
+
+def test_moe_llava_stages_train_the_intended_parameters_and_upcycling_is_exact():
+    from moekit.models.vision.llava import stage_trainable
+    from moekit.surgery.llava import moe_llava_layers, upcycle_vlm
+
+    torch.manual_seed(0)
+    vlm = tiny_vlm().double().eval()
+    names = {n for n, _ in vlm.named_parameters()}
+    assert set(stage_trainable(vlm, 1)) == {n for n in names if n.startswith("projector.")}
+    assert set(stage_trainable(vlm, 2)) == {
+        n for n in names if n.startswith(("projector.", "language_model."))
+    }
+    up = moe_llava_layers(4)
+    assert up.layer_indices == (0, 2)
+    moe = upcycle_vlm(vlm, up)
+    assert moe.language_model.config.moe_layer_ids == [0, 2]
+    stage3 = set(stage_trainable(moe, 3))
+    assert (
+        stage3 == {n for n, _ in moe.named_parameters() if ".mlp.router." in n or ".mlp.experts." in n}
+        and stage3
+    )
+    ids = torch.tensor([[1] + [39] * 4 + [2, 3]])
+    px = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert (
+            vlm(input_ids=ids, pixel_values=px).logits - moe(input_ids=ids, pixel_values=px).logits
+        ).abs().max() < 1e-12
+
+
+def test_vlm_folder_round_trips_through_from_pretrained(tmp_path):
+    import moekit
+    from moekit.models.io import write_model_folder
+
+    torch.manual_seed(0)
+    vlm = tiny_vlm().eval()
+    write_model_folder(vlm, tmp_path / "vlm")
+    loaded = moekit.from_pretrained(tmp_path / "vlm")
+    ids = torch.tensor([[1] + [39] * 4 + [2]])
+    px = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(
+            vlm(input_ids=ids, pixel_values=px).logits, loaded(input_ids=ids, pixel_values=px).logits
+        )

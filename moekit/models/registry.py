@@ -88,6 +88,7 @@ def _build_families() -> dict[str, ModelFamily]:
         ),
         _vision_family("vit_moe"),
         _vision_family("clip_moe"),
+        _vision_family("moe_llava"),
     ]
     return {family.name: family for family in entries}
 
@@ -96,6 +97,15 @@ def _vision_family(name: str) -> ModelFamily:
     from moekit.data.images import DigitsDataModule, ShapesCaptionDataModule
     from moekit.models import vision
 
+    if name == "moe_llava":
+        from moekit.models.vision.llava import MoELLaVA, VLMConfig
+
+        return ModelFamily(
+            name="moe_llava",
+            config_cls=VLMConfig,
+            model_cls=MoELLaVA,
+            description="LLaVA-style VLM: ViT tower, MLP projector, moekit LM (dense or MoE)",
+        )
     if name == "vit_moe":
         return ModelFamily(
             name="vit_moe",

@@ -18,6 +18,8 @@ Layout:
     clip.py        TextTower, CLIPMoE, contrastive_loss
     task.py        task-level MoE: per-task expert usage, extract_task_model, memory saved
     objectives.py  ClassificationObjective, ContrastiveObjective, accuracy, retrieval_r1
+    llava.py       VLMConfig, MoELLaVA (tower + projector + moekit LM), splice_image_features,
+                   LLAVA_STAGE_FREEZE / stage_trainable (MoE-LLaVA's three stages)
     presets.py     named configs for the CLI (vit-digits, clip-shapes, multitask-shapes)
 
 To add a vision family: give it a config here, build it from ``Encoder``, and register it in

@@ -88,10 +88,12 @@ class Encoder(nn.Module):
         causal: bool = False,
         task_ids: Tensor | None = None,
         moe_k: int | None = None,
+        num_layers: int | None = None,
     ) -> EncoderOutput:
-        """Runs every layer; ``task_ids`` (int64 scalar) conditions task-level routers."""
+        """Runs the first ``num_layers`` layers (all for None); ``task_ids`` (int64 scalar)
+        conditions task-level routers."""
         routing, layer_aux = [], []
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x_BSD, out = layer(x_BSD, key_mask_BS, causal, task_ids, moe_k)
             if out is not None:
                 routing.append(out.routing)

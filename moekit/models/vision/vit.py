@@ -121,6 +121,24 @@ class ViTMoE(nn.Module):
                 f"{want[1]}, {want[2]}]; preprocess images with moekit.data.images.preprocess_images"
             )
 
+    def embed(self, pixel_values: Tensor) -> Tensor:
+        """Patch + CLS + position embeddings (then ``pre_norm``): ``[B, C, H, W] -> [B, S, D]``."""
+        x_BPD = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
+        cls_B1D = self.cls_token.to(x_BPD.dtype).expand(x_BPD.shape[0], 1, -1)
+        x_BSD = torch.cat([cls_B1D, x_BPD], dim=1) + self.pos_embed.weight.to(x_BPD.dtype)
+        return x_BSD if self.pre_norm is None else self.pre_norm(x_BSD)
+
+    def hidden_state(self, pixel_values: Tensor, layer: int = -1, moe_k: int | None = None):
+        """transformers' ``hidden_states[layer]``: index 0 is the embeddings, i the output of layer i
+        (negative counts from the end, -1 = the last layer, before the final norm). Returns the
+        :class:`~moekit.models.vision.encoder.EncoderOutput` of the layers that ran."""
+        self.check_pixels(pixel_values)
+        num = self.config.num_layers
+        upto = layer if layer >= 0 else num + 1 + layer
+        if not 0 <= upto <= num:
+            raise ValueError(f"vision feature layer {layer} is outside [-{num + 1}, {num}]")
+        return self.encoder(self.embed(pixel_values), None, False, None, moe_k, num_layers=upto)
+
     def forward(
         self,
         pixel_values: Tensor,
@@ -143,11 +161,7 @@ class ViTMoE(nn.Module):
             raise ValueError(f"this ViT has {len(self.heads)} task heads; pass task=0..{len(self.heads) - 1}")
         if task is not None and not 0 <= task < cfg.num_tasks:
             raise ValueError(f"task={task} is outside [0, {cfg.num_tasks})")
-        x_BPD = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
-        cls_B1D = self.cls_token.to(x_BPD.dtype).expand(x_BPD.shape[0], 1, -1)
-        x_BSD = torch.cat([cls_B1D, x_BPD], dim=1) + self.pos_embed.weight.to(x_BPD.dtype)
-        if self.pre_norm is not None:
-            x_BSD = self.pre_norm(x_BSD)
+        x_BSD = self.embed(pixel_values)
         task_ids = None if task is None else torch.tensor(task, device=x_BSD.device)
         enc = self.encoder(x_BSD, None, False, task_ids, moe_k)
         pooled_BD = self.norm(enc.hidden[:, 0])
