@@ -545,3 +545,47 @@ def test_vlm_folder_round_trips_through_from_pretrained(tmp_path):
         assert torch.equal(
             vlm(input_ids=ids, pixel_values=px).logits, loaded(input_ids=ids, pixel_values=px).logits
         )
+
+
+def test_moe_llava_exports_to_hf_llava_with_a_moe_text_model_and_imports_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import moekit
+    from moekit.convert.families.llava import save_llava_hf
+    from moekit.models import ModelConfig
+    from moekit.models.vision.llava import MoELLaVA, VLMConfig
+    from moekit.surgery.llava import moe_llava_layers, upcycle_vlm
+
+    torch.manual_seed(0)
+    vision = ViTConfig(
+        dim=16, num_layers=3, num_heads=2, ffn_dim=24, image_size=8, patch_size=4, num_channels=3,
+        patch_bias=False, pre_norm=True, activation="quick_gelu",
+    )  # fmt: skip
+    text = ModelConfig(vocab_size=40, dim=16, num_layers=4, num_heads=2, num_kv_heads=1, ffn_dim=24, moe=None)
+    vlm = MoELLaVA(VLMConfig(vision=vision, text=text, image_token_id=39))
+    with torch.no_grad():
+        for p in vlm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    up = moe_llava_layers(4).replace(layers="all", layer_indices=None, router_init="random", router_std=0.5)
+    moe = upcycle_vlm(vlm, up)  # every layer MoE: Mixtral can express it
+    with torch.no_grad():
+        for layer in moe.language_model.moe_layers:  # experts no longer copies
+            layer.experts.w_in.add_(torch.randn_like(layer.experts.w_in) * 0.05)
+    save_llava_hf(moe, tmp_path / "hf")
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.text_config.model_type == "mixtral"
+    ids = torch.tensor([[1, 39, 39, 39, 39, 5, 6], [0, 0, 39, 39, 39, 39, 7]])  # left padding in row 1
+    mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
+    px = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits[mask.bool()]
+        feats_hf = hf.model.get_image_features(pixel_values=px)
+        feats_hf = feats_hf.pooler_output if hasattr(feats_hf, "pooler_output") else feats_hf
+        feats_hf = torch.cat(list(feats_hf)) if isinstance(feats_hf, (list, tuple)) else feats_hf
+        assert (feats_hf.reshape(-1, 16) - moe.image_features(px).reshape(-1, 16)).abs().max() < 1e-5
+        assert (
+            want - moe(input_ids=ids, pixel_values=px, attention_mask=mask).logits[mask.bool()]
+        ).abs().max() < 1e-5
+        back = moekit.from_pretrained(tmp_path / "hf")
+        assert isinstance(back, MoELLaVA) and back.language_model.config.moe_layer_ids == [0, 1, 2, 3]
+        got = back(input_ids=ids, pixel_values=px, attention_mask=mask).logits[mask.bool()]
+    assert (want - got).abs().max() < 1e-5

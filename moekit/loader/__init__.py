@@ -11,8 +11,8 @@ Contract:
     checkpoint  one checkpoint folder (``trainer_state.json`` beside a model folder)
     moekit      a model folder: ``config.json`` with ``"model_type": "moekit"`` (any family)
     quantized   a moekit folder whose config has a ``"quantization"`` section
-    hf          a Hugging Face folder of a family ``moekit.convert`` supports (LMs, and CLIPModel
-                as a moekit CLIP-MoE through ``moekit.convert.families.clip``)
+    hf          a Hugging Face folder of a family ``moekit.convert`` supports (LMs; CLIPModel and
+                LlavaForConditionalGeneration through ``moekit.convert.families.clip``/``llava``)
     ==========  ==========================================================================
 
     and returns the model in eval mode, ready for ``generate``.
@@ -40,11 +40,14 @@ from moekit.compress import load_quantized
 from moekit.compress.model import QUANT_KEY
 from moekit.convert import from_pretrained as load_hf
 from moekit.convert.families import FAMILIES as HF_FAMILIES
-from moekit.convert.families.clip import HF_MODEL_TYPES as HF_VISION_TYPES
 from moekit.convert.families.clip import load_clip_hf
+from moekit.convert.families.llava import load_llava_hf
 from moekit.data.tokenizer import EOS_TOKEN
 from moekit.models.io import CONFIG_NAME, MODEL_TYPE, WEIGHTS_NAME, load_pretrained
 
+# HF vision families, each read by its own importer (the LM families go through moekit.convert).
+HF_VISION_LOADERS = {"clip": load_clip_hf, "llava": load_llava_hf}
+HF_VISION_TYPES = tuple(HF_VISION_LOADERS)
 KINDS = ("run", "checkpoint", "moekit", "quantized", "hf")
 RUN_CHECKPOINTS = "checkpoints"
 LAST, PREVIOUS = "last", "previous"
@@ -175,7 +178,7 @@ def from_pretrained(
     if info.kind == "quantized":
         model = load_quantized(info.model_dir, dtype=run_dtype, kernel=kernel)
     elif info.kind == "hf" and info.detail in HF_VISION_TYPES:
-        model = load_clip_hf(info.model_dir, dtype=run_dtype)
+        model = HF_VISION_LOADERS[info.detail](info.model_dir, dtype=run_dtype)
     elif info.kind == "hf":
         model = load_hf(info.model_dir, dtype=run_dtype)
     else:

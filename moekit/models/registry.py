@@ -105,6 +105,7 @@ def _vision_family(name: str) -> ModelFamily:
             config_cls=VLMConfig,
             model_cls=MoELLaVA,
             description="LLaVA-style VLM: ViT tower, MLP projector, moekit LM (dense or MoE)",
+            hf_exporter="moekit.convert.families.llava:save_llava_hf",
         )
     if name == "vit_moe":
         return ModelFamily(
