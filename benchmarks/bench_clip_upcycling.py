@@ -20,7 +20,7 @@ from moekit.data.images import ShapesCaptionDataModule
 from moekit.models.objectives import LossWeights
 from moekit.models.vision import CLIPMoE, ContrastiveObjective, retrieval_r1
 from moekit.models.vision.presets import vision_preset
-from moekit.surgery.multiplet import MultipletConfig, _fit, multiplet_upcycle, upcycle_vision
+from moekit.surgery.multiplet import MultipletConfig, fine_tune_pairs, multiplet_upcycle, upcycle_vision
 from moekit.surgery.upcycle import UpcycleConfig
 from moekit.train import LoopConfig, fit, seed_everything
 
@@ -90,7 +90,7 @@ def main() -> None:
     for _ in range(args.router_steps):
         idx = torch.randperm(n, generator=gen)[:32]
         batches.append({k: data.train[k][idx] for k in ("pixel_values", "input_ids", "attention_mask")})
-    _fit(copy_moe, batches, args.router_steps, 1e-2, ["all_but_router"], 0.01, 0)
+    fine_tune_pairs(copy_moe, batches, args.router_steps, 1e-2, ["all_but_router"], 0.01, 0)
     report("copy_upcycled", copy_moe)
     # Dense fine-tuned with as many extra steps as DMU's stages, all parameters (compute control).
     extra = copy.deepcopy(dense)

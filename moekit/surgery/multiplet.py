@@ -261,7 +261,7 @@ def _mlp_only_spec(layers: dict[str, list[int]]) -> str:
     return f"re:^(?!({alts}))"
 
 
-def _fit(
+def fine_tune_pairs(
     model: nn.Module,
     batches: list[dict[str, Tensor]],
     steps: int,
@@ -270,6 +270,10 @@ def _fit(
     aux: float,
     seed: int,
 ) -> tuple[list[float], list[str]]:
+    """A short contrastive fine-tuning of a CLIP through :func:`moekit.train.fit` (nothing written):
+    ``steps`` AdamW steps over ``batches`` cycled in order, ``freeze`` specs applied after making
+    everything trainable, loss = contrastive + ``aux`` x load balance. Returns the per-step losses
+    and the names that were trainable."""
     from moekit.data import BatchListDataModule
     from moekit.models.objectives import LossWeights
     from moekit.models.vision import ContrastiveObjective
@@ -318,7 +322,7 @@ def multiplet_upcycle(dense: CLIPMoE, config: MultipletConfig, data: dict[str, T
             result.labels.append(labels)
             idx = cluster_batches(labels, config.batch_size, config.seed + s)
             tuned = copy.deepcopy(dense)
-            losses, trained = _fit(
+            losses, trained = fine_tune_pairs(
                 tuned,
                 [_take(data, i) for i in idx],
                 config.stage_steps,
@@ -343,7 +347,7 @@ def multiplet_upcycle(dense: CLIPMoE, config: MultipletConfig, data: dict[str, T
             tuned = copy.deepcopy(dense)
             idx = list(member.split(config.batch_size))
             idx = [b for b in idx if len(b) >= 2] or [member]
-            losses, trained = _fit(
+            losses, trained = fine_tune_pairs(
                 tuned,
                 [_take(data, i) for i in idx],
                 config.stage_steps,
@@ -371,7 +375,7 @@ def multiplet_upcycle(dense: CLIPMoE, config: MultipletConfig, data: dict[str, T
             _take(data, torch.randperm(n, generator=gen)[: config.batch_size])
             for _ in range(config.router_steps)
         ]
-        losses, trained = _fit(
+        losses, trained = fine_tune_pairs(
             moe,
             batches,
             config.router_steps,
