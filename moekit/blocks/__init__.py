@@ -25,6 +25,7 @@ Layout:
     attention.py  Attention (GQA, q/k norm, qkv bias), build_attention_mask (padding, sliding window)
     mla.py        MLAttention (DeepSeek multi-head latent attention, latent KV cache)
     cache.py      KVCache (preallocated, grown in chunks; Mamba layers keep a MambaState there)
+    encoder.py    SelfAttention (encoders: biased q/k/v/o, no RoPE, bidirectional or causal; ViT, CLIP)
     ssm.py        MambaMixer (Jamba's selective SSM), MambaConfig, scan_sequential /
                   scan_chunked / scan_step (the reference loop, the chunked scan, decode)
 
@@ -40,6 +41,7 @@ block's config (e.g. ``ModelConfig.attention_config()``); the block never sees t
 from moekit.blocks.attention import Attention, build_attention_mask
 from moekit.blocks.cache import KVCache, MambaState
 from moekit.blocks.config import AttentionConfig, MLAConfig, RopeConfig, mla_softmax_scale
+from moekit.blocks.encoder import SelfAttention
 from moekit.blocks.mla import MLAttention
 from moekit.blocks.norm import RMSNorm
 from moekit.blocks.rope import RotaryEmbedding, apply_rotary, deinterleave
@@ -65,6 +67,7 @@ __all__ = [
     "RMSNorm",
     "RopeConfig",
     "RotaryEmbedding",
+    "SelfAttention",
     "apply_rotary",
     "build_attention_mask",
     "cumsum_chunks",

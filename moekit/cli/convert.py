@@ -49,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--family only applies to --format hf")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = from_pretrained(src, dtype=dtype)
-    if args.format == "hf":
+    from moekit.models import MoEForCausalLM
+
+    if args.format == "hf" and not isinstance(model, MoEForCausalLM):
+        model.save_pretrained(dst, format="hf")  # the family's own exporter (e.g. CLIP)
+    elif args.format == "hf":
         save_hf(
             model,
             dst,

@@ -30,6 +30,7 @@ VERBS: dict[str, str] = {
     "moe-merge": "moe_merge",
     "layer-demo": "layer_demo",
     "distill": "distill",
+    "vision-train": "vision_train",
 }
 
 

@@ -12,6 +12,8 @@ Layout:
     sampler.py     WindowSampler (random windows, resumable) and fixed eval windows
     tokenizer.py   byte-level BPE training, save/load in the Hugging Face layout
     text.py        TextDataModule (the causal-LM data module) and the cached tokenizer
+    images.py      image preprocessing, sklearn digits, generated shape scenes (captions, multi-task
+                   labels) and their data modules (imported on use: ``moekit.data.images``)
 
 To add a data source, subclass :class:`DataModule` (see :mod:`moekit.data.base`).
 """

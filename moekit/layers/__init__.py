@@ -21,7 +21,8 @@ Layout:
                  (dense) model's FFN inputs
     router.py    Router: parameters, logits (noise, gating residual), route_small for decode;
                  capacity with score/position/RTS drops
-    experts.py   storage: ExpertWeights interface, stacked default, sorted forward, FeedForward
+    experts.py   storage: ExpertWeights interface, stacked default, biased experts (ViT/CLIP),
+                 sorted forward, FeedForward
     dispatch.py  Dispatcher, LocalDispatcher: permute -> expert_compute -> combine, backends
                  eager/sorted/grouped_mm (imports experts.py, never the reverse)
     losses.py    balance (all / first choice / sequence-wise, heterogeneous tau), z-loss, entropy
@@ -32,7 +33,8 @@ This package imports nothing else from moekit except ``moekit.config``. To add a
 ``strategies.RouterStrategy`` subclass (``check`` its fields, ``route``, and ``select`` when every
 token gets exactly k experts), register it in ``strategies.ROUTER_STRATEGIES``, and add an oracle
 case to ``tests/test_layers_oracle.py``. To add an expert storage (quantized, sharded), subclass
-``ExpertWeights`` and assign it to ``layer.experts``; to change how rows reach it (all-to-all,
+``ExpertWeights`` and assign it to ``layer.experts``; task-level MoE (M3ViT) is
+``MoEConfig.num_tasks`` plus ``task_ids`` in the forward; to change how rows reach it (all-to-all,
 prefetch), subclass ``dispatch.Dispatcher`` and assign it to ``layer.dispatcher``.
 """
 
@@ -47,13 +49,14 @@ from moekit.layers.dispatch import (
     permute,
     routed_experts,
 )
-from moekit.layers.experts import ExpertWeights, FeedForward, StackedExpertWeights
+from moekit.layers.experts import BiasedExpertWeights, ExpertWeights, FeedForward, StackedExpertWeights
 from moekit.layers.moe import MoELayer, MoEOutput, RoutingInfo, RoutingOverride, dense_equivalent
 from moekit.layers.router import Router, apply_capacity
 from moekit.layers.strategies import ROUTER_STRATEGIES, RouterOutput, RouterStrategy
 
 __all__ = [
     "ROUTER_STRATEGIES",
+    "BiasedExpertWeights",
     "Dispatcher",
     "ExpertBiasBalancer",
     "ExpertWeights",

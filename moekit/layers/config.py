@@ -13,7 +13,8 @@ SOFTMAX_ORDERS = ("before_topk", "after_topk")
 GROUP_SCORES = ("top2_sum", "max")
 NOISE_TYPES = ("none", "jitter", "gaussian", "gumbel")
 DROP_POLICIES = ("score", "position", "random")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "quick_gelu")
+TASK_ROUTINGS = ("embed", "multi_gate")
 BACKENDS = ("auto", "eager", "sorted", "grouped_mm")
 
 
@@ -24,7 +25,8 @@ class FFNConfig(JsonConfig):
     Attributes:
         dim: model width D.
         ffn_dim: hidden width F.
-        activation: ``"swiglu"`` (gate/up/down) or ``"gelu"`` (up/down).
+        activation: ``"swiglu"`` (gate/up/down), ``"gelu"`` (up/down) or ``"quick_gelu"``
+            (up/down with ``x * sigmoid(1.702 x)``, OpenAI CLIP).
         bias: add biases to the projections.
     """
 
@@ -49,7 +51,7 @@ class MoEConfig(JsonConfig):
         num_experts: number of FFN experts.
         num_zero_experts, num_copy_experts, num_constant_experts: MoE++ zero-computation experts,
             indexed after the FFN experts in the order zero, copy, constant.
-        activation: ``"swiglu"`` or ``"gelu"``.
+        activation: ``"swiglu"``, ``"gelu"`` or ``"quick_gelu"``.
         shared_ffn_dim: width of the always-on shared expert(s), 0 for none (DeepSeek's
             ``n_shared_experts * moe_intermediate_size``, Qwen2-MoE's ``shared_expert_intermediate_size``).
         shared_expert_gate: scale the shared expert by ``sigmoid(w . x)`` (Qwen2-MoE).
@@ -99,6 +101,18 @@ class MoEConfig(JsonConfig):
     Router strategies added later (neutral unless their ``router_type`` is chosen):
         sparsemixer_eps: the relative logit margin of ``router_type="sparsemixer"`` (PhiMoE's
             ``router_jitter_noise``; it is not noise, it applies at inference too).
+    Vision options (neutral defaults):
+        ffn_bias: each FFN expert has biases on both projections (ViT/CLIP MLPs), so a biased dense
+            FFN upcycles exactly. Biased experts run the per-expert loop (no stacked fast paths).
+        num_tasks: 0, or the number of tasks of a task-level MoE (M3ViT): the router then takes a
+            task id per token and conditions its logits on it.
+        task_routing: ``"embed"`` (one shared router over ``[x ; e_task]``, i.e. a learned
+            per-task logit vector ``task_logits [num_tasks, E]`` added to ``x W^T``) or
+            ``"multi_gate"`` (a gate per task: ``x (W + W_task)^T``).
+        task_num_experts: 0, or a hard per-task expert budget (``"embed"`` only): task t routes
+            only among the ``task_num_experts`` experts with the largest ``task_logits[t]``, so
+            serving one task needs only those experts loaded (Edge-MoE). The set follows the
+            learned task vector; it is the same for every input.
     """
 
     dim: int
@@ -141,6 +155,10 @@ class MoEConfig(JsonConfig):
     backend: str = "auto"
 
     sparsemixer_eps: float = 0.01
+    ffn_bias: bool = False
+    num_tasks: int = 0
+    task_routing: str = "embed"
+    task_num_experts: int = 0
 
     def __post_init__(self) -> None:
         name = "MoEConfig"
@@ -161,6 +179,19 @@ class MoEConfig(JsonConfig):
         check_choice(name, "noise", self.noise, NOISE_TYPES)
         check_choice(name, "drop_policy", self.drop_policy, DROP_POLICIES)
         check_choice(name, "backend", self.backend, BACKENDS)
+        check_choice(name, "task_routing", self.task_routing, TASK_ROUTINGS)
+        if self.num_tasks < 0:
+            raise ValueError(f"{name}.num_tasks must be >= 0, got {self.num_tasks}")
+        if self.num_tasks == 0 and self.task_routing != "embed":
+            raise ValueError(f"{name}.task_routing={self.task_routing!r} needs num_tasks > 0")
+        if self.task_num_experts:
+            if not self.num_tasks or self.task_routing != "embed":
+                raise ValueError(f"{name}.task_num_experts needs num_tasks > 0 and task_routing='embed'")
+            if not self.top_k <= self.task_num_experts <= self.num_experts:
+                raise ValueError(
+                    f"{name}.task_num_experts={self.task_num_experts} must be in [top_k={self.top_k}, "
+                    f"num_experts={self.num_experts}]"
+                )
         if self.top_k < 1:
             raise ValueError(f"{name}.top_k must be >= 1, got {self.top_k}")
         if self.router_type != "expert_choice" and self.top_k > self.num_total_experts:

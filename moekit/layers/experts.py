@@ -24,12 +24,17 @@ from torch import Tensor, nn
 
 from moekit.layers.config import FFNConfig
 
+# OpenAI CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x).
+QUICK_GELU_ALPHA = 1.702
+
 
 def activate(h_NH: Tensor, activation: str) -> Tensor:
     """Applies the FFN nonlinearity to the input projection: ``[N, H] -> [N, F]``."""
     if activation == "swiglu":
         gate_NF, up_NF = h_NH.chunk(2, dim=-1)
         return F.silu(gate_NF) * up_NF
+    if activation == "quick_gelu":
+        return h_NH * torch.sigmoid(QUICK_GELU_ALPHA * h_NH)
     return F.gelu(h_NH)
 
 
@@ -123,6 +128,9 @@ def _activation_backward(grad_a_NF: Tensor, h_NH: Tensor, activation: str, out_N
         gate_NF, up_NF = h_NH[:, :ffn], h_NH[:, ffn:]
         torch.mul(grad_a_NF, F.silu(gate_NF), out=out_NH[:, ffn:])
         torch.ops.aten.silu_backward(grad_a_NF * up_NF, gate_NF, grad_input=out_NH[:, :ffn])
+    elif activation == "quick_gelu":
+        s_NH = torch.sigmoid(QUICK_GELU_ALPHA * h_NH)
+        out_NH.copy_(grad_a_NF * s_NH * (1 + QUICK_GELU_ALPHA * h_NH * (1 - s_NH)))
     else:
         out_NH.copy_(torch.ops.aten.gelu_backward(grad_a_NF, h_NH))
 
@@ -186,6 +194,33 @@ class SortedExpertsFunction(torch.autograd.Function):
             if need_x:
                 torch.mm(grad_h, w_in_EHD[expert], out=grad_x_ND[rows])
         return grad_x_ND, grad_w_in, grad_w_out, None, None
+
+
+class BiasedExpertWeights(StackedExpertWeights):
+    """Stacked experts with biases on both projections (ViT/CLIP MLPs: ``fc2(act(fc1 x + b1)) + b2``).
+
+    Parameters: ``w_in [E, H, D]``, ``w_out [E, D, F]`` as in :class:`StackedExpertWeights`, plus
+    ``b_in [E, H]`` and ``b_out [E, D]``. :meth:`stacked` returns None, so the grouped-matmul and
+    fast-decode paths (which have no bias) never run; the per-expert loop runs instead.
+    """
+
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int, activation: str = "gelu") -> None:
+        super().__init__(num_experts, dim, ffn_dim, activation)
+        self.b_in = nn.Parameter(torch.zeros(num_experts, in_rows(ffn_dim, activation)))
+        self.b_out = nn.Parameter(torch.zeros(num_experts, dim))
+
+    def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
+        """``w_out[e] act(w_in[e] x + b_in[e]) + b_out[e]``: ``[N, D] -> [N, D]``."""
+        h_NH = F.linear(x_ND, self.w_in[expert], self.b_in[expert])
+        return F.linear(activate(h_NH, self.activation), self.w_out[expert], self.b_out[expert])
+
+    def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
+        """The per-expert loop of :meth:`ExpertWeights.forward_sorted` (autograd, with biases)."""
+        return ExpertWeights.forward_sorted(self, x_ND, counts)
+
+    def stacked(self) -> None:
+        """None: the stacked fast paths have no bias term."""
+        return None
 
 
 class FeedForward(nn.Module):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from moekit.layers import losses
 from moekit.layers.config import FFNConfig, MoEConfig
 from moekit.layers.dispatch import Dispatcher, LocalDispatcher
-from moekit.layers.experts import ExpertWeights, FeedForward, StackedExpertWeights
+from moekit.layers.experts import BiasedExpertWeights, ExpertWeights, FeedForward, StackedExpertWeights
 from moekit.layers.router import Router, RouterOutput, apply_capacity
 
 
@@ -159,7 +159,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.config = config
         self.router = Router(config)
-        self.experts: ExpertWeights = StackedExpertWeights(
+        storage = BiasedExpertWeights if config.ffn_bias else StackedExpertWeights
+        self.experts: ExpertWeights = storage(
             config.num_experts, config.dim, config.ffn_dim, config.activation
         )
         self.dispatcher: Dispatcher = LocalDispatcher()
@@ -203,6 +204,7 @@ class MoELayer(nn.Module):
         return (
             self.routing_override is None
             and self.router.supports_route_small
+            and not cfg.num_tasks
             and self.dispatcher.supports_fast_decode
             and self.experts.stacked() is not None
             and cfg.capacity_factor is None
@@ -234,6 +236,7 @@ class MoELayer(nn.Module):
         token_mask: Tensor | None = None,
         prev_logits: Tensor | None = None,
         k: int | None = None,
+        task_ids: Tensor | None = None,
     ) -> MoEOutput:
         """Routes and computes.
 
@@ -244,6 +247,8 @@ class MoELayer(nn.Module):
                 and residual branches.
             prev_logits: ``[..., E]`` previous MoE layer's ``routing.router_logits`` (gating residual).
             k: top-k for this call (any k in [1, E]; SMoE-Dropout's self-slimming, dynamic k).
+            task_ids: int64 ``[...]`` task of each token (or one scalar for all), required exactly
+                when ``config.num_tasks > 0`` (task-level MoE).
 
         Returns:
             :class:`MoEOutput` with ``hidden`` shaped like ``x``.
@@ -255,7 +260,14 @@ class MoELayer(nn.Module):
         mask_T = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
         prev_TE = None if prev_logits is None else prev_logits.reshape(num_t, -1)
 
-        if self.routing_override is None:
+        if cfg.num_tasks:
+            if task_ids is None:
+                raise ValueError(f"this MoE layer routes per task (num_tasks={cfg.num_tasks}); pass task_ids")
+            task_T = task_ids.reshape(-1).to(device=x.device, dtype=torch.long).expand(num_t)
+            route = self.router(x_TD, mask_T, prev_TE, k, task_ids_T=task_T)
+        elif task_ids is not None:
+            raise ValueError("task_ids given to an MoE layer without tasks (num_tasks=0)")
+        elif self.routing_override is None:
             route = self.router(x_TD, mask_T, prev_TE, k)
         else:
             route = self.routing_override(self.router, x_TD, mask_T, prev_TE, k)

@@ -37,6 +37,8 @@ class Router(nn.Module):
         residual_weight: ``[E, E]`` MoE++ gating-residual projection, zero at init so a new
             layer starts as if it had no residual.
         expert_bias: ``[E]`` buffer used only to choose experts (aux-loss-free balancing).
+        task_logits: ``[num_tasks, E]`` per-task logit vector (``task_routing="embed"``), or
+        task_weight: ``[num_tasks, E, D]`` per-task gate delta (``"multi_gate"``); None without tasks.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -59,6 +61,11 @@ class Router(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(num_e), persistent=True)
         else:
             self.expert_bias = None
+        self.task_logits = self.task_weight = None
+        if config.num_tasks and config.task_routing == "embed":
+            self.task_logits = nn.Parameter(torch.zeros(config.num_tasks, num_e))
+        elif config.num_tasks:
+            self.task_weight = nn.Parameter(torch.zeros(config.num_tasks, num_e, config.dim))
         self.reset_parameters()
         if self.weight is not None and (config.router_frozen or config.router_type == "random_fixed"):
             self.weight.requires_grad_(False)
@@ -103,7 +110,12 @@ class Router(nn.Module):
     def supports_route_small(self) -> bool:
         """Whether :meth:`route_small` gives what :meth:`forward` would: a fixed-k strategy, no
         gating residual, and no subclass that post-processes ``forward`` (e.g. pruning)."""
-        return self.strategy.fixed_k and self.residual_weight is None and type(self).forward is Router.forward
+        return (
+            self.strategy.fixed_k
+            and self.residual_weight is None
+            and not self.config.num_tasks
+            and type(self).forward is Router.forward
+        )
 
     def route_small(self, x_BD: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
         """Routes a small batch cheaply, without statistics or masking: ``(ids [B, K], weights [B, K])``.
@@ -119,14 +131,24 @@ class Router(nn.Module):
         ids_BK, weights_BK, _ = self.strategy.select(cfg, logits_BE, self.expert_bias, k, self.training)
         return ids_BK, weights_BK
 
-    def logits(self, x_TD: Tensor, prev_logits_TE: Tensor | None = None) -> Tensor:
-        """Router logits ``[T, E]`` in the routing dtype, with input jitter and gating residual."""
+    def logits(
+        self, x_TD: Tensor, prev_logits_TE: Tensor | None = None, task_ids_T: Tensor | None = None
+    ) -> Tensor:
+        """Router logits ``[T, E]`` in the routing dtype, with input jitter, gating residual and the
+        task conditioning (``task_ids_T`` int64 ``[T]``, task-level MoE)."""
         cfg = self.config
         dtype = _routing_dtype(x_TD)
         x_TD = x_TD.to(dtype)
         if self.training and cfg.noise == "jitter" and cfg.noise_eps > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - cfg.noise_eps, 1.0 + cfg.noise_eps)
         logits_TE = self.project(x_TD)
+        if task_ids_T is not None:
+            logits_TE = logits_TE + self.task_term(x_TD, task_ids_T)
+            if self.config.task_num_experts:
+                # A finite floor, not -inf: softmax still gives exactly 0 and no NaN reaches
+                # a gating residual or the z-loss.
+                allowed_TE = self.task_experts_mask()[task_ids_T]
+                logits_TE = logits_TE.masked_fill(~allowed_TE, -1e9)
         if self.residual_weight is not None and prev_logits_TE is not None:
             if prev_logits_TE.shape[-1] != logits_TE.shape[-1]:
                 raise ValueError(
@@ -138,12 +160,40 @@ class Router(nn.Module):
             logits_TE = logits_TE + torch.randn_like(logits_TE) * (cfg.noise_eps / logits_TE.shape[-1])
         return logits_TE
 
+    def task_experts_mask(self) -> Tensor:
+        """Bool ``[num_tasks, E]``: the experts each task may use under ``task_num_experts``
+        (the top entries of its task vector; all True without a budget)."""
+        num_e = self.config.num_total_experts
+        if self.task_logits is None:
+            return torch.ones(
+                max(self.config.num_tasks, 1), num_e, dtype=torch.bool, device=self.weight.device
+            )
+        n = self.config.task_num_experts or num_e
+        top = self.task_logits.detach().topk(n, dim=-1).indices
+        return torch.zeros_like(self.task_logits, dtype=torch.bool).scatter_(1, top, True)
+
+    def task_term(self, x_TD: Tensor, task_ids_T: Tensor) -> Tensor:
+        """The task's contribution to the logits, ``[T, E]``: ``task_logits[t]`` ("embed": a linear
+        router over ``[x ; e_t]``) or ``x W_t^T`` ("multi_gate")."""
+        dtype = x_TD.dtype
+        if self.task_logits is not None:
+            return self.task_logits.to(dtype)[task_ids_T]
+        if self.task_weight is None:
+            raise ValueError("task_ids given to a router without tasks (MoEConfig.num_tasks=0)")
+        # One gate per task; T tokens of a batch usually share a task, so loop over the few tasks.
+        out_TE = x_TD.new_zeros(x_TD.shape[0], self.task_weight.shape[1])
+        for t in torch.unique(task_ids_T).tolist():
+            rows = task_ids_T == t
+            out_TE[rows] = F.linear(x_TD[rows], self.task_weight[t].to(dtype))
+        return out_TE
+
     def forward(
         self,
         x_TD: Tensor,
         token_mask_T: Tensor | None = None,
         prev_logits_TE: Tensor | None = None,
         k: int | None = None,
+        task_ids_T: Tensor | None = None,
     ) -> RouterOutput:
         """Routes T tokens.
 
@@ -152,13 +202,14 @@ class Router(nn.Module):
             token_mask_T: bool ``[T]``, False for padding tokens (they get no experts).
             prev_logits_TE: the previous MoE layer's logits, for the gating residual.
             k: overrides ``top_k`` for this call.
+            task_ids_T: int64 ``[T]`` task of each token (task-level MoE), or None.
         """
         cfg = self.config
         k = cfg.top_k if k is None else int(k)
         num_e = cfg.num_total_experts
         if cfg.router_type != "expert_choice" and not (1 <= k <= num_e):
             raise ValueError(f"k={k} must be in [1, {num_e}] (the number of experts)")
-        logits_TE = self.logits(x_TD, prev_logits_TE)
+        logits_TE = self.logits(x_TD, prev_logits_TE, task_ids_T)
         out = self.strategy.route(cfg, logits_TE, self.expert_bias, token_mask_T, k, self.training)
         if token_mask_T is not None and cfg.router_type != "expert_choice":
             keep_T1 = token_mask_T.to(torch.bool).unsqueeze(-1)

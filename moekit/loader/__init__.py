@@ -11,7 +11,8 @@ Contract:
     checkpoint  one checkpoint folder (``trainer_state.json`` beside a model folder)
     moekit      a model folder: ``config.json`` with ``"model_type": "moekit"`` (any family)
     quantized   a moekit folder whose config has a ``"quantization"`` section
-    hf          a Hugging Face folder of a family ``moekit.convert`` supports
+    hf          a Hugging Face folder of a family ``moekit.convert`` supports (LMs; CLIPModel and
+                LlavaForConditionalGeneration through ``moekit.convert.families.clip``/``llava``)
     ==========  ==========================================================================
 
     and returns the model in eval mode, ready for ``generate``.
@@ -39,9 +40,14 @@ from moekit.compress import load_quantized
 from moekit.compress.model import QUANT_KEY
 from moekit.convert import from_pretrained as load_hf
 from moekit.convert.families import FAMILIES as HF_FAMILIES
+from moekit.convert.families.clip import load_clip_hf
+from moekit.convert.families.llava import load_llava_hf
 from moekit.data.tokenizer import EOS_TOKEN
 from moekit.models.io import CONFIG_NAME, MODEL_TYPE, WEIGHTS_NAME, load_pretrained
 
+# HF vision families, each read by its own importer (the LM families go through moekit.convert).
+HF_VISION_LOADERS = {"clip": load_clip_hf, "llava": load_llava_hf}
+HF_VISION_TYPES = tuple(HF_VISION_LOADERS)
 KINDS = ("run", "checkpoint", "moekit", "quantized", "hf")
 RUN_CHECKPOINTS = "checkpoints"
 LAST, PREVIOUS = "last", "previous"
@@ -132,10 +138,10 @@ def inspect_folder(path: str | Path) -> FolderInfo:
         return FolderInfo(path, model_dir, kind, family)
     if model_type is None:
         raise ValueError(f"{config_file} has no 'model_type'; cannot tell which model family it is")
-    if str(model_type) not in HF_FAMILIES:
+    if str(model_type) not in HF_FAMILIES and str(model_type) not in HF_VISION_TYPES:
         raise ValueError(
             f"{config_file}: Hugging Face model_type {model_type!r} is not supported; moekit reads "
-            f"{sorted(HF_FAMILIES)}"
+            f"{sorted(HF_FAMILIES) + sorted(HF_VISION_TYPES)}"
         )
     return FolderInfo(path, model_dir, "hf", str(model_type))
 
@@ -171,6 +177,8 @@ def from_pretrained(
         )
     if info.kind == "quantized":
         model = load_quantized(info.model_dir, dtype=run_dtype, kernel=kernel)
+    elif info.kind == "hf" and info.detail in HF_VISION_TYPES:
+        model = HF_VISION_LOADERS[info.detail](info.model_dir, dtype=run_dtype)
     elif info.kind == "hf":
         model = load_hf(info.model_dir, dtype=run_dtype)
     else:

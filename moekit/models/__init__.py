@@ -23,6 +23,8 @@ Layout:
     presets.py     named configs (moe-tiny, moe-small, ..., dense twins)
     moirai*.py     the Moirai-MoE forecaster family (model, mixture heads, objective, data
                    module, forecaster; family ``moirai_moe``), docs/timeseries-moirai.md
+    vision/        ViT-MoE, task-level MoE (M3ViT) and CLIP-MoE (``moekit.models.vision``,
+                   registered as the ``vit_moe`` and ``clip_moe`` families)
 
 To add a family: express it as ModelConfig fields (add a field with a neutral default when a
 family needs a switch the decoder lacks), add a preset whose docstring cites the HF config, and

@@ -367,6 +367,7 @@ class MoEForCausalLM(nn.Module):
         use_cache: bool = False,
         position_ids: Tensor | None = None,
         moe_k: int | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> CausalLMOutput:
         """Runs the model (Hugging Face calling conventions).
 
@@ -382,6 +383,8 @@ class MoEForCausalLM(nn.Module):
             position_ids: ``[B, S]``; by default the cumulative sum of ``attention_mask`` minus 1
                 (so left padding does not shift positions), else ``P + arange(S)``.
             moe_k: experts per token for every MoE layer in this call (overrides ``top_k``).
+            inputs_embeds: ``[B, S, D]`` used instead of ``embed_tokens(input_ids)`` (a VLM splices
+                image features into them); ``input_ids`` still gives the shape.
 
         Returns:
             :class:`CausalLMOutput`.
@@ -413,7 +416,7 @@ class MoEForCausalLM(nn.Module):
         mask_B1SK = build_attention_mask(attention_mask, batch, num_new, num_past, cfg.sliding_window, device)
         cos, sin = self.rotary(position_ids, num_positions)
 
-        x_BSD = self.embed(input_ids)
+        x_BSD = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         routing: list[RoutingInfo] = []
         layer_aux: list[Mapping[str, Tensor]] = []
         prev_logits_TE = None

@@ -97,8 +97,45 @@ def _build_families() -> dict[str, ModelFamily]:
             objective_cls=MoiraiObjective,
             data_module_cls=MoiraiDataModule,
         ),
+        _vision_family("vit_moe"),
+        _vision_family("clip_moe"),
+        _vision_family("moe_llava"),
     ]
     return {family.name: family for family in entries}
+
+
+def _vision_family(name: str) -> ModelFamily:
+    from moekit.data.images import DigitsDataModule, ShapesCaptionDataModule
+    from moekit.models import vision
+
+    if name == "moe_llava":
+        from moekit.models.vision.llava import MoELLaVA, VLMConfig
+
+        return ModelFamily(
+            name="moe_llava",
+            config_cls=VLMConfig,
+            model_cls=MoELLaVA,
+            description="LLaVA-style VLM: ViT tower, MLP projector, moekit LM (dense or MoE)",
+            hf_exporter="moekit.convert.families.llava:save_llava_hf",
+        )
+    if name == "vit_moe":
+        return ModelFamily(
+            name="vit_moe",
+            config_cls=vision.ViTConfig,
+            model_cls=vision.ViTMoE,
+            description="ViT classifier with dense or MoE FFNs, optionally task-level MoE with per-task heads",
+            objective_cls=vision.ClassificationObjective,
+            data_module_cls=DigitsDataModule,
+        )
+    return ModelFamily(
+        name="clip_moe",
+        config_cls=vision.CLIPConfig,
+        model_cls=vision.CLIPMoE,
+        description="CLIP dual encoder (ViT image tower, causal text tower) with dense or MoE FFNs",
+        objective_cls=vision.ContrastiveObjective,
+        data_module_cls=ShapesCaptionDataModule,
+        hf_exporter="moekit.convert.families.clip:save_clip_hf",
+    )
 
 
 def families() -> tuple[ModelFamily, ...]:

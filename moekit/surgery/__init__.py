@@ -14,7 +14,10 @@ Contract:
 Operations (paper followed; docs/surgery.md lists what differs from the papers' code):
     upcycle.py   :func:`upcycle` sparse upcycling (Komatsuzaki et al.; MoE-LLaVA; SMoE-Dropout split)
     scale.py     :func:`grow` scale-up before scale-out (AquilaMoE EfficientScale; Net2Net/bert2BERT)
-    dmu.py       :func:`dmu_upcycle` diversified multiplet upcycling (CLIP-MoE)
+    dmu.py       :func:`dmu_upcycle` diversified multiplet upcycling of a decoder LM
+                 (``recipe="per_cluster_only"`` or ``"multiplet"``)
+    multiplet.py :func:`upcycle_vision` (ViT/CLIP copy upcycling) and :func:`multiplet_upcycle`,
+                 CLIP-MoE's DMU as the paper does it (import from ``moekit.surgery.multiplet``)
     mixture.py   :func:`merge_dense_models` mixture of dense fine-tunes (mergekit-moe, Branch-Train-MiX)
     extend.py    :func:`extend_experts` + :func:`consolidate_extension` + :func:`calibrate_new_bias`
                  (MoExtend), layer choice by routing shift

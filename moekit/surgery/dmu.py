@@ -13,9 +13,16 @@ Steps, following CLIP-MoE's one-stage form:
    tokens at layer i, dense model), normalised and scaled to ``router_logit_std``.
 4. Train only the routers (``FREEZE_GROUPS["all_but_router"]``) on all sequences.
 
-Differences from CLIP-MoE: one clustering stage instead of its cumulative multi-stage
-pseudo-labels (9^s clusters), the LM loss instead of InfoNCE, and centroid-initialised instead of
-random routers. The cheaper alternative the paper does not use (regressing each FFN copy on its
+Step 2 above is ``recipe="per_cluster_only"`` (the default, what this module always did). The
+paper's recipe is ``recipe="multiplet"``: the dense model is expert 0, and stage s = 1 .. E-1
+fine-tunes a copy on *all* sequences with every batch drawn from one cluster (clusters in turn),
+then re-clusters with the stage model and refines the labels (``label * E + new``); the stage
+models' FFNs are the experts. For CLIP itself see :mod:`moekit.surgery.multiplet`.
+
+Differences from CLIP-MoE: the LM loss instead of InfoNCE, one feature space (the middle layer's
+FFN input) instead of separate image/text clusterings, and centroid-initialised instead of random
+routers (under ``"multiplet"`` the centroids of the first clustering, so rows are spread but not
+tied to an expert). The cheaper alternative the paper does not use (regressing each FFN copy on its
 cluster's hidden states alone) is not implemented.
 """
 
@@ -26,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moekit.config import JsonConfig
+from moekit.config import JsonConfig, check_choice
 from moekit.models import MoEForCausalLM
 from moekit.surgery.common import (
     Batches,
@@ -36,7 +43,10 @@ from moekit.surgery.common import (
     router_rows_from_directions,
     train_steps,
 )
+from moekit.surgery.multiplet import cluster_batches
 from moekit.surgery.upcycle import UpcycleConfig, upcycle, upcycle_layer_ids
+
+DMU_RECIPES = ("per_cluster_only", "multiplet")
 
 
 @dataclass(kw_only=True)
@@ -52,6 +62,8 @@ class DMUConfig(JsonConfig):
         router_logit_std: logit std of the centroid router rows on the calibration tokens.
         batch_size: sequences per step.
         seed: seeds k-means and training.
+        recipe: ``"per_cluster_only"`` (expert c fine-tuned on cluster c only) or ``"multiplet"``
+            (the paper: the dense model plus E-1 stages on all data, batches one cluster at a time).
     """
 
     upcycle: UpcycleConfig = field(default_factory=lambda: UpcycleConfig(num_experts=4, top_k=2))
@@ -62,9 +74,11 @@ class DMUConfig(JsonConfig):
     router_logit_std: float = 1.0
     batch_size: int = 8
     seed: int = 0
+    recipe: str = "per_cluster_only"
 
     def __post_init__(self) -> None:
         name = "DMUConfig"
+        check_choice(name, "recipe", self.recipe, DMU_RECIPES)
         if isinstance(self.upcycle, dict):
             self.upcycle = UpcycleConfig.from_dict(self.upcycle)
         for f in ("ffn_steps", "router_steps", "batch_size"):
@@ -102,20 +116,10 @@ def dmu_upcycle(dense_model: MoEForCausalLM, config: DMUConfig, sequences: Batch
     _, assign = kmeans(seq_feat, num_e, seed=config.seed)
     ffn_regex = "|".join(str(i) for i in layer_ids)
     freeze = [rf"re:^(?!layers\.({ffn_regex})\.mlp\.w_)"]
-    experts = []
-    for c in range(num_e):
-        member = rows_BS[assign == c]
-        tuned = copy.deepcopy(dense_model)
-        if config.ffn_steps:
-            train_steps(
-                tuned,
-                list(member.split(config.batch_size)),
-                config.ffn_steps,
-                config.ffn_lr,
-                freeze,
-                seed=config.seed + c,
-            )
-        experts.append(tuned)
+    if config.recipe == "multiplet":
+        experts = _multiplet_stages(dense_model, config, rows_BS, assign, layer_ids, mid, freeze)
+    else:
+        experts = _per_cluster_stages(dense_model, config, rows_BS, assign, freeze)
     moe = upcycle(dense_model, config.upcycle.replace(expert_init="copy", router_init="zeros"))
     with torch.no_grad():
         for i in layer_ids:
@@ -143,3 +147,51 @@ def dmu_upcycle(dense_model: MoEForCausalLM, config: DMUConfig, sequences: Batch
     moe.eval()
     moe.dmu_clusters = assign
     return moe
+
+
+def _per_cluster_stages(dense_model, config: DMUConfig, rows_BS, assign, freeze) -> list[MoEForCausalLM]:
+    """Expert c = the dense model fine-tuned on cluster c's sequences only."""
+    experts = []
+    for c in range(config.upcycle.num_experts):
+        member = rows_BS[assign == c]
+        tuned = copy.deepcopy(dense_model)
+        if config.ffn_steps:
+            train_steps(
+                tuned,
+                list(member.split(config.batch_size)),
+                config.ffn_steps,
+                config.ffn_lr,
+                freeze,
+                seed=config.seed + c,
+            )
+        experts.append(tuned)
+    return experts
+
+
+def _multiplet_stages(
+    dense_model, config: DMUConfig, rows_BS, assign, layer_ids, mid, freeze
+) -> list[MoEForCausalLM]:
+    """Expert 0 = the dense model; stage s fine-tunes on all sequences, batches one cluster at a time."""
+    num_e = config.upcycle.num_experts
+    inputs = rows_BS[:, :-1]
+    labels = assign
+    experts = [dense_model]
+    for s in range(1, num_e):
+        tuned = copy.deepcopy(dense_model)
+        if config.ffn_steps:
+            idx = cluster_batches(labels, config.batch_size, config.seed + s)
+            train_steps(
+                tuned,
+                [rows_BS[i] for i in idx],
+                config.ffn_steps,
+                config.ffn_lr,
+                freeze,
+                seed=config.seed + s,
+            )
+        experts.append(tuned)
+        feats = collect_ffn_inputs(tuned, list(inputs.split(config.batch_size)), [mid])[mid]
+        _, new = kmeans(
+            feats.reshape(rows_BS.shape[0], inputs.shape[1], -1).mean(1), num_e, seed=config.seed + s
+        )
+        _, labels = torch.unique(labels * num_e + new, return_inverse=True)
+    return experts

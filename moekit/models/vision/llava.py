@@ -1,0 +1,199 @@
+"""MoE-LLaVA's model: a vision tower, an MLP projector and a moekit LM, with image features
+spliced into the text at image placeholder tokens (LLaVA's convention).
+
+Shape legend: B = texts, S = text length, N = images in the batch, P = features per image,
+Dv = vision width, D = LM width, V = vocabulary.
+
+Splicing: the text holds ``P`` copies of ``image_token_id`` per image (the processor expands one
+placeholder to ``image_seq_length`` tokens, as transformers' LLaVA does). ``pixel_values`` holds
+the batch's images in reading order (row 0's images first); the k-th run of P placeholders is
+replaced by the projected features of image k. Rows may hold 0, 1 or more images, and padding may
+be on the left.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from moekit.config import JsonConfig, check_choice
+from moekit.models.config import ModelConfig
+from moekit.models.decoder import CausalLMOutput, MoEForCausalLM
+from moekit.models.param_groups import module_param_names, moe_parameter_groups
+from moekit.models.vision.config import ViTConfig
+from moekit.models.vision.vit import ViTMoE
+
+SELECT_STRATEGIES = ("default", "full")
+
+
+@dataclass(kw_only=True)
+class VLMConfig(JsonConfig):
+    """A LLaVA-style vision-language model.
+
+    Attributes:
+        vision: the image tower (no head).
+        text: the moekit LM (dense or MoE).
+        image_token_id: the placeholder id (inside the LM's vocabulary).
+        vision_feature_layer: transformers' index into the tower's hidden states (-2: the
+            second-to-last layer's output, LLaVA's default).
+        vision_feature_select_strategy: ``"default"`` drops the CLS feature, ``"full"`` keeps it.
+        projector_bias: biases in the two projector linears.
+    """
+
+    vision: ViTConfig
+    text: ModelConfig
+    image_token_id: int
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    projector_bias: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice(
+            "VLMConfig",
+            "vision_feature_select_strategy",
+            self.vision_feature_select_strategy,
+            SELECT_STRATEGIES,
+        )
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ValueError(f"VLMConfig.image_token_id={self.image_token_id} is outside the LM vocabulary")
+        if self.vision.num_classes or self.vision.task_num_classes:
+            raise ValueError("VLMConfig.vision must have no classification head")
+        n = self.vision.num_layers
+        if not -(n + 1) <= self.vision_feature_layer <= n:
+            raise ValueError(
+                f"VLMConfig.vision_feature_layer={self.vision_feature_layer} is outside [-{n + 1}, {n}]"
+            )
+
+    @property
+    def image_seq_length(self) -> int:
+        """P: placeholder tokens (features) per image."""
+        extra = 1 if self.vision_feature_select_strategy == "full" else 0
+        return self.vision.num_patches + extra
+
+
+class MultiModalProjector(nn.Module):
+    """``linear_2(gelu(linear_1(x)))``: ``[..., Dv] -> [..., D]`` (LLaVA's ``mlp2x_gelu``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Projects vision features into the LM's embedding space."""
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def splice_image_features(
+    embeds_BSD: Tensor, input_ids_BS: Tensor, features_NPD: Tensor | None, image_token_id: int
+) -> Tensor:
+    """Replaces the placeholder embeddings, in reading order, by the image features.
+
+    Raises:
+        ValueError: the placeholder count is not ``N * P`` (one line naming both counts).
+    """
+    is_image_BS = input_ids_BS == image_token_id
+    num_slots = int(is_image_BS.sum())
+    num_feats = 0 if features_NPD is None else features_NPD.shape[0] * features_NPD.shape[1]
+    if num_slots != num_feats:
+        per = "?" if features_NPD is None else features_NPD.shape[1]
+        raise ValueError(
+            f"the text holds {num_slots} image placeholder tokens but the images give {num_feats} features "
+            f"({0 if features_NPD is None else features_NPD.shape[0]} images x {per}); expand each image "
+            "placeholder to image_seq_length tokens"
+        )
+    if num_slots == 0:
+        return embeds_BSD
+    out = embeds_BSD.clone()
+    # Boolean indexing walks rows then positions: exactly the reading order of the images.
+    out[is_image_BS] = features_NPD.reshape(-1, features_NPD.shape[-1]).to(out.dtype)
+    return out
+
+
+class MoELLaVA(nn.Module):
+    """Vision tower + projector + moekit LM (dense, or MoE after stage-3 upcycling).
+
+    Submodules: ``vision_tower`` (:class:`ViTMoE`), ``projector`` (:class:`MultiModalProjector`),
+    ``language_model`` (:class:`~moekit.models.MoEForCausalLM`).
+    """
+
+    def __init__(self, config: VLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = ViTMoE(config.vision)
+        self.projector = MultiModalProjector(config.vision.dim, config.text.dim, config.projector_bias)
+        self.language_model = MoEForCausalLM(config.text)
+
+    def tie_weights(self) -> None:
+        """Ties the LM's head to its embedding when its config says so."""
+        self.language_model.tie_weights()
+
+    def tied_weight_names(self) -> list[str]:
+        """The LM's tied names, prefixed."""
+        return [f"language_model.{n}" for n in self.language_model.tied_weight_names()]
+
+    def init_buffers(self) -> None:
+        """Rebuilds both models' non-persistent buffers."""
+        self.vision_tower.init_buffers()
+        self.language_model.init_buffers()
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """The MoE groups plus ``vision_tower``, ``projector``, ``language_model`` and ``lm_moe``
+        (the LM's routers and experts: what MoE-LLaVA's stage 3 trains)."""
+        groups = moe_parameter_groups(self)
+        groups["vision_tower"] = module_param_names(self.vision_tower, "vision_tower")
+        groups["projector"] = module_param_names(self.projector, "projector")
+        groups["language_model"] = module_param_names(self.language_model, "language_model")
+        lm = set(groups["language_model"])
+        groups["lm_moe"] = [n for n in groups["router"] + groups["experts"] if n in lm]
+        return groups
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """``[N, P, D]``: the tower's ``vision_feature_layer`` states, selected and projected."""
+        cfg = self.config
+        hidden = self.vision_tower.hidden_state(pixel_values, cfg.vision_feature_layer).hidden
+        if cfg.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        return self.projector(hidden)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        moe_k: int | None = None,
+    ) -> CausalLMOutput:
+        """HF-style: ``model(input_ids=..., pixel_values=..., attention_mask=...)`` -> ``.logits [B, S, V]``."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        feats = None if pixel_values is None else self.image_features(pixel_values)
+        embeds = splice_image_features(embeds, input_ids, feats, self.config.image_token_id)
+        return self.language_model(
+            input_ids, attention_mask=attention_mask, labels=labels, moe_k=moe_k, inputs_embeds=embeds
+        )
+
+
+# What each MoE-LLaVA stage freezes (``--freeze`` specs on this model's groups).
+LLAVA_STAGE_FREEZE: dict[int, list[str]] = {
+    1: ["vision_tower", "language_model"],  # the projector only
+    2: ["vision_tower"],  # the projector and the LM
+    3: ["vision_tower", "projector", "re:^language_model\\.(?!layers\\.\\d+\\.mlp\\.(router|experts)\\.)"],
+}
+
+
+def stage_trainable(model: MoELLaVA, stage: int) -> list[str]:
+    """The parameter names MoE-LLaVA's ``stage`` (1, 2, 3) trains, after freezing its groups."""
+    if stage not in LLAVA_STAGE_FREEZE:
+        raise ValueError(f"MoE-LLaVA has stages 1, 2, 3; got {stage}")
+    groups = model.parameter_groups()
+    frozen: set[str] = set()
+    names = [n for n, _ in model.named_parameters()]
+    for spec in LLAVA_STAGE_FREEZE[stage]:
+        if spec.startswith("re:"):
+            frozen |= {n for n in names if re.search(spec[3:], n)}
+        else:
+            frozen |= set(groups[spec])
+    return [n for n in names if n not in frozen]

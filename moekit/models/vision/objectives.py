@@ -1,0 +1,124 @@
+"""Training objectives of the vision family (see :class:`moekit.models.objectives.Objective`).
+
+Batches are dicts of tensors: ``{"pixel_values", "labels"}`` (+ ``"task"``, an int64 scalar, for
+task-level MoE) for classification, ``{"pixel_values", "input_ids", "attention_mask"}`` for CLIP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.models.objectives import LossWeights, Objective, ObjectiveOutput
+from moekit.models.vision.clip import contrastive_loss
+
+
+def _task_of(batch: dict[str, Any]) -> int | None:
+    task = batch.get("task")
+    return None if task is None else int(task)
+
+
+class ClassificationObjective(Objective):
+    """Cross-entropy of the (task's) head plus weighted aux losses; logs ``ce`` and ``accuracy``.
+
+    Args:
+        weights: aux-loss coefficients (``LossWeights.from_model_config(vit_config)`` gives the model's).
+    """
+
+    def __init__(self, weights: LossWeights) -> None:
+        self.weights = weights
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], moe_k: int | None = None) -> Any:
+        """``model(pixel_values, task=batch.get("task"), moe_k=moe_k)``."""
+        return model(batch["pixel_values"], task=_task_of(batch), moe_k=moe_k)
+
+    def loss(self, output: Any, batch: dict[str, Tensor]) -> ObjectiveOutput:
+        """``CE + weighted aux``."""
+        ce = F.cross_entropy(output.logits.float(), batch["labels"])
+        aux = self.weights.weighted(output.aux_losses or {}, ce)
+        acc = (output.logits.argmax(-1) == batch["labels"]).float().mean()
+        return ObjectiveOutput(
+            loss=ce + aux,
+            metrics={"ce": ce, "aux_loss": aux, "accuracy": acc},
+            aux_losses=output.aux_losses or {},
+            routing=list(output.routing or []),
+        )
+
+    def eval_loss(self, output: Any, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """Mean CE and the number of images."""
+        return F.cross_entropy(output.logits.float(), batch["labels"]), int(batch["labels"].numel())
+
+
+class ContrastiveObjective(Objective):
+    """CLIP's symmetric contrastive loss plus weighted aux losses; logs ``contrastive``."""
+
+    def __init__(self, weights: LossWeights) -> None:
+        self.weights = weights
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], moe_k: int | None = None) -> Any:
+        """``model(input_ids, pixel_values, attention_mask, moe_k=moe_k)``."""
+        return model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch.get("attention_mask"),
+            moe_k=moe_k,
+        )
+
+    def loss(self, output: Any, batch: dict[str, Tensor]) -> ObjectiveOutput:
+        """``contrastive + weighted aux``."""
+        con = contrastive_loss(output.logits_per_image)
+        aux = self.weights.weighted(output.aux_losses or {}, con)
+        return ObjectiveOutput(
+            loss=con + aux,
+            metrics={"contrastive": con, "aux_loss": aux},
+            aux_losses=output.aux_losses or {},
+            routing=list(output.routing or []),
+        )
+
+    def eval_loss(self, output: Any, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """Mean contrastive loss and the number of pairs."""
+        return contrastive_loss(output.logits_per_image), int(batch["input_ids"].shape[0])
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: list[dict[str, Tensor]], moe_k: int | None = None) -> float:
+    """Top-1 accuracy of a classifier over ``batches`` (eval mode)."""
+    was = model.training
+    model.eval()
+    right = total = 0
+    try:
+        for b in batches:
+            out = model(b["pixel_values"], task=_task_of(b), moe_k=moe_k)
+            right += int((out.logits.argmax(-1) == b["labels"]).sum())
+            total += int(b["labels"].numel())
+    finally:
+        model.train(was)
+    return right / max(total, 1)
+
+
+@torch.no_grad()
+def retrieval_r1(model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Recall@1 both ways over all pairs of ``batches`` (eval mode). A retrieved text counts as right
+    when its token ids equal the image's own caption (generated captions repeat)."""
+    was = model.training
+    model.eval()
+    imgs, txts, ids = [], [], []
+    try:
+        for b in batches:
+            out = model(
+                input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"]
+            )
+            imgs.append(out.image_embeds)
+            txts.append(out.text_embeds)
+            ids.append(b["input_ids"])
+    finally:
+        model.train(was)
+    img, txt, tok = torch.cat(imgs), torch.cat(txts), torch.cat(ids)
+    same_NN = (tok[:, None, :] == tok[None, :, :]).all(-1)
+    sim = img @ txt.t()
+    i2t = same_NN[torch.arange(len(tok)), sim.argmax(1)].float().mean()
+    t2i = same_NN[sim.argmax(0), torch.arange(len(tok))].float().mean()
+    return {"image_to_text_r1": float(i2t), "text_to_image_r1": float(t2i)}
