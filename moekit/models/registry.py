@@ -54,6 +54,7 @@ class ModelFamily:
     objective_cls: type | None = None
     data_module_cls: type | None = None
     hf_exporter: str | None = None
+    task: str = "causal_lm"
 
     def build(self, config: JsonConfig) -> nn.Module:
         """A fresh model of this family from ``config``."""
@@ -75,6 +76,8 @@ def _build_families() -> dict[str, ModelFamily]:
     from moekit.models.config import ModelConfig
     from moekit.models.decoder import MoEForCausalLM
     from moekit.models.objectives import CausalLMObjective
+    from moekit.models.timemoe import TimeMoEConfig, TimeMoEForecaster
+    from moekit.models.timemoe_train import SeriesDataModule, TimeMoEObjective
 
     entries = [
         ModelFamily(
@@ -86,6 +89,15 @@ def _build_families() -> dict[str, ModelFamily]:
             data_module_cls=TextDataModule,
             hf_exporter="moekit.convert:save_hf",
         ),
+        ModelFamily(
+            name="timemoe",
+            config_cls=TimeMoEConfig,
+            model_cls=TimeMoEForecaster,
+            description="Time-MoE forecaster: point-wise tokens, MoE decoder, multi-horizon heads",
+            objective_cls=TimeMoEObjective,
+            data_module_cls=SeriesDataModule,
+            task="forecast",
+        ),
     ]
     return {family.name: family for family in entries}
 
@@ -93,6 +105,11 @@ def _build_families() -> dict[str, ModelFamily]:
 def families() -> tuple[ModelFamily, ...]:
     """Every registered family, in registration order."""
     return tuple(_build_families().values())
+
+
+def families_for_task(task: str) -> tuple[ModelFamily, ...]:
+    """The registered families whose :attr:`ModelFamily.task` is ``task``, in registration order."""
+    return tuple(f for f in families() if f.task == task)
 
 
 def get_family(name: str) -> ModelFamily:
