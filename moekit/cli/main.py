@@ -29,6 +29,9 @@ VERBS: dict[str, str] = {
     "extend-experts": "extend_experts",
     "moe-merge": "moe_merge",
     "layer-demo": "layer_demo",
+    "ts-train": "ts_train",
+    "forecast": "forecast",
+    "ts-eval": "ts_eval",
 }
 
 

@@ -122,18 +122,10 @@ def resume_config(out_dir: str | Path, max_steps: int | None = None) -> TSTrainC
     return config.replace(max_steps=max_steps) if max_steps is not None else config
 
 
-def ts_train(
-    config: TSTrainConfig,
-    out_dir: str | Path | None,
-    resume: bool = False,
-    progress: bool = True,
-    device: torch.device | str | None = "cpu",
-    series: list | None = None,
-) -> FitResult:
-    """Pretrains ``config``'s model and returns the engine's :class:`FitResult`.
+def build_run(config: TSTrainConfig, series: list | None = None) -> tuple[Any, Any, Any]:
+    """``(model, objective, data module)`` of a run, the model seeded with ``config.seed``.
 
-    ``series`` replaces the built-in training series (tests, a user's own data). With ``resume``
-    the run continues from ``out_dir/checkpoints/last``.
+    ``series`` replaces the built-in training series (tests, a user's own data).
     """
     family = forecast_family(config.family)
     model_config = config.model_config()
@@ -145,7 +137,21 @@ def ts_train(
         data = family.data_module_cls(
             config.data, model_config.context_length, tuple(model_config.horizons), series
         )
-    objective = family.objective_cls.for_config(model_config)
+    return model, family.objective_cls.for_config(model_config), data
+
+
+def ts_train(
+    config: TSTrainConfig,
+    out_dir: str | Path | None,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device | str | None = "cpu",
+    series: list | None = None,
+) -> FitResult:
+    """Pretrains ``config``'s model (see :func:`build_run`) and returns the engine's
+    :class:`FitResult`; with ``resume`` the run continues from ``out_dir/checkpoints/last``."""
+    model, objective, data = build_run(config, series)
+    model_config = model.config
     items = config.data.batch_size * model_config.context_length
     return fit(
         model,
