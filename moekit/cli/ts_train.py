@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the verb's flags; unset flags keep the TSTrainConfig defaults (or the resumed run's)."""
     p.add_argument("--family", help="forecast family from the registry (default timemoe)")
     p.add_argument("--preset", help="model preset of the family (default timemoe-small)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 600)")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<preset>)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out exactly (its saved config)"
@@ -26,6 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--real",
         choices=("pretrain", "none"),
         help="add the statsmodels pretraining series (default pretrain)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's); 1 is much faster on a machine whose cores are busy",
     )
     p.add_argument(
         "--time-limit",
@@ -93,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
     from moekit.train.forecasting import ts_train
 
     config = build_config(args)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: must be at least 1")
+        torch.set_num_threads(args.threads)
     out = Path(args.out or f"runs/{config.preset}")
     limit = f"time limit {config.time_limit_s:g} s" if config.time_limit_s else "no time limit"
     print(

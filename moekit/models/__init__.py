@@ -21,6 +21,11 @@ Layout:
     generation.py  generate, Sampler, iter_tokens, the compile="auto" policy
     io.py          save/load of moekit folders (safetensors only)
     presets.py     named configs (moe-tiny, moe-small, ..., dense twins)
+    registry.py    model families (name, config, model, objective, data module, task)
+    timemoe.py     the Time-MoE forecaster family (task "forecast"): TimeMoEConfig,
+                   TimeMoEForecaster (forecast with the KV cache), its PRESETS (timemoe-*)
+    timemoe_train.py  TimeMoEObjective (multi-horizon Huber + aux), SeriesDataModule
+    forecaster.py  Forecaster: predict / predict_df frames over any forecast-family model
 
 To add a family: express it as ModelConfig fields (add a field with a neutral default when a
 family needs a switch the decoder lacks), add a preset whose docstring cites the HF config, and

@@ -28,7 +28,11 @@ DEFAULT_FAMILY = "timemoe"
 
 
 def forecast_family(name: str):
-    """The registered family ``name``; ValueError unless its task is ``"forecast"``."""
+    """The registered family ``name`` (``-`` and ``_`` are the same: ``moirai-moe`` is
+    ``moirai_moe``); ValueError unless its task is ``"forecast"``."""
+    known = {f.name for f in families_for_task("forecast")} | {f.name for f in families_for_task("causal_lm")}
+    if name not in known and name.replace("-", "_") in known:
+        name = name.replace("-", "_")
     family = get_family(name)
     if family.task != "forecast":
         names = [f.name for f in families_for_task("forecast")]
@@ -63,7 +67,7 @@ class TSTrainConfig(JsonConfig):
     preset: str = "timemoe-small"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: SeriesDataConfig = field(default_factory=SeriesDataConfig)
-    max_steps: int = 1000
+    max_steps: int = 600
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 50
