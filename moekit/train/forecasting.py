@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from moekit.config import JsonConfig
-from moekit.models.registry import families_for_task, get_family
+from moekit.models.registry import families, families_for_task, get_family
 from moekit.models.timemoe_train import SeriesDataConfig
 from moekit.train.engine import FitResult, LoopConfig, fit, seed_everything
 
@@ -30,7 +30,7 @@ DEFAULT_FAMILY = "timemoe"
 def forecast_family(name: str):
     """The registered family ``name`` (``-`` and ``_`` are the same: ``moirai-moe`` is
     ``moirai_moe``); ValueError unless its task is ``"forecast"``."""
-    known = {f.name for f in families_for_task("forecast")} | {f.name for f in families_for_task("causal_lm")}
+    known = {f.name for f in families()}
     if name not in known and name.replace("-", "_") in known:
         name = name.replace("-", "_")
     family = get_family(name)
