@@ -29,10 +29,10 @@ from moekit.train import fit
 from moekit.train.forecasting import TSTrainConfig, build_run, ts_train
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Training tests run on one torch thread: on a machine whose cores are shared, two threads
-    contend and run many times slower (the result is the same; only the speed changes)."""
+    """These tests run on one torch thread: on a machine whose cores are shared, two threads
+    contend and run many times slower (the results are the same; only the speed changes)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -272,7 +272,7 @@ def _sinusoids_with_trend(num: int, seed: int) -> list[Series]:
     return out
 
 
-def test_brief_training_beats_seasonal_naive_on_sinusoid_with_trend(one_thread):
+def test_brief_training_beats_seasonal_naive_on_sinusoid_with_trend():
     config = TSTrainConfig(
         preset="timemoe-tiny",
         model_overrides={"horizons": (1, 8, 24)},
@@ -300,7 +300,7 @@ def test_brief_training_beats_seasonal_naive_on_sinusoid_with_trend(one_thread):
     assert np.mean(ours) < np.mean(base), (ours, base)
 
 
-def test_resume_is_exact_through_fit(tmp_path, one_thread):
+def test_resume_is_exact_through_fit(tmp_path):
     common = dict(
         preset="timemoe-tiny",
         data=TINY_DATA,
@@ -402,7 +402,7 @@ def test_cli_forecast_bad_inputs_are_one_line_errors(case, message, cli_files, t
         assert "'z'" in err  # names the series
 
 
-def test_cli_ts_eval_and_ts_train_resume(cli_files, tmp_path, capsys, one_thread):
+def test_cli_ts_eval_and_ts_train_resume(cli_files, tmp_path, capsys):
     rc = main(
         [
             "ts-eval", "--model", str(cli_files / "model"), "--input", str(cli_files / "long.csv"),
