@@ -13,7 +13,7 @@ To add a family:
        whose ``__init__`` takes the config and whose ``config`` attribute holds it);
     2. add a :class:`ModelFamily` entry to :func:`_build_families` below;
     3. give it an objective and a data module if it trains (see ``moekit.models.objectives`` and
-       ``moekit.data``).
+       ``moekit.data``), and set ``task`` when it is not a causal LM.
 The table is built once, on first use, from constants: it is not mutable state.
 """
 
@@ -45,6 +45,14 @@ class ModelFamily:
         hf_exporter: ``"module:function"`` writing the model as a Hugging Face folder, or None.
             A name rather than an import, because exporters live on a higher floor (``convert``)
             than the models they export; it is resolved only when a user asks for ``format="hf"``.
+        task: what the model does, so each tool picks the families it can drive: ``"causal_lm"``
+            (text: ``moekit train``, ``generate``, ``serve``) or ``"forecast"`` (time series:
+            ``moekit ts-train``, ``forecast``, ``ts-eval``). A forecast family's model has
+            ``forecast(histories, horizon) -> [N, horizon]`` point forecasts in raw units (and may
+            have ``forecast_samples(histories, horizon, num_samples) -> [N, S, horizon]``); its
+            config module has a ``PRESETS`` dict (name -> config function, the first is the
+            default); its objective has ``for_config(config)`` and its data module
+            ``for_model(SeriesDataConfig, config)`` (see ``moekit.train.forecasting``).
     """
 
     name: str
