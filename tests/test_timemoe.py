@@ -353,6 +353,14 @@ def test_cli_forecast_end_to_end(cli_files, tmp_path, capsys):
     assert list(rows[0]) == ["unique_id", "ds", "mean", "q0.1", "q0.5", "q0.9"]
     assert [r["ds"] for r in rows if r["unique_id"] == "a"] == [f"2021-{m:02d}-01" for m in range(1, 6)]
     assert (tmp_path / "f.png").stat().st_size > 0
+    # Wide CSV without timestamps and JSONL: ds continues as integer steps.
+    (tmp_path / "wide.csv").write_text("a,b\n" + "".join(f"{i},{2 * i}\n" for i in range(10)))
+    (tmp_path / "s.jsonl").write_text(json.dumps({"sequence": list(range(7))}) + "\n")
+    for name, first in (("wide.csv", "10"), ("s.jsonl", "7")):
+        assert main(["forecast", "--model", str(cli_files / "model"), "--input", str(tmp_path / name),
+                     "--horizon", "2", "--out", str(out)]) == 0  # fmt: skip
+        with open(out) as fh:
+            assert next(csv.DictReader(fh))["ds"] == first
 
 
 @pytest.mark.parametrize(
@@ -361,6 +369,7 @@ def test_cli_forecast_end_to_end(cli_files, tmp_path, capsys):
         ("missing", "no such file"),
         ("badvalue", "not a number"),
         ("empty_series", "no observed value"),
+        ("too_short", "at least 2 are needed"),
         ("horizon", "--horizon"),
         ("quantile_text", "--quantiles"),
         ("quantile_range", "between 0 and 1"),
@@ -379,6 +388,9 @@ def test_cli_forecast_bad_inputs_are_one_line_errors(case, message, cli_files, t
     elif case == "empty_series":
         (tmp_path / "nan.csv").write_text("unique_id,ds,y\nz,2020-01-01,\nz,2020-02-01,nan\n")
         args["input"] = str(tmp_path / "nan.csv")
+    elif case == "too_short":
+        (tmp_path / "short.csv").write_text("unique_id,ds,y\nshorty,2020-01-01,1.0\n")
+        args["input"] = str(tmp_path / "short.csv")
     elif case == "horizon":
         args["horizon"] = "0"
     elif case == "quantile_text":
@@ -398,8 +410,8 @@ def test_cli_forecast_bad_inputs_are_one_line_errors(case, message, cli_files, t
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
-    if case == "empty_series":
-        assert "'z'" in err  # names the series
+    if case in ("empty_series", "too_short"):
+        assert ("'z'" if case == "empty_series" else "'shorty'") in err  # names the series
 
 
 def test_cli_ts_eval_and_ts_train_resume(cli_files, tmp_path, capsys):
