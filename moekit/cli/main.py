@@ -31,6 +31,9 @@ VERBS: dict[str, str] = {
     "layer-demo": "layer_demo",
     "distill": "distill",
     "vision-train": "vision_train",
+    "ts-train": "ts_train",
+    "forecast": "forecast",
+    "ts-eval": "ts_eval",
 }
 
 

@@ -21,6 +21,11 @@ Layout:
     generation.py  generate, Sampler, iter_tokens, the compile="auto" policy
     io.py          save/load of moekit folders (safetensors only)
     presets.py     named configs (moe-tiny, moe-small, ..., dense twins)
+    registry.py    model families (name, config, model, objective, data module, task)
+    timemoe.py     the Time-MoE forecaster family (task "forecast"): TimeMoEConfig,
+                   TimeMoEForecaster (forecast with the KV cache), its PRESETS (timemoe-*)
+    timemoe_train.py  TimeMoEObjective (multi-horizon Huber + aux), SeriesDataModule
+    forecaster.py  Forecaster: predict / predict_df frames over any forecast-family model
     moirai*.py     the Moirai-MoE forecaster family (model, mixture heads, objective, data
                    module, forecaster; family ``moirai_moe``), docs/timeseries-moirai.md
     vision/        ViT-MoE, task-level MoE (M3ViT) and CLIP-MoE (``moekit.models.vision``,

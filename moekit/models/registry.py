@@ -13,7 +13,7 @@ To add a family:
        whose ``__init__`` takes the config and whose ``config`` attribute holds it);
     2. add a :class:`ModelFamily` entry to :func:`_build_families` below;
     3. give it an objective and a data module if it trains (see ``moekit.models.objectives`` and
-       ``moekit.data``).
+       ``moekit.data``), and set ``task`` when it is not a causal LM.
 The table is built once, on first use, from constants: it is not mutable state.
 """
 
@@ -45,6 +45,14 @@ class ModelFamily:
         hf_exporter: ``"module:function"`` writing the model as a Hugging Face folder, or None.
             A name rather than an import, because exporters live on a higher floor (``convert``)
             than the models they export; it is resolved only when a user asks for ``format="hf"``.
+        task: what the model does, so each tool picks the families it can drive: ``"causal_lm"``
+            (text: ``moekit train``, ``generate``, ``serve``) or ``"forecast"`` (time series:
+            ``moekit ts-train``, ``forecast``, ``ts-eval``). A forecast family's model has
+            ``forecast(histories, horizon) -> [N, horizon]`` point forecasts in raw units (and may
+            have ``forecast_samples(histories, horizon, num_samples) -> [N, S, horizon]``); its
+            config module has a ``PRESETS`` dict (name -> config function, the first is the
+            default); its objective has ``for_config(config)`` and its data module
+            ``for_model(SeriesDataConfig, config)`` (see ``moekit.train.forecasting``).
     """
 
     name: str
@@ -54,6 +62,7 @@ class ModelFamily:
     objective_cls: type | None = None
     data_module_cls: type | None = None
     hf_exporter: str | None = None
+    task: str = "causal_lm"
 
     def build(self, config: JsonConfig) -> nn.Module:
         """A fresh model of this family from ``config``."""
@@ -77,6 +86,8 @@ def _build_families() -> dict[str, ModelFamily]:
     from moekit.models.moirai import MoiraiMoEConfig, MoiraiMoEModel
     from moekit.models.moirai_train import MoiraiDataModule, MoiraiObjective
     from moekit.models.objectives import CausalLMObjective
+    from moekit.models.timemoe import TimeMoEConfig, TimeMoEForecaster
+    from moekit.models.timemoe_train import SeriesDataModule, TimeMoEObjective
 
     entries = [
         ModelFamily(
@@ -87,6 +98,15 @@ def _build_families() -> dict[str, ModelFamily]:
             objective_cls=CausalLMObjective,
             data_module_cls=TextDataModule,
             hf_exporter="moekit.convert:save_hf",
+        ),
+        ModelFamily(
+            name="timemoe",
+            config_cls=TimeMoEConfig,
+            model_cls=TimeMoEForecaster,
+            description="Time-MoE forecaster: point-wise tokens, MoE decoder, multi-horizon heads",
+            objective_cls=TimeMoEObjective,
+            data_module_cls=SeriesDataModule,
+            task="forecast",
         ),
         # Lead: set task="forecast" here once ModelFamily has the `task` field (timemoe's branch).
         ModelFamily(
@@ -141,6 +161,11 @@ def _vision_family(name: str) -> ModelFamily:
 def families() -> tuple[ModelFamily, ...]:
     """Every registered family, in registration order."""
     return tuple(_build_families().values())
+
+
+def families_for_task(task: str) -> tuple[ModelFamily, ...]:
+    """The registered families whose :attr:`ModelFamily.task` is ``task``, in registration order."""
+    return tuple(f for f in families() if f.task == task)
 
 
 def get_family(name: str) -> ModelFamily:

@@ -1,0 +1,90 @@
+"""Zero-shot evaluation of trained forecasters on the held-out real series, against the baselines.
+
+Usage (after ``moekit ts-train --preset P --out runs/P`` for each model)::
+
+    python benchmarks/bench_timeseries.py --runs runs/timemoe-small runs/timemoe-small-dense \
+        runs/timemoe-small-h1 --horizon 12 --num-origins 2
+
+Prints, per held-out series (``moekit.timeseries.HOLDOUT``), the MASE and CRPS of every model and
+of AutoETS/AutoARIMA/SeasonalNaive, the geometric mean of MASE relative to SeasonalNaive, and for
+each model its forward calls per forecast and seconds per series. One rolling-origin evaluation
+covers all models, so the baselines are fitted once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+import moekit
+from moekit.models.forecaster import Forecaster
+from moekit.timeseries import (
+    DEFAULT_QUANTILES,
+    concat_frames,
+    load_builtin,
+    plan_horizon,
+    rolling_origin_evaluation,
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--runs", nargs="+", required=True, help="ts-train run folders (the model name is the folder name)"
+    )
+    p.add_argument("--horizon", type=int, default=12)
+    p.add_argument("--num-origins", type=int, default=2)
+    p.add_argument("--baselines", default="AutoETS,AutoARIMA,SeasonalNaive")
+    args = p.parse_args()
+    series = load_builtin("holdout")
+    forecasters = {Path(r).name: Forecaster(moekit.from_pretrained(r), name=Path(r).name) for r in args.runs}
+    seconds = dict.fromkeys(forecasters, 0.0)
+
+    def all_models(histories, horizon, quantiles):
+        frames = {}
+        for name, f in forecasters.items():
+            t0 = time.perf_counter()
+            frames[name] = f.predict(histories, horizon, quantiles)
+            seconds[name] += time.perf_counter() - t0
+        return concat_frames(frames)
+
+    ev = rolling_origin_evaluation(
+        series,
+        args.horizon,
+        all_models,
+        num_origins=args.num_origins,
+        quantiles=DEFAULT_QUANTILES,
+        baselines=[b for b in args.baselines.split(",") if b],
+    )
+    for metric in ("mase", "crps"):
+        table = ev.side_by_side(metric)
+        print(f"\n{metric.upper()} (horizon {args.horizon}, mean over {args.num_origins} origins)")
+        print(" | ".join(["series", *table.names[1:]]))
+        for i, uid in enumerate(table["unique_id"]):
+            print(" | ".join([str(uid), *(f"{table[n][i]:.3f}" for n in table.names[1:])]))
+    s = ev.summary
+    print("\nmodel | mean MASE | mean CRPS | geomean MASE rel. SeasonalNaive")
+    for i, m in enumerate(s["model"]):
+        print(f"{m} | {s['mase'][i]:.3f} | {s['crps'][i]:.3f} | {s['relative_mase'][i]:.3f}")
+    print("\nmodel | forward calls per forecast | seconds per series (incl. 3 backtests for quantiles)")
+    per_series = len(series) * args.num_origins
+    for name, f in forecasters.items():
+        calls = len(plan_horizon(args.horizon, f.model.config.horizons))
+        print(f"{name} | {calls} | {seconds[name] / per_series:.3f}")
+    # The long-horizon point comparison without quantiles: MASE against the number of calls.
+    long_h = 4 * args.horizon
+    ev_long = rolling_origin_evaluation(
+        series, long_h, all_models, num_origins=1, quantiles=(), baselines=["SeasonalNaive"]
+    )
+    print(f"\nhorizon {long_h}: model | forward calls | geomean MASE rel. SeasonalNaive | mean MASE")
+    s = ev_long.summary
+    for i, m in enumerate(s["model"]):
+        calls = len(plan_horizon(long_h, forecasters[m].model.config.horizons)) if m in forecasters else "-"
+        print(f"{m} | {calls} | {s['relative_mase'][i]:.3f} | {np.round(s['mase'][i], 3)}")
+
+
+if __name__ == "__main__":
+    main()
