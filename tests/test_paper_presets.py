@@ -107,3 +107,36 @@ def test_smoe_dropout_preset_frozen_random_router_and_self_slimming():
     now = model.state_dict()
     assert router_state and all(torch.equal(now[n], t) for n, t in router_state.items())
     assert not torch.equal(model.layers[0].mlp.experts.w_in, other)
+
+
+def test_prmoe_preset_is_a_residual_top1_pyramid_hand_checked():
+    from moekit.layers.experts import activate
+
+    cfg = get_preset("prmoe-small")
+    assert cfg.moe_layer_ids == [1, 3] and cfg.experts_per_layer == (4, 8)
+    torch.manual_seed(0)
+    model = MoEForCausalLM(cfg).double().eval()
+    assert [m.config.num_experts for m in model.moe_layers] == [4, 8]  # fewer early, more late
+    x = torch.randn(5, cfg.dim, dtype=torch.float64)
+    for layer in model.moe_layers:
+        with torch.no_grad():
+            got = layer(x).hidden
+            probs = torch.softmax(x @ layer.router.weight.t(), dim=-1)
+            p1, e1 = probs.max(-1)
+            moe = torch.stack(
+                [
+                    p1[t]
+                    * (
+                        activate(x[t] @ layer.experts.w_in[e1[t]].t(), "swiglu")
+                        @ layer.experts.w_out[e1[t]].t()
+                    )
+                    for t in range(5)
+                ]
+            )
+            coef = torch.softmax(layer.residual_coef(x), dim=-1)
+            want = coef[:, :1] * moe + coef[:, 1:] * layer.residual_mlp(x)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="pyramid"):
+        from moekit.models.presets import prmoe_small
+
+        prmoe_small((8, 4))
