@@ -15,7 +15,9 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
         help="offload experts and keep this many bytes of them resident: a byte count (e.g. 2e8) or a "
         "percentage of all expert bytes (e.g. 50%%); default: no offloading",
     )
-    p.add_argument("--policy", choices=["lru", "lfu"], default="lru", help="expert cache eviction policy")
+    p.add_argument(
+        "--policy", choices=["lru", "lfu", "edgemoe"], default="lru", help="expert cache eviction policy"
+    )
     p.add_argument(
         "--prefetch",
         choices=["none", "pregate", "stats"],

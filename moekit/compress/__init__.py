@@ -28,6 +28,8 @@ Layout:
     prune.py       PrunedRouter, dynamic_prune (MC-MoE ODP: per-layer thresholds, layer ranking,
                    token protection), rank_layers_by_pruning_loss, expert_calls_saved
     gguf_export.py GGUF writer (qwen3moe, qwen2moe, llama/Mixtral)
+    edgemoe.py     EdgeMoE: bit-width search by accuracy tolerance, second-order expert predictor,
+                   cache-eviction priority (used by moekit.offload's ``policy="edgemoe"``)
 
 To add a bit width: add it to ``config.VALID_BITS``, make :func:`quant.pack_codes` handle it (any
 width up to 8 already packs), and map it to a kernel in :func:`kernels.choose_kernel` (a width
