@@ -124,3 +124,33 @@ def test_expert_cache_edgemoe_policy_evicts_the_layer_furthest_ahead(tmp_path):
     cache.close()
     with pytest.raises(ValueError, match="edgemoe"):
         ExpertCache(ExpertStore(tmp_path / "s"), budget_bytes=3 * per, policy="nope")
+
+
+def test_edgemoe_prefetch_runs_in_offloaded_generation(tmp_path):
+    from moekit.analysis import record_trace
+    from moekit.layers import MoEConfig
+    from moekit.models import ModelConfig
+    from moekit.offload import offload_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64,
+        dim=32,
+        num_layers=3,
+        num_heads=4,
+        ffn_dim=64,
+        moe=MoEConfig(dim=32, ffn_dim=24, num_experts=8, top_k=2),
+    )
+    model = MoEForCausalLM(cfg).double().eval()
+    prompt = torch.randint(0, 64, (1, 4))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=8)
+    trace = record_trace(model, [(torch.randint(0, 64, (4, 32)), None) for _ in range(4)])
+    w = model.moe_layers[0].experts
+    per = (w.w_in[0].numel() + w.w_out[0].numel()) * w.w_in.element_size()
+    cache = offload_model(model, tmp_path / "s", cache_bytes=6 * per, prefetch="edgemoe", trace=trace)
+    with torch.no_grad():
+        got = model.generate(prompt, max_new_tokens=8)
+    assert torch.equal(got, want)  # prefetching changes what is resident, never the tokens
+    assert cache.stats.prefetches > 0
+    cache.close()

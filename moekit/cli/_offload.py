@@ -20,9 +20,9 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prefetch",
-        choices=["none", "pregate", "stats"],
+        choices=["none", "pregate", "stats", "edgemoe"],
         default="none",
-        help="prefetch the next layer's experts (stats needs --trace)",
+        help="prefetch the next layer's experts (stats and edgemoe need --trace)",
     )
     p.add_argument("--trace", default=None, help="routing trace (moekit trace) for --prefetch stats")
     p.add_argument("--store", default=None, help="expert store folder (default: a temporary folder)")
@@ -70,9 +70,11 @@ def maybe_offload(model, args: argparse.Namespace):
     total = sum(p.numel() * p.element_size() for mlp in model.moe_layers for p in mlp.experts.parameters())
     budget = parse_cache_bytes(args.expert_cache_bytes, total)
     trace = None
-    if args.prefetch == "stats":
+    if args.prefetch in ("stats", "edgemoe"):
         if not args.trace:
-            raise ValueError("--prefetch stats needs --trace FILE (a routing trace from `moekit trace`)")
+            raise ValueError(
+                f"--prefetch {args.prefetch} needs --trace FILE (a routing trace from `moekit trace`)"
+            )
         from moekit.analysis import load_trace
 
         trace = load_trace(args.trace)
