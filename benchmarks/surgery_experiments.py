@@ -136,7 +136,9 @@ def part_b(train, val, scale: float, state: dict) -> None:
     old_calib = [b[:, :-1] for b in draw(train, 8, 4)]  # old-task calibration from the train split
     new_calib = [b[:, :-1] for b in new_batches[:4]]
     rows = [["trained MoE (before)", lm_loss(moe, old_val), lm_loss(moe, new_val)]]
-    isolated = extend_experts(moe, ExtendConfig(layers="all", router_init="isolated"), new_data=new_calib)
+    isolated = extend_experts(
+        moe, ExtendConfig(layers="all", router_init="isolated", shift_source="data"), new_data=new_calib
+    )
     rows.append(
         [
             "isolated extension (new rows -1e4), untrained",
@@ -151,7 +153,14 @@ def part_b(train, val, scale: float, state: dict) -> None:
     ):
         ext = extend_experts(
             moe,
-            ExtendConfig(layers="shift", shift_fraction=0.5, router_init=router_init, new_bias=0.0),
+            ExtendConfig(
+                layers="shift",
+                shift_fraction=0.5,
+                router_init=router_init,
+                new_bias=0.0,
+                shift_source="data",  # the variant docs/surgery.md measured
+                shift_metric="js",
+            ),
             new_data=new_calib,
             old_data=old_calib,
         )

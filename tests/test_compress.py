@@ -55,7 +55,7 @@ def _batches(n: int = 3, seed: int = 1) -> list[torch.Tensor]:
     return [torch.randint(0, 512, (2, 48), generator=g) for _ in range(n)]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_rtn_error_within_half_scale_and_packing_round_trips(bits):
     torch.manual_seed(bits)
     w = torch.randn(24, 256) * torch.rand(24, 1)
@@ -73,12 +73,12 @@ def test_rtn_error_within_half_scale_and_packing_round_trips(bits):
 
 
 def test_unsupported_bits_and_methods_name_the_choices():
-    with pytest.raises(ValueError, match=r"bits=5.*\[2, 3, 4, 8\]"):
+    with pytest.raises(ValueError, match=r"bits=5.*\[1, 2, 3, 4, 8\]"):
         QuantConfig(bits=5)
     with pytest.raises(ValueError, match=r"method='awq'.*\['rtn', 'gptq'\]"):
         QuantConfig(method="awq")
-    with pytest.raises(ValueError, match=r"bits=1"):
-        quantize_rtn(torch.randn(4, 64), 1, 64)
+    with pytest.raises(ValueError, match=r"bits=0"):  # 1 bit is a width since MC-MoE's {1, 2, 3}
+        quantize_rtn(torch.randn(4, 64), 0, 64)
     with pytest.raises(ValueError, match="candidate_bits"):
         MixedPrecisionConfig(candidate_bits=(2, 6))
     with pytest.raises(ValueError, match="group_size=48 does not divide"):
@@ -87,7 +87,7 @@ def test_unsupported_bits_and_methods_name_the_choices():
         quantize_model(_tiny(), QuantConfig(method="gptq", group_size=64))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_kernels_match_dequantized_fp32(bits):
     torch.manual_seed(0)
     w = torch.randn(96, 128) * 0.05
@@ -161,7 +161,16 @@ def test_milp_respects_budget_and_equals_brute_force():
 
 def test_mixed_precision_end_to_end_respects_budget_and_beats_uniform():
     model = _tiny()
-    mcfg = MixedPrecisionConfig(avg_bits=3.0, candidate_bits=(2, 3, 4), group_size=64)
+    # The earlier moekit settings (one global budget, no minimum use, the expert's own MSE).
+    mcfg = MixedPrecisionConfig(
+        avg_bits=3.0,
+        candidate_bits=(2, 3, 4),
+        group_size=64,
+        per_layer_budget=False,
+        min_bits_each=False,
+        objective="expert_mse",
+        beta=1.0,
+    )
     stats = expert_stats(model, _batches(2), mcfg.candidate_bits, mcfg.group_size)
     assert len(stats.error) == 2 and len(stats.error[0]) == 4 and len(stats.error[0][0]) == 3
     assert all(abs(sum(f) - 1) < 1e-5 for f in stats.freq)
@@ -346,7 +355,7 @@ def test_cli_quantize_then_generate_eval_and_export(tiny_run, tmp_path, capsys):
         str(run_dir),
         "--mixed",
         "--avg-bits",
-        "3",
+        "3.5",
         "--candidate-bits",
         "2,4",
         "--out",
@@ -356,8 +365,8 @@ def test_cli_quantize_then_generate_eval_and_export(tiny_run, tmp_path, capsys):
         _verb(quantize, [*margs, "--group-size", "32", "--calib", str(corpus), "--calib-batches", "2"]) == 0
     )
     alloc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["allocation"]
-    assert alloc["avg_bits"] <= 3.0 and {b for row in alloc["bits"] for b in row} <= {2, 4}
-    with pytest.raises(ValueError, match=r"--bits=6.*\[2, 3, 4, 8\]"):
+    assert alloc["avg_bits"] <= 3.5 and {b for row in alloc["bits"] for b in row} <= {2, 4}
+    with pytest.raises(ValueError, match=r"--bits=6.*\[1, 2, 3, 4, 8\]"):
         _verb(quantize, ["--model", str(run_dir), "--bits", "6", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match=r"--method='hqq'.*\['rtn', 'gptq'\]"):
         _verb(quantize, ["--model", str(run_dir), "--method", "hqq", "--out", str(tmp_path / "x")])

@@ -224,7 +224,8 @@ def test_extension_chooses_layers_by_shift_and_round_trips(tmp_path):
             w.zero_()
             if i in (1, 3):
                 w[0, 0], w[1, 0], w[2, 0], w[3, 0] = 2.0, 1.0, -1.0, -2.0
-    ext = extend_experts(model, ExtendConfig(shift_fraction=0.5), new_data=new, old_data=old)
+    data_variant = ExtendConfig(shift_fraction=0.5, shift_source="data", shift_metric="js")
+    ext = extend_experts(model, data_variant, new_data=new, old_data=old)
     from moekit.surgery import routing_shift
     from moekit.surgery.extend import extended_layers
 

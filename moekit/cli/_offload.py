@@ -15,12 +15,14 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
         help="offload experts and keep this many bytes of them resident: a byte count (e.g. 2e8) or a "
         "percentage of all expert bytes (e.g. 50%%); default: no offloading",
     )
-    p.add_argument("--policy", choices=["lru", "lfu"], default="lru", help="expert cache eviction policy")
+    p.add_argument(
+        "--policy", choices=["lru", "lfu", "edgemoe"], default="lru", help="expert cache eviction policy"
+    )
     p.add_argument(
         "--prefetch",
-        choices=["none", "pregate", "stats"],
+        choices=["none", "pregate", "stats", "edgemoe"],
         default="none",
-        help="prefetch the next layer's experts (stats needs --trace)",
+        help="prefetch the next layer's experts (stats and edgemoe need --trace)",
     )
     p.add_argument("--trace", default=None, help="routing trace (moekit trace) for --prefetch stats")
     p.add_argument("--store", default=None, help="expert store folder (default: a temporary folder)")
@@ -68,9 +70,11 @@ def maybe_offload(model, args: argparse.Namespace):
     total = sum(p.numel() * p.element_size() for mlp in model.moe_layers for p in mlp.experts.parameters())
     budget = parse_cache_bytes(args.expert_cache_bytes, total)
     trace = None
-    if args.prefetch == "stats":
+    if args.prefetch in ("stats", "edgemoe"):
         if not args.trace:
-            raise ValueError("--prefetch stats needs --trace FILE (a routing trace from `moekit trace`)")
+            raise ValueError(
+                f"--prefetch {args.prefetch} needs --trace FILE (a routing trace from `moekit trace`)"
+            )
         from moekit.analysis import load_trace
 
         trace = load_trace(args.trace)

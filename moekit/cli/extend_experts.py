@@ -16,7 +16,10 @@ from moekit.cli._surgery import (
     summary,
 )
 
-HELP = "Extend an MoE with new experts for a new task (MoExtend); layers chosen by routing shift."
+HELP = (
+    "Extend an MoE with new experts for a new task (MoExtend); layers chosen by the routing shift of "
+    "router tuning on the new data (or, with --shift-source data, of old against new data)."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,6 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", choices=["all", "explicit", "shift"], help="which MoE layers to extend")
     p.add_argument("--layer-indices", type=int, nargs="+", help="layers for --layers explicit")
     p.add_argument("--shift-fraction", type=float, help="share of MoE layers to extend for --layers shift")
+    p.add_argument(
+        "--shift-source",
+        choices=["router_tuning", "data"],
+        help="router_tuning: routing before/after tuning only the routers on --new-data (MoExtend); "
+        "data: the untouched router on --calib (old) against --new-data",
+    )
+    p.add_argument("--shift-metric", choices=["std", "js", "kl"], help="how the shift is measured")
+    p.add_argument("--tune-steps", type=int, help="router-tuning steps for --shift-source router_tuning")
+    p.add_argument("--tune-lr", type=float, help="router-tuning learning rate")
     p.add_argument("--expert-init", choices=["most_used", "mean", "random"], help="new expert init")
     p.add_argument(
         "--router-init",
@@ -53,13 +65,20 @@ def run(args: argparse.Namespace) -> int:
             "layers": args.layers,
             "layer_indices": args.layer_indices,
             "shift_fraction": args.shift_fraction,
+            "shift_source": args.shift_source,
+            "shift_metric": args.shift_metric,
+            "tune_steps": args.tune_steps,
+            "tune_lr": args.tune_lr,
             "expert_init": args.expert_init,
             "router_init": args.router_init,
             "new_bias": args.new_bias,
         },
     )
     new = calibration_batches(folder, args.new_data, args)
-    old = calibration_batches(folder, args.calib, args) if config.layers == "shift" else None
+    needs_old = (
+        config.layers == "shift" and config.shift_source == "data"
+    ) or config.router_init == "contrast"
+    old = calibration_batches(folder, args.calib, args) if needs_old else None
     ext = extend_experts(model, config, new_data=new, old_data=old)
     layers = extended_layers(ext)
     out = consolidate_extension(ext)

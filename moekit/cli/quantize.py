@@ -26,7 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--avg-bits", type=float, default=2.5, help="--mixed budget: stored bits per expert weight"
     )
-    p.add_argument("--candidate-bits", default="2,3,4,8", help="--mixed: comma-separated widths")
+    p.add_argument(
+        "--candidate-bits", default="1,2,3", help="--mixed: comma-separated widths (MC-MoE: 1,2,3)"
+    )
+    p.add_argument(
+        "--objective",
+        choices=["block_output", "expert_mse"],
+        default="block_output",
+        help="--mixed: measured error (MC-MoE: the MoE block's output change)",
+    )
     p.add_argument(
         "--calib",
         action="append",
@@ -53,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         MixedPrecisionConfig,
         QuantConfig,
         allocate_bits,
-        expert_stats,
+        mixed_precision_stats,
         model_bytes,
         quantize_model,
         save_quantized,
@@ -76,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
     summary: dict = {}
     if args.mixed:
         cands = tuple(int(b) for b in args.candidate_bits.split(","))
-        mcfg = MixedPrecisionConfig(avg_bits=args.avg_bits, candidate_bits=cands, group_size=args.group_size)
-        stats = expert_stats(model, batches, mcfg.candidate_bits, mcfg.group_size)
+        mcfg = MixedPrecisionConfig(
+            avg_bits=args.avg_bits, candidate_bits=cands, group_size=args.group_size, objective=args.objective
+        )
+        stats = mixed_precision_stats(model, batches, mcfg)
         alloc = allocate_bits(stats, mcfg)
         expert_bits = alloc.bits
         summary["allocation"] = {"bits": alloc.bits, "avg_bits": round(alloc.avg_bits, 4), "cost": alloc.cost}

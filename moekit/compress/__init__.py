@@ -12,8 +12,8 @@ Contract:
     codes + scales + zeros) and a ``"quantization"`` section in ``config.json``;
     ``moekit.cli.common.load_model_and_tokenizer`` routes such folders here.
     ``expert_stats`` + ``allocate_bits`` give one width per expert from a MILP (HiGHS) under an
-    average stored-bits budget. ``dynamic_prune(model, PruneConfig) -> model`` drops low-weight
-    second experts per token. ``export_gguf(model, file, type)`` writes llama.cpp files.
+    average stored-bits budget. ``dynamic_prune(model, PruneConfig, calibration=None) -> model`` drops
+    low-weight second experts per token (MC-MoE ODP). ``export_gguf(model, file, type)`` writes llama.cpp files.
     ``moekit.offload.offload_quantized_model`` offloads a quantized model with packed experts in the store; any
     ``QuantizedExperts`` can also be ``offload_model``'s low-bit miss ``fallback`` (HOBBIT).
 
@@ -25,8 +25,11 @@ Layout:
     calibrate.py   MoE layer inputs and per-expert frequency / mass / error on calibration text
     mixed.py       MILP allocation, brute force (tests), uniform baseline
     model.py       quantize_model, save_quantized, load_quantized, model_bytes
-    prune.py       PrunedRouter, dynamic_prune, expert_calls_saved
+    prune.py       PrunedRouter, dynamic_prune (MC-MoE ODP: per-layer thresholds, layer ranking,
+                   token protection), rank_layers_by_pruning_loss, expert_calls_saved
     gguf_export.py GGUF writer (qwen3moe, qwen2moe, llama/Mixtral)
+    edgemoe.py     EdgeMoE: bit-width search by accuracy tolerance, second-order expert predictor,
+                   cache-eviction priority (used by moekit.offload's ``policy="edgemoe"``)
 
 To add a bit width: add it to ``config.VALID_BITS``, make :func:`quant.pack_codes` handle it (any
 width up to 8 already packs), and map it to a kernel in :func:`kernels.choose_kernel` (a width
@@ -35,7 +38,7 @@ and a ``quantize_<name>(w_RC, ..., bits, group_size) -> QuantizedTensor`` in ``q
 dispatch to it in ``model._quantize``; the stored form, kernels and checkpoints stay the same.
 """
 
-from moekit.compress.calibrate import ExpertStats, LayerInputs, collect_layer_inputs, expert_stats
+from moekit.compress.calibrate import ExpertStats, LayerInputs, binarize, collect_layer_inputs, expert_stats
 from moekit.compress.config import METHODS, VALID_BITS, MixedPrecisionConfig, PruneConfig, QuantConfig
 from moekit.compress.experts import QuantizedExperts
 from moekit.compress.kernels import PackedLinear, choose_kernel
@@ -43,6 +46,7 @@ from moekit.compress.mixed import (
     Allocation,
     allocate_bits,
     brute_force_allocation,
+    mixed_precision_stats,
     solve_allocation,
     uniform_allocation,
 )
@@ -54,7 +58,13 @@ from moekit.compress.model import (
     quantize_model,
     save_quantized,
 )
-from moekit.compress.prune import PrunedRouter, dynamic_prune, expert_calls_saved
+from moekit.compress.prune import (
+    PrunedRouter,
+    attention_received,
+    dynamic_prune,
+    expert_calls_saved,
+    rank_layers_by_pruning_loss,
+)
 from moekit.compress.quant import QuantizedTensor, quantize_gptq, quantize_rtn
 
 __all__ = [
@@ -71,6 +81,8 @@ __all__ = [
     "QuantizedExperts",
     "QuantizedTensor",
     "allocate_bits",
+    "attention_received",
+    "binarize",
     "brute_force_allocation",
     "choose_kernel",
     "collect_layer_inputs",
@@ -79,11 +91,13 @@ __all__ = [
     "expert_stats",
     "is_quantized_folder",
     "load_quantized",
+    "mixed_precision_stats",
     "model_bytes",
     "quantize_experts",
     "quantize_gptq",
     "quantize_model",
     "quantize_rtn",
+    "rank_layers_by_pruning_loss",
     "save_quantized",
     "solve_allocation",
     "uniform_allocation",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from moekit.compress.quant import quantize_rtn
+from moekit.compress.quant import quantize_rtn, resolve_group
 from moekit.layers import MoELayer
 from moekit.layers.experts import activate
 
@@ -24,11 +24,13 @@ class LayerInputs:
         x_TD: the layer's input token states (float32).
         expert_ids_TK: chosen experts, -1 in unused slots.
         weights_TK: combine weights.
+        batch_T: int64 index of the calibration batch each token came from (None: one batch).
     """
 
     x_TD: Tensor
     expert_ids_TK: Tensor
     weights_TK: Tensor
+    batch_T: Tensor | None = None
 
     def routed(self, expert: int) -> tuple[Tensor, Tensor]:
         """``(x_ND, w_N)``: the inputs routed to ``expert`` and their routing weights."""
@@ -85,7 +87,10 @@ def collect_layer_inputs(
         model.train(was_training)
     return {
         i: LayerInputs(
-            torch.cat([r[0] for r in rec]), torch.cat([r[1] for r in rec]), torch.cat([r[2] for r in rec])
+            torch.cat([r[0] for r in rec]),
+            torch.cat([r[1] for r in rec]),
+            torch.cat([r[2] for r in rec]),
+            torch.cat([torch.full((r[0].shape[0],), b, dtype=torch.int64) for b, r in enumerate(rec)]),
         )
         for i, rec in records.items()
     }
@@ -98,10 +103,12 @@ class ExpertStats:
     Attributes:
         freq: ``[L][E]`` share of the layer's assignments each expert got (sums to 1 per layer).
         mass: ``[L][E]`` share of the layer's routing-weight mass.
-        error: ``[L][E][B]`` mean squared output error (per routed token and output channel) of the
-            expert quantized by RTN at ``bits[b]``, on its routed calibration tokens.
+        error: ``[L][E][B]`` the error of the expert quantized at ``bits[b]`` (see ``objective``).
         params: ``[L][E]`` parameters per expert.
         bits: the candidate widths B.
+        objective: ``"expert_mse"`` (mean squared output error of the expert itself, per routed
+            token and output channel) or ``"block_output"`` (MC-MoE: ``sum_batches ||Y - Y_e^b||_F``,
+            the MoE block's output change when only expert e is quantized).
     """
 
     freq: list[list[float]]
@@ -109,6 +116,7 @@ class ExpertStats:
     error: list[list[list[float]]]
     params: list[list[int]]
     bits: list[int]
+    objective: str = "expert_mse"
 
 
 def _expert_weights(layer: MoELayer, expert: int) -> tuple[Tensor, Tensor]:
@@ -116,16 +124,48 @@ def _expert_weights(layer: MoELayer, expert: int) -> tuple[Tensor, Tensor]:
     return w_in.detach().float(), w_out.detach().float()
 
 
+def binarize(w_RC: Tensor, group_size: int) -> Tensor:
+    """MC-MoE's 1-bit quantizer for the error table: ``sign(w) * mean|w|`` per group of
+    ``group_size`` columns (dequantized, ``[R, C]`` float). Not a stored format."""
+    num_r, num_c = w_RC.shape
+    g = resolve_group(num_c, group_size)
+    w_RGg = w_RC.reshape(num_r, num_c // g, g)
+    return (torch.sign(w_RGg) * w_RGg.abs().mean(-1, keepdim=True)).reshape(num_r, num_c)
+
+
+def _dequantized(w_RC: Tensor, bits: int, group_size: int, one_bit: str) -> Tensor:
+    if bits == 1 and one_bit == "binarize":
+        return binarize(w_RC, group_size)
+    return quantize_rtn(w_RC, bits, group_size).dequantize()
+
+
 @torch.no_grad()
 def expert_stats(
-    model: nn.Module, batches: list[Tensor], bits: tuple[int, ...], group_size: int, max_tokens: int = 4096
+    model: nn.Module,
+    batches: list[Tensor],
+    bits: tuple[int, ...],
+    group_size: int,
+    max_tokens: int = 4096,
+    objective: str = "expert_mse",
+    one_bit: str = "stored",
 ) -> ExpertStats:
-    """Frequency, routing mass and RTN quantization error per expert and candidate width.
+    """Frequency, routing mass and quantization error per expert and candidate width.
 
-    The error of expert e at width b is ``mean ||f_e(x) - f_e^b(x)||^2 / D`` over the (at most
-    ``max_tokens``) calibration tokens routed to e, where ``f_e^b`` has both projections
-    quantized to b bits. Experts that got no tokens have error 0 (and frequency 0).
+    ``objective="expert_mse"``: the error of expert e at width b is ``mean ||f_e(x) - f_e^b(x)||^2 / D``
+    over the (at most ``max_tokens``) calibration tokens routed to e, where ``f_e^b`` has both
+    projections quantized to b bits by RTN.
+
+    ``objective="block_output"`` (MC-MoE): ``sum over calibration batches of ||Y - Y'||_F``, Y the
+    MoE block's ``[T_batch, D]`` output and Y' the same with only expert e quantized. The router
+    and the other experts are unchanged, so ``Y - Y'`` is ``w_te (f_e(x_t) - f_e^b(x_t))`` on the
+    tokens routed to e and 0 elsewhere, computed that way (all routed tokens, no ``max_tokens``).
+
+    ``one_bit``: ``"stored"`` measures 1 bit with the stored RTN codes, ``"binarize"`` with
+    MC-MoE's ``sign(w) * mean|w|`` (:func:`binarize`). Experts that got no tokens have error 0
+    (and frequency 0).
     """
+    if objective not in ("expert_mse", "block_output"):
+        raise ValueError(f"expert_stats: objective={objective!r} must be 'expert_mse' or 'block_output'")
     inputs = collect_layer_inputs(model, batches)
     freq, mass, error, params = [], [], [], []
     for index, layer in enumerate(moe_layers(model)):
@@ -140,20 +180,30 @@ def expert_stats(
         for e in range(num_e):
             w_in, w_out = _expert_weights(layer, e)
             layer_params.append(w_in.numel() + w_out.numel())
-            x_ND, _ = rec.routed(e)
-            x_ND = x_ND[:max_tokens]
-            if x_ND.shape[0] == 0:
+            token, slot = torch.nonzero(ids == e, as_tuple=True)
+            if objective == "expert_mse":
+                token = token[:max_tokens]
+                slot = slot[:max_tokens]
+            if token.numel() == 0:
                 layer_err.append([0.0] * len(bits))
                 continue
+            x_ND = rec.x_TD[token]
             act = layer.config.activation
             ref = activate(x_ND @ w_in.t(), act) @ w_out.t()
             errs = []
             for b in bits:
-                q_in = quantize_rtn(w_in, b, group_size).dequantize()
-                q_out = quantize_rtn(w_out, b, group_size).dequantize()
-                out = activate(x_ND @ q_in.t(), act) @ q_out.t()
-                errs.append(float(((out - ref) ** 2).mean()))
+                q_in = _dequantized(w_in, b, group_size, one_bit)
+                q_out = _dequantized(w_out, b, group_size, one_bit)
+                diff_ND = activate(x_ND @ q_in.t(), act) @ q_out.t() - ref
+                if objective == "expert_mse":
+                    errs.append(float((diff_ND**2).mean()))
+                    continue
+                gate_N1 = rec.weights_TK[token, slot].float().unsqueeze(-1)
+                sq_N = ((gate_N1 * diff_ND) ** 2).sum(-1)
+                batch_N = rec.batch_T[token] if rec.batch_T is not None else torch.zeros_like(token)
+                per_batch = torch.zeros(int(batch_N.max()) + 1).index_add_(0, batch_N, sq_N)
+                errs.append(float(per_batch.sqrt().sum()))
             layer_err.append(errs)
         error.append(layer_err)
         params.append(layer_params)
-    return ExpertStats(freq, mass, error, params, list(bits))
+    return ExpertStats(freq, mass, error, params, list(bits), objective)

@@ -3,12 +3,14 @@
 Shape legend: L = MoE layers, E = experts per layer, B = candidate bit widths.
 
 Each expert e of layer li gets exactly one width b. Its cost is
-``importance[li][e] * error[li][e][b]`` with ``importance = freq**alpha * mass**beta`` (shares of the
-layer's assignments and routing-weight mass on calibration text) and ``error`` the measured output
-MSE of the expert at width b on its routed tokens (:func:`moekit.compress.calibrate.expert_stats`).
-The budget counts stored bits, scales and zero points included:
-``sum params[li][e] * (b + 24 / g) <= avg_bits * sum params``. The binary program is solved
-exactly by HiGHS through ``scipy.optimize.milp``.
+``importance[li][e] * error[li][e][b] ** gamma`` with ``importance = freq**alpha * mass**beta``
+(shares of the layer's assignments and routing-weight mass on calibration text) and ``error`` the
+measured error at width b (:func:`moekit.compress.calibrate.expert_stats`: MC-MoE's MoE-block
+output change, or the expert's own output MSE). The budget counts stored bits, scales and zero
+points included: ``sum params[li][e] * (b + 24 / g) <= avg_bits * sum params`` (per layer with
+``per_layer_budget``). MC-MoE's minimum-use constraint keeps at least one expert per layer at each
+of the given widths (by default of :class:`MixedPrecisionConfig`, the two highest). The binary
+program is solved exactly by HiGHS through ``scipy.optimize.milp`` (MC-MoE uses Gurobi).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moekit.compress.calibrate import ExpertStats
+from moekit.compress.calibrate import ExpertStats, expert_stats
 from moekit.compress.config import MixedPrecisionConfig
 from moekit.compress.quant import effective_bits
 
@@ -45,11 +47,13 @@ def importance(stats: ExpertStats, alpha: float = 1.0, beta: float = 1.0) -> lis
     return [[(f**alpha) * (m**beta) for f, m in zip(fl, ml)] for fl, ml in zip(stats.freq, stats.mass)]
 
 
-def cost_table(stats: ExpertStats, alpha: float = 1.0, beta: float = 1.0) -> list[list[list[float]]]:
-    """``[L][E][B]`` weighted error: importance times measured error."""
+def cost_table(
+    stats: ExpertStats, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0
+) -> list[list[list[float]]]:
+    """``[L][E][B]`` weighted error: ``importance * error ** gamma``."""
     imp = importance(stats, alpha, beta)
     return [
-        [[imp[li][e] * err for err in stats.error[li][e]] for e in range(len(imp[li]))]
+        [[imp[li][e] * err**gamma for err in stats.error[li][e]] for e in range(len(imp[li]))]
         for li in range(len(imp))
     ]
 
@@ -80,6 +84,7 @@ def solve_allocation(
     group_size: int,
     per_layer_budget: bool = False,
     min_bits_each: bool = False,
+    min_use_bits: tuple[int, ...] | None = None,
 ) -> Allocation:
     """Solves the binary program with HiGHS (``scipy.optimize.milp``).
 
@@ -90,7 +95,9 @@ def solve_allocation(
         avg_bits: budget in stored bits per weight (overhead included).
         group_size: for the overhead term.
         per_layer_budget: apply the budget to each layer separately.
-        min_bits_each: each layer keeps one expert at each of the two lowest widths (MC-MoE).
+        min_bits_each: each layer keeps at least one expert at each of the two *highest* widths
+            (MC-MoE: one at 3 bits and one at 2 bits of {1, 2, 3}).
+        min_use_bits: explicit widths each layer keeps at least once (overrides ``min_bits_each``).
 
     Raises:
         ValueError: the budget is below the cheapest allocation (naming both numbers).
@@ -126,9 +133,13 @@ def solve_allocation(
         rows.append(r)
         lo.append(-np.inf)
         hi.append(avg_bits * total)
-    if min_bits_each and num_b >= 2:
+    if min_use_bits is not None:
+        forced = [candidates.index(b) for b in min_use_bits]
+    else:
+        forced = list(range(num_b))[-2:] if min_bits_each else []
+    if forced:
         for li in range(len(costs)):
-            for j in (0, 1):
+            for j in forced:
                 r = np.zeros(num_v)
                 for s, (ll, _) in enumerate(slots):
                     if ll == li:
@@ -143,7 +154,13 @@ def solve_allocation(
         bounds=Bounds(0, 1),
     )
     if res.x is None:
-        raise ValueError(f"mixed-precision MILP found no solution: {res.message}")
+        why = ""
+        if forced:
+            why = (
+                f" (each layer must keep one expert at each of {[candidates[j] for j in forced]} bits: raise "
+                "avg_bits, or relax min_bits_each / min_use_bits)"
+            )
+        raise ValueError(f"mixed-precision MILP found no solution{why}: {res.message}")
     x = np.round(res.x).astype(int)
     bits: list[list[int]] = [[0] * len(costs[li]) for li in range(len(costs))]
     for s, (li, e) in enumerate(slots):
@@ -175,18 +192,27 @@ def brute_force_allocation(
 
 
 def uniform_allocation(
-    stats: ExpertStats, bits: int, group_size: int, alpha: float = 1.0, beta: float = 1.0
+    stats: ExpertStats, bits: int, group_size: int, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0
 ) -> Allocation:
     """Every expert at ``bits`` (the baseline the MILP is compared with)."""
     alloc = [[bits] * len(row) for row in stats.params]
     cost, avg = evaluate_allocation(
-        alloc, cost_table(stats, alpha, beta), stats.params, stats.bits, group_size
+        alloc, cost_table(stats, alpha, beta, gamma), stats.params, stats.bits, group_size
     )
     return Allocation(alloc, cost, avg, "uniform")
 
 
 def allocate_bits(stats: ExpertStats, config: MixedPrecisionConfig) -> Allocation:
-    """The MILP allocation for ``stats`` under ``config`` (see the module docstring)."""
+    """The MILP allocation for ``stats`` under ``config`` (see the module docstring).
+
+    ``stats`` should be measured with ``config.objective`` and ``config.one_bit_error``
+    (:func:`mixed_precision_stats` does that); a mismatch of objective raises ``ValueError``.
+    """
+    if stats.objective != config.objective:
+        raise ValueError(
+            f"allocate_bits: stats were measured with objective={stats.objective!r}, "
+            f"MixedPrecisionConfig.objective={config.objective!r}; measure with mixed_precision_stats(model, batches, config)"
+        )
     missing = [b for b in config.candidate_bits if b not in stats.bits]
     if missing:
         raise ValueError(
@@ -194,7 +220,8 @@ def allocate_bits(stats: ExpertStats, config: MixedPrecisionConfig) -> Allocatio
         )
     idx = [stats.bits.index(b) for b in config.candidate_bits]
     costs = [
-        [[row[i] for i in idx] for row in layer] for layer in cost_table(stats, config.alpha, config.beta)
+        [[row[i] for i in idx] for row in layer]
+        for layer in cost_table(stats, config.alpha, config.beta, config.gamma)
     ]
     return solve_allocation(
         costs,
@@ -204,4 +231,14 @@ def allocate_bits(stats: ExpertStats, config: MixedPrecisionConfig) -> Allocatio
         config.group_size,
         config.per_layer_budget,
         config.min_bits_each,
+        config.min_use_bits,
+    )
+
+
+def mixed_precision_stats(model, batches: list, config: MixedPrecisionConfig) -> ExpertStats:
+    """:func:`~moekit.compress.calibrate.expert_stats` measured the way ``config`` asks
+    (its widths, group size, objective and 1-bit quantizer)."""
+    one_bit = "binarize" if config.one_bit_error == "binarize" else "stored"
+    return expert_stats(
+        model, batches, config.candidate_bits, config.group_size, objective=config.objective, one_bit=one_bit
     )

@@ -119,6 +119,32 @@ def moepp_small() -> ModelConfig:
     return cfg.replace(moe=moe)
 
 
+def prmoe_small(experts: tuple[int, int] = (4, 8)) -> ModelConfig:
+    """moe-small as a DeepSpeed PR-MoE: a pyramid (fewer experts in the early MoE layer than in the
+    late one) of residual MoE layers (a dense MLP mixed with one top-1 expert), MoE every other
+    layer (decoder layers 1 and 3).
+
+    From the DeepSpeed-MoE example scripts, per the notes [code]: 350M model = 12 MoE layers every
+    other layer, 32 experts in the first 10 and 64 in the last 2; residual MoE
+    ``y = c0 * moe_top1(x) + c1 * mlp(x)``, ``[c0, c1] = softmax(Linear(D, 2)(x))``; top-1, aux
+    coefficient 0.01. Here the pyramid is scaled down to ``experts`` for the two MoE layers. Not
+    from the notes (DeepSpeed's ``top1gating`` as remembered, unconfirmed): the top-1 weight is the
+    softmax probability, not renormalised to 1, hence ``norm_topk_prob=False``. DeepSpeed also trains
+    with capacity factor 1.0 (min capacity 4) and drops overflow by *random token selection*; this
+    preset is dropless like every moekit preset. For DeepSpeed's dropping set
+    ``capacity_factor=1.0, min_capacity=4, drop_policy="random"`` (moekit's default
+    ``drop_policy="score"`` keeps the highest-weight assignments instead). Not an HF family.
+    """
+    cfg = moe_small()
+    assert cfg.moe is not None
+    if not (len(experts) == 2 and 1 <= experts[0] <= experts[1]):
+        raise ValueError(f"prmoe_small: experts must be two counts, early <= late (a pyramid), got {experts}")
+    moe = cfg.moe.replace(num_experts=max(experts), top_k=1, norm_topk_prob=False, residual_moe=True)
+    return cfg.replace(
+        moe=moe, moe_placement="every_other", experts_per_layer=tuple(experts), aux_loss_coef=0.01
+    )
+
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "moe-tiny": moe_tiny,
     "moe-small": moe_small,
@@ -128,6 +154,7 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "smoe-dropout-small": smoe_dropout_small,
     "topp-small": topp_small,
     "moepp-small": moepp_small,
+    "prmoe-small": prmoe_small,
 }
 
 

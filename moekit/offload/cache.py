@@ -3,7 +3,9 @@
 :class:`ExpertCache` keeps what a store's ``read`` returns (two tensors, or two packed modules)
 under one budget. The budget counts what is really alive: entries resident or reserved by a load
 in flight, plus evicted entries whose tensors something else still holds (they are tracked by
-weak references and leave the count when freed). Eviction: ``lru`` or ``lfu``.
+weak references and leave the count when freed). Eviction: ``lru``, ``lfu`` or ``edgemoe``
+(:func:`moekit.compress.edgemoe.eviction_priority`: low-frequency experts of the layers that run
+furthest ahead go first).
 :class:`OffloadStats` counts hits, misses, bytes read, prefetch accuracy and time stalled.
 """
 
@@ -105,12 +107,14 @@ class ExpertCache:
     Args:
         store: where misses are read from.
         budget_bytes: the most bytes resident or in flight at any time.
-        policy: ``"lru"`` or ``"lfu"`` (LFU counts uses over the whole run; ties by recency).
+        policy: ``"lru"``, ``"lfu"`` (LFU counts uses over the whole run; ties by recency) or
+            ``"edgemoe"`` (frequency weighted by how soon the expert's layer runs again after the
+            layer of the latest ``get``; ties by recency).
     """
 
     def __init__(self, store: ExpertStore, budget_bytes: int, policy: str = "lru") -> None:
-        if policy not in ("lru", "lfu"):
-            raise ValueError(f"policy={policy!r} is not valid; choose 'lru' or 'lfu'")
+        if policy not in ("lru", "lfu", "edgemoe"):
+            raise ValueError(f"policy={policy!r} is not valid; choose 'lru', 'lfu' or 'edgemoe'")
         biggest = max(store.expert_bytes(lay, e) for lay, n in enumerate(store.num_experts) for e in range(n))
         if budget_bytes < biggest:
             raise ValueError(
@@ -120,6 +124,7 @@ class ExpertCache:
         self.stats = OffloadStats()
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
         self._freq: dict[Key, int] = {}
+        self._current_layer = -1  # layer of the latest get (the edgemoe policy's reference point)
         self._used_bytes = 0
         self._zombie_bytes = 0  # evicted, but still referenced outside the cache
         self._warned_zombies = False
@@ -152,6 +157,11 @@ class ExpertCache:
                 return False
             if self.policy == "lru":
                 victim = victims[0]  # OrderedDict keeps recency order: oldest first
+            elif self.policy == "edgemoe":
+                from moekit.compress.edgemoe import eviction_priority
+
+                num_l, cur = len(self.store.num_experts), self._current_layer
+                victim = min(victims, key=lambda k: eviction_priority(self._freq.get(k, 0), k[0], cur, num_l))
             else:
                 victim = min(victims, key=lambda k: self._freq.get(k, 0))
             entry = self._entries.pop(victim)
@@ -222,6 +232,7 @@ class ExpertCache:
         key = (layer, expert)
         t0 = time.perf_counter()
         with self._lock:
+            self._current_layer = layer
             self._freq[key] = self._freq.get(key, 0) + 1
             entry = self._entries.get(key)
             if entry is not None:

@@ -164,7 +164,9 @@ def transition_predictor(trace, top_k: int = 2) -> Predictor:
 
 
 def make_predictor(model: nn.Module, prefetch: str | None, trace=None) -> Predictor | None:
-    """The prefetch predictor named by ``prefetch``: None, ``"pregate"`` or ``"stats"`` (needs ``trace``)."""
+    """The prefetch predictor named by ``prefetch``: None, ``"pregate"``, ``"stats"`` (first-order
+    transitions) or ``"edgemoe"`` (transitions conditioned on this and the previous layer's choices,
+    :func:`moekit.compress.edgemoe.edgemoe_predictor`); the last two need ``trace``."""
     if prefetch is None:
         return None
     if prefetch == "pregate":
@@ -173,7 +175,13 @@ def make_predictor(model: nn.Module, prefetch: str | None, trace=None) -> Predic
         if trace is None:
             raise ValueError("prefetch='stats' needs a routing trace (moekit trace) to learn from")
         return transition_predictor(trace)
-    raise ValueError(f"prefetch={prefetch!r} is not valid; choose None, 'pregate' or 'stats'")
+    if prefetch == "edgemoe":
+        if trace is None:
+            raise ValueError("prefetch='edgemoe' needs a routing trace (moekit trace) to learn from")
+        from moekit.compress.edgemoe import SecondOrderTransitions, edgemoe_predictor
+
+        return edgemoe_predictor(SecondOrderTransitions.fit(trace.expert_ids, trace.num_experts))
+    raise ValueError(f"prefetch={prefetch!r} is not valid; choose None, 'pregate', 'stats' or 'edgemoe'")
 
 
 def prepare_store(
@@ -258,8 +266,8 @@ def offload_model(
             model's expert weights, rebuilt (with a warning) otherwise (see :func:`prepare_store`).
         cache_bytes: the byte budget for every expert tensor alive (resident, in flight, or
             evicted but still referenced).
-        policy: ``"lru"`` or ``"lfu"``.
-        prefetch: None, ``"pregate"`` or ``"stats"`` (needs ``trace``).
+        policy: ``"lru"``, ``"lfu"`` or ``"edgemoe"``.
+        prefetch: None, ``"pregate"``, ``"stats"`` or ``"edgemoe"`` (the last two need ``trace``).
         bandwidth: throttle store reads to this many bytes/s.
         fallback: per MoE layer, resident low-bit experts to run on a miss (HOBBIT); None waits.
 

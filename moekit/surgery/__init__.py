@@ -20,7 +20,8 @@ Operations (paper followed; docs/surgery.md lists what differs from the papers' 
                  CLIP-MoE's DMU as the paper does it (import from ``moekit.surgery.multiplet``)
     mixture.py   :func:`merge_dense_models` mixture of dense fine-tunes (mergekit-moe, Branch-Train-MiX)
     extend.py    :func:`extend_experts` + :func:`consolidate_extension` + :func:`calibrate_new_bias`
-                 (MoExtend), layer choice by routing shift
+                 (MoExtend): layers by the routing shift of router tuning, calibration module
+                 (modules in extend_modules.py)
     prune.py     :func:`prune_experts` usage-based expert pruning (DeepSpeed multitask MoE)
     merge.py     :func:`merge_experts` agglomerative expert merging
     recipes.py   staged-training freeze specs for ``TrainConfig.freeze`` (MoE-LLaVA stage III, ...)
@@ -47,6 +48,8 @@ from moekit.surgery.dmu import DMUConfig, dmu_upcycle
 from moekit.surgery.extend import (
     CALIBRATION_FREEZE,
     EXTENSION_FREEZE,
+    ROUTER_TUNING_FREEZE,
+    CalibratedRouter,
     ExtendConfig,
     ExtendedRouter,
     SplitExpertWeights,
@@ -55,8 +58,11 @@ from moekit.surgery.extend import (
     consolidate_extension,
     extend_experts,
     load_shift,
+    router_tuning_shift,
     routing_shift,
     select_layers_by_shift,
+    selection_load,
+    tune_routers,
 )
 from moekit.surgery.merge import MergeConfig, merge_experts
 from moekit.surgery.mixture import MixtureConfig, check_same_shapes, merge_dense_models
@@ -69,6 +75,8 @@ __all__ = [
     "CALIBRATION_FREEZE",
     "EXTENSION_FREEZE",
     "RECIPES",
+    "ROUTER_TUNING_FREEZE",
+    "CalibratedRouter",
     "DMUConfig",
     "ExtendConfig",
     "ExtendedRouter",
@@ -95,9 +103,12 @@ __all__ = [
     "merge_experts",
     "prune_experts",
     "recipe_freeze",
+    "router_tuning_shift",
     "routing_shift",
     "select_layers_by_shift",
+    "selection_load",
     "snapshot",
     "train_steps",
+    "tune_routers",
     "upcycle",
 ]

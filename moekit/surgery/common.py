@@ -295,6 +295,8 @@ def train_steps(
     for mlp in model.moe_layers:  # frozen-by-design routers (SMoE-Dropout) stay frozen
         if mlp.config.router_frozen or mlp.config.router_type == "random_fixed":
             mlp.router.weight.requires_grad_(False)
+            if mlp.router.bias is not None:  # SMoE-Dropout's random router has a bias, frozen too
+                mlp.router.bias.requires_grad_(False)
     loop = LoopConfig(
         max_steps=steps,
         lr=lr,

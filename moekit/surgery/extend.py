@@ -1,6 +1,14 @@
 """Extension (MoExtend, Zhong et al. 2024): add experts to a trained MoE for a new task or modality,
 train only the new experts and their router rows, keep every old weight bit-identical.
 
+MoExtend as published (:meth:`ExtendConfig.moextend`): (1) tune only the routers on the new data
+(:func:`tune_routers`); (2) per MoE layer, compare the expert-selection distribution on the new
+data before (p) and after (q) that tuning, ``shift = std_e(q - p)``, and extend the top half of
+layers (:func:`router_tuning_shift`, :func:`select_layers_by_shift`); (3) copy the new expert and
+its router row from ``argmax_e q``; (4) add the calibration module ``p' = p + MLP(p)``
+(:class:`CalibratedRouter`) and train new experts, new rows and the MLP. The earlier moekit
+variant, the untouched router's load on old against new data, stays as ``shift_source="data"``.
+
 Shape legend: T = tokens, D = model width, E = old FFN experts, N = new experts, H/F as in
 ``moekit.layers.experts``.
 
@@ -31,12 +39,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from moekit.config import JsonConfig, check_choice
-from moekit.layers import ExpertWeights, MoEConfig, MoELayer, Router
-from moekit.layers.experts import SortedExpertsFunction
+from moekit.layers import ExpertWeights, MoELayer, Router
 from moekit.models import MoEForCausalLM
 from moekit.surgery.common import (
     Batches,
@@ -48,14 +54,21 @@ from moekit.surgery.common import (
     router_rows_from_directions,
     train_steps,
 )
+from moekit.surgery.extend_modules import CalibratedRouter, ExtendedRouter, SplitExpertWeights
 
 EXTEND_LAYERS = ("all", "explicit", "shift")
 EXTEND_EXPERT_INITS = ("most_used", "mean", "random")
 EXTEND_ROUTER_INITS = ("copy_source", "random", "isolated", "contrast")
 SHIFT_METRICS = ("js", "kl", "std")
+SHIFT_SOURCES = ("router_tuning", "data")
 
-# Freeze specs for TrainConfig.freeze / apply_freeze: everything except the new parameters.
-EXTENSION_FREEZE = [r"re:^(?!.*\.(new_w_in|new_w_out|new_weight|new_bias)$)"]
+# Freeze specs for TrainConfig.freeze / apply_freeze: everything except the new parameters (the new
+# experts, their router rows and bias, and the calibration MLP of a CalibratedRouter).
+EXTENSION_FREEZE = [
+    r"re:^(?!.*\.(new_w_in|new_w_out|new_weight|new_bias|calib_w1|calib_b1|calib_w2|calib_b2)$)"
+]
+# MoExtend's router tuning: only the routers' own rows (and bias) train.
+ROUTER_TUNING_FREEZE = [r"re:^(?!.*\.router\.(weight|bias)$)"]
 # Router calibration after extension: only the new router rows (and their bias) train.
 CALIBRATION_FREEZE = [r"re:^(?!.*\.router\.(new_weight|new_bias)$)"]
 
@@ -67,12 +80,25 @@ class ExtendConfig(JsonConfig):
     Attributes:
         num_new_experts: N, new experts per extended layer.
         layers: ``"all"`` MoE layers, ``"explicit"`` (``layer_indices``), or ``"shift"``: the
-            ``shift_fraction`` of MoE layers whose expert-load distribution moves most between old
-            and new data (MoExtend extends the top half).
+            ``shift_fraction`` of MoE layers whose routing distribution moves most (MoExtend extends
+            the top half); ``shift_source`` says which two distributions are compared.
         layer_indices: decoder layer indices for ``"explicit"``.
         shift_fraction: share of MoE layers to extend for ``"shift"`` (at least one).
-        shift_metric: ``"js"`` (Jensen-Shannon), ``"kl"`` (KL(new || old)) or ``"std"`` (MoExtend's
-            std over experts of q - p).
+        shift_source: ``"router_tuning"`` (MoExtend as published: copy the model, train only its
+            routers on ``new_data`` for ``tune_steps``, compare the expert-selection distribution on
+            ``new_data`` before (p) and after (q) that tuning; the source expert of
+            ``expert_init="most_used"`` is then ``argmax_e q``) or ``"data"`` (the earlier moekit
+            variant: the untouched router's load on ``old_data`` (p) against ``new_data`` (q); the
+            source expert is the most used on ``new_data``). The extended model keeps the
+            *original* routers either way; the tuned copy only decides where to extend (MoExtend
+            freezes the old router against forgetting; that it restarts from the untuned router is
+            [recon], not confirmed from the paper's text).
+        shift_metric: ``"std"`` (MoExtend's ``std_e(q - p)``, the default; torch's unbiased std,
+            which ranks layers the same as the population std when all layers have E experts),
+            ``"js"`` (Jensen-Shannon) or ``"kl"`` (KL(q || p)).
+        tune_steps, tune_lr: the router tuning of ``"router_tuning"`` (AdamW through
+            :func:`moekit.surgery.common.train_steps`). MoExtend tunes 1000 steps on 665k samples
+            [code scripts]; the default here is sized for small models and is not the paper's.
         expert_init: ``"most_used"`` (copy of the old expert the new data selects most, MoExtend),
             ``"mean"`` (average of the old experts) or ``"random"`` (the model's init).
         router_init: ``"copy_source"`` (the source expert's router row, MoExtend; with
@@ -88,22 +114,57 @@ class ExtendConfig(JsonConfig):
         new_bias: initial value of a trainable per-new-expert logit bias, None for no bias
             (``"isolated"`` uses -1e4 when None).
         seed: seeds random inits.
+        calibrate: put MoExtend's calibration module ``p' = p + MLP(p)`` in each extended router
+            (:class:`CalibratedRouter`, identity at init, trained with the new experts under
+            :data:`EXTENSION_FREEZE`). Off by default: a trained calibration MLP cannot be folded
+            into a plain router, so :func:`consolidate_extension` refuses such a model (it drops
+            the module while it is still the identity). :meth:`moextend` turns it on.
+        calibration_hidden: M, the MLP's hidden width (16 in the MoExtend code).
     """
 
     num_new_experts: int = 1
     layers: str = "shift"
     layer_indices: tuple[int, ...] | None = None
     shift_fraction: float = 0.5
-    shift_metric: str = "js"
+    shift_metric: str = "std"
     expert_init: str = "most_used"
     router_init: str = "copy_source"
     new_bias: float | None = None
     contrast_logit_std: float = 2.0
     contrast_leak: float = 0.01
     seed: int = 0
+    shift_source: str = "router_tuning"
+    tune_steps: int = 100
+    tune_lr: float = 1e-3
+    calibrate: bool = False
+    calibration_hidden: int = 16
+
+    @classmethod
+    def moextend(cls, **overrides) -> ExtendConfig:
+        """MoExtend as published: layers by router-tuning shift (std of q - p, top half), one new
+        expert copied from ``argmax q`` with its router row, and the calibration module."""
+        base = dict(
+            num_new_experts=1,
+            layers="shift",
+            shift_fraction=0.5,
+            shift_source="router_tuning",
+            shift_metric="std",
+            expert_init="most_used",
+            router_init="copy_source",
+            calibrate=True,
+        )
+        base.update(overrides)
+        return cls(**base)
 
     def __post_init__(self) -> None:
         name = "ExtendConfig"
+        check_choice(name, "shift_source", self.shift_source, SHIFT_SOURCES)
+        if self.tune_steps < 1:
+            raise ValueError(f"{name}.tune_steps must be >= 1, got {self.tune_steps}")
+        if not self.tune_lr > 0:
+            raise ValueError(f"{name}.tune_lr must be positive, got {self.tune_lr}")
+        if self.calibration_hidden < 1:
+            raise ValueError(f"{name}.calibration_hidden must be >= 1, got {self.calibration_hidden}")
         check_choice(name, "layers", self.layers, EXTEND_LAYERS)
         check_choice(name, "shift_metric", self.shift_metric, SHIFT_METRICS)
         check_choice(name, "expert_init", self.expert_init, EXTEND_EXPERT_INITS)
@@ -122,91 +183,6 @@ class ExtendConfig(JsonConfig):
             raise ValueError(f"{name}.contrast_leak must be in [0, 1), got {self.contrast_leak}")
         if self.new_bias is not None and not math.isfinite(self.new_bias):
             raise ValueError(f"{name}.new_bias must be finite, got {self.new_bias}")
-
-
-class ExtendedRouter(Router):
-    """A :class:`~moekit.layers.Router` with extra rows in their own parameters.
-
-    Parameters:
-        weight: ``[E, D]`` old rows (and ``bias`` ``[E]`` when the old router had one).
-        new_weight: ``[N, D]`` new rows.
-        new_bias: ``[N]`` logit bias of the new rows, or None.
-        expert_bias: ``[E + N]`` buffer (aux-loss-free balancing), when the old router had one.
-    """
-
-    def __init__(
-        self, old: Router, new_config: MoEConfig, new_weight: Tensor, new_bias: Tensor | None
-    ) -> None:
-        super().__init__(old.config)
-        if old.config.gating_residual or old.config.router_type in ("random_fixed", "expert_choice", "top_p"):
-            raise ValueError(
-                "extend: routers with a gating residual, random_fixed, top_p or expert_choice routing are not "
-                "supported; use a top-k router"
-            )
-        self.load_state_dict(old.state_dict())
-        self.to(old.weight.dtype)
-        self.weight.requires_grad_(old.weight.requires_grad)
-        self.config = new_config
-        self.new_weight = nn.Parameter(new_weight.to(old.weight.dtype).clone())
-        self.new_bias = None if new_bias is None else nn.Parameter(new_bias.to(old.weight.dtype).clone())
-        if old.expert_bias is not None:
-            extended = torch.cat([old.expert_bias, old.expert_bias.new_zeros(new_weight.shape[0])])
-            self.expert_bias = extended  # reassigning a registered buffer keeps it a buffer
-
-    def project(self, x_TD: Tensor) -> Tensor:
-        """``[T, E + N]``: the old rows exactly as :meth:`Router.project`, then the new rows (noise,
-        residual and the strategy math stay :class:`Router`'s)."""
-        old_TE = super().project(x_TD)
-        dtype = old_TE.dtype
-        new_bias = self.new_bias.to(dtype) if self.new_bias is not None else None
-        new_TN = F.linear(x_TD.to(dtype), self.new_weight.to(dtype), new_bias)
-        return torch.cat([old_TE, new_TN], dim=-1)
-
-
-class SplitExpertWeights(ExpertWeights):
-    """Old and new experts in separate stacked parameters.
-
-    Parameters:
-        w_in ``[E, H, D]``, w_out ``[E, D, F]``: the old experts (same names as the default storage).
-        new_w_in ``[N, H, D]``, new_w_out ``[N, D, F]``: the new experts.
-    """
-
-    def __init__(
-        self, w_in: Tensor, w_out: Tensor, new_w_in: Tensor, new_w_out: Tensor, activation: str
-    ) -> None:
-        super().__init__()
-        self.num_old = w_in.shape[0]
-        self.num_experts = w_in.shape[0] + new_w_in.shape[0]
-        self.dim, self.ffn_dim, self.activation = w_in.shape[2], w_out.shape[2], activation
-        self.w_in, self.w_out = nn.Parameter(w_in.clone()), nn.Parameter(w_out.clone())
-        self.new_w_in, self.new_w_out = nn.Parameter(new_w_in.clone()), nn.Parameter(new_w_out.clone())
-
-    def expert_tensors(self, expert: int) -> tuple[Tensor, Tensor]:
-        """``(w_in [H, D], w_out [D, F])`` of expert ``expert`` (old ids first)."""
-        if expert < self.num_old:
-            return self.w_in[expert], self.w_out[expert]
-        return self.new_w_in[expert - self.num_old], self.new_w_out[expert - self.num_old]
-
-    def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
-        """Old experts' rows through the old stack, new experts' rows through the new one."""
-        old_counts, new_counts = counts[: self.num_old], counts[self.num_old :]
-        num_old_rows = sum(old_counts)
-        parts = []
-        if num_old_rows:
-            parts.append(
-                SortedExpertsFunction.apply(
-                    x_ND[:num_old_rows], self.w_in, self.w_out, old_counts, self.activation
-                )
-            )
-        if sum(new_counts):
-            parts.append(
-                SortedExpertsFunction.apply(
-                    x_ND[num_old_rows:], self.new_w_in, self.new_w_out, new_counts, self.activation
-                )
-            )
-        if not parts:
-            return x_ND.new_zeros(0, self.dim)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _distribution(load_E: Tensor) -> Tensor:
@@ -249,11 +225,44 @@ def select_layers_by_shift(model: MoEForCausalLM, shifts: list[float], fraction:
 
 
 @torch.no_grad()
+def selection_load(model: MoEForCausalLM, data: Batches) -> list[Tensor]:
+    """Per MoE layer, how often each expert is in a token's chosen set on ``data`` (``[B, S]``
+    batches): one ``[E]`` float tensor per MoE layer (the router's own descending top-k; MoExtend's
+    ``expert_distribution.py`` counts the two *lowest* scores by an ascending argsort, a bug not
+    reproduced)."""
+    from moekit.analysis import record_trace
+
+    return record_trace(model, [(b, None) for b in as_batches(data)]).load()
+
+
+def tune_routers(
+    model: MoEForCausalLM, data: Batches, steps: int = 100, lr: float = 1e-3, seed: int = 0
+) -> MoEForCausalLM:
+    """MoExtend's router tuning: a copy of ``model`` whose routers alone are trained on ``data``
+    (``[B, S + 1]`` windows) through the one engine (:func:`moekit.surgery.common.train_steps`,
+    freeze :data:`ROUTER_TUNING_FREEZE`); every other tensor stays bit-identical. ``model`` is not
+    modified."""
+    out = copy.deepcopy(model)
+    train_steps(out, as_batches(data), steps, lr=lr, freeze=ROUTER_TUNING_FREEZE, seed=seed)
+    return out
+
+
+def router_tuning_shift(
+    model: MoEForCausalLM, tuned: MoEForCausalLM, data: Batches, metric: str = "std"
+) -> tuple[list[float], list[Tensor]]:
+    """Per MoE layer, how far the expert-selection distribution on ``data`` moved from ``model``
+    (p) to its router-tuned copy ``tuned`` (q), by :func:`load_shift`; also returns q's loads
+    (``[E]`` per MoE layer), from which MoExtend picks the source expert (``argmax_e q``)."""
+    before, after = selection_load(model, data), selection_load(tuned, data)
+    return [load_shift(p, q, metric) for p, q in zip(before, after)], after
+
+
 def extend_experts(
     model: MoEForCausalLM,
     config: ExtendConfig,
     new_data: Batches | None = None,
     old_data: Batches | None = None,
+    tuned: MoEForCausalLM | None = None,
 ) -> MoEForCausalLM:
     """Adds ``num_new_experts`` experts to chosen MoE layers (training form, see the module doc).
 
@@ -261,24 +270,43 @@ def extend_experts(
         model: a trained moekit MoE (top-k routers, FFN experts only); not modified.
         config: :class:`ExtendConfig`.
         new_data: ``[B, S]`` batches of the new task; needed for ``expert_init="most_used"`` and
-            ``layers="shift"``.
-        old_data: ``[B, S]`` batches of the old task; needed for ``layers="shift"``.
+            ``layers="shift"`` (and, with ``shift_source="router_tuning"``, the router tuning uses
+            them as ``[B, S]`` windows: inputs ``[:, :-1]``, targets ``[:, 1:]``).
+        old_data: ``[B, S]`` batches of the old task; needed for ``shift_source="data"`` and
+            ``router_init="contrast"``.
+        tuned: with ``shift_source="router_tuning"``, an already router-tuned copy of ``model``
+            (e.g. from :func:`tune_routers`); None tunes one here when the layer choice or the
+            source expert needs it.
 
     Returns:
-        A deep copy with :class:`ExtendedRouter` and :class:`SplitExpertWeights` in the extended
-        layers and ``config.experts_per_layer`` raised. Freeze with :data:`EXTENSION_FREEZE`.
+        A deep copy with :class:`ExtendedRouter` (:class:`CalibratedRouter` with ``calibrate``) and
+        :class:`SplitExpertWeights` in the extended layers and ``config.experts_per_layer`` raised.
+        Freeze with :data:`EXTENSION_FREEZE`.
     """
     require_plain_experts(model, "extend")
     cfg = model.config
     if not cfg.num_moe_layers:
         raise ValueError("extend: the model has no MoE layer")
     new_data, old_data = as_batches(new_data), as_batches(old_data)
+    if config.expert_init == "most_used" and not new_data:
+        raise ValueError("extend: expert_init='most_used' needs new_data batches")
+    usage = None
+    shifts = None
+    by_tuning = config.shift_source == "router_tuning"
+    if by_tuning and (config.layers == "shift" or config.expert_init == "most_used"):
+        if not new_data:
+            raise ValueError("extend: shift_source='router_tuning' needs new_data batches")
+        if tuned is None:
+            tuned = tune_routers(model, new_data, config.tune_steps, config.tune_lr, config.seed)
+        shifts, usage = router_tuning_shift(model, tuned, new_data, config.shift_metric)
     if config.layers == "shift":
-        if not new_data or not old_data:
-            raise ValueError("extend: layers='shift' needs old_data and new_data batches")
-        layers = select_layers_by_shift(
-            model, routing_shift(model, old_data, new_data, config.shift_metric), config.shift_fraction
-        )
+        if shifts is None:
+            if not new_data or not old_data:
+                raise ValueError(
+                    "extend: layers='shift' with shift_source='data' needs old_data and new_data batches"
+                )
+            shifts = routing_shift(model, old_data, new_data, config.shift_metric)
+        layers = select_layers_by_shift(model, shifts, config.shift_fraction)
     elif config.layers == "all":
         layers = list(cfg.moe_layer_ids)
     else:
@@ -288,9 +316,21 @@ def extend_experts(
                 raise ValueError(
                     f"ExtendConfig.layer_indices: layer {i} is not an MoE layer ({cfg.moe_layer_ids})"
                 )
-    if config.expert_init == "most_used" and not new_data:
-        raise ValueError("extend: expert_init='most_used' needs new_data batches")
-    usage = expert_usage(model, new_data, "tokens") if config.expert_init == "most_used" else None
+    if config.expert_init == "most_used" and usage is None:
+        usage = expert_usage(model, new_data, "tokens")
+    with torch.no_grad():
+        return _extend(model, config, layers, usage, new_data, old_data)
+
+
+def _extend(
+    model: MoEForCausalLM,
+    config: ExtendConfig,
+    layers: list[int],
+    usage: list[Tensor] | None,
+    new_data: list[Tensor],
+    old_data: list[Tensor],
+) -> MoEForCausalLM:
+    cfg = model.config
     if config.router_init == "contrast":
         if not new_data or not old_data:
             raise ValueError("extend: router_init='contrast' needs old_data and new_data batches")
@@ -350,7 +390,12 @@ def extend_experts(
         if config.router_init == "contrast":
             new_b = torch.full((num_new,), bias + (new_bias_value or 0.0))
         new_moe_cfg = old_cfg.replace(num_experts=old_cfg.num_experts + num_new)
-        mlp.router = ExtendedRouter(mlp.router, new_moe_cfg, new_w, new_b)
+        if config.calibrate:
+            mlp.router = CalibratedRouter(
+                mlp.router, new_moe_cfg, new_w, new_b, config.calibration_hidden, generator=gen
+            )
+        else:
+            mlp.router = ExtendedRouter(mlp.router, new_moe_cfg, new_w, new_b)
         mlp.experts = SplitExpertWeights(
             w_in.detach(), w_out.detach(), new_in.detach(), new_out.detach(), old_cfg.activation
         )
@@ -386,11 +431,22 @@ def consolidate_extension(model: MoEForCausalLM) -> MoEForCausalLM:
 
     Router rows become ``cat(weight, new_weight)`` ``[E + N, D]``, experts ``cat`` along the expert
     axis; with ``new_bias`` the router gets a bias ``cat(old bias or 0, new_bias)`` and layers
-    without one get zeros. Not modified: ``model``.
+    without one get zeros. A :class:`CalibratedRouter` whose calibration MLP is still the identity
+    is dropped; a trained one raises ``ValueError`` (``p + MLP(p)`` has no plain-router form).
+    Not modified: ``model``.
     """
+    for i in extended_layers(model):
+        router = model.layers[i].mlp.router
+        if isinstance(router, CalibratedRouter) and not router.is_identity():
+            raise ValueError(
+                f"consolidate_extension: layer {i} has a trained calibration MLP (p' = p + MLP(p)), which a "
+                "plain router cannot express; keep the training form, or extend with calibrate=False"
+            )
     state = {}
+    skip = ("router.new_weight", "router.new_bias", "experts.new_w_in", "experts.new_w_out")
+    skip += tuple(f"router.{n}" for n in ("calib_w1", "calib_b1", "calib_w2", "calib_b2"))
     for name, t in model.state_dict().items():
-        if name.endswith(("router.new_weight", "router.new_bias", "experts.new_w_in", "experts.new_w_out")):
+        if name.endswith(skip):
             continue
         state[name] = t.detach().clone()
     moe = model.config.moe
@@ -437,8 +493,8 @@ def calibrate_router(
     mix of old- and new-task ``[B, S + 1]`` batches, so the new experts are chosen where they help.
 
     MoExtend instead trains a small MLP on the routing probabilities (p' = p + MLP(p)) jointly with
-    the new experts; that needs a hook inside the router's top-k, which moekit.layers does not
-    expose. Returns a trained copy; ``model`` is not modified.
+    the new experts: extend with ``calibrate=True`` (:class:`CalibratedRouter`) and train under
+    :data:`EXTENSION_FREEZE`. Returns a trained copy; ``model`` is not modified.
     """
     out = copy.deepcopy(model)
     if not extended_layers(out):
