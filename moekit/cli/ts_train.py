@@ -60,8 +60,7 @@ def build_config(args: argparse.Namespace):
         return config
     # Another family's default preset is the first in its PRESETS; timemoe's is timemoe-small.
     base = TSTrainConfig()
-    family = args.family or base.family
-    forecast_family(family)
+    family = forecast_family(args.family or base.family).name
     fields = {"family": family}
     if args.preset:
         fields["preset"] = args.preset
@@ -118,6 +117,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint:  {result.checkpoint_dir}")
     print(f"run log:     {result.log_path}")
     if not math.isnan(result.val_loss):
-        print(f"val huber:   {result.val_loss:.4f} (step {result.val_step}, normalised units)")
+        print(f"val loss:    {result.val_loss:.4f} (step {result.val_step}, normalised units)")
     print(f"forecast:    moekit forecast --model {out} --input FILE --horizon H --out forecast.csv")
     return 0

@@ -21,9 +21,11 @@ released code), until H values exist. Quantiles come from the samples.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -40,6 +42,7 @@ from moekit.layers import FeedForward, FFNConfig, MoEConfig, MoELayer, RoutingIn
 from moekit.layers.experts import StackedExpertWeights
 from moekit.models import moirai_dist as dist
 from moekit.models.decoder import _mean_aux_losses
+from moekit.timeseries import fit_scale
 
 SCALE_METHODS = ("std", "robust")
 
@@ -98,6 +101,11 @@ class MoiraiMoEConfig(JsonConfig):
         for f in ("aux_loss_coef", "z_loss_coef"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{name}.{f} must be >= 0, got {getattr(self, f)}")
+
+    @property
+    def context_length(self) -> int:
+        """Values of context the forecaster keeps (``max_patches * patch_size``)."""
+        return self.max_patches * self.patch_size
 
     @property
     def num_raw_params(self) -> int:
@@ -362,6 +370,49 @@ class MoiraiMoEModel(nn.Module):
             total += prm.numel() * frac.get(id(prm), 1.0)
         return round(total)
 
+    def forecast_samples(
+        self, histories: Sequence[np.ndarray], horizon: int, num_samples: int = 100, seed: int = 0
+    ) -> np.ndarray:
+        """Sample paths ``[N, S, H]`` in each history's own units (raw values in, raw values out).
+
+        The last ``context_length`` values of each of the N histories are normalised by their
+        own observed values (``config.scale_method``), :func:`sample_paths` continues them, and
+        the paths are de-normalised. Seeded by ``seed``; runs in eval mode.
+        """
+        cfg = self.config
+        arrays = [np.asarray(h, dtype=np.float64).reshape(-1) for h in histories]
+        empty = [i for i, a in enumerate(arrays) if a.shape[0] < 1]
+        if not arrays or empty:
+            raise ValueError(f"forecast_samples: histories {empty or '[]'} are empty; each needs a value")
+        ctx = min(cfg.context_length, max(a.shape[0] for a in arrays))
+        values = np.zeros((len(arrays), ctx))
+        observed = np.zeros((len(arrays), ctx), dtype=bool)
+        for row, x in enumerate(arrays):
+            piece = x[-ctx:]
+            values[row, ctx - piece.shape[0] :] = piece
+            observed[row, ctx - piece.shape[0] :] = True
+        scale = fit_scale(values, cfg.scale_method, observed)
+        normed = np.where(observed, scale.apply(values), 0.0)
+        device = self.head.weight.device
+        was_training = self.training
+        self.eval()
+        try:
+            paths = sample_paths(
+                self,
+                torch.as_tensor(normed, dtype=self.head.weight.dtype, device=device),
+                torch.as_tensor(observed, device=device),
+                int(horizon),
+                int(num_samples),
+                seed,
+            )
+        finally:
+            self.train(was_training)
+        return scale.expand().invert(paths.double().cpu().numpy())
+
+    def forecast(self, histories: Sequence[np.ndarray], horizon: int, num_samples: int = 100) -> np.ndarray:
+        """Point forecasts ``[N, H]``: the mean of :meth:`forecast_samples`' paths."""
+        return self.forecast_samples(histories, horizon, num_samples).mean(axis=1)
+
     def save_pretrained(self, path: str | Path) -> None:
         """Writes ``config.json`` and ``model.safetensors`` (:mod:`moekit.models.io`)."""
         from moekit.models.io import save_pretrained
@@ -454,6 +505,10 @@ MOIRAI_PRESETS = {
 }
 
 
+#: The forecast-family presets ``moekit ts-train`` reads (the same dict).
+PRESETS = MOIRAI_PRESETS
+
+
 def get_moirai_preset(name: str) -> MoiraiMoEConfig:
     """A fresh config for preset ``name``; ValueError listing the names otherwise."""
     if name not in MOIRAI_PRESETS:
@@ -463,6 +518,7 @@ def get_moirai_preset(name: str) -> MoiraiMoEConfig:
 
 __all__ = [
     "MOIRAI_PRESETS",
+    "PRESETS",
     "DenseFFN",
     "MoiraiLayer",
     "MoiraiMoEConfig",

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.data import DataModule
-from moekit.models.moirai import MoiraiMoEModel, MoiraiOutput, sample_paths
+from moekit.models.moirai import MoiraiMoEModel, MoiraiOutput
 from moekit.models.objectives import LossWeights, Objective, ObjectiveOutput
 from moekit.timeseries import (
     ForecastFrame,
@@ -54,6 +54,11 @@ class MoiraiObjective(Objective):
 
     def __init__(self, weights: LossWeights | None = None) -> None:
         self.weights = weights or LossWeights()
+
+    @classmethod
+    def for_config(cls, config: Any, **overrides: float | None) -> MoiraiObjective:
+        """The objective a :class:`~moekit.models.moirai.MoiraiMoEConfig` recommends (its aux coefficients)."""
+        return cls(LossWeights.from_model_config(config, **overrides))
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor], moe_k: int | None = None) -> MoiraiOutput:
         """``model(batch["values"], batch["observed"], moe_k)``."""
@@ -162,6 +167,28 @@ class MoiraiDataModule(DataModule):
         train, val = builtin_series(num_synthetic, val_fraction, seed)
         return cls(train, val, seed=seed, **kwargs)
 
+    @classmethod
+    def for_model(
+        cls, config: Any, model_config: Any, series: Sequence[Series] | None = None
+    ) -> MoiraiDataModule:
+        """The data module ``moekit ts-train`` uses: the training series a
+        :class:`~moekit.models.timemoe_train.SeriesDataConfig` describes (or ``series``), its
+        synthetic validation series, and windows of the model's ``context_length``."""
+        from moekit.models.timemoe_train import training_series, validation_series
+
+        train = training_series(config, None if series is None else list(series))
+        val = validation_series(config)
+        return cls(
+            train,
+            val,
+            patch_size=model_config.patch_size,
+            context_patches=model_config.max_patches,
+            batch_size=config.batch_size,
+            num_val_batches=max(1, -(-len(val) // config.batch_size)),
+            scale_method=model_config.scale_method,
+            seed=config.seed,
+        )
+
     def _make_val(self) -> list[dict[str, Tensor]]:
         batches = []
         if not self.val:
@@ -261,36 +288,17 @@ class MoiraiForecaster:
     ) -> None:
         self.model = model.eval()
         self.num_samples, self.seed = num_samples, seed
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if device is not None:
+            self.model.to(device)
+        self.device = next(model.parameters()).device
 
     def sample(self, series: Sequence[Series], horizon: int, num_samples: int | None = None) -> np.ndarray:
-        """Sample paths ``(N, S, H)`` in the series' own units."""
-        cfg = self.model.config
+        """Sample paths ``(N, S, H)`` in the series' own units (:meth:`MoiraiMoEModel.forecast_samples`)."""
         num_s = self.num_samples if num_samples is None else int(num_samples)
-        length = cfg.max_patches * cfg.patch_size
-        arrays = [s.values for s in series]
         for s in series:
             if len(s) < 1:
                 raise ValueError(f"series {s.unique_id!r} is empty; it needs at least one value")
-        ctx = min(length, max(len(a) for a in arrays))
-        values = np.zeros((len(arrays), ctx))
-        observed = np.zeros((len(arrays), ctx), dtype=bool)
-        for row, x in enumerate(arrays):
-            piece = x[-ctx:]
-            values[row, ctx - piece.shape[0] :] = piece
-            observed[row, ctx - piece.shape[0] :] = True
-        scale = fit_scale(values, cfg.scale_method, observed)
-        normed = np.where(observed, scale.apply(values), 0.0)
-        dtype = self.model.head.weight.dtype
-        paths = sample_paths(
-            self.model,
-            torch.as_tensor(normed, dtype=dtype, device=self.device),
-            torch.as_tensor(observed, device=self.device),
-            horizon,
-            num_s,
-            self.seed,
-        )
-        return scale.expand().invert(paths.double().cpu().numpy())
+        return self.model.forecast_samples([s.values for s in series], horizon, num_s, self.seed)
 
     def predict_df(
         self,

@@ -108,7 +108,6 @@ def _build_families() -> dict[str, ModelFamily]:
             data_module_cls=SeriesDataModule,
             task="forecast",
         ),
-        # Lead: set task="forecast" here once ModelFamily has the `task` field (timemoe's branch).
         ModelFamily(
             name="moirai_moe",
             config_cls=MoiraiMoEConfig,
@@ -116,6 +115,7 @@ def _build_families() -> dict[str, ModelFamily]:
             description="Moirai-MoE patch forecaster: mixture-distribution head, token-cluster gated MoE FFNs",
             objective_cls=MoiraiObjective,
             data_module_cls=MoiraiDataModule,
+            task="forecast",
         ),
         _vision_family("vit_moe"),
         _vision_family("clip_moe"),

@@ -169,6 +169,36 @@ def _to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
     }
 
 
+def training_series(config: SeriesDataConfig, series: list[Series] | None = None) -> list[Series]:
+    """The pretraining series ``config`` describes (synthetic, then built-in real), or ``series``,
+    keeping those longer than ``min_context``; ValueError on a hold-out series or none left."""
+    if series is None:
+        series = (
+            list(
+                generate_synthetic(
+                    SyntheticConfig(num_series=config.num_synthetic, seed=config.synthetic_seed)
+                ).series
+            )
+            if config.num_synthetic
+            else []
+        )
+        if config.real_series != "none":
+            series += load_builtin(config.real_series)
+    held = [s.unique_id for s in series if s.unique_id in HOLDOUT]
+    if held:
+        raise ValueError(f"training series {held} are in the zero-shot hold-out; remove them")
+    series = [s for s in series if len(s) > config.min_context]
+    if not series:
+        raise ValueError(f"no training series longer than min_context={config.min_context} steps")
+    return series
+
+
+def validation_series(config: SeriesDataConfig) -> list[Series]:
+    """``num_val_series`` synthetic validation series (their own seed, apart from training's)."""
+    val_cfg = SyntheticConfig(num_series=config.num_val_series, seed=config.synthetic_seed + 10_007)
+    return list(generate_synthetic(val_cfg).series)
+
+
 class SeriesDataModule(DataModule):
     """Random pretraining windows from synthetic and built-in real series; resumable exactly.
 
@@ -194,24 +224,7 @@ class SeriesDataModule(DataModule):
         self.config = config
         self.context_length = int(context_length)
         self.horizons = tuple(horizons)
-        if series is None:
-            series = (
-                list(
-                    generate_synthetic(
-                        SyntheticConfig(num_series=config.num_synthetic, seed=config.synthetic_seed)
-                    ).series
-                )
-                if config.num_synthetic
-                else []
-            )
-            if config.real_series != "none":
-                series += load_builtin(config.real_series)
-        held = [s.unique_id for s in series if s.unique_id in HOLDOUT]
-        if held:
-            raise ValueError(f"training series {held} are in the zero-shot hold-out; remove them")
-        series = [s for s in series if len(s) > config.min_context]
-        if not series:
-            raise ValueError(f"no training series longer than min_context={config.min_context} steps")
+        series = training_series(config, series)
         self.series = series
         self._values = [s.values for s in series]
         # Valid exclusive context ends of series i: min_context .. T_i - 1 (one label at least).
@@ -219,13 +232,14 @@ class SeriesDataModule(DataModule):
         self._offsets = np.concatenate([[0], np.cumsum(self._num_ends)])
         self.generator = torch.Generator().manual_seed(config.seed)
         self.num_batches = 0
-        val_cfg = SyntheticConfig(num_series=config.num_val_series, seed=config.synthetic_seed + 10_007)
-        self._val_values = [s.values for s in generate_synthetic(val_cfg).series]
+        self._val_values = [s.values for s in validation_series(config)]
 
     @classmethod
-    def for_model(cls, config: SeriesDataConfig, model_config: Any) -> SeriesDataModule:
+    def for_model(
+        cls, config: SeriesDataConfig, model_config: Any, series: list[Series] | None = None
+    ) -> SeriesDataModule:
         """The data module for a model config with ``context_length`` and ``horizons``."""
-        return cls(config, model_config.context_length, tuple(model_config.horizons))
+        return cls(config, model_config.context_length, tuple(model_config.horizons), series)
 
     def _sample(self) -> tuple[np.ndarray, np.ndarray]:
         flat = torch.randint(

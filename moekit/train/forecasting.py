@@ -3,7 +3,7 @@
 :func:`ts_train` looks the family up in the registry (task ``"forecast"``), builds the preset's
 config (the family's config module has a ``PRESETS`` dict), its objective
 (``objective_cls.for_config(config)``) and its data module
-(``data_module_cls.for_model(SeriesDataConfig, config)``), and calls :func:`moekit.train.fit`. The
+(``data_module_cls.for_model(SeriesDataConfig, config, series=None)``), and calls :func:`moekit.train.fit`. The
 run folder gets ``train_config.json`` (this :class:`TSTrainConfig`), ``train_log.jsonl`` and
 ``checkpoints/last``, which ``moekit.from_pretrained`` opens. A resumed run takes its settings
 from the folder's ``train_config.json`` (only ``max_steps`` may grow), so it continues exactly.
@@ -135,12 +135,7 @@ def build_run(config: TSTrainConfig, series: list | None = None) -> tuple[Any, A
     model_config = config.model_config()
     seed_everything(config.seed)
     model = family.build(model_config)
-    if series is None:
-        data = family.data_module_cls.for_model(config.data, model_config)
-    else:
-        data = family.data_module_cls(
-            config.data, model_config.context_length, tuple(model_config.horizons), series
-        )
+    data = family.data_module_cls.for_model(config.data, model_config, series)
     return model, family.objective_cls.for_config(model_config), data
 
 
