@@ -45,13 +45,11 @@ TOOLS = ["import", "export", "generate", "serve", "offload", "quantize", "trace"
 NEW_TOKENS = 8
 
 # (family, tool) -> a regex the one-line ValueError must match. Every other cell must work.
+GROUPED_FAMILIES = ["deepseek_v3", "glm4_moe", "dots1"]
 DENSE_REFUSALS = {"offload": "has no MoE layers", "trace": "has no MoE layers", "gguf": "dense models"}
-GROUPED = "num_expert_groups=2 must divide the number of experts"
 NO_GGUF = "no llama.cpp family: "
 REFUSALS: dict[tuple[str, str], str] = {
     **{(f, tool): why for f in DENSE for tool, why in DENSE_REFUSALS.items()},
-    # Group-limited routing over 2 groups of 2: only a multiple of the group count can survive.
-    **{(f, "surgery"): GROUPED for f in ["deepseek_v3", "glm4_moe", "dots1"]},
     ("qwen2_moe", "gguf"): NO_GGUF + "dense layers between MoE layers",
     ("olmoe", "gguf"): NO_GGUF + "qk_norm='full'",
     ("deepseek_v3", "gguf"): NO_GGUF + "router topk/sigmoid, dense layers",
@@ -100,6 +98,11 @@ class FamilyCases:
     def _make(self, family: str):
         from tests import test_convert, test_convert_families, test_jamba
 
+        if family in GROUPED_FAMILIES:
+            # 8 experts in 2 groups, so pruning can keep 3 of each (4 in 2 groups leaves no choice).
+            key = "n_routed_experts"
+            builder = test_convert if family == "deepseek_v3" else test_convert_families
+            return builder.make_hf(family, vocab_size=self.vocab, **{key: 8})
         if family == "jamba":
             return test_jamba.make_hf(vocab_size=self.vocab)
         if family in MORE_MOE:
@@ -242,8 +245,16 @@ def check_surgery(cases, family, tmp):
 
     model, ids = cases.load(family), cases.prompt(2)
     if _is_moe(model):
-        pruned = prune_experts(model, PruneConfig(num_keep=3), calibration=[ids])
-        assert all(m.experts.num_experts == 3 for m in pruned.modules() if isinstance(m, MoELayer))
+        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        num_e, num_g = layers[0].config.num_experts, layers[0].config.num_expert_groups
+        keep = num_e - num_g
+        pruned = prune_experts(model, PruneConfig(num_keep=keep), calibration=[ids])
+        assert all(m.experts.num_experts == keep for m in pruned.modules() if isinstance(m, MoELayer))
+        for kept in pruned.pruned_experts:  # every group keeps the same number of its own experts
+            assert (
+                torch.bincount(torch.tensor(kept) // (num_e // num_g), minlength=num_g).tolist()
+                == [keep // num_g] * num_g
+            )
         assert torch.isfinite(_logits(pruned, ids)).all()
         pruned.generate(cases.prompt(), max_new_tokens=2)
     else:
@@ -314,3 +325,37 @@ def test_int8_kernel_is_never_chosen_for_groups_it_would_crash_on():
     layer = PackedLinear(quantize_rtn(w, 8, 8), kernel="exact")
     x = torch.randn(3, 48)
     torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T)
+
+
+def test_quantizing_jambas_narrow_dt_proj_is_refused_by_name(cases):
+    from moekit.compress import QuantConfig, quantize_model
+
+    model, ids = cases.load("jamba"), cases.prompt(2)
+    before = _logits(model, ids)
+    with pytest.raises(ValueError, match=r"dt_proj has 2 input columns, not a multiple of 8") as err:
+        quantize_model(model, QuantConfig(bits=8, group_size=8, include_non_experts=True))
+    assert "\n" not in str(err.value)
+    # Refused before anything was replaced.
+    assert not any(
+        type(m.experts).__name__ == "QuantizedExperts" for m in model.modules() if isinstance(m, MoELayer)
+    )
+    assert torch.equal(_logits(model, ids), before)
+
+
+def test_grouped_pruning_keeps_groups_whole():
+    from moekit.surgery import PruneConfig
+    from moekit.surgery.prune import choose_survivors
+
+    usage = [torch.tensor([9.0, 8.0, 7.0, 6.0, 0.0, 1.0, 2.0, 3.0])]
+    # The global top 4 would all come from group 0 and re-group experts 0-1 / 2-3.
+    kept = choose_survivors(usage, [8], PruneConfig(num_keep=4), num_groups=[2])
+    assert kept[0].tolist() == [0, 1, 6, 7]
+    assert choose_survivors(usage, [8], PruneConfig(num_keep=4))[0].tolist() == [0, 1, 2, 3]
+
+
+def test_grouped_pruning_refuses_uneven_groups(cases):
+    from moekit.surgery import PruneConfig, prune_experts
+
+    model = cases.load("glm4_moe")
+    with pytest.raises(ValueError, match="num_keep=5 is not a multiple of layer 1's num_expert_groups=2"):
+        prune_experts(model, PruneConfig(num_keep=5, metric="random"))
