@@ -47,7 +47,7 @@ NEW_TOKENS = 8
 # (family, tool) -> a regex the one-line ValueError must match. Every other cell must work.
 GROUPED_FAMILIES = ["deepseek_v3", "glm4_moe", "dots1"]
 DENSE_REFUSALS = {"offload": "has no MoE layers", "trace": "has no MoE layers", "gguf": "dense models"}
-NO_GGUF = "no llama.cpp family: "
+NO_GGUF = "no llama.cpp family: .*"
 REFUSALS: dict[tuple[str, str], str] = {
     **{(f, tool): why for f in DENSE for tool, why in DENSE_REFUSALS.items()},
     ("qwen2_moe", "gguf"): NO_GGUF + "dense layers between MoE layers",
@@ -58,8 +58,11 @@ REFUSALS: dict[tuple[str, str], str] = {
     ("ernie4_5_moe", "gguf"): NO_GGUF + "dense layers between MoE layers",
     ("phimoe", "gguf"): NO_GGUF + "router sparsemixer",
     ("dots1", "gguf"): NO_GGUF + "router topk/sigmoid",
-    ("hunyuan_v1_moe", "gguf"): NO_GGUF + "qk_norm='per_head' with this layout",
-    ("flex_olmo", "gguf"): NO_GGUF + "qk_norm='full'",
+    ("hunyuan_v1_moe", "gguf"): NO_GGUF + "q/k norm after RoPE",
+    ("flex_olmo", "gguf"): NO_GGUF + "norm_placement='post'",
+    ("granitemoe", "gguf"): NO_GGUF + "embedding/residual/attention/logit multipliers",
+    ("granitemoeshared", "gguf"): NO_GGUF + "multipliers, a shared expert without its sigmoid gate",
+    ("dbrx", "gguf"): NO_GGUF + "clipped qkv, norm_type='layernorm'",
     ("jamba", "gguf"): NO_GGUF + "dense layers between MoE layers",
 }
 
@@ -359,3 +362,21 @@ def test_grouped_pruning_refuses_uneven_groups(cases):
     model = cases.load("glm4_moe")
     with pytest.raises(ValueError, match="num_keep=5 is not a multiple of layer 1's num_expert_groups=2"):
         prune_experts(model, PruneConfig(num_keep=5, metric="random"))
+
+
+@pytest.mark.parametrize(
+    "family, overrides, feature",
+    [
+        ("deepseek_v2", dict(first_k_dense_replace=0), "attention_type='mla'"),  # was a KeyError (no q_proj)
+        ("granitemoe", {}, "multipliers"),  # was written as plain llama, the multipliers dropped
+    ],
+)
+def test_gguf_names_the_family_feature_it_cannot_write(family, overrides, feature, tmp_path):
+    from moekit.compress.gguf_export import export_gguf
+    from moekit.convert import from_pretrained
+    from tests import test_convert_families
+
+    test_convert_families.make_hf(family, **overrides).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=re.escape(feature)) as err:
+        export_gguf(from_pretrained(tmp_path / "hf"), tmp_path / "m.gguf")
+    assert "\n" not in str(err.value) and not (tmp_path / "m.gguf").exists()
