@@ -244,6 +244,8 @@ def record_trace(
     model.train(was_training)
     if ids_per_layer is None:
         raise ValueError("record_trace: no batches were given")
+    if not ids_per_layer:
+        raise ValueError("record_trace: the model has no MoE layers, so there is no routing to record")
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "is_moe_layer"):
         layer_indices = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]

@@ -52,6 +52,7 @@ def gguf_arch(config) -> str:
         unsupported.append(f"activation {moe.activation}")
     if config.rope_scaling is not None:
         unsupported.append("rope_scaling")
+    unsupported += _family_features(config)
     if config.qk_norm == "per_head" and not moe.shared_ffn_dim and not config.attention_bias:
         arch = "qwen3moe"
         if not moe.norm_topk_prob:
@@ -134,6 +135,52 @@ def _add_tokenizer(writer, tokenizer_path: Path, vocab_size: int, gguf) -> None:
     if "<|pad|>" in added:
         writer.add_pad_token_id(added["<|pad|>"])
     writer.add_add_bos_token(False)
+
+
+def _family_features(config) -> list[str]:
+    """Features of imported families (ModelConfig fields past the plain layout, MoE options) that
+    the three llama.cpp architectures written here do not compute; each is named in the refusal."""
+    moe = config.moe
+    found = []
+    checks = [
+        (config.attention_type != "mha", f"attention_type={config.attention_type!r}"),
+        (config.sliding_window is not None, "sliding-window attention"),
+        (config.partial_rotary_factor != 1.0, "partial RoPE"),
+        (config.rope_interleave, "interleaved RoPE"),
+        (not config.use_rope, "attention without RoPE"),
+        (config.qk_norm_after_rope, "q/k norm after RoPE"),
+        (config.clip_qkv is not None, "clipped qkv"),
+        (
+            config.embedding_multiplier != 1.0
+            or config.residual_multiplier != 1.0
+            or config.attention_multiplier is not None
+            or config.logits_scaling != 1.0,
+            "embedding/residual/attention/logit multipliers",
+        ),
+        (config.norm_type != "rmsnorm" or config.norm_bias, f"norm_type={config.norm_type!r} / norm bias"),
+        (config.norm_placement != "pre", f"norm_placement={config.norm_placement!r}"),
+        (config.attention_out_bias or config.lm_head_bias, "output-projection or lm_head bias"),
+        (
+            config.mamba is not None or any(t != "attention" for t in config.layer_types or ()),
+            "Mamba layers",
+        ),
+        (len(set(config.experts_per_layer or ())) > 1, "a different expert count per layer"),
+        (moe.routed_scaling_factor != 1.0, "routed_scaling_factor"),
+        (moe.num_expert_groups > 1, "group-limited routing"),
+        (moe.use_expert_bias or moe.router_bias, "router or expert-selection bias"),
+        (moe.capacity_factor is not None, "token dropping (capacity_factor)"),
+        (moe.shared_ffn_dim and not moe.shared_expert_gate, "a shared expert without its sigmoid gate"),
+        (
+            config.qk_norm == "none"
+            and not (moe.shared_ffn_dim or config.attention_bias)
+            and not (moe.norm_topk_prob or moe.softmax_order == "after_topk"),
+            "llama MoE without renormalised top-k weights",
+        ),
+    ]
+    for hit, name in checks:
+        if hit:
+            found.append(name)
+    return found
 
 
 def export_gguf(

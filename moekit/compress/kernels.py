@@ -72,6 +72,8 @@ def choose_kernel(bits: int, group_size: int, requested: str = "auto") -> str:
             f"kernel={requested!r} is not valid; choose one of {['auto', 'exact', *KERNEL_NAMES]}"
         )
     int4_ok = group_size in INT4_GROUPS and int4_kernel_available()
+    # _weight_int8pack_mm segfaults (torch 2.x CPU) on an inner width that is not a multiple of 16.
+    int8_ok = group_size % 16 == 0 and int8_kernel_available()
     if requested == "dequant":
         return "dequant"
     if requested in ("auto", "exact"):
@@ -81,7 +83,7 @@ def choose_kernel(bits: int, group_size: int, requested: str = "auto") -> str:
             return "fbgemm"
         if bits == 8 and int4_ok:
             return "int4x2"
-        if bits == 8 and int8_kernel_available():
+        if bits == 8 and int8_ok:
             return "int8group"
         return "dequant"
     fits = {"int4pack": bits <= 4, "int4x2": bits == 8, "int8group": bits == 8, "fbgemm": bits == 8}[
@@ -89,6 +91,8 @@ def choose_kernel(bits: int, group_size: int, requested: str = "auto") -> str:
     ]
     if not fits:
         raise ValueError(f"kernel={requested!r} does not run {bits}-bit codes")
+    if requested == "int8group" and group_size % 16:
+        raise ValueError(f"kernel='int8group' needs a group size that is a multiple of 16, got {group_size}")
     return requested
 
 

@@ -132,6 +132,15 @@ def quantize_model(
     if config.method == "gptq" and not calib_batches:
         raise ValueError("QuantConfig.method='gptq' needs calibration batches (pass calib_batches / --calib)")
     layers = moe_layers(model)
+    targets = _non_expert_linears(model) if config.include_non_experts else []
+    names = {id(m): n for n, m in model.named_modules()}
+    for _, _, lin in targets:
+        # Checked before anything is replaced, so a refusal leaves the model as it was.
+        if lin.in_features % 8:
+            raise ValueError(
+                f"QuantConfig.include_non_experts: {names[id(lin)]} has {lin.in_features} input columns, not a "
+                "multiple of 8 (the code packing unit); quantize the experts only"
+            )
     all_bits = []
     for index, layer in enumerate(layers):
         bits = _expert_bits(config, index, layer.config.num_experts)
@@ -144,7 +153,6 @@ def quantize_model(
         all_bits.append(bits)
     if config.include_non_experts:
         nb = config.non_expert_bits or config.bits
-        targets = _non_expert_linears(model)
         hessians = (
             _linear_hessians(model, [lin for _, _, lin in targets], calib_batches)
             if config.method == "gptq"

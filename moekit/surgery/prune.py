@@ -64,19 +64,30 @@ def slice_moe_state(state: dict[str, Tensor], prefix: str, keep: Tensor) -> None
         ].clone()
 
 
-def choose_survivors(usage: list[Tensor] | None, num_experts: list[int], config: PruneConfig) -> list[Tensor]:
+def choose_survivors(
+    usage: list[Tensor] | None,
+    num_experts: list[int],
+    config: PruneConfig,
+    num_groups: list[int] | None = None,
+) -> list[Tensor]:
     """The sorted expert ids kept in each MoE layer: the ``num_keep`` largest usages (ties -> lower id),
-    or random ones."""
+    or random ones. With ``num_groups[j] = G > 1`` (group-limited routing, groups are contiguous id
+    blocks) each group keeps its own ``num_keep / G`` best, so the groups survive intact."""
     out = []
     gen = torch.Generator().manual_seed(config.seed)
     for j, num_e in enumerate(num_experts):
-        if config.metric == "random":
-            keep = torch.randperm(num_e, generator=gen)[: config.num_keep]
-        else:
-            assert usage is not None
-            # Stable sort on -usage: among equal usages the lower id wins, so results are reproducible.
-            keep = torch.sort(-usage[j][:num_e], stable=True).indices[: config.num_keep]
-        out.append(keep.sort().values)
+        num_g = num_groups[j] if num_groups else 1
+        size, per_group = num_e // num_g, config.num_keep // num_g
+        kept = []
+        for g in range(num_g):
+            if config.metric == "random":
+                local = torch.randperm(size, generator=gen)[:per_group]
+            else:
+                assert usage is not None
+                # Stable sort on -usage: among equal usages the lower id wins, so results are reproducible.
+                local = torch.sort(-usage[j][g * size : (g + 1) * size], stable=True).indices[:per_group]
+            kept.append(local + g * size)
+        out.append(torch.cat(kept).sort().values)
     return out
 
 
@@ -115,6 +126,11 @@ def prune_experts(
             raise ValueError(
                 f"PruneConfig.num_keep={config.num_keep} exceeds the {num_e} experts of layer {i}"
             )
+        if moe.num_expert_groups > 1 and config.num_keep % moe.num_expert_groups:
+            raise ValueError(
+                f"PruneConfig.num_keep={config.num_keep} is not a multiple of layer {i}'s "
+                f"num_expert_groups={moe.num_expert_groups}: group-limited routing needs equal groups"
+            )
         if moe.router_type != "expert_choice" and config.num_keep < moe.top_k:
             raise ValueError(
                 f"PruneConfig.num_keep={config.num_keep} leaves fewer experts than top_k={moe.top_k} in layer {i}; "
@@ -124,7 +140,8 @@ def prune_experts(
         if not as_batches(calibration):
             raise ValueError(f"prune: metric={config.metric!r} needs calibration batches (or usage)")
         usage = expert_usage(model, calibration, config.metric)
-    survivors = choose_survivors(usage, num_experts, config)
+    num_groups = [cfg.moe_config(i).num_expert_groups for i in ids]
+    survivors = choose_survivors(usage, num_experts, config, num_groups)
     state = clone_state(model)
     for i, keep in zip(ids, survivors):
         slice_moe_state(state, f"layers.{i}.mlp.", keep)
