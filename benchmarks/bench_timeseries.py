@@ -27,6 +27,7 @@ from moekit.models.forecaster import Forecaster
 from moekit.timeseries import (
     DEFAULT_QUANTILES,
     concat_frames,
+    crps_from_samples,
     load_builtin,
     plan_horizon,
     rolling_origin_evaluation,
@@ -92,8 +93,29 @@ def main() -> None:
         calls = _calls(forecasters[m], long_h) if m in forecasters else "-"
         print(f"{m} | {calls} | {s['relative_mase'][i]:.3f} | {np.round(s['mase'][i], 3)}")
 
+    print_sample_crps(forecasters, series, args.horizon, args.num_origins)
     if args.timing:
         print_timing(forecasters, series, args.horizon)
+
+
+def print_sample_crps(forecasters: dict, series: list, horizon: int, num_origins: int) -> None:
+    """Exact CRPS of a probabilistic model's sample paths, at the rolling origins' cuts (mean over them)."""
+    sampled = {n: f for n, f in forecasters.items() if hasattr(f.model, "forecast_samples")}
+    if not sampled:
+        return
+    print(f"\nCRPS from sample paths (exact, empirical), horizon {horizon}, mean over {num_origins} origins")
+    print(" | ".join(["series", *sampled]))
+    scores = {n: np.zeros(len(series)) for n in sampled}
+    for k in range(num_origins):
+        cuts = [len(s) - horizon - k * horizon for s in series]
+        actual = np.stack([s.values[c : c + horizon] for s, c in zip(series, cuts, strict=True)])
+        for n, f in sampled.items():
+            paths = f.model.forecast_samples(
+                [s.values[:c] for s, c in zip(series, cuts, strict=True)], horizon, f.num_samples
+            )
+            scores[n] += crps_from_samples(actual, paths) / num_origins
+    for i, s in enumerate(series):
+        print(" | ".join([s.unique_id, *(f"{scores[n][i]:.3f}" for n in sampled)]))
 
 
 def _calls(f: Forecaster, horizon: int) -> int | str:
