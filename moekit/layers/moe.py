@@ -181,9 +181,16 @@ class MoELayer(nn.Module):
             )
             self.residual_coef = nn.Linear(config.dim, 2)
         self.stats_reduce: Callable[[Tensor], Tensor] | None = None
-        eta = torch.ones(config.num_total_experts)
-        eta[config.num_experts :] = config.zero_expert_tau
-        self.register_buffer("balance_weight", eta, persistent=False)
+        self.register_buffer("balance_weight", torch.empty(config.num_total_experts), persistent=False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Computes the non-persistent ``balance_weight`` ``[E]``: 1 for FFN experts and
+        ``zero_expert_tau`` for MoE++ zero-computation experts. No file holds it, so a model built
+        on the meta device calls this after getting real memory."""
+        self.balance_weight.fill_(1.0)
+        self.balance_weight[self.config.num_experts :] = self.config.zero_expert_tau
 
     @contextlib.contextmanager
     def override_routing(self, override: RoutingOverride | None) -> Iterator[None]:

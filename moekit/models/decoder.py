@@ -252,8 +252,7 @@ class MoEForCausalLM(nn.Module):
         FFN experts and ``zero_expert_tau`` for zero-computation experts.
         """
         for moe in self.moe_layers:
-            moe.balance_weight.fill_(1.0)
-            moe.balance_weight[moe.config.num_experts :] = moe.config.zero_expert_tau
+            moe.init_buffers()
 
     @property
     def moe_layers(self) -> list[MoELayer]:

@@ -212,7 +212,7 @@ def materialize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     """Gives a meta-built model real, uninitialised CPU memory (in ``dtype``) and rebuilds buffers.
 
     Non-persistent buffers (RoPE tables, balance weights) are not in any file; models compute them
-    in ``init_buffers()``, which is called here when the model defines it. Tied weights are re-tied.
+    in ``init_buffers()``, called here on every module that defines it (``MoELayer`` does). Tied weights are re-tied.
     """
     tied = getattr(model, "tie_weights", None)
     if dtype is not None:
@@ -220,9 +220,12 @@ def materialize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     model.to_empty(device="cpu")
     if tied is not None:
         tied()
-    init_buffers = getattr(model, "init_buffers", None)
-    if init_buffers is not None:
-        init_buffers()
+    # Every module that computes buffers no file holds (MoE balance weights, a model's own) does
+    # it again on the real memory; each init_buffers is idempotent.
+    for module in model.modules():
+        init_buffers = getattr(module, "init_buffers", None)
+        if callable(init_buffers):
+            init_buffers()
     return model
 
 

@@ -238,8 +238,7 @@ class TimeMoEForecaster(nn.Module):
     def init_buffers(self) -> None:
         """Recomputes the non-persistent MoE balance weights after a meta-device build."""
         for moe in self.moe_layers:
-            moe.balance_weight.fill_(1.0)
-            moe.balance_weight[moe.config.num_experts :] = moe.config.zero_expert_tau
+            moe.init_buffers()
 
     @property
     def moe_layers(self) -> list[MoELayer]:

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from moekit.data.tokenizer import TOKENIZER_FILES, save_tokenizer
+from moekit.models.io import fsync_dir
 
 FORMAT_VERSION = 1
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -239,20 +240,6 @@ def fsync_tree(folder: Path) -> None:
             finally:
                 os.close(fd)
     fsync_dir(folder)
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsyncs a folder, so renames inside it survive a power cut (a no-op where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -158,11 +158,9 @@ def init_encoder_weights(root: nn.Module, std: float, num_layers: int) -> None:
 
 def reset_balance_weights(root: nn.Module) -> None:
     """Recomputes every MoE layer's non-persistent balance weights (after a meta-device build)."""
-    with torch.no_grad():
-        for module in root.modules():
-            if isinstance(module, MoELayer):
-                module.balance_weight.fill_(1.0)
-                module.balance_weight[module.config.num_experts :] = module.config.zero_expert_tau
+    for module in root.modules():
+        if isinstance(module, MoELayer):
+            module.init_buffers()
 
 
 def encoder_groups(model: nn.Module, encoders: dict[str, Encoder]) -> dict[str, list[str]]:
