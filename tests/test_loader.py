@@ -307,3 +307,20 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"moekit {moekit.__version__}"
+
+
+def test_train_init_from_an_hf_folder(hf_dir, tmp_path, capsys, monkeypatch):
+    from tests.test_train import _write_corpus
+
+    corpus = _write_corpus(tmp_path / "corpus")
+    out = tmp_path / "run"
+    args = ["train", "--init-from", str(hf_dir), "--corpus", str(corpus), "--steps", "2", "--out", str(out)]
+    args += ["--seq-len", "16", "--batch-size", "2"]
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
+    assert main(args) == 0, capsys.readouterr().err
+    trained = moekit.from_pretrained(out)
+    assert inspect_folder(out).kind == "run"
+    assert (
+        trained.config.moe.num_experts == 4
+        and trained.config.vocab_size == moekit.from_pretrained(hf_dir).config.vocab_size
+    )
