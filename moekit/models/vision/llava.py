@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from moekit.config import JsonConfig, check_choice
@@ -174,6 +175,93 @@ class MoELLaVA(nn.Module):
         return self.language_model(
             input_ids, attention_mask=attention_mask, labels=labels, moe_k=moe_k, inputs_embeds=embeds
         )
+
+    @torch.no_grad()
+    def spliced_embeds(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+        """``[B, S, D]``: the text embeddings with the image features at the placeholders."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        feats = None if pixel_values is None else self.image_features(pixel_values)
+        return splice_image_features(embeds, input_ids, feats, self.config.image_token_id)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int = 20,
+        use_cache: bool = True,
+        moe_k: int | None = None,
+        **sampling,
+    ) -> Tensor:
+        """Generates up to ``max_new_tokens`` per row after an image + text prompt; ``[B, S + N]`` ids.
+
+        The prompt (``input_ids [B, S]``, left-padded, with ``image_seq_length`` placeholders per
+        image; ``pixel_values [N, C, H, W]`` in reading order) is prefilled once with the spliced
+        embeddings, then the LM decodes with its KV cache (its :class:`DecodeSession`, fast path
+        included). ``use_cache=False`` recomputes the whole spliced sequence per token (the
+        reference). ``sampling``: :func:`moekit.models.generation.generate`'s other keywords
+        (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``,
+        ``generator``, ``streamer``, ``sampler``).
+        """
+        from moekit.models.decode import DecodeSession
+        from moekit.models.generation import generate
+
+        if "source" in sampling or "compile" in sampling:
+            raise ValueError("MoELLaVA.generate builds its own decode session (no source=/compile=)")
+        was_training = self.training
+        self.eval()
+        try:
+            embeds = self.spliced_embeds(input_ids, pixel_values)
+            if use_cache:
+                source = DecodeSession(
+                    self.language_model,
+                    input_ids,
+                    attention_mask,
+                    max(max_new_tokens, 0),
+                    moe_k=moe_k,
+                    inputs_embeds=embeds,
+                )
+            else:
+                source = _VLMRecomputeSource(self, input_ids, pixel_values, attention_mask, moe_k)
+            return generate(
+                self.language_model,
+                input_ids,
+                attention_mask,
+                max_new_tokens,
+                source=source,
+                compile=False,
+                **sampling,
+            )
+        finally:
+            self.train(was_training)
+
+
+class _VLMRecomputeSource:
+    """``use_cache=False``: the LM forward over the whole spliced sequence every step (the reference).
+
+    Generated tokens are embedded as text (an id equal to the placeholder is not an image slot).
+    """
+
+    def __init__(self, vlm: MoELLaVA, input_ids, pixel_values, attention_mask, moe_k) -> None:
+        self.lm, self.moe_k, self.ids_BN = vlm.language_model, moe_k, input_ids
+        self.embeds_BND = vlm.spliced_embeds(input_ids, pixel_values)
+        self.mask_BN = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+
+    def _scores(self) -> Tensor:
+        out = self.lm(
+            self.ids_BN, attention_mask=self.mask_BN, moe_k=self.moe_k, inputs_embeds=self.embeds_BND
+        )
+        return out.logits[:, -1].float()
+
+    def prefill(self) -> Tensor:
+        return self._scores()
+
+    def step(self, next_B: Tensor) -> Tensor:
+        self.ids_BN = torch.cat([self.ids_BN, next_B[:, None]], dim=1)
+        self.embeds_BND = torch.cat([self.embeds_BND, self.lm.embed_tokens(next_B[:, None])], dim=1)
+        self.mask_BN = torch.cat([self.mask_BN, self.mask_BN.new_ones(next_B.shape[0], 1)], dim=1)
+        return self._scores()
 
 
 # What each MoE-LLaVA stage freezes (``--freeze`` specs on this model's groups).

@@ -1,0 +1,106 @@
+"""MoE-LLaVA generation: cached decoding after a spliced image + text prefill, the CLI's
+``generate --image`` and the server's image content parts, each against a slow obvious reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.models.vision.config import ViTConfig
+
+IMG = 39
+
+
+def tiny_vlm(moe: bool = False):
+    from moekit.models import ModelConfig
+    from moekit.models.vision.llava import MoELLaVA, VLMConfig
+
+    vision = ViTConfig(
+        dim=16, num_layers=2, num_heads=2, ffn_dim=24, image_size=8, patch_size=4, num_channels=3
+    )
+    text = ModelConfig(vocab_size=40, dim=16, num_layers=2, num_heads=2, num_kv_heads=1, ffn_dim=24, moe=None)
+    vlm = MoELLaVA(VLMConfig(vision=vision, text=text, image_token_id=IMG))
+    if moe:
+        from moekit.surgery.llava import moe_llava_layers, upcycle_vlm
+
+        vlm = upcycle_vlm(vlm, moe_llava_layers(2))
+        # Upcycled experts are copies; perturb them so routing matters.
+        with torch.no_grad():
+            for n, p in vlm.named_parameters():
+                if ".mlp." in n:
+                    p.add_(0.3 * torch.randn_like(p))
+    return vlm
+
+
+def recompute_greedy(vlm, ids, px, mask, num_new):
+    """The obvious loop: the LM over the whole spliced sequence, argmax, append, repeat."""
+    lm = vlm.language_model
+    embeds = vlm.spliced_embeds(ids, px)
+    mask = torch.ones_like(ids) if mask is None else mask
+    out = ids
+    with torch.no_grad():
+        for _ in range(num_new):
+            logits = lm(out, attention_mask=mask, inputs_embeds=embeds).logits[:, -1]
+            nxt = logits.argmax(-1)
+            out = torch.cat([out, nxt[:, None]], 1)
+            embeds = torch.cat([embeds, lm.embed_tokens(nxt[:, None])], 1)
+            mask = torch.cat([mask, mask.new_ones(len(nxt), 1)], 1)
+    return out
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_vlm_generate_matches_recompute_with_0_1_images_and_left_padding(moe, monkeypatch):
+    from moekit.models import decode
+
+    torch.manual_seed(0)
+    vlm = tiny_vlm(moe).double().eval()
+    p = vlm.config.image_seq_length
+    px = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    sessions = []
+    real_init = decode.DecodeSession.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        sessions.append(self)
+
+    monkeypatch.setattr(decode.DecodeSession, "__init__", spy)
+    # 0 images, 1 image, then 2 rows (one image each) with left padding.
+    cases = [
+        (torch.tensor([[3, 4, 5]]), None, None),
+        (torch.tensor([[3] + [IMG] * p + [4, 5]]), px[:1], None),
+        (
+            torch.tensor([[0, 0, 3] + [IMG] * p + [6], [7] + [IMG] * p + [8, 9, 10]]),
+            px,
+            torch.tensor([[0, 0, 1] + [1] * p + [1], [1] * (p + 4)]),
+        ),
+    ]
+    for ids, images, mask in cases:
+        want = recompute_greedy(vlm, ids, images, mask, 6)
+        got = vlm.generate(ids, pixel_values=images, attention_mask=mask, max_new_tokens=6)
+        assert torch.equal(got, want)
+        assert sessions[-1].fast  # the LM's fast decode path ran after the spliced prefill
+        nocache = vlm.generate(
+            ids, pixel_values=images, attention_mask=mask, max_new_tokens=6, use_cache=False
+        )
+        assert torch.equal(nocache, want)
+    # The padded row decodes as it does alone.
+    ids, images, mask = cases[2]
+    alone = vlm.generate(ids[:1, 2:], pixel_values=px[:1], max_new_tokens=6)
+    assert torch.equal(
+        vlm.generate(ids, pixel_values=images, attention_mask=mask, max_new_tokens=6)[0, 2:], alone[0]
+    )
+
+
+def test_vlm_generate_general_path_and_sampling_are_the_lm_ones():
+    torch.manual_seed(1)
+    vlm = tiny_vlm().eval()
+    p = vlm.config.image_seq_length
+    ids = torch.tensor([[3] + [IMG] * p + [4]])
+    px = torch.randn(1, 3, 8, 8)
+    g1 = torch.Generator().manual_seed(5)
+    g2 = torch.Generator().manual_seed(5)
+    a = vlm.generate(ids, pixel_values=px, max_new_tokens=5, do_sample=True, temperature=0.8, generator=g1)
+    b = vlm.generate(ids, pixel_values=px, max_new_tokens=5, do_sample=True, temperature=0.8, generator=g2)
+    assert torch.equal(a, b) and a.shape == (1, ids.shape[1] + 5)
+    with pytest.raises(ValueError, match="placeholder"):
+        vlm.generate(ids, pixel_values=None, max_new_tokens=2)
