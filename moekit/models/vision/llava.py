@@ -14,12 +14,15 @@ be on the left.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from moekit.config import JsonConfig, check_choice
+from moekit.data.images import ImagePreprocess
 from moekit.models.config import ModelConfig
 from moekit.models.decoder import CausalLMOutput, MoEForCausalLM
 from moekit.models.param_groups import module_param_names, moe_parameter_groups
@@ -112,6 +115,55 @@ def splice_image_features(
     # Boolean indexing walks rows then positions: exactly the reading order of the images.
     out[is_image_BS] = features_NPD.reshape(-1, features_NPD.shape[-1]).to(out.dtype)
     return out
+
+
+IMAGE_MARKER = "<image>"
+PREPROCESS_FILE = "image_preprocess.json"
+
+
+def image_prompt_ids(
+    encode: Callable[[str], list[int]], text: str, num_images: int, config: VLMConfig
+) -> list[int]:
+    """Prompt ids with ``image_seq_length`` placeholders per image, LLaVA-style.
+
+    Each ``<image>`` marker in ``text`` marks where the next image goes; with no marker the
+    images come first (LLaVA's default prompt puts the image before the question). ``encode``
+    turns a text piece into ids.
+
+    Raises:
+        ValueError: the markers do not match ``num_images``.
+    """
+    pieces = text.split(IMAGE_MARKER)
+    if len(pieces) == 1 and num_images:
+        pieces = [""] * num_images + pieces
+    if len(pieces) - 1 != num_images:
+        raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} markers for {num_images} image(s)")
+    slots = [config.image_token_id] * config.image_seq_length
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            ids += slots
+        if piece:
+            ids += encode(piece)
+    return ids
+
+
+def image_preprocess(config: VLMConfig, folder: str | Path | None = None) -> ImagePreprocess:
+    """The preprocessing of this VLM's images: ``folder/image_preprocess.json`` when present, else
+    the tower's size and channels with mean = std = 0.5 on [0, 1] pixels (what moekit's image data
+    modules train with). Inputs are :func:`moekit.data.images.read_image` arrays (``value_range`` 1)."""
+    if folder is not None and (Path(folder) / PREPROCESS_FILE).is_file():
+        prep = ImagePreprocess.from_json(Path(folder) / PREPROCESS_FILE)
+    else:
+        prep = ImagePreprocess(
+            size=config.vision.image_size, channels=config.vision.num_channels, value_range=1.0
+        )
+    if (prep.size, prep.channels) != (config.vision.image_size, config.vision.num_channels):
+        raise ValueError(
+            f"{PREPROCESS_FILE}: size/channels {prep.size}/{prep.channels} do not match the vision tower's "
+            f"{config.vision.image_size}/{config.vision.num_channels}"
+        )
+    return prep
 
 
 class MoELLaVA(nn.Module):
