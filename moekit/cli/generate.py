@@ -16,6 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the verb's flags."""
     add_model_argument(p)
     p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument(
+        "--image",
+        default=None,
+        help="an image (PNG/JPEG, or .npy) to ask a vision-language model about; it goes where the "
+        "prompt says <image>, else before the prompt",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -56,12 +62,26 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--temperature must be >= 0 (0 is greedy)")
     model, tok, folder = load_model_and_tokenizer(args.model, args.dtype)
     from moekit.cli.common import eos_token_id
+    from moekit.models.vision.llava import MoELLaVA
 
-    ids = tok.encode(args.prompt).ids
+    vlm = isinstance(model, MoELLaVA)
+    pixel_values = None
+    if args.image is not None:
+        if not vlm:
+            raise ValueError(f"--image needs a vision-language model; {args.model} is a text-only model")
+        from moekit.data.images import preprocess_images, read_image
+        from moekit.models.vision.llava import image_preprocess, image_prompt_ids
+
+        image = read_image(args.image)
+        pixel_values = preprocess_images(image[None], image_preprocess(model.config, folder))
+        pixel_values = pixel_values.to(next(model.parameters()).dtype)
+        ids = image_prompt_ids(lambda text: tok.encode(text).ids, args.prompt, 1, model.config)
+    else:
+        ids = tok.encode(args.prompt).ids
     if not ids:
         raise ValueError("the prompt encodes to no tokens; pass a non-empty --prompt")
     eos = eos_token_id(tok, folder)
-    context = model.config.max_position_embeddings
+    context = (model.config.text if vlm else model.config).max_position_embeddings
     room = context - len(ids)
     if room < 1:
         raise ValueError(
@@ -102,8 +122,26 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    cache, tmp = maybe_offload(model, args)
     prompt_ids = torch.tensor([ids])
+    if vlm:
+        if decode == "scmoe" or args.expert_cache_bytes is not None:
+            raise ValueError(
+                "a vision-language model decodes greedy or sampled (no --decode scmoe, no offloading)"
+            )
+        try:
+            model.generate(
+                prompt_ids,
+                pixel_values=pixel_values,
+                max_new_tokens=args.max_new_tokens,
+                sampler=sampler,
+                eos_token_id=eos,
+                moe_k=args.k,
+                streamer=stream,
+            )
+        finally:
+            sys.stdout.write("\n")
+        return 0
+    cache, tmp = maybe_offload(model, args)
     source = None
     if decode == "scmoe":
         source = SelfContrastSession(

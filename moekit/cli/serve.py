@@ -97,8 +97,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"moekit serve: offload counters {cache.stats.as_dict()}", file=sys.stderr)
 
     from moekit.cli.common import eos_token_id
+    from moekit.models.vision.llava import MoELLaVA, image_preprocess
 
-    app = create_app(model, tok, config, eos_token_id=eos_token_id(tok, folder), on_shutdown=report)
+    prep = image_preprocess(model.config, folder) if isinstance(model, MoELLaVA) else None
+    app = create_app(
+        model, tok, config, eos_token_id=eos_token_id(tok, folder), on_shutdown=report, image_preprocess=prep
+    )
     print(
         f"moekit serve: model {config.model_name!r} from {folder} on http://{args.host}:{args.port}",
         file=sys.stderr,

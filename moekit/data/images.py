@@ -20,7 +20,9 @@ the number of batches drawn, so a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,6 +102,66 @@ def preprocess_images(images: Any, config: ImagePreprocess) -> Tensor:
     mean = torch.tensor(config.mean).view(1, -1, 1, 1)
     std = torch.tensor(config.std).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+
+
+def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """One image file (PNG/JPEG through Pillow, or a numpy ``.npy``) as float32 ``[H, W, C]`` in [0, 1].
+
+    ``source`` is a path or the file's bytes (``name`` then labels errors). Integer pixels are
+    divided by their type's maximum (255 for 8-bit); float ``.npy`` arrays must already be in
+    [0, 1]. A 2-D array or a grey image is one channel; colour images keep their channels (RGBA
+    stays 4: :func:`preprocess_images` rejects a channel count the model does not take). Preprocess
+    the result with ``value_range=1``.
+
+    Raises:
+        ValueError: one line naming the file and the problem (missing, unreadable, bad layout).
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "the image")
+    if not isinstance(source, bytes):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"image file {path} does not exist")
+        data = path.read_bytes()
+    else:
+        data = source
+    if data[:6] == b"\x93NUMPY":
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as err:
+            raise ValueError(f"{label}: not a readable .npy image ({err})") from None
+    else:
+        try:
+            from PIL import Image, UnidentifiedImageError
+        except ModuleNotFoundError:
+            raise ValueError(
+                f"{label}: reading PNG/JPEG needs Pillow (pip install pillow); or pass a .npy"
+            ) from None
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                arr = np.asarray(img)
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise ValueError(
+                f"{label}: not a readable PNG/JPEG/.npy image ({str(err).splitlines()[0]})"
+            ) from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or min(arr.shape) == 0:
+        raise ValueError(f"{label}: image array has shape {arr.shape}; expected [H, W] or [H, W, C]")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.integer):
+        arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"{label}: float image values must be finite and in [0, 1]")
+    else:
+        raise ValueError(f"{label}: image dtype {arr.dtype} is not numeric")
+    return arr
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,10 @@ What the server promises (each is tested in ``tests/test_serve*.py``):
   left in the context; a request that omits it gets ``default_max_tokens`` (completions) or
   ``max_tokens_limit`` (chat), clamped to that room.
 * ``logprobs`` (and ``top_logprobs``) of the chosen tokens, ``echo`` for completions; the
-  ``developer`` role and ``[{"type": "text", "text": ...}]`` content parts in chat. Fields OpenAI
+  ``developer`` role and ``[{"type": "text", "text": ...}]`` content parts in chat, and for a
+  vision-language model ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``
+  parts (placed where the part is; other URLs are refused with a 400, the server fetches nothing;
+  image parts for a text-only model are a 400 naming it). Fields OpenAI
   defines but this server does not implement (penalties, ``logit_bias``, ``best_of``, ``suffix``,
   tools) are refused with a 400 that names them.
 * With ``api_key`` set, ``/v1/*`` needs ``Authorization: Bearer <key>`` (401 otherwise);
@@ -263,8 +266,16 @@ def _chat_logprobs(infos: list[TokenInfo]) -> dict:
     }
 
 
-def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None = None, on_shutdown=None):
-    """Builds the FastAPI app serving ``model`` (a :class:`~moekit.models.MoEForCausalLM` in eval mode).
+def create_app(
+    model,
+    tokenizer,
+    config: ServerConfig,
+    eos_token_id: int | None = None,
+    on_shutdown=None,
+    image_preprocess=None,
+):
+    """Builds the FastAPI app serving ``model`` (a :class:`~moekit.models.MoEForCausalLM` or a
+    :class:`~moekit.models.vision.llava.MoELLaVA`, in eval mode).
 
     Args:
         model: the model (possibly offloaded).
@@ -273,6 +284,8 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
         eos_token_id: the stop token (default: the tokenizer's ``<|endoftext|>``).
         on_shutdown: called once when the server shuts down (uvicorn re-raises SIGTERM after its
             shutdown, so code after ``uvicorn.run`` may never run; this does).
+        image_preprocess: a VLM's :class:`~moekit.data.images.ImagePreprocess` (default: the
+            tower's, :func:`moekit.models.vision.llava.image_preprocess`).
 
     Raises:
         ValueError: ``config.max_context`` beyond the model's positions.
@@ -289,6 +302,7 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
         eos_token_id=eos,
         token_delay_s=config.token_delay_s,
         compile=config.compile,
+        image_preprocess=image_preprocess,
     )
     template = config.chat_template or DEFAULT_CHAT_TEMPLATE
 
@@ -359,7 +373,9 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
     def _sse(payload) -> str:
         return f"data: {json.dumps(payload)}\n\n"
 
-    async def _respond(request: Request, body, prompt_ids: list[int], chat: bool, default_max: int, slot):
+    async def _respond(
+        request: Request, body, prompt_ids: list[int], chat: bool, default_max: int, slot, pixel_values=None
+    ):
         if body.model != config.model_name:
             raise RequestError(
                 404,
@@ -382,7 +398,7 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
                 prompt_infos = await engine.call(engine.prompt_infos, prompt_ids, top)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         base = {"id": rid, "created": int(time.time()), "model": config.model_name}
-        events = engine.run(request, prompt_ids, body, max_tokens, top)
+        events = engine.run(request, prompt_ids, body, max_tokens, top, pixel_values)
 
         def logprobs_of(infos: list[TokenInfo], offset: int):
             if top is None:
@@ -473,8 +489,20 @@ def create_app(model, tokenizer, config: ServerConfig, eos_token_id: int | None 
                 default_max = config.max_tokens_limit
             else:
                 prompt, default_max = body.prompt, config.default_max_tokens
+            images = [img for m in body.messages for img in m.images] if chat else []
             prompt_ids = await engine.encode(prompt)
-            response = await _respond(request, body, prompt_ids, chat, default_max, slot)
+            pixel_values = None
+            if engine.vision is not None:
+                prompt_ids, pixel_values = await asyncio.to_thread(
+                    engine.vision_prompt, prompt, images, prompt_ids
+                )
+            elif images:
+                raise RequestError(
+                    400,
+                    f"model {config.model_name!r} is text-only; image content parts need a vision-language model",
+                    "messages",
+                )
+            response = await _respond(request, body, prompt_ids, chat, default_max, slot, pixel_values)
             handed_over = isinstance(response, _SlotResponse)
             return response
         finally:

@@ -132,6 +132,7 @@ class Engine:
         eos_token_id: the end-of-text id.
         token_delay_s: sleep after each token (tests and demos of cancellation only).
         compile: decode with a compiled step (see :class:`DecodeSession`).
+        image_preprocess: a VLM's image preprocessing (default: its tower's).
     """
 
     def __init__(
@@ -145,8 +146,16 @@ class Engine:
         eos_token_id: int,
         token_delay_s: float = 0.0,
         compile: bool = False,
+        image_preprocess=None,
     ) -> None:
-        positions = model.config.max_position_embeddings
+        from moekit.models.vision.llava import MoELLaVA
+        from moekit.models.vision.llava import image_preprocess as default_preprocess
+
+        #: the VLM's image preprocessing, or None for a text-only model
+        self.vision = None
+        if isinstance(model, MoELLaVA):
+            self.vision = image_preprocess or default_preprocess(model.config)
+        positions = (model.config.text if self.vision is not None else model.config).max_position_embeddings
         if max_context is not None and max_context > positions:
             raise ValueError(
                 f"max_context={max_context} exceeds the model's {positions} positions; "
@@ -280,7 +289,37 @@ class Engine:
 
     # -- generation (worker thread side, then the async driver) --
 
-    def start(self, prompt_ids: list[int], body, max_tokens: int, want_logprobs: bool) -> Iterator:
+    def vision_prompt(self, prompt: str, images: list[bytes], text_ids: list[int]):
+        """A VLM prompt's ``(ids with image placeholders, pixel_values [N, C, H, W] or None)``.
+
+        ``prompt`` holds one image marker per image (where its content part was); ``text_ids``
+        is the plain encoding, used when there are no images. 400 for unreadable images or a
+        prompt that holds the image token itself.
+        """
+        from moekit.data.images import preprocess_images, read_image
+        from moekit.models.vision.llava import image_prompt_ids
+
+        cfg = self.model.config
+        pixel_values = None
+        if images:
+            try:
+                arrays = [read_image(b, name=f"image {i + 1}") for i, b in enumerate(images)]
+                pixel_values = torch.cat([preprocess_images(a[None], self.vision) for a in arrays])
+                ids = image_prompt_ids(
+                    lambda t: self.tokenizer.encode_batch([t])[0].ids, prompt, len(images), cfg
+                )
+            except ValueError as e:
+                raise RequestError(400, f"image content: {e}", "messages") from None
+            pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
+        else:
+            ids = text_ids
+        if ids.count(cfg.image_token_id) != len(images) * cfg.image_seq_length:
+            raise RequestError(400, "the prompt text holds the image placeholder token itself", "messages")
+        return ids, pixel_values
+
+    def start(
+        self, prompt_ids: list[int], body, max_tokens: int, want_logprobs: bool, pixel_values=None
+    ) -> Iterator:
         """A blocking iterator of ``(token_id, logprobs [V] or None)`` (worker thread; one ``next`` per token)."""
         seed = body.seed if body.seed is not None else random.randrange(2**63)
         sampler = Sampler(
@@ -288,9 +327,16 @@ class Engine:
             top_p=None if body.top_p >= 1.0 else body.top_p,
             generator=torch.Generator().manual_seed(seed),
         )
-        session = DecodeSession(
-            self.model, torch.tensor([prompt_ids]), max_new_tokens=max_tokens, compile=self.compile
-        )
+        ids = torch.tensor([prompt_ids])
+        if self.vision is not None:  # the LM decodes after a prefill of the spliced embeddings
+            session = DecodeSession(
+                self.model.language_model,
+                ids,
+                max_new_tokens=max_tokens,
+                inputs_embeds=self.model.spliced_embeds(ids, pixel_values),
+            )
+        else:
+            session = DecodeSession(self.model, ids, max_new_tokens=max_tokens, compile=self.compile)
         source = _Recorder(session) if want_logprobs else session
         delay, stats = self.token_delay_s, self.stats
 
@@ -309,7 +355,7 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def run(
-        self, request, prompt_ids: list[int], body, max_tokens: int, top: int | None
+        self, request, prompt_ids: list[int], body, max_tokens: int, top: int | None, pixel_values=None
     ) -> AsyncIterator[tuple]:
         """Yields ``("text", piece, infos)`` as text becomes final, then ``("end", finish_reason, num_tokens)``.
 
@@ -330,7 +376,9 @@ class Engine:
         pending: list[TokenInfo] = []
         sent, text, finish = 0, "", "length"
         try:
-            it = await self.call(self.start, prompt_ids, body, max_tokens, top is not None)
+            # Text requests keep start's four-argument call (tests script the engine through it).
+            extra = () if pixel_values is None else (pixel_values,)
+            it = await self.call(self.start, prompt_ids, body, max_tokens, top is not None, *extra)
             while True:
                 item = await self.call(next, it, done)
                 if item is done:

@@ -15,9 +15,19 @@ OpenAI name, type and range; if it is not implemented, list it in :data:`_UNSUPP
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for /v1/completions "logprobs"
@@ -150,7 +160,7 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
-    """One content part of a chat message (only text parts are supported)."""
+    """One text content part of a chat message."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -158,21 +168,79 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    """OpenAI's ``image_url`` object; only ``data:`` URLs (base64) are accepted: the server fetches nothing."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    """One image content part: ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+# Where an image part sat in a message's text; the server expands it to the image's placeholders.
+IMAGE_MARKER = "<image>"
+
+
+def decode_data_url(url: str) -> bytes:
+    """The bytes of a base64 ``data:`` URL; :class:`RequestError` (400) for any other URL."""
+    if not url.startswith("data:"):
+        shown = url if len(url) <= 60 else url[:57] + "..."
+        raise RequestError(
+            400,
+            f"image_url {shown!r} is not a data: URL; send the image inline as data:image/png;base64,... "
+            "(this server fetches no URLs)",
+            "messages",
+        )
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise RequestError(400, "image_url data: URLs must be base64 (data:image/png;base64,...)", "messages")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "image_url: the data: URL's base64 payload is invalid", "messages") from None
+
+
 class ChatMessage(BaseModel):
-    """One chat message; ``content`` is a string or a list of text parts (joined)."""
+    """One chat message; ``content`` is a string or a list of text and image parts.
+
+    Parts are joined into one string; each image part leaves :data:`IMAGE_MARKER` at its place and
+    its decoded bytes in :attr:`images` (in order).
+    """
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart | ImagePart]
     name: str | None = None
+    _images: list[bytes] = PrivateAttr(default_factory=list)
 
-    @field_validator("content")
-    @classmethod
-    def _join_parts(cls, content):
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        return _check_text(content, "message content")
+    @model_validator(mode="after")
+    def _join_parts(self):
+        if isinstance(self.content, list):
+            pieces = []
+            for part in self.content:
+                if isinstance(part, ImagePart):
+                    self._images.append(decode_data_url(part.image_url.url))
+                    pieces.append(IMAGE_MARKER)
+                else:
+                    pieces.append(part.text)
+            self.content = "".join(pieces)
+        _check_text(self.content, "message content")
+        return self
+
+    @property
+    def images(self) -> list[bytes]:
+        """The decoded bytes of this message's image parts, in order."""
+        return self._images
 
 
 class ChatRequest(_Request):
@@ -194,7 +262,7 @@ class ChatRequest(_Request):
         return self
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ChatMessage"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ImagePart", "ChatMessage"}
 
 
 def _is_type_tag(part: Any) -> bool:

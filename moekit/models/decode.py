@@ -230,6 +230,9 @@ class DecodeSession:
             or length reuse the graph while the model's structure stays the same.
         compile_fallback: if compiling fails, warn and decode eagerly instead of raising (what
             ``generate(compile="auto")`` asks for).
+        inputs_embeds: ``[B, S, D]`` prompt embeddings for the prefill instead of
+            ``embed(input_ids)`` (a VLM's spliced image + text embeddings); decode steps embed
+            the new tokens as usual.
     """
 
     def __init__(
@@ -242,6 +245,7 @@ class DecodeSession:
         count_experts: bool = False,
         compile: bool = False,
         compile_fallback: bool = False,
+        inputs_embeds: Tensor | None = None,
     ) -> None:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length>0], got {tuple(input_ids.shape)}")
@@ -254,6 +258,11 @@ class DecodeSession:
         device = input_ids.device
         self.input_ids, self.prompt_len, self.max_new_tokens = input_ids, prompt_len, max_new_tokens
         self.expert_assignments = 0
+        if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"inputs_embeds {tuple(inputs_embeds.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
+        self._prefill_embeds = inputs_embeds
         real_BS = (
             torch.ones_like(input_ids, dtype=torch.bool)
             if attention_mask is None
@@ -375,7 +384,9 @@ class DecodeSession:
         else:
             mask = None  # plain causal: SDPA's is_causal path
         token_mask = self.mask_BK[:, :prompt_len] if self.padded else None
-        return self._run_layers(self.model.embed(self.input_ids), cos, sin, mask, token_mask)
+        embeds = self.model.embed(self.input_ids) if self._prefill_embeds is None else self._prefill_embeds
+        self._prefill_embeds = None  # the cache holds what the prefill needed; free the copy
+        return self._run_layers(embeds, cos, sin, mask, token_mask)
 
     @torch.no_grad()
     def step(self, next_B: Tensor) -> Tensor:

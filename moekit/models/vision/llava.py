@@ -14,11 +14,15 @@ be on the left.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from moekit.config import JsonConfig, check_choice
+from moekit.data.images import ImagePreprocess
 from moekit.models.config import ModelConfig
 from moekit.models.decoder import CausalLMOutput, MoEForCausalLM
 from moekit.models.param_groups import module_param_names, moe_parameter_groups
@@ -113,6 +117,55 @@ def splice_image_features(
     return out
 
 
+IMAGE_MARKER = "<image>"
+PREPROCESS_FILE = "image_preprocess.json"
+
+
+def image_prompt_ids(
+    encode: Callable[[str], list[int]], text: str, num_images: int, config: VLMConfig
+) -> list[int]:
+    """Prompt ids with ``image_seq_length`` placeholders per image, LLaVA-style.
+
+    Each ``<image>`` marker in ``text`` marks where the next image goes; with no marker the
+    images come first (LLaVA's default prompt puts the image before the question). ``encode``
+    turns a text piece into ids.
+
+    Raises:
+        ValueError: the markers do not match ``num_images``.
+    """
+    pieces = text.split(IMAGE_MARKER)
+    if len(pieces) == 1 and num_images:
+        pieces = [""] * num_images + pieces
+    if len(pieces) - 1 != num_images:
+        raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} markers for {num_images} image(s)")
+    slots = [config.image_token_id] * config.image_seq_length
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            ids += slots
+        if piece:
+            ids += encode(piece)
+    return ids
+
+
+def image_preprocess(config: VLMConfig, folder: str | Path | None = None) -> ImagePreprocess:
+    """The preprocessing of this VLM's images: ``folder/image_preprocess.json`` when present, else
+    the tower's size and channels with mean = std = 0.5 on [0, 1] pixels (what moekit's image data
+    modules train with). Inputs are :func:`moekit.data.images.read_image` arrays (``value_range`` 1)."""
+    if folder is not None and (Path(folder) / PREPROCESS_FILE).is_file():
+        prep = ImagePreprocess.from_json(Path(folder) / PREPROCESS_FILE)
+    else:
+        prep = ImagePreprocess(
+            size=config.vision.image_size, channels=config.vision.num_channels, value_range=1.0
+        )
+    if (prep.size, prep.channels) != (config.vision.image_size, config.vision.num_channels):
+        raise ValueError(
+            f"{PREPROCESS_FILE}: size/channels {prep.size}/{prep.channels} do not match the vision tower's "
+            f"{config.vision.image_size}/{config.vision.num_channels}"
+        )
+    return prep
+
+
 class MoELLaVA(nn.Module):
     """Vision tower + projector + moekit LM (dense, or MoE after stage-3 upcycling).
 
@@ -174,6 +227,93 @@ class MoELLaVA(nn.Module):
         return self.language_model(
             input_ids, attention_mask=attention_mask, labels=labels, moe_k=moe_k, inputs_embeds=embeds
         )
+
+    @torch.no_grad()
+    def spliced_embeds(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+        """``[B, S, D]``: the text embeddings with the image features at the placeholders."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        feats = None if pixel_values is None else self.image_features(pixel_values)
+        return splice_image_features(embeds, input_ids, feats, self.config.image_token_id)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int = 20,
+        use_cache: bool = True,
+        moe_k: int | None = None,
+        **sampling,
+    ) -> Tensor:
+        """Generates up to ``max_new_tokens`` per row after an image + text prompt; ``[B, S + N]`` ids.
+
+        The prompt (``input_ids [B, S]``, left-padded, with ``image_seq_length`` placeholders per
+        image; ``pixel_values [N, C, H, W]`` in reading order) is prefilled once with the spliced
+        embeddings, then the LM decodes with its KV cache (its :class:`DecodeSession`, fast path
+        included). ``use_cache=False`` recomputes the whole spliced sequence per token (the
+        reference). ``sampling``: :func:`moekit.models.generation.generate`'s other keywords
+        (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``,
+        ``generator``, ``streamer``, ``sampler``).
+        """
+        from moekit.models.decode import DecodeSession
+        from moekit.models.generation import generate
+
+        if "source" in sampling or "compile" in sampling:
+            raise ValueError("MoELLaVA.generate builds its own decode session (no source=/compile=)")
+        was_training = self.training
+        self.eval()
+        try:
+            embeds = self.spliced_embeds(input_ids, pixel_values)
+            if use_cache:
+                source = DecodeSession(
+                    self.language_model,
+                    input_ids,
+                    attention_mask,
+                    max(max_new_tokens, 0),
+                    moe_k=moe_k,
+                    inputs_embeds=embeds,
+                )
+            else:
+                source = _VLMRecomputeSource(self, input_ids, pixel_values, attention_mask, moe_k)
+            return generate(
+                self.language_model,
+                input_ids,
+                attention_mask,
+                max_new_tokens,
+                source=source,
+                compile=False,
+                **sampling,
+            )
+        finally:
+            self.train(was_training)
+
+
+class _VLMRecomputeSource:
+    """``use_cache=False``: the LM forward over the whole spliced sequence every step (the reference).
+
+    Generated tokens are embedded as text (an id equal to the placeholder is not an image slot).
+    """
+
+    def __init__(self, vlm: MoELLaVA, input_ids, pixel_values, attention_mask, moe_k) -> None:
+        self.lm, self.moe_k, self.ids_BN = vlm.language_model, moe_k, input_ids
+        self.embeds_BND = vlm.spliced_embeds(input_ids, pixel_values)
+        self.mask_BN = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+
+    def _scores(self) -> Tensor:
+        out = self.lm(
+            self.ids_BN, attention_mask=self.mask_BN, moe_k=self.moe_k, inputs_embeds=self.embeds_BND
+        )
+        return out.logits[:, -1].float()
+
+    def prefill(self) -> Tensor:
+        return self._scores()
+
+    def step(self, next_B: Tensor) -> Tensor:
+        self.ids_BN = torch.cat([self.ids_BN, next_B[:, None]], dim=1)
+        self.embeds_BND = torch.cat([self.embeds_BND, self.lm.embed_tokens(next_B[:, None])], dim=1)
+        self.mask_BN = torch.cat([self.mask_BN, self.mask_BN.new_ones(next_B.shape[0], 1)], dim=1)
+        return self._scores()
 
 
 # What each MoE-LLaVA stage freezes (``--freeze`` specs on this model's groups).
