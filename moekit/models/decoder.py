@@ -244,16 +244,6 @@ class MoEForCausalLM(nn.Module):
         """State-dict names that alias another tensor, so model folders do not store them."""
         return ["lm_head.weight"] if self.config.tie_word_embeddings else []
 
-    @torch.no_grad()
-    def init_buffers(self) -> None:
-        """Recomputes the non-persistent buffers, which no file holds (after a meta-device build).
-
-        RoPE tables rebuild themselves whenever the model moves; the MoE balance weights are 1 for
-        FFN experts and ``zero_expert_tau`` for zero-computation experts.
-        """
-        for moe in self.moe_layers:
-            moe.init_buffers()
-
     @property
     def moe_layers(self) -> list[MoELayer]:
         """The MoE FFNs in layer order (what ``routing`` aligns with)."""

@@ -241,12 +241,6 @@ class MoiraiMoEModel(nn.Module):
         """No tied weights."""
         return []
 
-    @torch.no_grad()
-    def init_buffers(self) -> None:
-        """Recomputes the non-persistent MoE balance weights after a meta-device build."""
-        for moe in self.moe_layers:
-            moe.init_buffers()
-
     @property
     def moe_layers(self) -> list[MoELayer]:
         """The MoE FFNs in layer order (what ``routing`` aligns with)."""

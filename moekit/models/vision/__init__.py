@@ -8,7 +8,7 @@ Contract:
     ``CLIPMoE(CLIPConfig)(input_ids=None, pixel_values=None, attention_mask=None, return_loss=False)
     -> CLIPOutput(logits_per_image, logits_per_text, image_embeds, text_embeds, loss, aux_losses,
     routing)``, transformers' ``CLIPModel`` semantics (``moekit.convert.families.clip`` maps weights).
-    Both follow the LM's model contract: ``config``, ``parameter_groups()``, ``init_buffers()``,
+    Both follow the LM's model contract: ``config``, ``parameter_groups()``,
     ``tied_weight_names()``, ``save_pretrained``/``from_pretrained`` (moekit folders, any family).
 
 Layout:

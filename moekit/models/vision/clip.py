@@ -22,7 +22,6 @@ from moekit.models.vision.encoder import (
     encoder_groups,
     init_encoder_weights,
     merge_aux_losses,
-    reset_balance_weights,
 )
 from moekit.models.vision.vit import ViTMoE
 
@@ -124,10 +123,6 @@ class CLIPMoE(nn.Module):
     def tied_weight_names(self) -> list[str]:
         """No tied weights."""
         return []
-
-    def init_buffers(self) -> None:
-        """Recomputes the non-persistent MoE balance weights (after a meta-device build)."""
-        reset_balance_weights(self)
 
     @property
     def moe_layers(self) -> list[MoELayer]:

@@ -156,13 +156,6 @@ def init_encoder_weights(root: nn.Module, std: float, num_layers: int) -> None:
                 nn.init.normal_(router.task_weight, std=std)
 
 
-def reset_balance_weights(root: nn.Module) -> None:
-    """Recomputes every MoE layer's non-persistent balance weights (after a meta-device build)."""
-    for module in root.modules():
-        if isinstance(module, MoELayer):
-            module.init_buffers()
-
-
 def encoder_groups(model: nn.Module, encoders: dict[str, Encoder]) -> dict[str, list[str]]:
     """The shared parameter groups plus ``attention`` and ``dense_ffn`` of the given encoders
     (prefix -> encoder, prefixes as in ``model.named_parameters()``)."""

@@ -188,11 +188,6 @@ class MoELLaVA(nn.Module):
         """The LM's tied names, prefixed."""
         return [f"language_model.{n}" for n in self.language_model.tied_weight_names()]
 
-    def init_buffers(self) -> None:
-        """Rebuilds both models' non-persistent buffers."""
-        self.vision_tower.init_buffers()
-        self.language_model.init_buffers()
-
     def parameter_groups(self) -> dict[str, list[str]]:
         """The MoE groups plus ``vision_tower``, ``projector``, ``language_model`` and ``lm_moe``
         (the LM's routers and experts: what MoE-LLaVA's stage 3 trains)."""

@@ -21,7 +21,6 @@ from moekit.models.vision.encoder import (
     Encoder,
     encoder_groups,
     init_encoder_weights,
-    reset_balance_weights,
 )
 
 
@@ -89,10 +88,6 @@ class ViTMoE(nn.Module):
     def tied_weight_names(self) -> list[str]:
         """No tied weights."""
         return []
-
-    def init_buffers(self) -> None:
-        """Recomputes the non-persistent MoE balance weights (after a meta-device build)."""
-        reset_balance_weights(self)
 
     @property
     def moe_layers(self) -> list[MoELayer]:
