@@ -17,6 +17,7 @@ and nested ``JsonConfig`` classes; a subclass using anything else must check it 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import numbers
 import types
@@ -120,19 +121,14 @@ def _matches(value: Any, annotation: Any) -> bool | str:
     return True  # an annotation this checker does not know: the subclass checks it
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    """The resolved field annotations of ``cls`` (cached; unresolvable ones are skipped)."""
-    hints = _HINTS.get(cls)
-    if hints is None:
-        try:
-            hints = typing.get_type_hints(cls)
-        except (NameError, TypeError):  # a name only the defining scope knows: check what resolves
-            hints = {}
-        _HINTS[cls] = hints
-    return hints
+    """The resolved field annotations of ``cls`` (memoised: a pure function of the class;
+    unresolvable ones are skipped)."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # a name only the defining scope knows: check what resolves
+        return {}
 
 
 def check_field_types(config: JsonConfig) -> None:
