@@ -51,6 +51,8 @@ VARIANTS: dict[str, dict] = {
         "preset": "moe-small",
         "overrides": {"moe": {"num_experts": 40, "ffn_dim": 96, "top_k": 8, "shared_ffn_dim": 256}},
     },
+    # fewer experts: 4 of 512, top-2 (each expert sees half the tokens; total width 2x dense).
+    "moe-small-e4": {"preset": "moe-small", "overrides": {"moe": {"num_experts": 4}}},
     # the old layout with a dense first layer.
     "moe-small-dense0": {
         "preset": "moe-small",
