@@ -24,7 +24,8 @@ Layout:
     rope.py       RotaryEmbedding (float32 tables, grown on demand), apply_rotary, deinterleave
     attention.py  Attention (GQA, q/k norm, qkv bias), build_attention_mask (padding, sliding window)
     mla.py        MLAttention (DeepSeek multi-head latent attention, latent KV cache)
-    cache.py      KVCache (preallocated, grown in chunks; Mamba layers keep a MambaState there)
+    cache.py      KVCache (preallocated, grown in chunks; Mamba layers keep a MambaState there),
+                  RaggedKVCache (a continuous batch's rows of their own lengths)
     encoder.py    SelfAttention (encoders: biased q/k/v/o, no RoPE, bidirectional or causal; ViT, CLIP)
     ssm.py        MambaMixer (Jamba's selective SSM), MambaConfig, scan_sequential /
                   scan_chunked / scan_step (the reference loop, the chunked scan, decode)
@@ -39,7 +40,7 @@ block's config (e.g. ``ModelConfig.attention_config()``); the block never sees t
 """
 
 from moekit.blocks.attention import Attention, build_attention_mask
-from moekit.blocks.cache import KVCache, MambaState
+from moekit.blocks.cache import KVCache, MambaState, RaggedKVCache
 from moekit.blocks.config import AttentionConfig, MLAConfig, RopeConfig, mla_softmax_scale
 from moekit.blocks.encoder import SelfAttention
 from moekit.blocks.mla import MLAttention
@@ -59,6 +60,7 @@ __all__ = [
     "Attention",
     "AttentionConfig",
     "KVCache",
+    "RaggedKVCache",
     "MLAConfig",
     "MLAttention",
     "MambaConfig",

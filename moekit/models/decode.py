@@ -171,6 +171,66 @@ def _fast_moe(mlp: MoELayer, x_BD: Tensor, k: int | None) -> tuple[Tensor, int]:
     return _shared_experts(mlp, x_BD, out_BD), len(ids) * k
 
 
+def fast_layers_step(
+    model: MoEForCausalLM, x_B1D: Tensor, cos, sin, mask, cache, moe_k: int | None
+) -> tuple[Tensor, int]:
+    """The fast path's decoder layers for one token per row: ``(float32 logits [B, V], assignments)``.
+
+    ``cache`` is a :class:`KVCache` or a :class:`~moekit.blocks.RaggedKVCache` (anything whose
+    ``update`` appends one key/value per row and returns the keys ``mask`` ``[B, 1, 1, K]`` covers).
+    """
+    assignments = 0
+    for layer in model.layers:
+        h_B1D = x_B1D + _fast_attention(
+            layer.self_attn, _rms(layer.input_layernorm, x_B1D), cos, sin, mask, cache
+        )
+        normed_B1D = _rms(layer.post_attention_layernorm, h_B1D)
+        if layer.is_moe:
+            out_BD, num = _fast_moe(layer.mlp, normed_B1D[:, 0], moe_k)
+            assignments += num
+            x_B1D = h_B1D + out_BD[:, None]
+        else:
+            x_B1D = h_B1D + layer.mlp(normed_B1D)
+    return model.lm_head(_rms(model.norm, x_B1D[:, 0])).float(), assignments
+
+
+def general_layers_step(
+    model: MoEForCausalLM,
+    x_BSD: Tensor,
+    cos,
+    sin,
+    mask,
+    token_mask_BS,
+    cache,
+    moe_k: int | None,
+    count_experts: bool = False,
+) -> tuple[Tensor, int]:
+    """The general decoder layers over S new tokens per row: ``(float32 last-position logits [B, V], assignments)``.
+
+    ``assignments`` (routed (token, expert) pairs) is counted only with ``count_experts`` (it
+    costs a reduction per layer), else 0.
+    """
+    use_residual = model.config.moe is not None and model.config.moe.gating_residual
+    prev_logits_TE, assignments = None, 0
+    for layer in model.layers:
+        x_BSD, moe_out = layer(
+            x_BSD,
+            cos,
+            sin,
+            mask,
+            token_mask_BS,
+            prev_logits_TE if use_residual else None,
+            moe_k,
+            cache=cache,
+        )
+        if moe_out is not None:
+            prev_logits_TE = moe_out.routing.router_logits
+            if count_experts:
+                assignments += int((moe_out.routing.expert_ids >= 0).sum())
+    # Only the last position's logits are ever needed: skip S-1 rows of the LM head.
+    return model.lm_logits(x_BSD[:, -1]).float(), assignments
+
+
 def _static_decode_step(
     model: MoEForCausalLM,
     next_1: Tensor,
@@ -297,7 +357,6 @@ class DecodeSession:
             )
         self.cache = KVCache(cfg.num_layers, max_length=capacity)
         self.num_decoded = 0
-        self._use_residual = cfg.moe is not None and cfg.moe.gating_residual
         self._sliding_window = cfg.sliding_window
         #: take the fast decode path (see :func:`fast_decode_supported`); set False to force the
         #: general layers (what the fast path is tested against).
@@ -313,19 +372,10 @@ class DecodeSession:
         return self._compiled is not None and self.fast
 
     def _fast_step(self, x_B1D: Tensor, cos, sin, mask) -> Tensor:
-        for layer in self.model.layers:
-            h_B1D = x_B1D + _fast_attention(
-                layer.self_attn, _rms(layer.input_layernorm, x_B1D), cos, sin, mask, self.cache
-            )
-            normed_B1D = _rms(layer.post_attention_layernorm, h_B1D)
-            if layer.is_moe:
-                out_BD, assignments = _fast_moe(layer.mlp, normed_B1D[:, 0], self.moe_k)
-                if self.count_experts:
-                    self.expert_assignments += assignments
-                x_B1D = h_B1D + out_BD[:, None]
-            else:
-                x_B1D = h_B1D + layer.mlp(normed_B1D)
-        return self.model.lm_head(_rms(self.model.norm, x_B1D[:, 0])).float()
+        logits_BV, assignments = fast_layers_step(self.model, x_B1D, cos, sin, mask, self.cache, self.moe_k)
+        if self.count_experts:
+            self.expert_assignments += assignments
+        return logits_BV
 
     def _compiled_step(self, next_1: Tensor, cos, sin, mask_11K: Tensor, num_keys: int) -> Tensor:
         cache = self.cache
@@ -344,25 +394,11 @@ class DecodeSession:
         return logits_1V
 
     def _run_layers(self, x_BSD: Tensor, cos, sin, mask, token_mask_BS) -> Tensor:
-        prev_logits_TE = None
-        for layer in self.model.layers:
-            x_BSD, moe_out = layer(
-                x_BSD,
-                cos,
-                sin,
-                mask,
-                token_mask_BS,
-                prev_logits_TE if self._use_residual else None,
-                self.moe_k,
-                cache=self.cache,
-            )
-            if moe_out is not None:
-                prev_logits_TE = moe_out.routing.router_logits
-                if self.count_experts:
-                    self.expert_assignments += int((moe_out.routing.expert_ids >= 0).sum())
-        # Only the last position's logits are ever needed: skip S-1 rows of the LM head.
-        last_BD = x_BSD[:, -1]
-        return self.model.lm_logits(last_BD).float()
+        logits_BV, assignments = general_layers_step(
+            self.model, x_BSD, cos, sin, mask, token_mask_BS, self.cache, self.moe_k, self.count_experts
+        )
+        self.expert_assignments += assignments
+        return logits_BV
 
     @torch.no_grad()
     def prefill(self) -> Tensor:
