@@ -92,13 +92,16 @@ class LayerRing:
         self.store = store
         self.num_layers = len(store.num_experts)
         self.num_sections = min(num_sections, self.num_layers)
-        shapes = {store.expert_shapes(layer, 0) for layer in range(self.num_layers)}
+        # Views over the store's mapping (no bytes read): a layer loads as one stack per tensor.
+        self._views = [
+            [store.expert_views(layer, e) for e in range(n)] for layer, n in enumerate(store.num_experts)
+        ]
+        shapes = {(v[0][0].shape, v[0][1].shape) for v in self._views}
         if len(shapes) != 1:
             raise ValueError(f"ring memory needs the same expert shapes in every layer, got {sorted(shapes)}")
         (in_shape, out_shape) = shapes.pop()
         num_e = max(store.num_experts)
-        first = store._files[0].view("0.w_in")
-        dtype = dtype or store.dtype or first.dtype
+        dtype = dtype or store.dtype or self._views[0][0][0].dtype
         # The ring's whole expert memory, allocated once: S sections of the widest layer.
         self.w_in_SEHD = [torch.empty(num_e, *in_shape, dtype=dtype) for _ in range(self.num_sections)]
         self.w_out_SEDF = [torch.empty(num_e, *out_shape, dtype=dtype) for _ in range(self.num_sections)]
@@ -119,12 +122,22 @@ class LayerRing:
         return [layer for layer in self.section_layer if layer is not None]
 
     def _load(self, section: int, layer: int, demand: bool) -> None:
-        nbytes = 0
-        urgent = None if demand else (lambda: False)
-        for e in range(self.store.num_experts[layer]):
-            nbytes += self.store.read_into(
-                layer, e, self.w_in_SEHD[section][e], self.w_out_SEDF[section][e], urgent
-            )
+        views = self._views[layer]
+        num_e = len(views)
+        w_in_EHD, w_out_EDF = self.w_in_SEHD[section][:num_e], self.w_out_SEDF[section][:num_e]
+        nbytes = sum(self.store.expert_bytes(layer, e) for e in range(num_e))
+
+        def copy() -> None:
+            # One stack per tensor kind: two copies with the GIL released, not 2E small ones
+            # (a copy thread that takes the GIL per expert starves the compute thread).
+            if w_in_EHD.dtype == views[0][0].dtype:
+                torch.stack([v[0] for v in views], out=w_in_EHD)
+                torch.stack([v[1] for v in views], out=w_out_EDF)
+            else:
+                w_in_EHD.copy_(torch.stack([v[0] for v in views]))
+                w_out_EDF.copy_(torch.stack([v[1] for v in views]))
+
+        self.store.link.transfer(nbytes, copy, demand)
         with self.stats.lock:
             self.stats.bytes_read += nbytes
 

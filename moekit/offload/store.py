@@ -147,6 +147,14 @@ class StorageLink:
                 self._busy = False
                 self._cond.notify_all()
 
+    def transfer(self, nbytes: int, copy: Callable[[], None], demand: bool = True) -> None:
+        """One copy of ``nbytes`` over the link as a single chunk (a ring section's whole layer):
+        ``copy`` runs holding the link, which is then held for ``nbytes / bandwidth`` seconds in
+        all. A demand transfer goes before waiting prefetch chunks; a prefetch waits for demands."""
+        ctx = self.demand() if demand else nullcontext()
+        with ctx:
+            self._chunk(nbytes, copy, demand)
+
     def read(
         self, f: MappedSafetensors, names: list[str], urgent: Callable[[], bool] | None = None
     ) -> dict[str, Tensor]:
@@ -155,27 +163,12 @@ class StorageLink:
         ``urgent``: None for a demand load (registered for the whole read); for a prefetch, a
         callable asked before each chunk (True once a demand load waits for this very entry).
         """
-        out = {name: torch.empty_like(f.view(name)) for name in names}
-        self.read_into(f, names, [out[name] for name in names], urgent)
-        return out
-
-    def read_into(
-        self,
-        f: MappedSafetensors,
-        names: list[str],
-        dsts: list[Tensor],
-        urgent: Callable[[], bool] | None = None,
-    ) -> None:
-        """As :meth:`read`, into caller-owned tensors of the same shapes (a ring section's slots);
-        a dtype that differs from the stored one is converted by the copy."""
+        out: dict[str, Tensor] = {}
         ctx = self.demand() if urgent is None else nullcontext()
         with ctx:
-            for name, dst in zip(names, dsts, strict=True):
+            for name in names:
                 src = f.view(name)
-                if dst.shape != src.shape:
-                    raise ValueError(
-                        f"{f.path}:{name} has shape {tuple(src.shape)}, the slot {tuple(dst.shape)}"
-                    )
+                dst = out[name] = torch.empty_like(src)
                 if src.dim() == 0 or src.numel() == 0:
                     self._chunk(
                         f.nbytes(name), lambda dst=dst, src=src: dst.copy_(src), urgent is None or urgent()
@@ -190,6 +183,7 @@ class StorageLink:
                         dst[start:stop].copy_(src[start:stop])
 
                     self._chunk((stop - start) * row_bytes, copy, urgent is None or urgent())
+        return out
 
 
 def weights_fingerprint(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
@@ -345,19 +339,11 @@ class ExpertStore:
             w_in, w_out = w_in.to(self.dtype), w_out.to(self.dtype)
         return w_in, w_out, nbytes
 
-    def expert_shapes(self, layer: int, expert: int) -> tuple[torch.Size, torch.Size]:
-        """Stored shapes of one expert: ``(w_in [H, D], w_out [D, F])`` (nothing is read)."""
+    def expert_views(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
+        """``(w_in [H, D], w_out [D, F])`` of one expert as stored: views over the mapping, nothing
+        read yet (copy them over :attr:`link` with :meth:`StorageLink.transfer`)."""
         f = self._files[layer]
-        return f.view(f"{expert}.w_in").shape, f.view(f"{expert}.w_out").shape
-
-    def read_into(
-        self, layer: int, expert: int, w_in: Tensor, w_out: Tensor, urgent: Callable[[], bool] | None = None
-    ) -> int:
-        """Loads one expert over the link into caller-owned ``w_in [H, D]`` / ``w_out [D, F]``
-        (a ring section's slots; converted to their dtype); returns the bytes read."""
-        names = [f"{expert}.w_in", f"{expert}.w_out"]
-        self.link.read_into(self._files[layer], names, [w_in, w_out], urgent)
-        return self._bytes[(layer, expert)]
+        return f.view(f"{expert}.w_in"), f.view(f"{expert}.w_out")
 
     @staticmethod
     def compute(w_in: Tensor, w_out: Tensor, x_ND: Tensor, activation: str, out_ND: Tensor) -> None:
