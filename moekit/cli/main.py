@@ -28,6 +28,7 @@ VERBS: dict[str, str] = {
     "merge-experts": "merge_experts",
     "extend-experts": "extend_experts",
     "moe-merge": "moe_merge",
+    "pregate": "pregate",
     "layer-demo": "layer_demo",
     "distill": "distill",
     "vision-train": "vision_train",

@@ -198,6 +198,11 @@ def export_gguf(
     Returns:
         The path written.
     """
+    if getattr(model.config, "pregated", False):
+        raise ValueError(
+            "export_gguf: a pregated model (ModelConfig.pregated) routes from the previous layer's input, "
+            "which llama.cpp cannot run"
+        )
     gguf = _require_gguf()
     if out_type not in GGUF_TYPES:
         raise ValueError(f"export_gguf: out_type={out_type!r} is not valid; choose one of {list(GGUF_TYPES)}")

@@ -160,6 +160,11 @@ def _tokenizer_eos_id(folder: Path) -> int | None:
 
 def hf_config_for(model: MoEForCausalLM, family: str | None = None) -> tuple[Any, dict[str, Any]]:
     """``(adapter, HF config dict)`` for exporting ``model`` (ValueError naming a blocking option)."""
+    if model.config.pregated:
+        raise ValueError(
+            "a pregated model (ModelConfig.pregated) cannot be exported to Hugging Face: no transformers "
+            "family routes a layer from the previous layer's input; keep it in the moekit format"
+        )
     adapter = get_family(family) if family is not None else family_for(model.config)
     hf = adapter.config_to_hf(model.config)
     dtype = next(model.parameters()).dtype

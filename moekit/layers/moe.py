@@ -130,12 +130,14 @@ class MoEOutput:
             ``seq_balance``, ``z_loss`` and ``entropy`` (see :mod:`moekit.layers.losses`).
         backend: the expert compute path that actually ran (``"eager"``, ``"sorted"``,
             ``"grouped_mm"``, or a dispatcher's own name such as ``"all_to_all"``/``"offload"``).
+        moe_input: the layer's input ``[..., D]`` (what a pre-gated next layer routes from).
     """
 
     hidden: Tensor
     routing: RoutingInfo
     aux_losses: Mapping[str, Tensor] = field(default_factory=dict)
     backend: str = ""
+    moe_input: Tensor | None = None
 
 
 class MoELayer(nn.Module):
@@ -244,6 +246,7 @@ class MoELayer(nn.Module):
         prev_logits: Tensor | None = None,
         k: int | None = None,
         task_ids: Tensor | None = None,
+        router_input: Tensor | None = None,
     ) -> MoEOutput:
         """Routes and computes.
 
@@ -256,6 +259,8 @@ class MoELayer(nn.Module):
             k: top-k for this call (any k in [1, E]; SMoE-Dropout's self-slimming, dynamic k).
             task_ids: int64 ``[...]`` task of each token (or one scalar for all), required exactly
                 when ``config.num_tasks > 0`` (task-level MoE).
+            router_input: ``[..., D]`` what the router reads instead of ``x`` (Pre-gated MoE: the
+                previous MoE layer's input); None routes from ``x``.
 
         Returns:
             :class:`MoEOutput` with ``hidden`` shaped like ``x``.
@@ -266,18 +271,19 @@ class MoELayer(nn.Module):
         num_t = x_TD.shape[0]
         mask_T = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
         prev_TE = None if prev_logits is None else prev_logits.reshape(num_t, -1)
+        route_TD = x_TD if router_input is None else router_input.reshape(num_t, cfg.dim)
 
         if cfg.num_tasks:
             if task_ids is None:
                 raise ValueError(f"this MoE layer routes per task (num_tasks={cfg.num_tasks}); pass task_ids")
             task_T = task_ids.reshape(-1).to(device=x.device, dtype=torch.long).expand(num_t)
-            route = self.router(x_TD, mask_T, prev_TE, k, task_ids_T=task_T)
+            route = self.router(route_TD, mask_T, prev_TE, k, task_ids_T=task_T)
         elif task_ids is not None:
             raise ValueError("task_ids given to an MoE layer without tasks (num_tasks=0)")
         elif self.routing_override is None:
-            route = self.router(x_TD, mask_T, prev_TE, k)
+            route = self.router(route_TD, mask_T, prev_TE, k)
         else:
-            route = self.routing_override(self.router, x_TD, mask_T, prev_TE, k)
+            route = self.routing_override(self.router, route_TD, mask_T, prev_TE, k)
         expert_ids_TK, weights_TK = route.expert_ids_TK, route.weights_TK
         if cfg.capacity_factor is not None and cfg.router_type != "expert_choice":
             num_valid = torch.tensor(num_t, device=x.device) if mask_T is None else mask_T.sum()
@@ -305,7 +311,7 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared_TD
 
         routing, aux = self._statistics(route, expert_ids_TK, weights_TK, mask_T, lead_shape)
-        return MoEOutput(out_TD.reshape(*lead_shape, cfg.dim), routing, aux, backend)
+        return MoEOutput(out_TD.reshape(*lead_shape, cfg.dim), routing, aux, backend, x)
 
     def _zero_compute_experts(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         # Dense [T, E] weight table: cheap (E is small) and handles any number of slots per token.

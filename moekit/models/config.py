@@ -135,6 +135,13 @@ class ModelConfig(JsonConfig):
             equal ``dim``.
         use_rope: rotate queries and keys; False gives attention without positions (Jamba).
 
+    Routing:
+        pregated: Pre-gated MoE (Hwang et al., ISCA'24): every MoE layer after the first routes
+            from the previous MoE layer's input (its router is the pre-gate that layer computes one
+            block early), so layer l+1's experts are known, and can be fetched, while layer l runs.
+            The first MoE layer routes from its own input. ``moekit.surgery.to_pregated`` converts
+            a trained model, which then needs fine-tuning. No Hugging Face family has it.
+
     Recommended loss coefficients (aux losses are averaged over MoE layers). Training does not read
     these directly: the objective's weights come from ``TrainConfig`` (``aux_loss_coef`` etc.) and
     fall back to these values when the TrainConfig leaves them None. They stay in the model config
@@ -202,6 +209,7 @@ class ModelConfig(JsonConfig):
     layer_types: tuple[str, ...] | None = None
     mamba: MambaConfig | None = None
     use_rope: bool = True
+    pregated: bool = False
 
     def __post_init__(self) -> None:
         name = "ModelConfig"
@@ -373,6 +381,10 @@ class ModelConfig(JsonConfig):
             raise ValueError(f"{name}.mamba.dim={self.mamba.dim} must equal dim={self.dim}")
         if not self.use_rope and self.attention_type == "mla":
             raise ValueError(f"{name}.use_rope=False is only implemented for attention_type='mha'")
+        if self.pregated and self.moe is None:
+            raise ValueError(f"{name}.pregated needs MoE layers (moe is None)")
+        if self.pregated and self.moe.gating_residual:
+            raise ValueError(f"{name}.pregated cannot be combined with moe.gating_residual")
 
     def layer_type(self, i: int) -> str:
         """Layer ``i``'s token mixer: ``"attention"`` or ``"mamba"``."""

@@ -16,7 +16,8 @@ forward is pure overhead at one token per row:
 * the MoE layers compute only the experts the step routes to (``moekit.layers`` already does).
 
 Decode steps take a *fast path* when the model allows it (:func:`fast_decode_supported`: GQA
-attention with RoPE and no Mamba layers, plain token-choice top-k routers, resident stacked experts). The same math as the
+attention with RoPE and no Mamba layers, plain token-choice top-k routers, resident stacked experts; pregated models route each MoE
+layer from the previous one's input there too). The same math as the
 layers, written for one token per row with fewer operator calls: fused ``F.rms_norm``, the router
 as linear -> softmax -> top-k, each routed expert as two matmuls on its own weight slices (ids read
 on the host once per layer), and no routing statistics or aux-loss closures, which decoding never
@@ -147,10 +148,14 @@ def _one_row_experts(mlp: MoELayer, x_1D: Tensor, ids: list, weights_1K: Tensor)
     return out_1D
 
 
-def _fast_moe(mlp: MoELayer, x_BD: Tensor, k: int | None) -> tuple[Tensor, int]:
-    """The MoE layer for one token per row; returns ``(out [B, D], assignments computed)``."""
+def _fast_moe(
+    mlp: MoELayer, x_BD: Tensor, k: int | None, route_BD: Tensor | None = None
+) -> tuple[Tensor, int]:
+    """The MoE layer for one token per row; returns ``(out [B, D], assignments computed)``.
+
+    ``route_BD``: what the router reads instead of ``x_BD`` (pregated: the previous MoE input)."""
     cfg = mlp.config
-    ids_BK, weights_BK = _fast_route(mlp, x_BD, k)
+    ids_BK, weights_BK = _fast_route(mlp, x_BD if route_BD is None else route_BD, k)
     k = ids_BK.shape[1]
     ids = ids_BK.tolist()  # the one host read per layer: which experts' weights to touch
     if len(ids) == 1:
@@ -180,13 +185,17 @@ def fast_layers_step(
     ``update`` appends one key/value per row and returns the keys ``mask`` ``[B, 1, 1, K]`` covers).
     """
     assignments = 0
+    pregated = model.config.pregated
+    route_BD = None  # pregated: the previous MoE layer's input
     for layer in model.layers:
         h_B1D = x_B1D + _fast_attention(
             layer.self_attn, _rms(layer.input_layernorm, x_B1D), cos, sin, mask, cache
         )
         normed_B1D = _rms(layer.post_attention_layernorm, h_B1D)
         if layer.is_moe:
-            out_BD, num = _fast_moe(layer.mlp, normed_B1D[:, 0], moe_k)
+            out_BD, num = _fast_moe(layer.mlp, normed_B1D[:, 0], moe_k, route_BD)
+            if pregated:
+                route_BD = normed_B1D[:, 0]
             assignments += num
             x_B1D = h_B1D + out_BD[:, None]
         else:
@@ -211,7 +220,8 @@ def general_layers_step(
     costs a reduction per layer), else 0.
     """
     use_residual = model.config.moe is not None and model.config.moe.gating_residual
-    prev_logits_TE, assignments = None, 0
+    pregated = model.config.pregated
+    prev_logits_TE, pregate_BSD, assignments = None, None, 0
     for layer in model.layers:
         x_BSD, moe_out = layer(
             x_BSD,
@@ -222,9 +232,12 @@ def general_layers_step(
             prev_logits_TE if use_residual else None,
             moe_k,
             cache=cache,
+            router_input_BSD=pregate_BSD,
         )
         if moe_out is not None:
             prev_logits_TE = moe_out.routing.router_logits
+            if pregated:
+                pregate_BSD = moe_out.moe_input
             if count_experts:
                 assignments += int((moe_out.routing.expert_ids >= 0).sum())
     # Only the last position's logits are ever needed: skip S-1 rows of the LM head.
@@ -252,6 +265,7 @@ def _static_decode_step(
     """
     num_keys = mask_11K.shape[-1]
     x_11D = model.embed_tokens(next_1[:, None])
+    route_1D = None  # pregated: the previous MoE layer's input
     for layer, k_buf, v_buf in zip(model.layers, keys, values, strict=True):
         attn = layer.self_attn
         q_1H1d, k_1G1d, v_1G1d = _project_qkv(attn, _rms(layer.input_layernorm, x_11D), cos, sin)
@@ -261,9 +275,11 @@ def _static_decode_step(
         normed_1D = _rms(layer.post_attention_layernorm, h_11D)[:, 0]
         mlp = layer.mlp
         if layer.is_moe:
-            ids_1K, weights_1K = _fast_route(mlp, normed_1D, moe_k)
+            ids_1K, weights_1K = _fast_route(mlp, normed_1D if route_1D is None else route_1D, moe_k)
             out_1D = _one_row_experts(mlp, normed_1D, ids_1K[0].tolist(), weights_1K)
             x_11D = h_11D + _shared_experts(mlp, normed_1D, out_1D)[:, None]
+            if model.config.pregated:
+                route_1D = normed_1D
         else:
             x_11D = h_11D + mlp(normed_1D)[:, None]
     return model.lm_head(_rms(model.norm, x_11D[:, 0])).float()

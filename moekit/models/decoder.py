@@ -97,15 +97,26 @@ class DecoderLayer(nn.Module):
         prev_logits_TE: Tensor | None = None,
         moe_k: int | None = None,
         cache: KVCache | None = None,
+        router_input_BSD: Tensor | None = None,
     ) -> tuple[Tensor, MoEOutput | None]:
         """Returns ``(x_BSD, moe_output)``; ``moe_output`` is None for dense layers.
 
         ``token_mask_BS`` (bool, False for padding) keeps padding out of routing statistics;
-        ``prev_logits_TE`` feeds the gating residual; ``moe_k`` overrides the layer's top-k.
+        ``prev_logits_TE`` feeds the gating residual; ``moe_k`` overrides the layer's top-k;
+        ``router_input_BSD`` is what the router reads instead of this layer's MoE input
+        (``ModelConfig.pregated``: the previous MoE layer's input).
         """
         if self.post_norm:
             return self._post_norm_forward(
-                x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache
+                x_BSD,
+                cos_B1Sd,
+                sin_B1Sd,
+                mask_B1SK,
+                token_mask_BS,
+                prev_logits_TE,
+                moe_k,
+                cache,
+                router_input_BSD,
             )
         normed_BSD = self.input_layernorm(x_BSD)
         if self.mamba is not None:
@@ -116,18 +127,26 @@ class DecoderLayer(nn.Module):
         normed_BSD = self.post_attention_layernorm(h_BSD)
         if not self.is_moe:
             return h_BSD + self._scaled(self.mlp(normed_BSD)), None
-        out = self.mlp(normed_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k)
+        out = self.mlp(
+            normed_BSD,
+            token_mask=token_mask_BS,
+            prev_logits=prev_logits_TE,
+            k=moe_k,
+            router_input=router_input_BSD,
+        )
         return h_BSD + self._scaled(out.hidden), out
 
     def _post_norm_forward(
-        self, x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache
+        self, x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache, router_in
     ):
         # OLMo-2 order: each sublayer reads the raw stream and its output is normed before the add.
         attn_BSD = self.self_attn(x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
         h_BSD = x_BSD + self._scaled(self.post_attention_layernorm(attn_BSD))
         if not self.is_moe:
             return h_BSD + self._scaled(self.post_feedforward_layernorm(self.mlp(h_BSD))), None
-        out = self.mlp(h_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k)
+        out = self.mlp(
+            h_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k, router_input=router_in
+        )
         return h_BSD + self._scaled(self.post_feedforward_layernorm(out.hidden)), out
 
     def _scaled(self, branch_BSD: Tensor) -> Tensor:
@@ -409,6 +428,7 @@ class MoEForCausalLM(nn.Module):
         routing: list[RoutingInfo] = []
         layer_aux: list[Mapping[str, Tensor]] = []
         prev_logits_TE = None
+        pregate_BSD = None  # pregated: the previous MoE layer's input, what the next one routes from
         use_residual = cfg.moe is not None and cfg.moe.gating_residual
         checkpointing = self.gradient_checkpointing and self.training and cache is None
         for layer in self.layers:
@@ -422,13 +442,15 @@ class MoEForCausalLM(nn.Module):
                 moe_k,
             )
             if checkpointing:
-                x_BSD, moe_out = checkpoint(layer, *args, use_reentrant=False)
+                x_BSD, moe_out = checkpoint(layer, *args, None, pregate_BSD, use_reentrant=False)
             else:
-                x_BSD, moe_out = layer(*args, cache=cache)
+                x_BSD, moe_out = layer(*args, cache=cache, router_input_BSD=pregate_BSD)
             if moe_out is not None:
                 routing.append(moe_out.routing)
                 layer_aux.append(moe_out.aux_losses)
                 prev_logits_TE = moe_out.routing.router_logits
+                if cfg.pregated:
+                    pregate_BSD = moe_out.moe_input
         logits_BSV = self.lm_logits(x_BSD)
 
         aux_losses = _mean_aux_losses(layer_aux)
