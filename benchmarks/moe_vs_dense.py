@@ -51,6 +51,11 @@ VARIANTS: dict[str, dict] = {
         "preset": "moe-small",
         "overrides": {"moe": {"num_experts": 40, "ffn_dim": 96, "top_k": 8, "shared_ffn_dim": 256}},
     },
+    # moe-small's 8 x 512 top-2 with DeepSeek-V3 routing (sigmoid, bias balancing, tiny aux loss).
+    "moe-small-v3": {
+        "preset": "moe-small",
+        "overrides": {"moe": {"score_func": "sigmoid", "use_expert_bias": True}, "aux_loss_coef": 1e-4},
+    },
     # fewer experts: 4 of 512, top-2 (each expert sees half the tokens; total width 2x dense).
     "moe-small-e4": {"preset": "moe-small", "overrides": {"moe": {"num_experts": 4}}},
     # the old layout with a dense first layer.
