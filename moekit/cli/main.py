@@ -34,6 +34,7 @@ VERBS: dict[str, str] = {
     "ts-train": "ts_train",
     "forecast": "forecast",
     "ts-eval": "ts_eval",
+    "mixture": "mixture",
 }
 
 
