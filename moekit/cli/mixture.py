@@ -31,7 +31,12 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="the mixture config (`moekit mixture profile --out`)")
     p.add_argument("--out", required=True, help="folder for the gate (the config is pointed at it)")
-    p.add_argument("--corpus", action="append", help="text to train on (default: the Python stdlib)")
+    p.add_argument(
+        "--corpus",
+        action="append",
+        help="text (default: the Python stdlib); only its held-out split (moekit train's) is used",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.05, help="the held-out split, as in moekit train")
     p.add_argument("--windows", type=int, default=256, help="training windows")
     p.add_argument("--val-windows", type=int, default=128, help="held-out windows (what select scores)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per window (the gate's input)")
@@ -145,6 +150,7 @@ def _train(args) -> int:
         hidden_dim=args.hidden_dim,
         steps=args.steps,
         seed=args.seed,
+        val_fraction=args.val_fraction,
     )
     print(json.dumps(summary, indent=2))
     return 0

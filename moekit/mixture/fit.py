@@ -11,6 +11,7 @@ evaluate any subset without running an expert again.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,32 +32,46 @@ from moekit.mixture.gate import uniform_nll as _uniform_nll
 SCORES = "scores.safetensors"
 
 
-def sample_windows(
-    tokenizer, eos: int, corpus, split: str, num: int, length: int, seed: int = 0, val_fraction: float = 0.1
-) -> Tensor:
-    """``num`` windows ``[N, L]`` of token ids drawn from ``split`` (``"train"``/``"val"``) of ``corpus``.
+SPLITS = ("train", "val", "val-a", "val-b")
 
-    The corpus is split by document (a stable hash of its path, as training does); windows
-    start at random positions of the concatenated tokens, seeded.
+
+def sample_windows(
+    tokenizer, eos: int, corpus, split: str, num: int, length: int, seed: int = 0, val_fraction: float = 0.05
+) -> Tensor:
+    """``num`` windows ``[N, L]`` of token ids drawn from ``split`` of ``corpus``.
+
+    The corpus is split by document as ``moekit train`` splits it (a stable hash of the path
+    relative to the corpus root, the same ``val_fraction``), so ``"val"`` is text the experts
+    were not trained on when they were trained on (slices of) the same corpus. ``"val-a"`` and
+    ``"val-b"`` halve the validation documents (alternate documents in hash order; with a single
+    validation document, the two halves of its tokens): the gate trains on one half and is
+    evaluated on the other. Windows start at seeded random positions.
 
     Raises:
-        ValueError: the split holds fewer than ``length`` tokens.
+        ValueError: an unknown split, or one that holds fewer than ``length`` tokens.
     """
     from moekit.data import read_text, resolve_corpus, split_documents
 
-    docs = resolve_corpus(corpus, max_bytes=4_000_000)
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    docs = resolve_corpus(corpus, max_bytes=12_000_000)
     train, val = split_documents(docs, val_fraction)
-    chosen = (val if split == "val" else train) or docs
+    chosen = (train if split == "train" else val) or docs
+    halves = split in ("val-a", "val-b")
+    if halves and len(chosen) >= 2:
+        ordered = sorted(chosen, key=lambda d: hashlib.sha1(d.rel_path.encode()).hexdigest())
+        chosen, halves = ordered[split == "val-b" :: 2], False
     ids: list[int] = []
     for doc in chosen:
         ids.extend(tokenizer.encode(read_text(doc)).ids)
         ids.append(eos)
         if len(ids) > 64 * num * length:  # enough text to draw from
             break
+    if halves:
+        mid = len(ids) // 2
+        ids = ids[mid:] if split == "val-b" else ids[:mid]
     if len(ids) < length + 1:
-        raise ValueError(
-            f"the {split} split has {len(ids)} tokens; windows need {length} (pass a bigger --corpus)"
-        )
+        raise ValueError(f"the {split} split has {len(ids)} tokens; windows need {length} (pass a bigger --corpus)")
     tokens = np.asarray(ids, dtype=np.int64)
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - length, size=num)

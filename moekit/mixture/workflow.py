@@ -74,6 +74,7 @@ def train_mixture(
     hidden_dim: int = 64,
     steps: int = 300,
     seed: int = 0,
+    val_fraction: float = 0.05,
 ) -> dict:
     """Trains the gate of the mixture at ``config_path``; writes it and ``scores.safetensors`` to
     ``out`` and points the config's ``gate`` at ``out``. Returns a summary (NLLs in nats/token)."""
@@ -84,8 +85,10 @@ def train_mixture(
     gcfg = gate_config_for(mixture, embedder, embedding, hidden_dim)
     tok, eos = mixture.tokenizer, mixture.eos_token_id
     length = prompt_len + cont_len
-    train_w = sample_windows(tok, eos, corpus, "train", num_windows, length, seed)
-    val_w = sample_windows(tok, eos, corpus, "val", num_val_windows, length, seed + 1)
+    # Both halves are held out from training (moekit train's split): the gate learns where each
+    # expert is good on text none of them saw, and select scores subsets on the other half.
+    train_w = sample_windows(tok, eos, corpus, "val-a", num_windows, length, seed, val_fraction)
+    val_w = sample_windows(tok, eos, corpus, "val-b", num_val_windows, length, seed + 1, val_fraction)
     train_s = score(mixture, train_w, prompt_len, gcfg.embedder, gcfg.embedding)
     val_s = score(mixture, val_w, prompt_len, gcfg.embedder, gcfg.embedding)
     gate, losses = train_gate(gcfg, train_s.emb_ND, train_s.logp_ENT, steps=steps, seed=seed)
