@@ -71,7 +71,9 @@ def sample_windows(
         mid = len(ids) // 2
         ids = ids[mid:] if split == "val-b" else ids[:mid]
     if len(ids) < length + 1:
-        raise ValueError(f"the {split} split has {len(ids)} tokens; windows need {length} (pass a bigger --corpus)")
+        raise ValueError(
+            f"the {split} split has {len(ids)} tokens; windows need {length} (pass a bigger --corpus)"
+        )
     tokens = np.asarray(ids, dtype=np.int64)
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - length, size=num)
