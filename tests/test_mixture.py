@@ -207,3 +207,49 @@ def test_config_round_trip_and_one_line_errors():
     assert ExpertProfile(
         name="a", path="p", overhead_s=0.1, prefill_s_per_token=0.01, decode_s_per_token=0.02
     ).latency_s(10, 5) == pytest.approx(0.3)
+
+
+def test_bridge_with_the_same_tokenizer_reproduces_native_scoring():
+    # Oracle: through the text bridge, an expert whose tokenizer is the mixture's own must score
+    # canonical token windows exactly as the native path does (decode -> re-encode is the identity
+    # there, and every own token ends in its own primary token).
+    from moekit.data.tokenizer import train_tokenizer
+    from moekit.mixture.bridge import TextBridge
+    from moekit.mixture.gate import score_windows
+
+    text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n" * 8
+    tok = train_tokenizer([text], vocab_size=300)
+    model = _tiny(32, 0)
+    ids = tok.encode(text).ids[:40]
+    windows = torch.tensor([ids])
+    bridge = TextBridge(model, tok, tok, vocab_size=512)
+    torch.testing.assert_close(bridge.score_windows(windows, 10), score_windows(model, windows, 10))
+
+
+def test_bridge_with_another_tokenizer_gives_a_distribution_over_the_mixture_vocabulary():
+    from moekit.data.tokenizer import train_tokenizer
+    from moekit.mixture.bridge import BridgedSession, TextBridge
+
+    text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n" * 8
+    primary = train_tokenizer([text], vocab_size=300)
+    other = train_tokenizer([text.upper() + text], vocab_size=280)
+    assert other.to_str() != primary.to_str()
+    bridge = TextBridge(_tiny(32, 1), other, primary, vocab_size=512, num_candidates=64)
+    session = BridgedSession(bridge, primary.encode("def add(").ids)
+    logp = session.prefill()
+    assert logp.shape == (1, 512) and logp.dtype == torch.float64
+    assert float(logp.exp().sum()) == pytest.approx(1.0)
+    assert int((logp > -math.inf).sum()) >= 2  # several candidates mapped
+    logp = session.step(logp.argmax(-1))
+    assert float(logp.exp().sum()) == pytest.approx(1.0)
+    # Scoring credits every own-token log-probability to some primary token: the totals agree.
+    windows = torch.tensor([primary.encode(text).ids[:30]])
+    credit = bridge.score_windows(windows, 1)
+    enc = other.encode(primary.decode(windows[0].tolist()))
+    own, first_end = enc.ids, len(primary.decode(windows[0, :1].tolist()))
+    with torch.no_grad():
+        lp = bridge.model(torch.tensor([own[:-1]])).logits[0].double().log_softmax(-1)
+    token_lp = lp.gather(-1, torch.tensor(own[1:])[:, None])[:, 0]
+    # The prompt (one primary token) keeps the own tokens that end inside it.
+    total = sum(float(x) for x, (_, end) in zip(token_lp, enc.offsets[1:], strict=True) if end > first_end)
+    assert float(credit.sum()) == pytest.approx(float(total), rel=1e-9)

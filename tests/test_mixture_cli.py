@@ -272,3 +272,27 @@ def test_serve_mixture_answers_and_reports_experts(mixture_dir):
         used = health["mixture"]["requests_per_expert"]
         assert sum(used.values()) >= len(out["mixture"]["experts"]) + 1
         assert health["mixture"]["experts"] == ["m0", "m1", "m2"]
+
+
+def test_an_expert_with_another_tokenizer_joins_through_the_text_bridge(mixture_dir, tmp_path):
+    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
+    from moekit.mixture import Mixture
+    from moekit.mixture.bridge import TextBridge
+    from moekit.models import MoEForCausalLM
+    from moekit.models.presets import moe_tiny
+
+    torch.manual_seed(5)
+    MoEForCausalLM(moe_tiny()).save_pretrained(tmp_path / "other")
+    save_tokenizer(train_tokenizer([OTHER.upper() + TEXT], vocab_size=280), tmp_path / "other")
+    cfg = {
+        "experts": [
+            {"name": "m0", "path": str(mixture_dir / "m0")},
+            {"name": "o", "path": str(tmp_path / "other")},
+        ]
+    }
+    (tmp_path / "mix.json").write_text(json.dumps(cfg))
+    mixture = Mixture.load(tmp_path / "mix.json")
+    assert isinstance(mixture.models["o"], TextBridge) and not isinstance(mixture.models["m0"], TextBridge)
+    text, choice = mixture.generate("def ", max_new_tokens=3)
+    assert choice.experts == ["m0", "o"] and choice.bridged == ["o"]  # uniform weights: both run
+    assert choice.weights == pytest.approx([0.5, 0.5]) and isinstance(text, str)

@@ -124,7 +124,15 @@ class Scores:
 @torch.no_grad()
 def score(mixture, windows_NL: Tensor, prompt_len: int, embedder: str, embedding: str) -> Scores:
     """Scores every expert of ``mixture`` on the windows and embeds their prompts."""
-    logp = [score_windows(mixture.models[n], windows_NL, prompt_len) for n in mixture.config.names]
+    from moekit.mixture.bridge import TextBridge
+
+    logp = []
+    for name in mixture.config.names:
+        model = mixture.models[name]
+        if isinstance(model, TextBridge):
+            logp.append(model.score_windows(windows_NL, prompt_len))
+        else:
+            logp.append(score_windows(model, windows_NL, prompt_len))
     emb_ND = prompt_embedding(mixture.models[embedder], windows_NL[:, :prompt_len], embedding)
     return Scores(emb_ND, torch.stack(logp), mixture.config.names, mixture.tokenizer.get_vocab_size())
 
@@ -135,6 +143,12 @@ def gate_config_for(mixture, embedder: str | None, embedding: str, hidden_dim: i
     if name not in mixture.models:
         raise ValueError(f"--embedder {name!r} is not an expert of this mixture ({mixture.config.names})")
     model = mixture.models[name]
+    from moekit.mixture.bridge import TextBridge
+
+    if isinstance(model, TextBridge):
+        raise ValueError(
+            f"--embedder {name!r} has its own tokenizer; the gate reads the mixture's ids, pick another"
+        )
     return GateConfig(
         experts=mixture.config.names,
         embedder=name,

@@ -26,13 +26,14 @@ on one machine they run one after another.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from moekit.loader import load_model_and_tokenizer
+from moekit.mixture.bridge import BridgedSession, TextBridge
 from moekit.mixture.gate import MixtureGate, prompt_embedding, subset_mask
 from moekit.mixture.profiles import MixtureConfig, load_mixture_config, resolve_path
 from moekit.models.decode import DecodeSession
@@ -50,6 +51,7 @@ class Choice:
         predicted_latency_s: the slowest chosen expert's predicted latency.
         bound_met: whether every chosen expert fits the bound.
         energy_j_per_token: the chosen experts' summed energy per token.
+        bridged: the chosen experts that run through the text-level bridge.
     """
 
     experts: list[str]
@@ -59,6 +61,7 @@ class Choice:
     predicted_latency_s: float
     bound_met: bool
     energy_j_per_token: float
+    bridged: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """A JSON-ready dict (what the server reports)."""
@@ -70,6 +73,7 @@ class Choice:
             "predicted_latency_s": round(self.predicted_latency_s, 6),
             "bound_met": self.bound_met,
             "energy_j_per_token": round(self.energy_j_per_token, 6),
+            "bridged": self.bridged,
         }
 
 
@@ -99,14 +103,20 @@ class MixtureSession:
     """Decodes the gated mixture of several experts, each through its own KV-cached session.
 
     Same interface as :class:`DecodeSession` (``prefill() -> [B, V]``, ``step(ids_B) -> [B, V]``);
-    the scores are the mixture's log-probabilities.
+    the scores are the mixture's log-probabilities. A :class:`~moekit.mixture.bridge.TextBridge`
+    expert decodes through a :class:`~moekit.mixture.bridge.BridgedSession` (batch 1).
     """
 
     def __init__(self, models: list, weights: Tensor, input_ids: Tensor, max_new_tokens: int) -> None:
         if len(models) != weights.shape[-1]:
             raise ValueError(f"{len(models)} experts but {weights.shape[-1]} weights")
         self.weights = weights
-        self.sessions = [DecodeSession(m, input_ids, max_new_tokens=max_new_tokens) for m in models]
+        self.sessions = [
+            BridgedSession(m, input_ids[0].tolist())
+            if isinstance(m, TextBridge)
+            else DecodeSession(m, input_ids, max_new_tokens=max_new_tokens)
+            for m in models
+        ]
 
     def prefill(self) -> Tensor:
         """Prefills every expert; returns the mixture's ``[B, V]`` log-probs for the first token."""
@@ -141,22 +151,23 @@ class Mixture:
     def load(cls, path: str | Path, dtype=None) -> Mixture:
         """Loads the mixture config at ``path`` and everything it names.
 
+        An expert whose tokenizer differs from the first expert's is wrapped in a
+        :class:`~moekit.mixture.bridge.TextBridge` (see its module for what that costs).
+
         Raises:
-            ValueError: a bad config, an expert folder that does not open, or experts whose
-                tokenizers differ (one line naming the experts).
+            ValueError: a bad config or an expert folder that does not open (one line).
         """
         config, base = load_mixture_config(path)
-        models, tokenizer, eos, first = {}, None, None, None
+        models, tokenizer, eos, vocab = {}, None, None, None
         for e in config.experts:
             loaded = load_model_and_tokenizer(resolve_path(base, e.path), dtype=dtype)
-            if tokenizer is None:
-                tokenizer, eos, first = loaded.tokenizer, loaded.eos_token_id, e.name
+            if tokenizer is None:  # the first expert's tokenizer is the mixture's
+                tokenizer, eos, vocab = loaded.tokenizer, loaded.eos_token_id, loaded.model.config.vocab_size
+                models[e.name] = loaded.model
             elif loaded.tokenizer.to_str() != tokenizer.to_str():
-                raise ValueError(
-                    f"experts {first!r} and {e.name!r} have different tokenizers; a mixture of "
-                    "next-token distributions needs one vocabulary (see docs/mixture.md, 'different tokenizers')"
-                )
-            models[e.name] = loaded.model
+                models[e.name] = TextBridge(loaded.model, loaded.tokenizer, tokenizer, vocab)
+            else:
+                models[e.name] = loaded.model
         gate = MixtureGate.load(resolve_path(base, config.gate)) if config.gate else None
         return cls(config, models, gate, tokenizer, eos)
 
@@ -209,6 +220,9 @@ class Mixture:
             predicted_latency_s=max(lat[i] for i in order),
             bound_met=met,
             energy_j_per_token=sum(cfg.experts[i].energy_j_per_token for i in order),
+            bridged=[
+                cfg.experts[i].name for i in order if isinstance(self.models[cfg.experts[i].name], TextBridge)
+            ],
         )
 
     # -- decoding --
