@@ -107,6 +107,7 @@ def _plot(rows: dict, xkey: str, xlabel: str, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     styles = {
         "branch_and_bound": ("o-", 2.5),
+        "branch_and_bound_slack": ("*-", 1.5),
         "exhaustive": ("k--", 1.2),
         "greedy_per_joule": ("s-", 1.2),
         "best_single": ("^-", 1.2),
@@ -267,6 +268,7 @@ def _markdown(r: dict) -> str:
     ]
     methods = [
         "branch_and_bound",
+        "branch_and_bound_slack",
         "exhaustive",
         "greedy_per_joule",
         "best_single",

@@ -22,7 +22,7 @@ from moekit.mixture.profiles import (
     measure_latency,
     resolve_path,
 )
-from moekit.mixture.select import METHODS, Objective, monotonicity_report
+from moekit.mixture.select import METHODS, Objective, branch_and_bound, monotonicity_report
 
 
 def profile_experts(
@@ -151,19 +151,35 @@ def select_experts(
 
     Returns ``{method: SearchResult}`` plus ``"uniform_weights"`` (the best subset when the gate
     is replaced by equal weights: what the gate adds) and, with at most 12 experts,
-    ``"monotonicity"`` (:func:`~moekit.mixture.select.monotonicity_report` of the objective).
+    ``"monotonicity"`` (:func:`~moekit.mixture.select.monotonicity_report` of the objective over
+    all experts) and ``"branch_and_bound_slack"`` (branch and bound with the report's largest
+    drop as its slack: exact for this objective, see :mod:`moekit.mixture.select`).
     """
-    methods = methods or list(METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
+    methods = methods or [*METHODS, "branch_and_bound_slack"]
+    unknown = sorted(set(methods) - set(METHODS) - {"branch_and_bound_slack"})
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        raise ValueError(
+            f"unknown method(s) {unknown}; choose from {sorted(METHODS)} or branch_and_bound_slack"
+        )
     energy = [e.energy_j_per_token for e in config.experts]
     lat = [e.latency_s(prompt_tokens, new_tokens) for e in config.experts]
     cands = [i for i in range(len(energy)) if latency_bound_s is None or lat[i] <= latency_bound_s]
     fn = quality(gate, scores)
     out: dict = {}
+    if len(energy) <= 12:
+        out["monotonicity"] = monotonicity_report(Objective(fn), len(energy))
     for m in methods:
         q = Objective(fn)
+        if m == "branch_and_bound_slack":
+            # The slack is the largest drop one added expert caused over all subsets (the
+            # monotonicity report, a one-off calibration that costs one exhaustive pass).
+            if "monotonicity" not in out:
+                raise ValueError("branch_and_bound_slack needs the monotonicity report (at most 12 experts)")
+            out[m] = branch_and_bound(
+                q, energy, energy_budget, candidates=cands, slack=out["monotonicity"].max_drop
+            )
+            out[m].method = m
+            continue
         kwargs = {"slack": slack} if m == "branch_and_bound" else {}
         if m == "random":
             kwargs = {"seed": seed}
@@ -173,8 +189,6 @@ def select_experts(
     uq = Objective(quality(None, scores))
     out["uniform_weights"] = METHODS["exhaustive"](uq, energy, energy_budget, candidates=cands)
     out["uniform_weights"].method = "uniform_weights"
-    if len(energy) <= 12:
-        out["monotonicity"] = monotonicity_report(Objective(fn), len(energy))
     return out
 
 
