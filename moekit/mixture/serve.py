@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -44,7 +45,10 @@ class MixtureEngine(Engine):
         kwargs.setdefault("eos_token_id", mixture.eos_token_id)
         super().__init__(first, mixture.tokenizer, **kwargs)
         self.mixture = mixture
-        self._choices: dict[int, object] = {}  # id(body) -> Choice, from describe to start
+        # id(body) -> Choice, from describe_request to start. A request that ends in between
+        # (a client gone while queued) leaves its entry, so the oldest ones are dropped past a bound.
+        self._choices: OrderedDict[int, object] = OrderedDict()
+        self._max_choices = 4 * (1 + self.max_queue)
         self.expert_requests = dict.fromkeys(mixture.config.names, 0)
 
     def _choose(self, header: str | None, prompt_ids: list[int], max_tokens: int):
@@ -58,6 +62,8 @@ class MixtureEngine(Engine):
         header = request.headers.get(LATENCY_HEADER)
         choice = await self.call(self._choose, header, prompt_ids, max_tokens)
         self._choices[id(body)] = choice
+        while len(self._choices) > self._max_choices:
+            self._choices.popitem(last=False)
         return {"mixture": choice.as_dict()}
 
     def health_fields(self) -> dict:
