@@ -1,9 +1,9 @@
 """MoE² on heterogeneous models trained here: quality vs energy budget and vs latency bound.
 
-Two stages, each a few minutes on one core (run them under the heavy lock):
+Two stages, about five minutes together on one core (run them under the heavy lock):
 
-    OMP_NUM_THREADS=1 flock /tmp/heavy.lock python benchmarks/bench_mixture.py --stage train
-    OMP_NUM_THREADS=1 flock /tmp/heavy.lock python benchmarks/bench_mixture.py --stage mixture
+    OMP_NUM_THREADS=1 flock /tmp/heavy.lock python benchmarks/bench_mixture.py --stage all
+    # or --stage train, then --stage mixture
 
 ``train`` trains four experts of different sizes on different slices of the standard library,
 all with the stdlib tokenizer (so they share a vocabulary). ``mixture`` profiles them, prices
@@ -29,21 +29,25 @@ STDLIB = sysconfig.get_paths()["stdlib"]
 # their stdlib-relative paths and every expert's held-out split is the same documents' split.
 EXPERTS = {
     "net-s": (
-        {"dim": 64, "head_dim": 16, "moe": {"dim": 64}},
+        {"vocab_size": 4096, "dim": 64, "head_dim": 16, "moe": {"dim": 64}},
         ["[e]mail", "[h]ttp", "[u]rllib", "[x]ml", "[j]son"],
         "phone",
     ),
     "async-s": (
-        {"dim": 64, "head_dim": 16, "moe": {"dim": 64}},
+        {"vocab_size": 4096, "dim": 64, "head_dim": 16, "moe": {"dim": 64}},
         ["[a]syncio", "[c]oncurrent", "[m]ultiprocessing"],
         "phone",
     ),
     "gui-m": (
-        {"dim": 96, "head_dim": 24, "moe": {"dim": 96}},
+        {"vocab_size": 4096, "dim": 96, "head_dim": 24, "moe": {"dim": 96}},
         ["[t]kinter", "[i]dlelib", "[t]urtledemo"],
         "laptop",
     ),
-    "all-l": ({"dim": 128, "head_dim": 32, "num_layers": 3, "moe": {"dim": 128}}, None, "edge-gpu"),
+    "all-l": (
+        {"vocab_size": 4096, "dim": 128, "head_dim": 32, "num_layers": 3, "moe": {"dim": 128}},
+        None,
+        "edge-gpu",
+    ),
 }
 HARDWARE = {
     "devices": {"phone": {"watts": 2.0}, "laptop": {"watts": 12.0}, "edge-gpu": {"watts": 30.0}},
@@ -302,19 +306,19 @@ def _markdown(r: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=["train", "mixture"], required=True)
+    p.add_argument("--stage", choices=["train", "mixture", "all"], required=True)
     p.add_argument("--out", default="runs/bench_mixture", help="where the experts and results go")
     p.add_argument("--img", default="docs/img", help="where the plots go")
     p.add_argument("--steps", type=int, default=300, help="training steps per expert (train stage)")
-    p.add_argument("--seconds", type=float, default=55.0, help="time limit per expert (train stage)")
+    p.add_argument("--seconds", type=float, default=45.0, help="time limit per expert (train stage)")
     p.add_argument("--windows", type=int, default=384, help="gate training windows (mixture stage)")
     p.add_argument("--val-windows", type=int, default=256, help="held-out windows that score subsets")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.stage == "train":
+    if args.stage in ("train", "all"):
         stage_train(out, args.steps, args.seconds)
-    else:
+    if args.stage in ("mixture", "all"):
         stage_mixture(out, Path(args.img), args.windows, args.val_windows)
 
 
