@@ -296,3 +296,19 @@ def test_an_expert_with_another_tokenizer_joins_through_the_text_bridge(mixture_
     text, choice = mixture.generate("def ", max_new_tokens=3)
     assert choice.experts == ["m0", "o"] and choice.bridged == ["o"]  # uniform weights: both run
     assert choice.weights == pytest.approx([0.5, 0.5]) and isinstance(text, str)
+
+
+def test_choose_orders_by_gate_weight_and_best_aggregation_keeps_one(mixture_dir):
+    from moekit.mixture import Mixture
+
+    mixture = Mixture.load(mixture_dir / "mix.json")
+    mixture.config = mixture.config.replace(selected=None)
+    ids = mixture.encode("def add(a, b):")
+    choice = mixture.choose(ids, 4, "batch")
+    weights = mixture.gate_logits(ids).softmax(-1)
+    order = sorted(range(3), key=lambda i: -float(weights[i]))
+    assert choice.experts == [mixture.config.names[i] for i in order]  # top_k=3: all, by weight
+    assert choice.weights == pytest.approx([float(weights[i]) for i in order])
+    mixture.config = mixture.config.replace(aggregation="best")
+    best = mixture.choose(ids, 4, "batch")
+    assert best.experts == choice.experts[:1] and best.weights == [1.0]
