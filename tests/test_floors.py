@@ -32,6 +32,7 @@ FLOORS = {
     "infer": 6,
     "surgery": 7,
     "blind": 7,
+    "mixture": 7,
     "cli": 8,
 }
 EXEMPT = {"__init__.py", "__main__.py"}  # moekit's own top level: lazy imports of anything

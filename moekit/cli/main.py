@@ -36,6 +36,7 @@ VERBS: dict[str, str] = {
     "forecast": "forecast",
     "ts-eval": "ts_eval",
     "blind": "blind",
+    "mixture": "mixture",
 }
 
 

@@ -282,6 +282,7 @@ def create_app(
     eos_token_id: int | None = None,
     on_shutdown=None,
     image_preprocess=None,
+    engine=None,
 ):
     """Builds the FastAPI app serving ``model`` (a :class:`~moekit.models.MoEForCausalLM` or a
     :class:`~moekit.models.vision.llava.MoELLaVA`, in eval mode).
@@ -295,6 +296,10 @@ def create_app(
             shutdown, so code after ``uvicorn.run`` may never run; this does).
         image_preprocess: a VLM's :class:`~moekit.data.images.ImagePreprocess` (default: the
             tower's, :func:`moekit.models.vision.llava.image_preprocess`).
+        engine: a ready engine to serve instead of an :class:`Engine` built from ``model`` (e.g.
+            :class:`moekit.mixture.serve.MixtureEngine`). It may define ``async
+            describe_request(request, body, prompt_ids, max_tokens) -> dict`` (fields added to the
+            response) and ``health_fields() -> dict`` (fields added to ``/health``).
 
     Raises:
         ValueError: ``config.max_context`` beyond the model's positions.
@@ -302,7 +307,7 @@ def create_app(
     from moekit.data.tokenizer import EOS_TOKEN, special_token_id
 
     eos = special_token_id(tokenizer) if eos_token_id is None else eos_token_id
-    engine = Engine(
+    engine = engine or Engine(  # a prebuilt engine (an object, never falsy) is served as is
         model,
         tokenizer,
         max_context=config.max_context,
@@ -368,6 +373,7 @@ def create_app(
             # continuous batching: max_batch, running and waiting rows, steps, mean rows per
             # step, the largest batch so far, prefills; None when requests run one at a time
             "batch": batch,
+            **(engine.health_fields() if hasattr(engine, "health_fields") else {}),
         }
 
     @app.get("/v1/models")
@@ -412,6 +418,8 @@ def create_app(
                 prompt_infos = await engine.call(engine.prompt_infos, prompt_ids, top)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         base = {"id": rid, "created": int(time.time()), "model": config.model_name}
+        if hasattr(engine, "describe_request"):
+            base.update(await engine.describe_request(request, body, prompt_ids, max_tokens))
         events = engine.run(request, prompt_ids, body, max_tokens, top, pixel_values)
 
         def logprobs_of(infos: list[TokenInfo], offset: int):
