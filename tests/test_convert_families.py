@@ -137,6 +137,15 @@ def hf_config(name, **overrides):
             num_experts=4,
             moe_topk=2,
         ),
+        "gpt_oss": lambda: tr.GptOssConfig(
+            **COMMON,
+            intermediate_size=24,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
         "flex_olmo": lambda: tr.FlexOlmoConfig(
             **COMMON,
             intermediate_size=24,
@@ -160,8 +169,9 @@ def make_hf(name, **overrides):
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1 or "correction_bias" in str(p.shape):
+        for pname, p in model.named_parameters():
+            # GPT-OSS's stacked expert biases ([E, 2F], [E, D]) start at zero too.
+            if p.dim() == 1 or "correction_bias" in str(p.shape) or pname.endswith("proj_bias"):
                 p.add_(torch.randn_like(p) * 0.1)
         for pname, p in list(model.named_parameters()) + list(model.named_buffers()):
             if "e_score_correction_bias" in pname:
@@ -262,6 +272,22 @@ CASES = [
     ),
     ("hunyuan_v1_moe", {}),
     ("hunyuan_v1_moe", dict(attention_bias=True, head_dim=16, moe_topk=1, rope_parameters=LINEAR)),
+    ("gpt_oss", {}),
+    (
+        "gpt_oss",
+        dict(
+            head_dim=16,
+            num_key_value_heads=1,
+            sliding_window=3,
+            layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+            attention_bias=False,
+            swiglu_limit=0.05,  # small enough that the clamp bites on these tiny activations
+            swiglu_alpha=1.3,
+            num_experts_per_tok=3,
+            rope_parameters=LINEAR,
+        ),
+    ),
+    ("gpt_oss", dict(rope_parameters=YARN | {"truncate": False}, max_position_embeddings=64)),
     ("flex_olmo", {}),
     (
         "flex_olmo",
@@ -450,7 +476,7 @@ def test_inexpressible_feature_refuses_export(fields, family, pattern, tmp_path)
     ("model_type", "pattern"),
     [
         ("jetmoe", "model_type 'jetmoe' is not supported: .*mixture-of-attention-heads"),
-        ("gpt_oss", "model_type 'gpt_oss' is not supported: .*attention sinks"),
+        ("minimax", "model_type 'minimax' is not supported: .*linear-attention"),
         ("qwen3_next", "DeltaNet"),
         ("gpt2", "unknown Hugging Face model_type 'gpt2'"),
     ],

@@ -22,7 +22,8 @@ Layout:
                   mla_softmax_scale, check_rope_scaling
     norm.py       RMSNorm (float32 compute)
     rope.py       RotaryEmbedding (float32 tables, grown on demand), apply_rotary, deinterleave
-    attention.py  Attention (GQA, q/k norm, qkv bias), build_attention_mask (padding, sliding window)
+    attention.py  Attention (GQA, q/k norm, qkv bias, sinks), build_attention_mask (padding, sliding
+                  window, chunks)
     mla.py        MLAttention (DeepSeek multi-head latent attention, latent KV cache)
     cache.py      KVCache (preallocated, grown in chunks; Mamba layers keep a MambaState there)
     encoder.py    SelfAttention (encoders: biased q/k/v/o, no RoPE, bidirectional or causal; ViT, CLIP)
@@ -38,7 +39,7 @@ test it against a slow reference (``tests/test_blocks.py``). A model family's co
 block's config (e.g. ``ModelConfig.attention_config()``); the block never sees the family's.
 """
 
-from moekit.blocks.attention import Attention, build_attention_mask
+from moekit.blocks.attention import Attention, attend_with_sinks, build_attention_mask
 from moekit.blocks.cache import KVCache, MambaState
 from moekit.blocks.config import AttentionConfig, MLAConfig, RopeConfig, mla_softmax_scale
 from moekit.blocks.encoder import SelfAttention
@@ -69,6 +70,7 @@ __all__ = [
     "RotaryEmbedding",
     "SelfAttention",
     "apply_rotary",
+    "attend_with_sinks",
     "build_attention_mask",
     "cumsum_chunks",
     "deinterleave",

@@ -21,7 +21,8 @@ class Attention(nn.Module):
 
     Parameters:
         q_proj ``[H*Dh, D]``, k_proj/v_proj ``[G*Dh, D]`` (biases when ``config.bias``),
-        o_proj ``[D, H*Dh]``; q_norm/k_norm over ``Dh`` (per_head) or ``H*Dh``/``G*Dh`` (full).
+        o_proj ``[D, H*Dh]``; q_norm/k_norm over ``Dh`` (per_head) or ``H*Dh``/``G*Dh`` (full);
+        ``sinks [H]`` with ``config.sinks`` (None otherwise).
 
     Args:
         config: the :class:`~moekit.blocks.AttentionConfig`.
@@ -43,6 +44,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
         self.v_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
         self.o_proj = nn.Linear(q_width, config.dim, bias=config.out_bias)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.sinks else None
         if config.qk_norm == "per_head":
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -91,16 +93,54 @@ class Attention(nn.Module):
         if cache is not None:
             k_BGSd, v_BGSd = cache.update(self.layer_idx, k_BGSd, v_BGSd)
         gqa = self.num_kv_heads != self.num_heads
-        out_BHSd = F.scaled_dot_product_attention(
-            q_BHSd,
-            k_BGSd,
-            v_BGSd,
-            attn_mask=mask_B1SK,
-            is_causal=mask_B1SK is None,
-            enable_gqa=gqa,
-            scale=self.softmax_scale,
-        )
+        if self.sinks is not None:
+            out_BHSd = attend_with_sinks(q_BHSd, k_BGSd, v_BGSd, mask_B1SK, self.sinks, self.softmax_scale)
+        else:
+            out_BHSd = F.scaled_dot_product_attention(
+                q_BHSd,
+                k_BGSd,
+                v_BGSd,
+                attn_mask=mask_B1SK,
+                is_causal=mask_B1SK is None,
+                enable_gqa=gqa,
+                scale=self.softmax_scale,
+            )
         return self.o_proj(out_BHSd.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+def attend_with_sinks(
+    q_BHSd: Tensor,
+    k_BGKd: Tensor,
+    v_BGKd: Tensor,
+    mask_B1SK: Tensor | None,
+    sinks_H: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """SDPA whose softmax denominators also hold a per-head sink logit: ``[B, H, S, Dh]``.
+
+    ``softmax([q.k_1 * scale, ..., q.k_K * scale, sink_h])`` with the sink's column dropped
+    afterwards, as GPT-OSS defines it. Done inside SDPA by appending one key of zeros (logit 0)
+    whose additive mask entry is ``sink_h`` and whose value is zero, so the fused kernel still
+    runs. ``mask_B1SK`` is bool (True = may attend) or None for causal attention with S == K.
+    """
+    b, h, s, d = q_BHSd.shape
+    num_keys = k_BGKd.shape[2]
+    if mask_B1SK is None:
+        q_S1 = torch.arange(num_keys - s, num_keys, device=q_BHSd.device)[:, None]
+        mask_B1SK = (torch.arange(num_keys, device=q_BHSd.device)[None, :] <= q_S1)[None, None]
+    bias_BHSK = torch.zeros(mask_B1SK.shape, dtype=q_BHSd.dtype, device=q_BHSd.device)
+    bias_BHSK = bias_BHSK.masked_fill(~mask_B1SK, float("-inf")).expand(b, h, s, num_keys)
+    sink_BHS1 = sinks_H.to(q_BHSd.dtype).view(1, h, 1, 1).expand(b, h, s, 1)
+    bias_BHSK = torch.cat([bias_BHSK, sink_BHS1], dim=-1)
+    zero_BG1d = k_BGKd.new_zeros(k_BGKd.shape[0], k_BGKd.shape[1], 1, d)
+    return F.scaled_dot_product_attention(
+        q_BHSd,
+        torch.cat([k_BGKd, zero_BG1d], dim=2),
+        torch.cat([v_BGKd, zero_BG1d], dim=2),
+        attn_mask=bias_BHSK,
+        enable_gqa=k_BGKd.shape[1] != h,
+        scale=scale,
+    )
 
 
 def build_attention_mask(
@@ -110,15 +150,17 @@ def build_attention_mask(
     num_past: int,
     sliding_window: int | None,
     device: torch.device,
+    chunk_size: int | None = None,
 ) -> Tensor | None:
     """The boolean SDPA mask ``[B, 1, S, K]`` (True = may attend), or None for plain causal.
 
     Causal over cache slots, minus padded keys (``attention_mask_BK`` ``[B, K]``, 1 = real),
     minus keys outside the sliding window (each token sees itself and the previous
-    ``sliding_window - 1``). Each query may always see itself, so rows of padding queries are
+    ``sliding_window - 1``), minus keys outside the query's chunk (``chunk_size``: slots
+    ``[c * chunk_size, (c + 1) * chunk_size)`` attend only within their chunk, Llama 4). Each query may always see itself, so rows of padding queries are
     never fully masked (SDPA would return NaN for them); their outputs are unused.
     """
-    if attention_mask_BK is None and num_past == 0 and sliding_window is None:
+    if attention_mask_BK is None and num_past == 0 and sliding_window is None and chunk_size is None:
         return None
     num_keys = num_past + num_new
     q_S1 = torch.arange(num_past, num_keys, device=device)[:, None]
@@ -126,6 +168,8 @@ def build_attention_mask(
     allowed_SK = k_1K <= q_S1
     if sliding_window is not None:
         allowed_SK = allowed_SK & (q_S1 - k_1K < sliding_window)
+    if chunk_size is not None:
+        allowed_SK = allowed_SK & (q_S1 // chunk_size == k_1K // chunk_size)
     allowed_BSK = allowed_SK.expand(batch, num_new, num_keys)
     if attention_mask_BK is not None:
         allowed_BSK = allowed_BSK & attention_mask_BK.to(torch.bool)[:, None, :]

@@ -207,6 +207,9 @@ class AttentionConfig(JsonConfig):
             before the rotation.
         rope: rotate queries and keys; False attends without positions (Jamba, whose Mamba
             layers carry the order).
+        sinks: a learned per-head logit ``sinks [H]`` joins each softmax denominator (GPT-OSS
+            attention sinks): a query may put weight on "nothing", and its attention weights then
+            sum to less than 1.
     """
 
     dim: int
@@ -222,6 +225,7 @@ class AttentionConfig(JsonConfig):
     out_bias: bool = False
     qk_norm_after_rope: bool = False
     rope: bool = True
+    sinks: bool = False
 
     def __post_init__(self) -> None:
         if self.qk_norm_after_rope and self.qk_norm != "per_head":

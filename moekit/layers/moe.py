@@ -161,7 +161,12 @@ class MoELayer(nn.Module):
         self.router = Router(config)
         storage = BiasedExpertWeights if config.ffn_bias else StackedExpertWeights
         self.experts: ExpertWeights = storage(
-            config.num_experts, config.dim, config.ffn_dim, config.activation
+            config.num_experts,
+            config.dim,
+            config.ffn_dim,
+            config.activation,
+            swiglu_alpha=config.swiglu_alpha,
+            swiglu_limit=config.swiglu_limit,
         )
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.routing_override: RoutingOverride | None = None
@@ -362,6 +367,21 @@ class MoELayer(nn.Module):
             }
         )
         return routing, aux
+
+
+def require_plain_expert_math(layers: list[MoELayer], what: str) -> None:
+    """ValueError (one line) when an MoE layer's experts have biases or the clamped SwiGLU (GPT-OSS):
+    tools that rebuild or re-store expert weights as two bias-free matrices (offloading,
+    quantization) would otherwise drop them silently."""
+    for index, layer in enumerate(layers):
+        cfg = layer.config
+        if cfg.ffn_bias:
+            feature = "expert biases (moe.ffn_bias=True)"
+        elif cfg.activation == "swiglu_clamped":
+            feature = "the clamped SwiGLU (activation='swiglu_clamped')"
+        else:
+            continue
+        raise ValueError(f"{what}: MoE layer {index} has {feature}, which {what} does not handle")
 
 
 def dense_equivalent(config: MoEConfig) -> FFNConfig:

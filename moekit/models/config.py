@@ -22,6 +22,8 @@ converters' key maps. The fields cover what the HF MoE families need:
     DBRX         clip_qkv, norm_type="layernorm"
     Hunyuan-MoE  qk_norm_after_rope
     FlexOlmo     norm_placement="post"
+    GPT-OSS      attention_sinks, attention_layer_types (sliding/full alternation), attention_out_bias,
+                 moe.activation="swiglu_clamped", moe.ffn_bias, moe.router_bias, softmax after top-k
 The family fields come last in the field list, each neutral by default.
 """
 
@@ -48,6 +50,7 @@ ATTENTION_TYPES = ("mha", "mla")
 NORM_TYPES = ("rmsnorm", "layernorm")
 NORM_PLACEMENTS = ("pre", "post")
 LAYER_TYPES = ("attention", "mamba")
+ATTENTION_MASK_TYPES = ("full", "sliding", "chunked")
 _AUX_COEFS = ("aux_loss_coef", "z_loss_coef", "seq_balance_coef", "entropy_loss_coef")
 
 
@@ -124,6 +127,14 @@ class ModelConfig(JsonConfig):
         norm_placement: ``"pre"`` (``x + f(norm(x))``, every family but OLMo-2 style ones) or
             ``"post"`` (``x + norm(f(x))``: the layer has ``post_attention_layernorm`` and
             ``post_feedforward_layernorm`` and no ``input_layernorm``; FlexOlmo).
+        attention_sinks: each attention head has a learned sink logit in its softmax denominator
+            (GPT-OSS; :func:`~moekit.blocks.attend_with_sinks`).
+        attention_layer_types: per layer ``"full"`` (causal), ``"sliding"`` (``sliding_window``)
+            or ``"chunked"`` (``attention_chunk_size``); None means ``"sliding"`` everywhere when
+            ``sliding_window`` is set, else ``"full"`` (see :meth:`attention_mask_type`). GPT-OSS
+            alternates sliding and full layers.
+        attention_chunk_size: the chunk of ``"chunked"`` layers (each token sees the earlier tokens
+            of its own chunk only; Llama 4).
         With ``attention_type="mha"``, ``rope_interleave`` stores q/k rotary dims as interleaved pairs
         (ERNIE 4.5).
 
@@ -202,6 +213,9 @@ class ModelConfig(JsonConfig):
     layer_types: tuple[str, ...] | None = None
     mamba: MambaConfig | None = None
     use_rope: bool = True
+    attention_sinks: bool = False
+    attention_layer_types: tuple[str, ...] | None = None
+    attention_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         name = "ModelConfig"
@@ -373,6 +387,42 @@ class ModelConfig(JsonConfig):
             raise ValueError(f"{name}.mamba.dim={self.mamba.dim} must equal dim={self.dim}")
         if not self.use_rope and self.attention_type == "mla":
             raise ValueError(f"{name}.use_rope=False is only implemented for attention_type='mha'")
+        self._check_attention_masks()
+
+    def _check_attention_masks(self) -> None:
+        name = "ModelConfig"
+        if self.attention_sinks and self.attention_type != "mha":
+            raise ValueError(f"{name}.attention_sinks applies to attention_type='mha' only")
+        if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
+            raise ValueError(
+                f"{name}.attention_chunk_size must be positive or None, got {self.attention_chunk_size}"
+            )
+        types = self.attention_layer_types
+        if types is None:
+            if self.attention_chunk_size is not None:
+                raise ValueError(
+                    f"{name}.attention_chunk_size needs attention_layer_types with 'chunked' layers"
+                )
+            return
+        self.attention_layer_types = types = tuple(types)
+        if len(types) != self.num_layers:
+            raise ValueError(
+                f"{name}.attention_layer_types has {len(types)} entries for num_layers={self.num_layers}"
+            )
+        for t in types:
+            check_choice(name, "attention_layer_types[...]", t, ATTENTION_MASK_TYPES)
+        if "sliding" in types and self.sliding_window is None:
+            raise ValueError(f"{name}.attention_layer_types has 'sliding' layers but sliding_window is None")
+        if "chunked" in types and self.attention_chunk_size is None:
+            raise ValueError(
+                f"{name}.attention_layer_types has 'chunked' layers but attention_chunk_size is None"
+            )
+
+    def attention_mask_type(self, i: int) -> str:
+        """Layer ``i``'s attention mask: ``"full"``, ``"sliding"`` or ``"chunked"``."""
+        if self.attention_layer_types is not None:
+            return self.attention_layer_types[i]
+        return "full" if self.sliding_window is None else "sliding"
 
     def layer_type(self, i: int) -> str:
         """Layer ``i``'s token mixer: ``"attention"`` or ``"mamba"``."""
@@ -481,6 +531,7 @@ class ModelConfig(JsonConfig):
             out_bias=self.attention_out_bias,
             qk_norm_after_rope=self.qk_norm_after_rope,
             rope=self.use_rope,
+            sinks=self.attention_sinks,
         )
 
     def mla_config(self) -> MLAConfig:

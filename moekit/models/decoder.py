@@ -47,6 +47,35 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return RMSNorm(config.dim, config.rms_norm_eps)
 
 
+def attention_masks(
+    config: ModelConfig,
+    attention_mask_BK: Tensor | None,
+    batch: int,
+    num_new: int,
+    num_past: int,
+    device: torch.device,
+) -> Tensor | dict[str, Tensor | None] | None:
+    """The SDPA mask(s) of one forward: one ``[B, 1, S, K]`` bool mask (or None for plain causal)
+    shared by every layer, or, with per-layer ``attention_layer_types``, ``{mask type: mask}``
+    from which each :class:`DecoderLayer` takes its own (see :func:`~moekit.blocks.build_attention_mask`)."""
+    if config.attention_layer_types is None:
+        return build_attention_mask(
+            attention_mask_BK, batch, num_new, num_past, config.sliding_window, device
+        )
+    return {
+        kind: build_attention_mask(
+            attention_mask_BK,
+            batch,
+            num_new,
+            num_past,
+            config.sliding_window if kind == "sliding" else None,
+            device,
+            config.attention_chunk_size if kind == "chunked" else None,
+        )
+        for kind in sorted(set(config.attention_layer_types))
+    }
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + mixer(norm(x))``, then ``h + mlp(norm(h))``; ``mlp`` is dense or MoE.
 
@@ -63,6 +92,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.mask_type = config.attention_mask_type(layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.residual_multiplier = config.residual_multiplier
         self.post_norm = config.norm_placement == "post"
@@ -102,7 +132,11 @@ class DecoderLayer(nn.Module):
 
         ``token_mask_BS`` (bool, False for padding) keeps padding out of routing statistics;
         ``prev_logits_TE`` feeds the gating residual; ``moe_k`` overrides the layer's top-k.
+        ``mask_B1SK`` may be a ``{mask type: mask}`` dict (:func:`attention_masks`): the layer takes
+        its own.
         """
+        if isinstance(mask_B1SK, dict):
+            mask_B1SK = mask_B1SK[self.mask_type]
         if self.post_norm:
             return self._post_norm_forward(
                 x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache
@@ -319,6 +353,8 @@ class MoEForCausalLM(nn.Module):
                 layer.mamba.reset_ssm_parameters()  # A, D and the time-step bias, overwritten above
             else:
                 nn.init.normal_(layer.self_attn.o_proj.weight, std=out_std)
+                if getattr(layer.self_attn, "sinks", None) is not None:
+                    nn.init.zeros_(layer.self_attn.sinks)  # a new sink starts at logit 0
             mlp = layer.mlp
             if isinstance(mlp, FeedForward):
                 nn.init.normal_(mlp.w_out.weight, std=out_std)
@@ -402,7 +438,7 @@ class MoEForCausalLM(nn.Module):
             else:
                 position_ids = torch.arange(num_past, num_past + num_new, device=device).expand(batch, -1)
         token_mask_BS = None if attention_mask is None else attention_mask[:, num_past:].to(torch.bool)
-        mask_B1SK = build_attention_mask(attention_mask, batch, num_new, num_past, cfg.sliding_window, device)
+        mask_B1SK = attention_masks(cfg, attention_mask, batch, num_new, num_past, device)
         cos, sin = self.rotary(position_ids, num_positions)
 
         x_BSD = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
