@@ -30,6 +30,14 @@ YARN = {
     "beta_slow": 1,
 }
 LINEAR = {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 5e5,
+    "factor": 8.0,
+    "original_max_position_embeddings": 16,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+}
 
 
 def hf_config(name, **overrides):
@@ -145,6 +153,20 @@ def hf_config(name, **overrides):
             num_local_experts=4,
             num_experts_per_tok=2,
             sliding_window=4,
+        ),
+        "llama4_text": lambda: tr.Llama4TextConfig(
+            **(COMMON | dict(num_hidden_layers=4)),
+            intermediate_size=24,
+            intermediate_size_mlp=40,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,
+            no_rope_layer_interval=2,
+            attention_chunk_size=4,
+            floor_scale=3,  # the temperature tuning bites from the 3rd token on
+            attn_scale=0.5,
         ),
         "flex_olmo": lambda: tr.FlexOlmoConfig(
             **COMMON,
@@ -288,6 +310,31 @@ CASES = [
         ),
     ),
     ("gpt_oss", dict(rope_parameters=YARN | {"truncate": False}, max_position_embeddings=64)),
+    ("llama4_text", {}),
+    (
+        "llama4_text",
+        dict(
+            head_dim=16,
+            num_key_value_heads=1,
+            num_experts_per_tok=2,
+            moe_layers=[0, 1, 3],
+            no_rope_layers=[1, 1, 0, 1],
+            layer_types=["chunked_attention", "full_attention", "full_attention", "chunked_attention"],
+            attention_chunk_size=3,
+            use_qk_norm=False,
+            attention_bias=True,
+            rope_parameters=LLAMA3,
+        ),
+    ),
+    (
+        "llama4_text",
+        dict(
+            attn_temperature_tuning=False,
+            attention_chunk_size=None,
+            rope_parameters=LINEAR,
+            layer_types=["full_attention"] * 4,
+        ),
+    ),
     ("flex_olmo", {}),
     (
         "flex_olmo",
@@ -399,6 +446,8 @@ def test_sparsemixer_matches_transformers_eval_path(eps):
         ("phimoe", dict(sliding_window=4)),
         ("granitemoeshared", {}),
         ("flex_olmo", {}),
+        ("gpt_oss", {}),
+        ("llama4_text", {}),
     ],
 )
 def test_left_padding_matches_hf(family, overrides, tmp_path):

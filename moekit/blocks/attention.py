@@ -45,6 +45,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, kv_width, bias=config.bias)
         self.o_proj = nn.Linear(q_width, config.dim, bias=config.out_bias)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.sinks else None
+        self.temperature_scale, self.temperature_floor = config.temperature_scale, config.temperature_floor
+        self.norm_eps = config.norm_eps
         if config.qk_norm == "per_head":
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -90,6 +92,11 @@ class Attention(nn.Module):
             k_BGSd = apply_rotary(k_BGSd, cos_B1Sd, sin_B1Sd)
         if self.qk_norm_after_rope:
             q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
+        if self.qk_norm == "l2":
+            q_BHSd, k_BGSd = l2_norm(q_BHSd, self.norm_eps), l2_norm(k_BGSd, self.norm_eps)
+        if self.temperature_scale is not None:
+            past = cache.lengths[self.layer_idx] if cache is not None else 0
+            q_BHSd = q_BHSd * self.temperature(past, s, q_BHSd.device).to(q_BHSd.dtype)
         if cache is not None:
             k_BGSd, v_BGSd = cache.update(self.layer_idx, k_BGSd, v_BGSd)
         gqa = self.num_kv_heads != self.num_heads
@@ -106,6 +113,21 @@ class Attention(nn.Module):
                 scale=self.softmax_scale,
             )
         return self.o_proj(out_BHSd.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+    def temperature(self, num_past: int, num_new: int, device: torch.device) -> Tensor:
+        """Llama 4's per-query temperature ``[S, 1]`` for cache slots ``num_past ..`` (see
+        :class:`~moekit.blocks.AttentionConfig`)."""
+        slots_S = torch.arange(num_past, num_past + num_new, device=device, dtype=torch.float32)
+        scale_S = (
+            torch.log1p(torch.floor((slots_S + 1.0) / self.temperature_floor)) * self.temperature_scale + 1.0
+        )
+        return scale_S[:, None]
+
+
+def l2_norm(x: Tensor, eps: float) -> Tensor:
+    """Weightless RMS normalisation over the last dim, in float32 (Llama 4's q/k norm): ``[..., Dh]``."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def attend_with_sinks(
@@ -168,9 +190,14 @@ def build_attention_mask(
     allowed_SK = k_1K <= q_S1
     if sliding_window is not None:
         allowed_SK = allowed_SK & (q_S1 - k_1K < sliding_window)
-    if chunk_size is not None:
+    if chunk_size is not None and attention_mask_BK is None:
         allowed_SK = allowed_SK & (q_S1 // chunk_size == k_1K // chunk_size)
     allowed_BSK = allowed_SK.expand(batch, num_new, num_keys)
+    if chunk_size is not None and attention_mask_BK is not None:
+        # Chunks count real tokens: a left-padded row chunks exactly like the row alone.
+        pos_BK = (attention_mask_BK.long().cumsum(-1) - 1).clamp_min(0)
+        chunk_BK = pos_BK // chunk_size
+        allowed_BSK = allowed_BSK & (chunk_BK[:, num_past:, None] == chunk_BK[:, None, :])
     if attention_mask_BK is not None:
         allowed_BSK = allowed_BSK & attention_mask_BK.to(torch.bool)[:, None, :]
         allowed_BSK = allowed_BSK | (k_1K == q_S1)

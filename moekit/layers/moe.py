@@ -222,6 +222,7 @@ class MoELayer(nn.Module):
             and cfg.capacity_factor is None
             and not cfg.residual_moe
             and cfg.num_experts == cfg.num_total_experts
+            and not cfg.weights_on_input
         )
 
     @property
@@ -297,7 +298,12 @@ class MoELayer(nn.Module):
                 k or cfg.top_k,
             )
 
-        out_TD, backend = self.dispatcher.dispatch(self.experts, x_TD, expert_ids_TK, weights_TK, cfg.backend)
+        if cfg.weights_on_input:
+            out_TD, backend = self._dispatch_weighted_inputs(x_TD, expert_ids_TK, weights_TK)
+        else:
+            out_TD, backend = self.dispatcher.dispatch(
+                self.experts, x_TD, expert_ids_TK, weights_TK, cfg.backend
+            )
         if cfg.num_copy_experts or cfg.num_constant_experts:
             out_TD = out_TD + self._zero_compute_experts(x_TD, expert_ids_TK, weights_TK)
         if cfg.residual_moe:
@@ -311,6 +317,19 @@ class MoELayer(nn.Module):
 
         routing, aux = self._statistics(route, expert_ids_TK, weights_TK, mask_T, lead_shape)
         return MoEOutput(out_TD.reshape(*lead_shape, cfg.dim), routing, aux, backend)
+
+    def _dispatch_weighted_inputs(
+        self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor
+    ) -> tuple[Tensor, str]:
+        # Llama 4: one row per (token, slot) holding w * x, each sent to its expert with weight 1,
+        # so any dispatcher (local, offload, expert parallel) runs it unchanged.
+        num_t, num_k = expert_ids_TK.shape
+        rows_ND = (x_TD.unsqueeze(1) * weights_TK.to(x_TD.dtype).unsqueeze(-1)).reshape(num_t * num_k, -1)
+        ones_N1 = torch.ones(num_t * num_k, 1, dtype=weights_TK.dtype, device=x_TD.device)
+        out_ND, backend = self.dispatcher.dispatch(
+            self.experts, rows_ND, expert_ids_TK.reshape(-1, 1), ones_N1, self.config.backend
+        )
+        return out_ND.view(num_t, num_k, -1).sum(1), backend
 
     def _zero_compute_experts(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         # Dense [T, E] weight table: cheap (E is small) and handles any number of slots per token.

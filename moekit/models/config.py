@@ -22,6 +22,8 @@ converters' key maps. The fields cover what the HF MoE families need:
     DBRX         clip_qkv, norm_type="layernorm"
     Hunyuan-MoE  qk_norm_after_rope
     FlexOlmo     norm_placement="post"
+    Llama 4      nope_layer_indices, qk_norm="l2", attention_temperature_scale/attention_floor_scale,
+                 attention_layer_types "chunked" + attention_chunk_size, moe.weights_on_input
     GPT-OSS      attention_sinks, attention_layer_types (sliding/full alternation), attention_out_bias,
                  moe.activation="swiglu_clamped", moe.ffn_bias, moe.router_bias, softmax after top-k
 The family fields come last in the field list, each neutral by default.
@@ -135,6 +137,12 @@ class ModelConfig(JsonConfig):
             alternates sliding and full layers.
         attention_chunk_size: the chunk of ``"chunked"`` layers (each token sees the earlier tokens
             of its own chunk only; Llama 4).
+        nope_layer_indices: layers whose attention has no RoPE (Llama 4's NoPE layers); None: none
+            (``use_rope=False`` turns RoPE off everywhere). With ``qk_norm="l2"`` only the RoPE
+            layers norm q/k, as Llama 4 does.
+        attention_temperature_scale: None, or Llama 4's attention temperature tuning on the layers
+            without RoPE (see :class:`~moekit.blocks.AttentionConfig` ``temperature_scale``).
+        attention_floor_scale: its token scale (``floor_scale``).
         With ``attention_type="mha"``, ``rope_interleave`` stores q/k rotary dims as interleaved pairs
         (ERNIE 4.5).
 
@@ -216,6 +224,9 @@ class ModelConfig(JsonConfig):
     attention_sinks: bool = False
     attention_layer_types: tuple[str, ...] | None = None
     attention_chunk_size: int | None = None
+    nope_layer_indices: tuple[int, ...] | None = None
+    attention_temperature_scale: float | None = None
+    attention_floor_scale: int = 8192
 
     def __post_init__(self) -> None:
         name = "ModelConfig"
@@ -388,6 +399,7 @@ class ModelConfig(JsonConfig):
         if not self.use_rope and self.attention_type == "mla":
             raise ValueError(f"{name}.use_rope=False is only implemented for attention_type='mha'")
         self._check_attention_masks()
+        self._check_nope()
 
     def _check_attention_masks(self) -> None:
         name = "ModelConfig"
@@ -417,6 +429,28 @@ class ModelConfig(JsonConfig):
             raise ValueError(
                 f"{name}.attention_layer_types has 'chunked' layers but attention_chunk_size is None"
             )
+
+    def _check_nope(self) -> None:
+        name = "ModelConfig"
+        if self.nope_layer_indices is not None:
+            self.nope_layer_indices = tuple(self.nope_layer_indices)
+            idx = self.nope_layer_indices
+            if any(not (0 <= i < self.num_layers) for i in idx) or len(set(idx)) != len(idx):
+                raise ValueError(
+                    f"{name}.nope_layer_indices={list(idx)} must be distinct layer indices in [0, {self.num_layers})"
+                )
+            if self.attention_type != "mha":
+                raise ValueError(f"{name}.nope_layer_indices applies to attention_type='mha' only")
+        if self.attention_floor_scale <= 0:
+            raise ValueError(
+                f"{name}.attention_floor_scale must be positive, got {self.attention_floor_scale}"
+            )
+        if self.attention_temperature_scale is not None and self.attention_type != "mha":
+            raise ValueError(f"{name}.attention_temperature_scale applies to attention_type='mha' only")
+
+    def layer_uses_rope(self, i: int) -> bool:
+        """Whether layer ``i``'s attention rotates q/k (``use_rope`` and not a NoPE layer)."""
+        return self.use_rope and i not in (self.nope_layer_indices or ())
 
     def attention_mask_type(self, i: int) -> str:
         """Layer ``i``'s attention mask: ``"full"``, ``"sliding"`` or ``"chunked"``."""
@@ -515,14 +549,17 @@ class ModelConfig(JsonConfig):
             max_position_embeddings=self.max_position_embeddings,
         )
 
-    def attention_config(self) -> AttentionConfig:
-        """The :class:`~moekit.blocks.AttentionConfig` of every GQA layer (``attention_type="mha"``)."""
+    def attention_config(self, i: int | None = None) -> AttentionConfig:
+        """The :class:`~moekit.blocks.AttentionConfig` of GQA layer ``i`` (``attention_type="mha"``);
+        ``i=None`` gives the RoPE layers' config (every layer's, without NoPE layers)."""
+        rope = self.use_rope if i is None else self.layer_uses_rope(i)
+        qk_norm = "none" if self.qk_norm == "l2" and not rope else self.qk_norm
         return AttentionConfig(
             dim=self.dim,
             num_heads=self.num_heads,
             num_kv_heads=self.attn_num_kv_heads,
             head_dim=self.attn_head_dim,
-            qk_norm=self.qk_norm,
+            qk_norm=qk_norm,
             bias=self.attention_bias,
             norm_eps=self.rms_norm_eps,
             softmax_scale=self.attention_multiplier,
@@ -530,7 +567,9 @@ class ModelConfig(JsonConfig):
             rope_interleave=self.rope_interleave,
             out_bias=self.attention_out_bias,
             qk_norm_after_rope=self.qk_norm_after_rope,
-            rope=self.use_rope,
+            rope=rope,
+            temperature_scale=None if rope else self.attention_temperature_scale,
+            temperature_floor=self.attention_floor_scale,
             sinks=self.attention_sinks,
         )
 

@@ -106,7 +106,7 @@ class DecoderLayer(nn.Module):
         elif config.attention_type == "mla":
             self.self_attn: nn.Module = MLAttention(config.mla_config(), layer_idx)
         else:
-            self.self_attn = Attention(config.attention_config(), layer_idx)
+            self.self_attn = Attention(config.attention_config(layer_idx), layer_idx)
         self.post_attention_layernorm = make_norm(config)
         if self.post_norm:
             self.post_feedforward_layernorm = make_norm(config)

@@ -22,6 +22,7 @@ from moekit.convert.families.granitemoe import GraniteMoeAdapter, GraniteMoeShar
 from moekit.convert.families.hunyuan_v1_moe import HunyuanV1MoeAdapter
 from moekit.convert.families.jamba import JambaAdapter
 from moekit.convert.families.llama import LlamaAdapter
+from moekit.convert.families.llama4 import Llama4TextAdapter
 from moekit.convert.families.mistral import MistralAdapter
 from moekit.convert.families.mixtral import MixtralAdapter
 from moekit.convert.families.olmoe import OlmoeAdapter
@@ -37,6 +38,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
     a.model_type: a
     for a in (
         GptOssAdapter(),
+        Llama4TextAdapter(),
         Glm4MoeAdapter(),
         Dots1Adapter(),
         JambaAdapter(),
@@ -63,8 +65,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
 
 # MoE families transformers ships that moekit knows it cannot run yet, and why (the error says so).
 NOT_MODELLED = {
-    "llama4": "chunked attention, NoPE layers and a shared expert before top-1 sigmoid routing",
-    "llama4_text": "chunked attention, NoPE layers and a shared expert before top-1 sigmoid routing",
+    "llama4": "multimodal wrapper (vision tower and language_model.* names; text-only llama4_text folders load)",
     "jetmoe": "mixture-of-attention-heads (MoE inside attention)",
     "minimax": "linear-attention (lightning) layers beside softmax attention",
     "qwen3_next": "gated DeltaNet linear-attention layers",

@@ -243,6 +243,7 @@ NEUTRAL_MOE = {
     "gating_residual": False,
     "capacity_factor": None,
     "ffn_bias": False,
+    "weights_on_input": False,
     "swiglu_alpha": 1.702,
     "swiglu_limit": 7.0,
 }
@@ -266,6 +267,9 @@ NEUTRAL_MODEL = {
     "attention_sinks": False,
     "attention_layer_types": None,
     "attention_chunk_size": None,
+    "nope_layer_indices": None,
+    "attention_temperature_scale": None,
+    "attention_floor_scale": 8192,
 }
 
 
