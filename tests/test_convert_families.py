@@ -168,6 +168,17 @@ def hf_config(name, **overrides):
             floor_scale=3,  # the temperature tuning bites from the 3rd token on
             attn_scale=0.5,
         ),
+        "jetmoe": lambda: tr.JetMoeConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            initializer_range=0.1,
+            num_key_value_heads=2,
+            kv_channels=8,
+            intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
         "flex_olmo": lambda: tr.FlexOlmoConfig(
             **COMMON,
             intermediate_size=24,
@@ -335,6 +346,23 @@ CASES = [
             layer_types=["full_attention"] * 4,
         ),
     ),
+    ("jetmoe", {}),
+    (
+        "jetmoe",
+        dict(
+            kv_channels=16,
+            num_key_value_heads=1,
+            num_attention_heads=3,  # transformers derives num_key_value_heads * num_experts_per_tok
+            num_local_experts=5,
+            num_experts_per_tok=3,
+            tie_word_embeddings=False,
+            rope_parameters=LINEAR,
+        ),
+    ),
+    (
+        "jetmoe",
+        dict(num_experts_per_tok=1, num_attention_heads=2, rope_parameters=YARN, max_position_embeddings=64),
+    ),
     ("flex_olmo", {}),
     (
         "flex_olmo",
@@ -448,6 +476,7 @@ def test_sparsemixer_matches_transformers_eval_path(eps):
         ("flex_olmo", {}),
         ("gpt_oss", {}),
         ("llama4_text", {}),
+        ("jetmoe", {}),
     ],
 )
 def test_left_padding_matches_hf(family, overrides, tmp_path):
@@ -481,6 +510,13 @@ def test_left_padding_matches_hf(family, overrides, tmp_path):
         ("dbrx", {"ffn_config": {"moe_normalize_expert_weights": 2.0}}, "moe_normalize_expert_weights"),
         ("dbrx", {"ffn_config": {"ffn_act_fn": {"name": "gelu"}}}, "ffn_act_fn"),
         ("dbrx", {"tie_word_embeddings": True}, "tie_word_embeddings"),
+        ("jetmoe", {"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05"),
+        (
+            "gpt_oss",
+            {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+            "layer_types",
+        ),
+        ("llama4_text", {"layer_types": ["sliding_attention"] * 4}, "layer_types"),
     ],
 )
 def test_unmodelled_hf_option_is_refused_by_name(family, option, pattern):
@@ -524,7 +560,7 @@ def test_inexpressible_feature_refuses_export(fields, family, pattern, tmp_path)
 @pytest.mark.parametrize(
     ("model_type", "pattern"),
     [
-        ("jetmoe", "model_type 'jetmoe' is not supported: .*mixture-of-attention-heads"),
+        ("granitemoehybrid", "model_type 'granitemoehybrid' is not supported: .*Mamba2"),
         ("minimax", "model_type 'minimax' is not supported: .*linear-attention"),
         ("qwen3_next", "DeltaNet"),
         ("gpt2", "unknown Hugging Face model_type 'gpt2'"),

@@ -41,9 +41,10 @@ block's config (e.g. ``ModelConfig.attention_config()``); the block never sees t
 
 from moekit.blocks.attention import Attention, attend_with_sinks, build_attention_mask
 from moekit.blocks.cache import KVCache, MambaState
-from moekit.blocks.config import AttentionConfig, MLAConfig, RopeConfig, mla_softmax_scale
+from moekit.blocks.config import AttentionConfig, MLAConfig, MoAConfig, RopeConfig, mla_softmax_scale
 from moekit.blocks.encoder import SelfAttention
 from moekit.blocks.mla import MLAttention
+from moekit.blocks.moa import MixtureOfAttentionHeads
 from moekit.blocks.norm import RMSNorm
 from moekit.blocks.rope import RotaryEmbedding, apply_rotary, deinterleave
 from moekit.blocks.ssm import (
@@ -61,6 +62,8 @@ __all__ = [
     "AttentionConfig",
     "KVCache",
     "MLAConfig",
+    "MoAConfig",
+    "MixtureOfAttentionHeads",
     "MLAttention",
     "MambaConfig",
     "MambaMixer",

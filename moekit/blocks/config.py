@@ -309,3 +309,35 @@ def mla_softmax_scale(
         mscale = yarn_mscale(rs.get("factor") or 1.0, rs["mscale_all_dim"])
         scale = scale * mscale * mscale
     return scale
+
+
+@dataclass(kw_only=True)
+class MoAConfig(JsonConfig):
+    """Mixture of attention heads (:class:`~moekit.blocks.MixtureOfAttentionHeads`, JetMoE).
+
+    Each token's router picks ``top_k`` of ``num_experts`` attention experts (softmax over the
+    chosen logits); expert ``e`` owns a query projection ``[G*Dh, D]`` and an output projection
+    ``[D, G*Dh]``, all experts share one key/value projection. So a token attends with
+    ``H = top_k * G`` query heads, and its output is the routing-weighted sum of its experts'
+    output projections plus one bias ``[D]``.
+
+    Attributes:
+        dim: model width D.
+        num_experts: attention experts E.
+        top_k: experts per token K.
+        num_kv_heads: key/value heads G (each expert's query has G heads too).
+        head_dim: per-head width Dh.
+    """
+
+    dim: int
+    num_experts: int
+    top_k: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_experts", "top_k", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"MoAConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MoAConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")

@@ -105,6 +105,8 @@ class MoEConfig(JsonConfig):
         ffn_bias: each FFN expert has biases on both projections (ViT/CLIP MLPs, GPT-OSS), so a
             biased dense FFN upcycles exactly. Biased experts run the per-expert loop (no stacked
             fast paths).
+        output_bias: one bias ``[D]`` added to the layer's routed output, shared by all experts
+            (JetMoE's ``mlp.bias``).
         weights_on_input: each routed expert sees its token scaled by the routing weight and its
             output joins unweighted, ``sum_k E_k(w_k x)`` instead of ``sum_k w_k E_k(x)`` (Llama 4).
         swiglu_alpha, swiglu_limit: the constants of ``activation="swiglu_clamped"`` (GPT-OSS:
@@ -163,6 +165,7 @@ class MoEConfig(JsonConfig):
     sparsemixer_eps: float = 0.01
     ffn_bias: bool = False
     weights_on_input: bool = False
+    output_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     num_tasks: int = 0

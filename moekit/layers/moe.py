@@ -152,6 +152,7 @@ class MoELayer(nn.Module):
             balance statistics cover the global batch; None on a single process.
         const_gate ``[C, 2, D]`` and const_vec ``[C, D]``: MoE++ constant experts.
         shared: dense shared expert, with ``shared_gate`` (``Linear(D, 1)``) when gated.
+        output_bias: ``[D]`` added to the routed output (``config.output_bias``), else None.
         residual_mlp and residual_coef (``Linear(D, 2)``): PR-MoE residual branch.
     """
 
@@ -185,6 +186,7 @@ class MoELayer(nn.Module):
                 FFNConfig(dim=config.dim, ffn_dim=config.ffn_dim, activation=config.activation)
             )
             self.residual_coef = nn.Linear(config.dim, 2)
+        self.output_bias = nn.Parameter(torch.zeros(config.dim)) if config.output_bias else None
         self.stats_reduce: Callable[[Tensor], Tensor] | None = None
         self.register_buffer("balance_weight", torch.empty(config.num_total_experts), persistent=False)
         self.init_buffers()
@@ -223,6 +225,7 @@ class MoELayer(nn.Module):
             and not cfg.residual_moe
             and cfg.num_experts == cfg.num_total_experts
             and not cfg.weights_on_input
+            and not cfg.output_bias
         )
 
     @property
@@ -304,6 +307,8 @@ class MoELayer(nn.Module):
             out_TD, backend = self.dispatcher.dispatch(
                 self.experts, x_TD, expert_ids_TK, weights_TK, cfg.backend
             )
+        if self.output_bias is not None:
+            out_TD = out_TD + self.output_bias.to(out_TD.dtype)
         if cfg.num_copy_experts or cfg.num_constant_experts:
             out_TD = out_TD + self._zero_compute_experts(x_TD, expert_ids_TK, weights_TK)
         if cfg.residual_moe:

@@ -22,6 +22,7 @@ converters' key maps. The fields cover what the HF MoE families need:
     DBRX         clip_qkv, norm_type="layernorm"
     Hunyuan-MoE  qk_norm_after_rope
     FlexOlmo     norm_placement="post"
+    JetMoE       attention_type="moa" + moa_num_experts/moa_top_k, moe.output_bias
     Llama 4      nope_layer_indices, qk_norm="l2", attention_temperature_scale/attention_floor_scale,
                  attention_layer_types "chunked" + attention_chunk_size, moe.weights_on_input
     GPT-OSS      attention_sinks, attention_layer_types (sliding/full alternation), attention_out_bias,
@@ -38,6 +39,7 @@ from moekit.blocks.config import (
     QK_NORMS,
     AttentionConfig,
     MLAConfig,
+    MoAConfig,
     RopeConfig,
     check_rope_scaling,
     mla_softmax_scale,
@@ -48,7 +50,7 @@ from moekit.config import JsonConfig, check_choice
 from moekit.layers.config import ACTIVATIONS, MoEConfig
 
 MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit", "none")
-ATTENTION_TYPES = ("mha", "mla")
+ATTENTION_TYPES = ("mha", "mla", "moa")
 NORM_TYPES = ("rmsnorm", "layernorm")
 NORM_PLACEMENTS = ("pre", "post")
 LAYER_TYPES = ("attention", "mamba")
@@ -140,6 +142,9 @@ class ModelConfig(JsonConfig):
         nope_layer_indices: layers whose attention has no RoPE (Llama 4's NoPE layers); None: none
             (``use_rope=False`` turns RoPE off everywhere). With ``qk_norm="l2"`` only the RoPE
             layers norm q/k, as Llama 4 does.
+        moa_num_experts, moa_top_k: with ``attention_type="moa"`` (JetMoE's mixture of attention
+            heads, :class:`~moekit.blocks.MixtureOfAttentionHeads`): the attention experts and how
+            many each token uses; ``num_heads`` must be ``num_kv_heads * moa_top_k``.
         attention_temperature_scale: None, or Llama 4's attention temperature tuning on the layers
             without RoPE (see :class:`~moekit.blocks.AttentionConfig` ``temperature_scale``).
         attention_floor_scale: its token scale (``floor_scale``).
@@ -225,6 +230,8 @@ class ModelConfig(JsonConfig):
     attention_layer_types: tuple[str, ...] | None = None
     attention_chunk_size: int | None = None
     nope_layer_indices: tuple[int, ...] | None = None
+    moa_num_experts: int = 0
+    moa_top_k: int = 0
     attention_temperature_scale: float | None = None
     attention_floor_scale: int = 8192
 
@@ -400,6 +407,7 @@ class ModelConfig(JsonConfig):
             raise ValueError(f"{name}.use_rope=False is only implemented for attention_type='mha'")
         self._check_attention_masks()
         self._check_nope()
+        self._check_moa()
 
     def _check_attention_masks(self) -> None:
         name = "ModelConfig"
@@ -447,6 +455,36 @@ class ModelConfig(JsonConfig):
             )
         if self.attention_temperature_scale is not None and self.attention_type != "mha":
             raise ValueError(f"{name}.attention_temperature_scale applies to attention_type='mha' only")
+
+    def _check_moa(self) -> None:
+        name = "ModelConfig"
+        if self.attention_type != "moa":
+            if self.moa_num_experts or self.moa_top_k:
+                raise ValueError(f"{name}.moa_num_experts/moa_top_k need attention_type='moa'")
+            return
+        if self.moa_num_experts <= 0 or not (1 <= self.moa_top_k <= self.moa_num_experts):
+            raise ValueError(
+                f"{name}: attention_type='moa' needs moa_num_experts > 0 and moa_top_k in [1, moa_num_experts], "
+                f"got {self.moa_num_experts}, {self.moa_top_k}"
+            )
+        if self.num_heads != self.attn_num_kv_heads * self.moa_top_k:
+            raise ValueError(
+                f"{name}.num_heads={self.num_heads} must be num_kv_heads * moa_top_k = "
+                f"{self.attn_num_kv_heads * self.moa_top_k} with attention_type='moa'"
+            )
+        for field, neutral in (("qk_norm", "none"), ("attention_bias", False), ("use_rope", True)):
+            if getattr(self, field) != neutral:
+                raise ValueError(f"{name}.{field} is not implemented with attention_type='moa'")
+
+    def moa_config(self) -> MoAConfig:
+        """The :class:`~moekit.blocks.MoAConfig` of every MoA layer (``attention_type="moa"``)."""
+        return MoAConfig(
+            dim=self.dim,
+            num_experts=self.moa_num_experts,
+            top_k=self.moa_top_k,
+            num_kv_heads=self.attn_num_kv_heads,
+            head_dim=self.attn_head_dim,
+        )
 
     def layer_uses_rope(self, i: int) -> bool:
         """Whether layer ``i``'s attention rotates q/k (``use_rope`` and not a NoPE layer)."""

@@ -25,6 +25,7 @@ from moekit.blocks import (
     Attention,
     KVCache,
     MambaMixer,
+    MixtureOfAttentionHeads,
     MLAttention,
     RMSNorm,
     RotaryEmbedding,
@@ -105,6 +106,8 @@ class DecoderLayer(nn.Module):
             self.self_attn: nn.Module | None = None
         elif config.attention_type == "mla":
             self.self_attn: nn.Module = MLAttention(config.mla_config(), layer_idx)
+        elif config.attention_type == "moa":
+            self.self_attn = MixtureOfAttentionHeads(config.moa_config(), layer_idx)
         else:
             self.self_attn = Attention(config.attention_config(layer_idx), layer_idx)
         self.post_attention_layernorm = make_norm(config)
@@ -351,6 +354,8 @@ class MoEForCausalLM(nn.Module):
             if layer.mamba is not None:
                 nn.init.normal_(layer.mamba.out_proj.weight, std=out_std)
                 layer.mamba.reset_ssm_parameters()  # A, D and the time-step bias, overwritten above
+            elif isinstance(layer.self_attn, MixtureOfAttentionHeads):
+                layer.self_attn.reset_parameters(std, out_std)
             else:
                 nn.init.normal_(layer.self_attn.o_proj.weight, std=out_std)
                 if getattr(layer.self_attn, "sinks", None) is not None:
@@ -379,6 +384,8 @@ class MoEForCausalLM(nn.Module):
                 nn.init.normal_(mlp.const_vec, std=std)
             if mlp.config.shared_ffn_dim:
                 nn.init.normal_(mlp.shared.w_out.weight, std=out_std)
+            if mlp.output_bias is not None:
+                nn.init.zeros_(mlp.output_bias)
             if mlp.config.residual_moe:
                 nn.init.normal_(mlp.residual_mlp.w_out.weight, std=out_std)
 

@@ -21,6 +21,7 @@ from moekit.convert.families.gpt_oss import GptOssAdapter
 from moekit.convert.families.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moekit.convert.families.hunyuan_v1_moe import HunyuanV1MoeAdapter
 from moekit.convert.families.jamba import JambaAdapter
+from moekit.convert.families.jetmoe import JetMoeAdapter
 from moekit.convert.families.llama import LlamaAdapter
 from moekit.convert.families.llama4 import Llama4TextAdapter
 from moekit.convert.families.mistral import MistralAdapter
@@ -39,6 +40,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
     for a in (
         GptOssAdapter(),
         Llama4TextAdapter(),
+        JetMoeAdapter(),
         Glm4MoeAdapter(),
         Dots1Adapter(),
         JambaAdapter(),
@@ -66,7 +68,6 @@ FAMILIES: dict[str, FamilyAdapter] = {
 # MoE families transformers ships that moekit knows it cannot run yet, and why (the error says so).
 NOT_MODELLED = {
     "llama4": "multimodal wrapper (vision tower and language_model.* names; text-only llama4_text folders load)",
-    "jetmoe": "mixture-of-attention-heads (MoE inside attention)",
     "minimax": "linear-attention (lightning) layers beside softmax attention",
     "qwen3_next": "gated DeltaNet linear-attention layers",
     "granitemoehybrid": "Mamba2 mixers",

@@ -244,6 +244,7 @@ NEUTRAL_MOE = {
     "capacity_factor": None,
     "ffn_bias": False,
     "weights_on_input": False,
+    "output_bias": False,
     "swiglu_alpha": 1.702,
     "swiglu_limit": 7.0,
 }
