@@ -91,7 +91,9 @@ class MixtureOfAttentionHeads(nn.Module):
         for e, t_P, k_P in slots:
             q_TKW[t_P, k_P] = F.linear(x_TD[t_P], self.w_q[e])
         # Query heads ordered (g, k): key head g serves its K query heads, as GQA expects.
-        q_BHSd = q_TKW.view(b, s, num_k, num_g, head).permute(0, 3, 2, 1, 4).reshape(b, num_g * num_k, s, head)
+        q_BHSd = (
+            q_TKW.view(b, s, num_k, num_g, head).permute(0, 3, 2, 1, 4).reshape(b, num_g * num_k, s, head)
+        )
         k_BSW, v_BSW = self.kv_proj(x_BSD).chunk(2, dim=-1)
         k_BGSd = k_BSW.view(b, s, num_g, head).transpose(1, 2)
         v_BGSd = v_BSW.view(b, s, num_g, head).transpose(1, 2)

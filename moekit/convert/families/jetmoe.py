@@ -79,10 +79,15 @@ class JetMoeAdapter(LlamaAdapter):
         """See the module docstring."""
         moe = self.check_moe(cfg, allowed={"softmax_order", "output_bias"})
         if cfg.attention_type != "moa":
-            raise refuse_export(self.model_type, "attention_type", cfg.attention_type, "JetMoE attention is MoA")
+            raise refuse_export(
+                self.model_type, "attention_type", cfg.attention_type, "JetMoE attention is MoA"
+            )
         if moe.softmax_order != "after_topk" or not moe.output_bias:
             raise refuse_export(
-                self.model_type, "moe.softmax_order", moe.softmax_order, "JetMoE: softmax after top-k, output bias"
+                self.model_type,
+                "moe.softmax_order",
+                moe.softmax_order,
+                "JetMoE: softmax after top-k, output bias",
             )
         if (cfg.moa_num_experts, cfg.moa_top_k) != (moe.num_experts, moe.top_k):
             raise refuse_export(
@@ -134,4 +139,3 @@ class JetMoeAdapter(LlamaAdapter):
             Target.copy(f"{dst}experts.w_out", f"{src}output_linear.weight"),
             Target.copy(f"{dst}output_bias", f"{src}bias"),
         ]
-
