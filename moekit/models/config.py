@@ -96,7 +96,8 @@ class ModelConfig(JsonConfig):
         sliding_window: each token sees itself and the previous ``sliding_window - 1`` tokens.
         attention_type: ``"mha"`` (GQA with q/k/v projections, see :class:`~moekit.blocks.Attention`)
             or ``"mla"`` (DeepSeek multi-head latent attention, :class:`~moekit.blocks.MLAttention`;
-            ``num_kv_heads``, ``head_dim``, ``qk_norm`` and ``attention_bias`` do not apply).
+            ``num_kv_heads``, ``head_dim``, ``qk_norm`` and ``attention_bias`` do not apply), or
+            ``"moa"`` (JetMoE's mixture of attention heads, see ``moa_num_experts``).
         q_lora_rank: MLA query compression rank; ``None`` projects queries directly (DeepSeek-V2-Lite).
         kv_lora_rank: MLA key/value latent width (what the KV cache stores per token).
         qk_nope_head_dim, qk_rope_head_dim: MLA per-head query/key widths without and with RoPE.
