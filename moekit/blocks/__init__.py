@@ -22,7 +22,8 @@ Layout:
                   mla_softmax_scale, check_rope_scaling
     norm.py       RMSNorm (float32 compute)
     rope.py       RotaryEmbedding (float32 tables, grown on demand), apply_rotary, deinterleave
-    attention.py  Attention (GQA, q/k norm, qkv bias), build_attention_mask (padding, sliding window)
+    attention.py  Attention (GQA, q/k norm, qkv bias, sinks), build_attention_mask (padding, sliding
+                  window, chunks)
     mla.py        MLAttention (DeepSeek multi-head latent attention, latent KV cache)
     cache.py      KVCache (preallocated, grown in chunks; Mamba layers keep a MambaState there),
                   RaggedKVCache (a continuous batch's rows of their own lengths)
@@ -39,11 +40,12 @@ test it against a slow reference (``tests/test_blocks.py``). A model family's co
 block's config (e.g. ``ModelConfig.attention_config()``); the block never sees the family's.
 """
 
-from moekit.blocks.attention import Attention, build_attention_mask
+from moekit.blocks.attention import Attention, attend_with_sinks, build_attention_mask
 from moekit.blocks.cache import KVCache, MambaState, RaggedKVCache
-from moekit.blocks.config import AttentionConfig, MLAConfig, RopeConfig, mla_softmax_scale
+from moekit.blocks.config import AttentionConfig, MLAConfig, MoAConfig, RopeConfig, mla_softmax_scale
 from moekit.blocks.encoder import SelfAttention
 from moekit.blocks.mla import MLAttention
+from moekit.blocks.moa import MixtureOfAttentionHeads
 from moekit.blocks.norm import RMSNorm
 from moekit.blocks.rope import RotaryEmbedding, apply_rotary, deinterleave
 from moekit.blocks.ssm import (
@@ -62,6 +64,8 @@ __all__ = [
     "KVCache",
     "RaggedKVCache",
     "MLAConfig",
+    "MoAConfig",
+    "MixtureOfAttentionHeads",
     "MLAttention",
     "MambaConfig",
     "MambaMixer",
@@ -71,6 +75,7 @@ __all__ = [
     "RotaryEmbedding",
     "SelfAttention",
     "apply_rotary",
+    "attend_with_sinks",
     "build_attention_mask",
     "cumsum_chunks",
     "deinterleave",

@@ -50,7 +50,14 @@ from moekit.layers.dispatch import (
     routed_experts,
 )
 from moekit.layers.experts import BiasedExpertWeights, ExpertWeights, FeedForward, StackedExpertWeights
-from moekit.layers.moe import MoELayer, MoEOutput, RoutingInfo, RoutingOverride, dense_equivalent
+from moekit.layers.moe import (
+    MoELayer,
+    MoEOutput,
+    RoutingInfo,
+    RoutingOverride,
+    dense_equivalent,
+    require_plain_expert_math,
+)
 from moekit.layers.router import Router, apply_capacity
 from moekit.layers.strategies import ROUTER_STRATEGIES, RouterOutput, RouterStrategy
 
@@ -75,6 +82,7 @@ __all__ = [
     "apply_capacity",
     "combine",
     "dense_equivalent",
+    "require_plain_expert_math",
     "expert_compute",
     "fit_centroids",
     "kmeans",

@@ -34,6 +34,10 @@ def batch_decode_supported(model: MoEForCausalLM) -> bool:
     cfg = model.config
     if cfg.mamba_layer_ids:
         return False
+    # The ragged cache builds one mask for every layer: per-layer mask types (sliding/full,
+    # chunked) and mixture-of-attention-heads layers decode one request at a time.
+    if cfg.attention_layer_types is not None or cfg.attention_chunk_size is not None or cfg.moa_num_experts:
+        return False
     for layer in model.layers:
         if layer.is_moe:
             moe = layer.mlp.config

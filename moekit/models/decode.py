@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.blocks import Attention, KVCache, RMSNorm, apply_rotary, build_attention_mask, deinterleave
+from moekit.blocks import Attention, KVCache, RMSNorm, apply_rotary, deinterleave
 from moekit.layers import MoELayer
 from moekit.layers.experts import activate
-from moekit.models.decoder import MoEForCausalLM
+from moekit.models.decoder import MoEForCausalLM, attention_masks
 
 
 def fast_decode_supported(model: MoEForCausalLM) -> bool:
@@ -58,15 +58,17 @@ def fast_decode_supported(model: MoEForCausalLM) -> bool:
     router, dispatcher, storage and routing override); the rest checks attention and norms.
     """
     cfg = model.config
-    if cfg.sliding_window is not None:
+    if cfg.sliding_window is not None or cfg.attention_layer_types is not None or cfg.attention_sinks:
         return False
     # Family features the fast step does not implement (Granite multipliers, DBRX clipping).
     if (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_scaling) != (1.0, 1.0, 1.0):
         return False
     if cfg.attention_multiplier is not None or cfg.clip_qkv is not None or cfg.norm_placement != "pre":
         return False
-    if not cfg.use_rope or cfg.mamba_layer_ids:
+    if not cfg.use_rope or cfg.mamba_layer_ids or cfg.nope_layer_indices:
         return False  # hybrids and NoPE attention take the general layers
+    if cfg.qk_norm == "l2" or cfg.attention_temperature_scale is not None:
+        return False  # Llama 4's q/k L2 norm and temperature tuning
     for layer in model.layers:
         attn = layer.self_attn
         if type(attn) is not Attention or attn.qk_norm == "full":
@@ -373,7 +375,8 @@ class DecodeSession:
             )
         self.cache = KVCache(cfg.num_layers, max_length=capacity)
         self.num_decoded = 0
-        self._sliding_window = cfg.sliding_window
+        # Masks beyond the shared causal one (sliding windows, per-layer mask types) are built per call.
+        self._masked = cfg.sliding_window is not None or cfg.attention_layer_types is not None
         #: take the fast decode path (see :func:`fast_decode_supported`); set False to force the
         #: general layers (what the fast path is tested against).
         self.fast = fast_decode_supported(model)
@@ -424,13 +427,13 @@ class DecodeSession:
         batch, prompt_len = self.input_ids.shape
         device = self.input_ids.device
         cos, sin = self.model.rotary(self._prompt_pos_BS, prompt_len)
-        if self.padded or self._sliding_window is not None:
-            mask = build_attention_mask(
+        if self.padded or self._masked:
+            mask = attention_masks(
+                self.model.config,
                 self.mask_BK[:, :prompt_len] if self.padded else None,
                 batch,
                 prompt_len,
                 0,
-                self._sliding_window,
                 device,
             )
         else:
@@ -447,14 +450,9 @@ class DecodeSession:
         if t >= self.max_new_tokens:
             raise RuntimeError(f"DecodeSession.step: all {self.max_new_tokens} preallocated steps are used")
         num_keys = self.prompt_len + t + 1
-        if self._sliding_window is not None:
-            mask = build_attention_mask(
-                self.mask_BK[:, :num_keys],
-                next_B.shape[0],
-                1,
-                num_keys - 1,
-                self._sliding_window,
-                next_B.device,
+        if self._masked:
+            mask = attention_masks(
+                self.model.config, self.mask_BK[:, :num_keys], next_B.shape[0], 1, num_keys - 1, next_B.device
             )
         else:
             mask = self._mask_B11C[..., :num_keys]
