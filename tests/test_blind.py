@@ -427,6 +427,13 @@ def test_exact_power_by_hand():
     want = sum(comb(10, k) * p**k * (1 - p) ** (10 - k) for k in (0, 1, 9, 10))
     assert stats.exact_sign_test_power(10, p) == pytest.approx(want)
     assert stats.exact_sign_test_power(10, 0.5) <= 0.05
+    from scipy.stats import binom, binomtest
+
+    for n in (1, 7, 24, 61):  # the vectorised rejection region is binomtest's, k by k
+        region = [k for k in range(n + 1) if binomtest(k, n, 0.5).pvalue <= 0.05]
+        assert stats.exact_sign_test_power(n, 0.63) == pytest.approx(
+            sum(binom.pmf(k, n, 0.63) for k in region)
+        )
 
 
 # --- unblind end to end on fixed ratings ---------------------------------------------------------
