@@ -236,6 +236,16 @@ def test_corrupt_and_torn_ratings_file(tmp_path, capsys):
     summary = json.loads((out / "unblind" / "summary.json").read_text())
     assert summary["num_judgments"] == 3 and "warning" in capsys.readouterr().err
     assert path.read_text().count("\n") == 4  # nothing was dropped from the file
+    from moekit.blind.server import RatingStore
+
+    with pytest.raises(ValueError, match=r"ann.jsonl line 3: .*--skip-bad-lines"):
+        RatingStore(out, "ann")
+    store = RatingStore(out, "ann", skip_bad_lines=True)
+    assert store.progress("ann")["num_done"] == 3
+    store.rate({"rater": "ann", "index": 3, "pair_id": pairs[3].pair_id, "choice": "right"})
+    with pytest.raises(RatingsFileError) as info:  # the torn line was ended; the new click is whole
+        read_ratings(path)
+    assert info.value.bad_lines == [3, 5] and info.value.kept[-1].choice == "right"
 
 
 # --- the server API (the browser test drives the page itself) -------------------------------------
