@@ -1,6 +1,7 @@
 """Held-out prompts for the real blind run: function headers from a run's validation documents.
 
-Each prompt is one ``def name(...):`` line plus the newline and indentation of its body, taken
+Each prompt is one ``def name(...):`` header (without its newline: the model writes the body's
+indentation itself, as it did in training, where a newline and the indent are one token), taken
 from documents of the run's validation split (the same hash split training used, so the model
 never trained on them). Writes JSONL (``id``, ``prompt``) for ``moekit blind make --prompts``.
 
@@ -36,7 +37,7 @@ def main() -> None:
     for doc in val:
         for m in HEADER.finditer(read_text(doc)):
             if len(m.group(0)) <= 80:
-                found.append(m.group(0) + m.group(1) + "    ")
+                found.append(m.group(0).rstrip("\n"))
     rng = random.Random(args.seed)
     chosen = rng.sample(sorted(set(found)), min(args.num, len(set(found))))
     with open(args.out, "w") as f:

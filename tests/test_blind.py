@@ -342,6 +342,19 @@ def test_function_judge_both_orders_cancel_position_bias(tmp_path, capsys):
     assert main(["blind", "judge", str(out), "--judge", "fn:tests.test_blind:nope"]) == 2
 
 
+def test_python_prefix_judge():
+    from moekit.blind.judge import python_prefix_judge, valid_python_prefix
+
+    assert valid_python_prefix("    def f(self):\n        if x:\n            y = (1,\n")  # unfinished, valid
+    assert not valid_python_prefix("def f(x):\n    return x = = 2\n")
+    assert valid_python_prefix("def f(x):\n    return x = = 2")  # a partial last line is not judged
+    good, bad = "\n    return x\n", "\n    return x = = 2\n"
+    assert python_prefix_judge("def f(x):", good, bad) == "first"
+    assert python_prefix_judge("def f(x):", bad, good) == "second"
+    assert python_prefix_judge("def f(x):", bad, bad) == "both_bad"
+    assert judge_both_orders(python_prefix_judge, "def f(x):", good, good)["choice"] == "tie"
+
+
 def test_loglik_judge_scores_mean_token_logprob(tiny_run):
     import torch
 
