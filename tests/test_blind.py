@@ -142,12 +142,22 @@ def test_three_systems_meet_pairwise(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from moekit.train import train
-    from tests.test_train import _config, _write_corpus
+    """A random moe-tiny folder with a tokenizer (4 experts, top-2: SCMoE's rank:3 exists)."""
+    import torch
 
-    tmp = tmp_path_factory.mktemp("blindrun")
-    train(_config(tmp, _write_corpus(tmp / "corpus"), max_steps=3), progress=False)
-    return tmp / "run"
+    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
+    from moekit.models import MoEForCausalLM, get_preset
+
+    text = (
+        "def parse(text):\n    return [line.split() for line in text.splitlines()]\nclass A:\n    x = 1\n"
+        * 40
+    )
+    tok = train_tokenizer([text], vocab_size=300)
+    folder = tmp_path_factory.mktemp("blindrun") / "model"
+    torch.manual_seed(0)
+    MoEForCausalLM(get_preset("moe-tiny").replace(vocab_size=tok.get_vocab_size())).save_pretrained(folder)
+    save_tokenizer(tok, folder)
+    return folder
 
 
 def test_make_with_a_real_model_matches_generate(tiny_run, tmp_path, capsys):
