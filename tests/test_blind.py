@@ -286,6 +286,7 @@ def served(tmp_path):
     out = make_blind(
         specs, prompts, tmp_path / "b", seed=2, answer=lambda s, t, c: [f"{x} -> {len(s.model)}" for x in t]
     )
+    (out / "key.json").rename(tmp_path / "key-elsewhere.json")  # the server must not need the key
     server = make_server(RatingStore(out), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield out, f"http://127.0.0.1:{server.server_address[1]}"
