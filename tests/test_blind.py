@@ -142,12 +142,22 @@ def test_three_systems_meet_pairwise(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from moekit.train import train
-    from tests.test_train import _config, _write_corpus
+    """A random moe-tiny folder with a tokenizer (4 experts, top-2: SCMoE's rank:3 exists)."""
+    import torch
 
-    tmp = tmp_path_factory.mktemp("blindrun")
-    train(_config(tmp, _write_corpus(tmp / "corpus"), max_steps=3), progress=False)
-    return tmp / "run"
+    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
+    from moekit.models import MoEForCausalLM, get_preset
+
+    text = (
+        "def parse(text):\n    return [line.split() for line in text.splitlines()]\nclass A:\n    x = 1\n"
+        * 40
+    )
+    tok = train_tokenizer([text], vocab_size=300)
+    folder = tmp_path_factory.mktemp("blindrun") / "model"
+    torch.manual_seed(0)
+    MoEForCausalLM(get_preset("moe-tiny").replace(vocab_size=tok.get_vocab_size())).save_pretrained(folder)
+    save_tokenizer(tok, folder)
+    return folder
 
 
 def test_make_with_a_real_model_matches_generate(tiny_run, tmp_path, capsys):
@@ -236,6 +246,16 @@ def test_corrupt_and_torn_ratings_file(tmp_path, capsys):
     summary = json.loads((out / "unblind" / "summary.json").read_text())
     assert summary["num_judgments"] == 3 and "warning" in capsys.readouterr().err
     assert path.read_text().count("\n") == 4  # nothing was dropped from the file
+    from moekit.blind.server import RatingStore
+
+    with pytest.raises(ValueError, match=r"ann.jsonl line 3: .*--skip-bad-lines"):
+        RatingStore(out, "ann")
+    store = RatingStore(out, "ann", skip_bad_lines=True)
+    assert store.progress("ann")["num_done"] == 3
+    store.rate({"rater": "ann", "index": 3, "pair_id": pairs[3].pair_id, "choice": "right"})
+    with pytest.raises(RatingsFileError) as info:  # the torn line was ended; the new click is whole
+        read_ratings(path)
+    assert info.value.bad_lines == [3, 5] and info.value.kept[-1].choice == "right"
 
 
 # --- the server API (the browser test drives the page itself) -------------------------------------
@@ -266,6 +286,7 @@ def served(tmp_path):
     out = make_blind(
         specs, prompts, tmp_path / "b", seed=2, answer=lambda s, t, c: [f"{x} -> {len(s.model)}" for x in t]
     )
+    (out / "key.json").rename(tmp_path / "key-elsewhere.json")  # the server must not need the key
     server = make_server(RatingStore(out), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield out, f"http://127.0.0.1:{server.server_address[1]}"
@@ -330,6 +351,19 @@ def test_function_judge_both_orders_cancel_position_bias(tmp_path, capsys):
     assert (h["a"], h["wins"], h["losses"]) == ("SYSALPHA", 6, 0)
     assert h["wilcoxon"]["mean_a"] == 5 and h["wilcoxon"]["mean_b"] == 1
     assert main(["blind", "judge", str(out), "--judge", "fn:tests.test_blind:nope"]) == 2
+
+
+def test_python_prefix_judge():
+    from moekit.blind.judge import python_prefix_judge, valid_python_prefix
+
+    assert valid_python_prefix("    def f(self):\n        if x:\n            y = (1,\n")  # unfinished, valid
+    assert not valid_python_prefix("def f(x):\n    return x = = 2\n")
+    assert valid_python_prefix("def f(x):\n    return x = = 2")  # a partial last line is not judged
+    good, bad = "\n    return x\n", "\n    return x = = 2\n"
+    assert python_prefix_judge("def f(x):", good, bad) == "first"
+    assert python_prefix_judge("def f(x):", bad, good) == "second"
+    assert python_prefix_judge("def f(x):", bad, bad) == "both_bad"
+    assert judge_both_orders(python_prefix_judge, "def f(x):", good, good)["choice"] == "tie"
 
 
 def test_loglik_judge_scores_mean_token_logprob(tiny_run):
@@ -427,6 +461,13 @@ def test_exact_power_by_hand():
     want = sum(comb(10, k) * p**k * (1 - p) ** (10 - k) for k in (0, 1, 9, 10))
     assert stats.exact_sign_test_power(10, p) == pytest.approx(want)
     assert stats.exact_sign_test_power(10, 0.5) <= 0.05
+    from scipy.stats import binom, binomtest
+
+    for n in (1, 7, 24, 61):  # the vectorised rejection region is binomtest's, k by k
+        region = [k for k in range(n + 1) if binomtest(k, n, 0.5).pvalue <= 0.05]
+        assert stats.exact_sign_test_power(n, 0.63) == pytest.approx(
+            sum(binom.pmf(k, n, 0.63) for k in region)
+        )
 
 
 # --- unblind end to end on fixed ratings ---------------------------------------------------------

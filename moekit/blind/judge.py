@@ -5,6 +5,9 @@ A judge is a callable ``judge(prompt, first, second)`` returning ``"first"``, ``
 None. Two kinds come with moekit, named by a JUDGE spec:
 
 * ``fn:package.module:function``: any importable function with that signature (the hook);
+* ``fn:moekit.blind.judge:python_prefix_judge``, a ready-made hook for code: the answer that keeps
+  ``prompt + answer`` (cut at its last complete line) valid Python, as far as it goes, wins;
+  both valid is a tie, neither is both-bad;
 * ``loglik:MODEL_DIR[:margin=0.0]``: a third model's log-likelihood judge. Each answer is scored by
   the judge model's mean log-probability per answer token given the prompt (length-normalised, so
   short answers are not favoured for being short); the higher score wins unless the two are
@@ -20,8 +23,11 @@ the pairs that file already holds.
 
 from __future__ import annotations
 
+import codeop
 import importlib
 import re
+import textwrap
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +50,30 @@ def load_function(target: str) -> Callable:
     if not callable(fn):
         raise ValueError(f"judge function {target!r}: {module_name} has no callable {attr!r}")
     return fn
+
+
+def valid_python_prefix(text: str) -> bool:
+    """Whether ``text``, cut at its last newline and dedented, is valid Python so far.
+
+    ``codeop.compile_command`` tells a syntax error from input that is merely unfinished (an
+    open block or bracket), which is what a cut-off answer is.
+    """
+    text = textwrap.dedent(text[: text.rfind("\n")] if "\n" in text else text)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SyntaxWarnings of odd but valid code
+            codeop.compile_command(text + "\n", symbol="exec")
+    except (SyntaxError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def python_prefix_judge(prompt: str, first: str, second: str) -> str:
+    """A judge hook for code prompts: prefer the answer that keeps the code valid (see above)."""
+    ok1, ok2 = valid_python_prefix(prompt + first), valid_python_prefix(prompt + second)
+    if ok1 == ok2:
+        return "tie" if ok1 else "both_bad"
+    return "first" if ok1 else "second"
 
 
 class LoglikJudge:

@@ -13,6 +13,13 @@ def _f(x, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _p(x) -> str:
+    """A p-value: 4 decimals, or two significant digits below 0.001 (never a bare 0.0000)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.1e}" if x < 1e-3 else f"{x:.4f}"
+
+
 def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
@@ -37,8 +44,8 @@ def render_markdown(result: dict) -> str:
         d, s = h["dropped"], h["split"]
         lines.append(
             f"| `{h['a']}` | `{h['b']}` | {h['num_pairs']} | {h['wins']} | {h['losses']} | {h['ties']} ({h['both_bad']}) | "
-            f"{_pct(d['rate'])} [{_pct(d['low'])}, {_pct(d['high'])}] | {_f(d['p'], 4)} | "
-            f"{_pct(s['rate'])} [{_pct(s['low'])}, {_pct(s['high'])}] | {_f(s['p'], 4)} |"
+            f"{_pct(d['rate'])} [{_pct(d['low'])}, {_pct(d['high'])}] | {_p(d['p'])} | "
+            f"{_pct(s['rate'])} [{_pct(s['low'])}, {_pct(s['high'])}] | {_p(s['p'])} |"
         )
     lines += [
         "",
@@ -54,7 +61,7 @@ def render_markdown(result: dict) -> str:
         w = h["wilcoxon"]
         lines.append(
             f"| `{h['a']}` | `{h['b']}` | {w['n']} | {w['n_nonzero']} | {_f(w['mean_a'], 2)} | {_f(w['mean_b'], 2)} | "
-            f"{_f(w['statistic'], 1)} | {_f(w['p'], 4)} |"
+            f"{_f(w['statistic'], 1)} | {_p(w['p'])} |"
         )
     identical = sum(h["identical_answers"] for h in result["head_to_head"])
     if identical:
@@ -82,16 +89,16 @@ def render_markdown(result: dict) -> str:
         "## Biases",
         "",
         f"- Position: the left answer won {pb['left_wins']} of {pb['decisive']} decisive judgments "
-        f"({_pct(pb['rate'])} [{_pct(pb['low'])}, {_pct(pb['high'])}]), binomial p = {_f(pb['p'], 4)} against 50%.",
+        f"({_pct(pb['rate'])} [{_pct(pb['low'])}, {_pct(pb['high'])}]), binomial p = {_p(pb['p'])} against 50%.",
         f"- Length: the longer answer won {lb['longer_wins']} of {lb['decisive_unequal']} decisive pairs of unequal length "
-        f"({_pct(lb['rate'])} [{_pct(lb['low'])}, {_pct(lb['high'])}]), binomial p = {_f(lb['p'], 4)}.",
+        f"({_pct(lb['rate'])} [{_pct(lb['low'])}, {_pct(lb['high'])}]), binomial p = {_p(lb['p'])}.",
         "- Mean answer length (characters): "
         + ", ".join(f"`{s}` {_f(v, 1)}" for s, v in result["mean_length"].items())
         + ".",
     ]
     if len(result["position_bias_by_rater"]) > 1:
         for rater, p in result["position_bias_by_rater"].items():
-            lines.append(f"  - `{rater}`: left won {p['left_wins']} of {p['decisive']} (p = {_f(p['p'], 4)})")
+            lines.append(f"  - `{rater}`: left won {p['left_wins']} of {p['decisive']} (p = {_p(p['p'])})")
     ag = result["agreement"]
     lines += ["", "## Rater agreement", ""]
     if ag["shared_pairs"]:
