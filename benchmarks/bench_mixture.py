@@ -167,7 +167,14 @@ def stage_mixture(out: Path, img: Path, windows: int, val_windows: int) -> dict:
     classes = {k: LatencyClass(**v) for k, v in CLASSES.items()}
     t0 = time.perf_counter()
     cfg = profile_experts(
-        paths, list(EXPERTS), hw, prompt_tokens=64, new_tokens=32, repeats=3, latency_classes=classes
+        paths,
+        list(EXPERTS),
+        hw,
+        prompt_tokens=64,
+        new_tokens=32,
+        repeats=3,
+        latency_classes=classes,
+        config_dir=out,
     )
     cfg.replace(default_class="standard").to_json(out / "mix.json")
     t_profile = time.perf_counter() - t0

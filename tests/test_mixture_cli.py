@@ -93,6 +93,7 @@ def test_profile_writes_measured_latency_and_priced_energy(mixture_dir):
 
     cfg, _ = load_mixture_config(mixture_dir / "mix.json")
     assert cfg.names == ["m0", "m1", "m2"] and cfg.gate == "gate" and cfg.default_class == "instant"
+    assert [e.path for e in cfg.experts] == ["m0", "m1", "m2"]  # relative to the config's folder
     for e in cfg.experts:
         assert e.prefill_s_per_token > 0 and e.decode_s_per_token > 0
     m0, m2 = cfg.expert("m0"), cfg.expert("m2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 HELP = "Mixtures of whole models (MoE²): profile experts, train the gate, select under budgets, generate."
 
@@ -120,7 +121,14 @@ def _profile(args) -> int:
     names = args.names.split(",") if args.names else None
     classes = _classes(args.latency_class)
     cfg = profile_experts(
-        args.model, names, hardware, args.prompt_tokens, args.new_tokens, args.repeats, classes
+        args.model,
+        names,
+        hardware,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.repeats,
+        classes,
+        config_dir=Path(args.out).parent,
     )
     if classes:
         cfg = cfg.replace(default_class=next(iter(classes)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from moekit.mixture.fit import SCORES, Scores, gate_config_for, quality, sample_windows, score
@@ -33,9 +34,13 @@ def profile_experts(
     new_tokens: int = 32,
     repeats: int = 3,
     latency_classes: dict[str, LatencyClass] | None = None,
+    config_dir: str | Path | None = None,
 ) -> MixtureConfig:
     """Measures every expert (:func:`~moekit.mixture.profiles.measure_latency`) and prices its
-    energy with ``hardware``; returns the mixture config (paths as given)."""
+    energy with ``hardware``; returns the mixture config.
+
+    Paths in a config are relative to the config's folder, so with ``config_dir`` (where the
+    config will be written) each path is stored relative to it; otherwise absolute."""
     from moekit.loader import load_model_and_tokenizer
 
     hardware = hardware or HardwareProfile()
@@ -51,7 +56,7 @@ def profile_experts(
         experts.append(
             ExpertProfile(
                 name=name,
-                path=str(path),
+                path=_stored_path(path, config_dir),
                 prefill_s_per_token=prefill,
                 decode_s_per_token=decode,
                 energy_j_per_token=joules,
@@ -59,6 +64,13 @@ def profile_experts(
             )
         )
     return MixtureConfig(experts=experts, latency_classes=latency_classes or {})
+
+
+def _stored_path(path: str | Path, config_dir: str | Path | None) -> str:
+    full = Path(path).resolve()
+    if config_dir is None:
+        return str(full)
+    return os.path.relpath(full, Path(config_dir).resolve())
 
 
 def train_mixture(
