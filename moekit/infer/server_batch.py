@@ -55,8 +55,14 @@ class BatchRow:
         pixel_values: a VLM request's images (``[N, C, H, W]``) or None.
     """
 
-    def __init__(self, prompt_ids: list[int], sampler: Sampler, max_tokens: int, want_logprobs: bool,
-                 pixel_values=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        sampler: Sampler,
+        max_tokens: int,
+        want_logprobs: bool,
+        pixel_values=None,
+    ) -> None:
         self.prompt_ids, self.sampler, self.max_tokens = prompt_ids, sampler, max_tokens
         self.want_logprobs, self.pixel_values = want_logprobs, pixel_values
         #: ``(token_id, logprobs [V] or None)`` items, then None at the end (or an exception)
@@ -88,8 +94,17 @@ class BatchScheduler:
         token_delay_s: sleep after each step (tests and demos of cancellation only).
     """
 
-    def __init__(self, model, *, vision: bool, eos_token_id: int, max_batch: int, call, stats,
-                 token_delay_s: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model,
+        *,
+        vision: bool,
+        eos_token_id: int,
+        max_batch: int,
+        call,
+        stats,
+        token_delay_s: float = 0.0,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.vision, self.eos = model, vision, eos_token_id
