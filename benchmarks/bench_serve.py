@@ -47,6 +47,26 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _child_server(folder: str, max_batch: int, threads: int, ports) -> None:
+    """Runs the server in its own process, so the clients' threads never hold the server's GIL."""
+    import torch
+    import uvicorn
+
+    from moekit.cli.common import load_model_and_tokenizer
+    from moekit.infer.server import ServerConfig, create_app
+
+    torch.set_num_threads(threads)
+    model, tok, _ = load_model_and_tokenizer(Path(folder))
+    config = ServerConfig(model_name="bench", max_queue=64, max_batch=max_batch, max_tokens_limit=4096)
+    server = uvicorn.Server(uvicorn.Config(create_app(model, tok, config), port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    ports.put(server.servers[0].sockets[0].getsockname()[1])
+    thread.join()
+
+
 def compare(base: str, args) -> None:
     """Concurrent against sequential: the same requests, interleaved rounds, total tokens/s."""
     import httpx
@@ -62,8 +82,12 @@ def compare(base: str, args) -> None:
         out = r.json()
         return out["usage"]["completion_tokens"], out["choices"][0]["text"]
 
+    # One keep-alive client per concurrent request, made before timing (a new httpx client builds an
+    # SSL context, tens of ms of CPU that would count against the concurrent side only).
+    clients = [httpx.Client(base_url=base, timeout=600) for _ in bodies]
     with httpx.Client(base_url=base, timeout=600) as c:
-        post(c, bodies[0] | {"max_tokens": 4})  # warm-up
+        for own in clients:
+            post(own, bodies[0] | {"max_tokens": 2})  # warm-up, and opens each connection
         results = {"sequential": [], "concurrent": []}
         for _ in range(args.rounds):
             t0 = time.perf_counter()
@@ -72,8 +96,7 @@ def compare(base: str, args) -> None:
             out: list = [None] * len(bodies)
 
             def client(i: int, out: list = out) -> None:
-                with httpx.Client(base_url=base, timeout=600) as own:
-                    out[i] = post(own, bodies[i])
+                out[i] = post(clients[i], bodies[i])
 
             threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
             t0 = time.perf_counter()
@@ -85,6 +108,8 @@ def compare(base: str, args) -> None:
             if [t for _, t in out] != [t for _, t in seq]:
                 print("WARNING: concurrent texts differ from sequential ones")
         health = c.get("/health").json()
+    for own in clients:
+        own.close()
     rate = {k: [n / s for n, s in v] for k, v in results.items()}
     for k, v in rate.items():
         print(
@@ -126,6 +151,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else _tiny_folder(Path(tmp), args.preset)
+        print(f"model {args.model or args.preset + ' (random init)'}, torch threads {args.threads}")
+        if args.compare:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")
+            ports = ctx.Queue()
+            child = ctx.Process(target=_child_server, args=(str(folder), args.max_batch, args.threads, ports))
+            child.start()
+            try:
+                compare(f"http://127.0.0.1:{ports.get(timeout=300)}", args)
+            finally:
+                child.terminate()
+                child.join(10)
+            return
         model, tok, _ = load_model_and_tokenizer(folder)
         config = ServerConfig(
             model_name="bench", max_queue=4 * args.clients, max_batch=args.max_batch, max_tokens_limit=4096
@@ -137,14 +176,6 @@ def main() -> None:
         while not server.started:
             time.sleep(0.05)
         base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-        print(
-            f"model {args.model or args.preset + ' (random init)'}, torch threads {torch.get_num_threads()}"
-        )
-        if args.compare:
-            compare(base, args)
-            server.should_exit = True
-            thread.join(10)
-            return
         valid_s, invalid_s, tokens, errors = [], [], [0], []
         lock = threading.Lock()
 
