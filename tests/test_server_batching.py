@@ -292,3 +292,29 @@ def test_a_cancelled_stream_leaves_the_batch_and_the_queue_is_bounded(served):
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
     assert result["text"] == want  # the stream that left did not change it
     assert health["cancelled"] >= 1 and health["batch"]["running"] == 0 and health["batch"]["largest"] == 2
+
+
+def test_a_running_batch_gives_the_worker_to_a_waiting_call(served):
+    """An echo's prompt log-probabilities (a plain worker call) run between two ticks, not after
+    the batch has drained."""
+    model, tok = served
+    long = {"model": "tiny", "prompt": "def ", "max_tokens": 150, "temperature": 0}
+    echo = {"model": "tiny", "prompt": "class Point:", "max_tokens": 1, "echo": True, "logprobs": 1}
+    with _serve(model, tok, token_delay_s=0.02) as client:
+        engine = client.app.state.engine
+        done = {}
+
+        def run_long():
+            client.post("/v1/completions", json=long)
+            done["long"] = time.monotonic()
+
+        worker = threading.Thread(target=run_long)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not engine.scheduler.rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = client.post("/v1/completions", json=echo)
+        done["echo"] = time.monotonic()
+        worker.join(60)
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["token_logprobs"][0] is None
+    assert done["echo"] < done["long"]  # 150 tokens take >= 3 s

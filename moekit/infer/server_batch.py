@@ -4,8 +4,12 @@ Shape legend: B = rows in the batch, V = vocabulary.
 
 * A request becomes a :class:`BatchRow` (its sampler with its own seeded ``torch.Generator``,
   ``max_tokens``, whether it wants log-probabilities) and waits in :attr:`BatchScheduler.waiting`.
-* One driver task on the event loop runs :meth:`BatchScheduler.tick` on the engine's single
-  worker thread, again and again while any row is waiting or running. A tick: drops rows that
+* One driver task on the event loop runs :meth:`BatchScheduler.run_ticks` on the engine's single
+  worker thread while any row is waiting or running. It ticks back to back, handing each tick's
+  tokens to the event loop without waiting for it (a round trip through the event loop per step
+  costs two thread wake-ups, about as long as a small model's step on a busy machine), and gives
+  the worker back between ticks when another model call (an echo's prompt log-probabilities, a
+  one-at-a-time request) is waiting for it. A tick: drops rows that
   finished or whose client went away; prefills waiting rows alone (batch 1, so a joining prompt
   never pads the others) while there is room under ``max_batch``, and samples their first token;
   then runs one :class:`~moekit.models.batch_decode.DecodeBatch` step over every running row and
@@ -24,6 +28,7 @@ tokens batched as alone, greedy or seeded (``tests/test_server_batching.py``).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -55,8 +60,14 @@ class BatchRow:
         pixel_values: a VLM request's images (``[N, C, H, W]``) or None.
     """
 
-    def __init__(self, prompt_ids: list[int], sampler: Sampler, max_tokens: int, want_logprobs: bool,
-                 pixel_values=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        sampler: Sampler,
+        max_tokens: int,
+        want_logprobs: bool,
+        pixel_values=None,
+    ) -> None:
         self.prompt_ids, self.sampler, self.max_tokens = prompt_ids, sampler, max_tokens
         self.want_logprobs, self.pixel_values = want_logprobs, pixel_values
         #: ``(token_id, logprobs [V] or None)`` items, then None at the end (or an exception)
@@ -86,15 +97,28 @@ class BatchScheduler:
         call: ``await call(fn, *args)`` runs ``fn`` on the engine's worker thread.
         stats: the server's counters (``generated_tokens`` is counted here).
         token_delay_s: sleep after each step (tests and demos of cancellation only).
+        others_waiting: ``others_waiting() -> bool``, True when another call waits for the worker
+            thread (then :meth:`run_ticks` returns after the current tick).
     """
 
-    def __init__(self, model, *, vision: bool, eos_token_id: int, max_batch: int, call, stats,
-                 token_delay_s: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model,
+        *,
+        vision: bool,
+        eos_token_id: int,
+        max_batch: int,
+        call,
+        stats,
+        token_delay_s: float = 0.0,
+        others_waiting=None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.vision, self.eos = model, vision, eos_token_id
         self.lm = model.language_model if vision else model
         self.max_batch, self.call, self.stats, self.token_delay_s = max_batch, call, stats, token_delay_s
+        self.others_waiting = others_waiting or (lambda: False)
         self.batch = DecodeBatch(self.lm)
         self.device = next(self.lm.parameters()).device
         self.batch_stats = BatchStats()
@@ -123,22 +147,39 @@ class BatchScheduler:
         }
 
     async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
+            # Rows that arrive while run_ticks is returning are seen here (both on the event loop).
             while self.waiting or self.rows:
                 try:
-                    emitted = await self.call(self.tick)
-                except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, not the server
-                    emitted = [(row, exc) for row in self.rows]
+                    await self.call(self.run_ticks, loop)
+                except Exception as exc:  # noqa: BLE001 - a failed tick fails its rows, not the server
+                    self._deliver([(row, exc) for row in self.rows])
                     self.rows = []
                     self.batch = DecodeBatch(self.lm)
-                for row, item in emitted:
-                    row.queue.put_nowait(item)
-                if self.token_delay_s:
-                    await asyncio.sleep(self.token_delay_s)
         finally:
             self._driver = None
 
+    @staticmethod
+    def _deliver(emitted: list) -> None:
+        for row, item in emitted:
+            row.queue.put_nowait(item)
+
     # -- worker thread side --
+
+    def run_ticks(self, loop) -> None:
+        """Ticks until no row is waiting or running, or another call waits for the worker thread.
+
+        Each tick's tokens go to ``loop`` (the event loop) as soon as the tick ends.
+        """
+        while True:
+            emitted = self.tick()
+            if emitted:
+                loop.call_soon_threadsafe(self._deliver, emitted)
+            if self.token_delay_s:
+                time.sleep(self.token_delay_s)
+            if not (self.rows or self.waiting) or self.others_waiting():
+                return
 
     def _emit(self, row: BatchRow, logits_1V, out: list) -> None:
         """Samples ``row``'s next token from its ``[1, V]`` logits and queues it for the handler."""

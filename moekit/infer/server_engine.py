@@ -177,6 +177,9 @@ class Engine:
         self.max_tokens_limit, self.max_queue = max_tokens_limit, max_queue
         self.token_delay_s, self.compile = token_delay_s, compile
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-generate")
+        # Calls handed to the worker that it has not begun: the batch gives the worker back
+        # between ticks while one waits (see ``call``).
+        self._waiting_calls: set = set()
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         lm = model.language_model if self.vision is not None else model
@@ -191,6 +194,7 @@ class Engine:
                 call=self.call,
                 stats=None,
                 token_delay_s=token_delay_s,
+                others_waiting=lambda: bool(self._waiting_calls),
             )
         self.lock = asyncio.Lock()
         self.stats = ServerStats()
@@ -385,7 +389,18 @@ class Engine:
 
     async def call(self, fn, *args):
         """Runs ``fn(*args)`` on the model's worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+        token = object()
+
+        def job():
+            self._waiting_calls.discard(token)
+            return fn(*args)
+
+        self._waiting_calls.add(token)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+        finally:
+            self._waiting_calls.discard(token)  # also when cancelled before it began
 
     async def run(
         self, request, prompt_ids: list[int], body, max_tokens: int, top: int | None, pixel_values=None

@@ -156,26 +156,44 @@ def _fast_moe(
     """The MoE layer for one token per row; returns ``(out [B, D], assignments computed)``.
 
     ``route_BD``: what the router reads instead of ``x_BD`` (pregated: the previous MoE input)."""
-    cfg = mlp.config
     ids_BK, weights_BK = _fast_route(mlp, x_BD if route_BD is None else route_BD, k)
     k = ids_BK.shape[1]
     ids = ids_BK.tolist()  # the one host read per layer: which experts' weights to touch
     if len(ids) == 1:
         out_BD = _one_row_experts(mlp, x_BD, ids[0], weights_BK)
     else:
-        rows_by_expert: dict[int, list[tuple[int, int]]] = {}
-        for row, experts in enumerate(ids):
-            for slot, expert in enumerate(experts):
-                rows_by_expert.setdefault(expert, []).append((row, slot))
-        out_BD = torch.zeros_like(x_BD)
-        w_in_EHD, w_out_EDF = mlp.experts.w_in, mlp.experts.w_out
-        for expert, pairs in rows_by_expert.items():
-            rows = torch.tensor([r for r, _ in pairs], device=x_BD.device)
-            slots = torch.tensor([s for _, s in pairs], device=x_BD.device)
-            h = activate(F.linear(x_BD.index_select(0, rows), w_in_EHD[expert]), cfg.activation)
-            y = F.linear(h, w_out_EDF[expert]) * weights_BK[rows, slots].unsqueeze(-1)
-            out_BD.index_add_(0, rows, y)
+        out_BD = _grouped_experts(mlp, x_BD, ids, weights_BK)
     return _shared_experts(mlp, x_BD, out_BD), len(ids) * k
+
+
+def _grouped_experts(mlp: MoELayer, x_BD: Tensor, ids: list, weights_BK: Tensor) -> Tensor:
+    """The routed experts of B tokens: their (token, slot) assignments sorted by expert, so each
+    chosen expert runs once on a contiguous slice of one gathered input (a few operator calls per
+    expert, which is what a decode step of a continuous batch pays for).
+
+    Each token's outputs are summed in slot order, as :func:`_one_row_experts` does for one token.
+    Legend here: A = B * K assignments.
+    """
+    cfg = mlp.config
+    b, k = len(ids), len(ids[0])
+    order = sorted(range(b * k), key=lambda a: ids[a // k][a % k])  # stable: ties keep row order
+    device = x_BD.device
+    order_A = torch.tensor(order, device=device)
+    x_AD = x_BD.index_select(0, order_A // k)
+    w_in_EHD, w_out_EDF = mlp.experts.w_in, mlp.experts.w_out
+    pieces, start = [], 0
+    while start < len(order):
+        expert = ids[order[start] // k][order[start] % k]
+        end = start + 1
+        while end < len(order) and ids[order[end] // k][order[end] % k] == expert:
+            end += 1
+        h_NH = F.linear(x_AD[start:end], w_in_EHD[expert])
+        pieces.append(F.linear(activate(h_NH, cfg.activation), w_out_EDF[expert]))
+        start = end
+    y_AD = torch.cat(pieces) * weights_BK.reshape(-1).index_select(0, order_A)[:, None]
+    # Back to (token, slot) order, then sum the slots: token-by-token the same additions as alone.
+    y_BKD = y_AD.new_empty(b * k, y_AD.shape[1]).index_copy_(0, order_A, y_AD).view(b, k, -1)
+    return y_BKD.sum(1)
 
 
 def fast_layers_step(
