@@ -5,10 +5,10 @@
     python benchmarks/paper_rows.py moetuner  # MoETuner ILP placement vs round-robin on a trace
 
 ``scmoe``: a byte-level top-2 MoE (dim 64, 4 layers, 8 experts of width 64) is trained on lines
-``"aa+bb=ccc\\n"`` (operands 0-99 zero-padded to 2 digits, the sum to 3), with 300 of the 10,000
-pairs held out. Each held-out prompt ``"aa+bb="`` is completed with 3 bytes by greedy decoding and
-by SCMoE (``SelfContrastSession``, alpha 0.1, weak ``rank:3`` and ``top:1``) at several betas;
-score = exact match of the 3 answer bytes. The paper's claim: SCMoE beats greedy on reasoning.
+``"aa+bb=ccc\\n"`` (``--digits`` operand digits, zero-padded; the sum one digit wider), with 300
+random pairs held out of training. Each held-out prompt ``"aa+bb="`` is completed with the answer's
+bytes by greedy decoding and by SCMoE (``SelfContrastSession``, alpha 0.1, weak ``rank:3`` and ``top:1``) at several betas;
+score = exact match of the answer bytes. The paper's claim: SCMoE beats greedy on reasoning.
 
 ``moepp``: two byte-level MoE LMs with the same 8 FFN experts (dim 64, 4 layers, width 64, top-2),
 one of them MoE++ (plus 1 zero, 1 copy and 2 constant experts, gating residual, tau 0.75), trained
@@ -42,65 +42,76 @@ def _moe_model(seed: int, **moe_kw) -> MoEForCausalLM:
 
 # SCMoE on synthetic addition
 
-LINE = 10  # "aa+bb=ccc\n"
-PROMPT = 6  # "aa+bb="
+
+def _line(a: int, b: int, digits: int) -> str:
+    return f"{a:0{digits}d}+{b:0{digits}d}={a + b:0{digits + 1}d}\n"
 
 
-def _line(a: int, b: int) -> str:
-    return f"{a:02d}+{b:02d}={a + b:03d}\n"
-
-
-def _addition_data(steps: int, batch: int, lines: int, seed: int):
+def _addition_data(steps: int, batch: int, digits: int, seed: int):
+    """``steps`` batches ``[batch, lines * (3 * digits + 4)]`` of whole lines, and 300 held-out pairs
+    that no training line contains."""
     gen = np.random.default_rng(seed)
-    pairs = [(a, b) for a in range(100) for b in range(100)]
-    order = gen.permutation(len(pairs))
-    held = [pairs[i] for i in order[:300]]
-    train_pairs = [pairs[i] for i in order[300:]]
+    top = 10**digits
+    held = set()
+    while len(held) < 300:
+        held.add((int(gen.integers(top)), int(gen.integers(top))))
+    lines = 60 // (3 * digits + 4)
     batches = []
     for _ in range(steps):
-        idx = gen.integers(0, len(train_pairs), size=(batch, lines))
-        rows = ["".join(_line(*train_pairs[i]) for i in row) for row in idx]
-        batches.append(torch.tensor([list(r.encode()) for r in rows], dtype=torch.long))
-    return batches, held
+        rows = []
+        for _ in range(batch):
+            row = ""
+            while len(row) < lines * (3 * digits + 4):
+                a, b = int(gen.integers(top)), int(gen.integers(top))
+                if (a, b) not in held:
+                    row += _line(a, b, digits)
+            rows.append(list(row.encode()))
+        batches.append(torch.tensor(rows, dtype=torch.long))
+    return batches, sorted(held)
 
 
-def _complete(model, prompts: torch.Tensor, beta: float | None, weak: str) -> list[str]:
+def _complete(model, prompts: torch.Tensor, new: int, beta: float | None, weak: str) -> list[str]:
     from moekit.infer.decoding import SelfContrastSession
     from moekit.models.decode import DecodeSession
     from moekit.models.generation import iter_tokens
 
     if beta is None:
-        source = DecodeSession(model, prompts, max_new_tokens=3)
+        source = DecodeSession(model, prompts, max_new_tokens=new)
     else:
-        source = SelfContrastSession(model, prompts, max_new_tokens=3, alpha=0.1, beta=beta, weak=weak)
-    out = torch.stack(list(iter_tokens(source, 3)), dim=1)
+        source = SelfContrastSession(model, prompts, max_new_tokens=new, alpha=0.1, beta=beta, weak=weak)
+    out = torch.stack(list(iter_tokens(source, new)), dim=1)
     return [bytes(row.tolist()).decode("latin-1") for row in out]
 
 
-def scmoe(steps: int, seed: int) -> None:
+def scmoe(steps: int, seed: int, digits: int = 2) -> None:
     """Prints the SCMoE table (markdown)."""
     from paper_rows import _train
 
     t0 = time.perf_counter()
-    train, held = _addition_data(steps, 32, 6, seed)
+    train, held = _addition_data(steps, 32, digits, seed)
     model = _moe_model(seed)
     _train(model, train, steps)
-    prompts = torch.tensor([list(_line(a, b)[:PROMPT].encode()) for a, b in held], dtype=torch.long)
-    answers = [_line(a, b)[PROMPT : PROMPT + 3] for a, b in held]
+    prompt_len = 2 * digits + 2
+    prompts = torch.tensor(
+        [list(_line(a, b, digits)[:prompt_len].encode()) for a, b in held], dtype=torch.long
+    )
+    answers = [_line(a, b, digits)[prompt_len:-1] for a, b in held]
     train_s = time.perf_counter() - t0
     rows = [("greedy", None, "-")]
     for weak in ("rank:3", "top:1"):
         rows += [(f"SCMoE beta {beta}", beta, weak) for beta in (0.1, 0.5, 1.0)]
     print(
-        f"seed {seed}: {steps} steps x 32 rows x 6 lines of 'aa+bb=ccc'; {len(held)} held-out pairs; "
+        f"seed {seed}: {steps} steps x 32 rows of whole {digits}-digit lines; {len(held)} held-out pairs; "
         f"training {train_s:.0f} s"
     )
     print("| decoding | weak routing | exact match | answer bytes correct |")
     print("|---|---|---|---|")
     for name, beta, weak in rows:
-        got = _complete(model, prompts, beta, weak)
+        got = _complete(model, prompts, digits + 1, beta, weak)
         exact = sum(g == a for g, a in zip(got, answers)) / len(answers)
-        chars = sum(x == y for g, a in zip(got, answers) for x, y in zip(g, a)) / (3 * len(answers))
+        chars = sum(x == y for g, a in zip(got, answers) for x, y in zip(g, a)) / (
+            (digits + 1) * len(answers)
+        )
         print(f"| {name} | {weak} | {exact:.3f} | {chars:.3f} |")
 
 
