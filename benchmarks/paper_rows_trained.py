@@ -12,8 +12,10 @@ score = exact match of the answer bytes. The paper's claim: SCMoE beats greedy o
 
 ``moepp``: two byte-level MoE LMs with the same 8 FFN experts (dim 64, 4 layers, width 64, top-2),
 one of them MoE++ (plus 1 zero, 1 copy and 2 constant experts, gating residual, tau 0.75), trained
-on the same stdlib bytes. Reported: held-out loss, FFN experts per token, and the wall time of the
-MoE layers' forwards (hooks around each ``MoELayer``) on held-out batches of 16 x 256 bytes.
+on the same stdlib bytes. Reported: held-out loss, FFN experts per token, and the expert-forward
+time: one ``MoELayer`` (at the trained width and at moe-small's) replays each trained model's
+recorded routing of held-out batches through ``override_routing``, so both layers do exactly the
+work their learned routers ask for.
 
 ``moetuner``: a byte-level top-2 MoE (dim 64, 4 layers, 8 experts) is trained, its routing traced
 on held-out windows, and ``plan_placement`` (ILP, greedy, round-robin) run for 2 and 4 devices under
@@ -118,32 +120,41 @@ def scmoe(steps: int, seed: int, digits: int = 2) -> None:
 # MoE++ against vanilla MoE
 
 
-def _moe_layer_seconds(model: MoEForCausalLM, batches: list, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the summed wall time of every MoE layer's forward on ``batches``."""
-    spent = [0.0]
-    starts: dict[int, float] = {}
+class _FixedRouting:
+    """A routing override that replays recorded expert ids and weights (same tokens, any width)."""
 
-    def pre(mod, args):
-        starts[id(mod)] = time.perf_counter()
+    def __init__(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
+        self.ids_TK, self.weights_TK = ids_TK, weights_TK
 
-    def post(mod, args, out):
-        spent[0] += time.perf_counter() - starts[id(mod)]
+    def __call__(self, router, x_TD, token_mask_T, prev_logits_TE, k):
+        from dataclasses import replace
 
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    handles = [h for m in layers for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-    totals = []
-    try:
-        with torch.no_grad():
-            model(batches[0][:, :-1])  # warm-up
-            for _ in range(repeats):
-                spent[0] = 0.0
-                for b in batches:
-                    model(b[:, :-1])
-                totals.append(spent[0])
-    finally:
-        for h in handles:
-            h.remove()
-    return statistics.median(totals)
+        out = router(x_TD, token_mask_T, prev_logits_TE, k)
+        return replace(out, expert_ids_TK=self.ids_TK, choice_ids_TK=self.ids_TK, weights_TK=self.weights_TK)
+
+
+def _expert_forward_seconds(
+    moe_kw: dict[str, dict], routes: dict[str, list], dim: int, ffn_dim: int, repeats: int = 7
+) -> dict[str, float]:
+    """Per model name: median over ``repeats`` of the summed forward time of one ``MoELayer`` (width
+    ``dim``, experts of width ``ffn_dim``) replaying each recorded ``(ids, weights)`` routing on random
+    inputs. The models take turns within each repeat, so load from other processes hits both alike."""
+    layers, inputs = {}, {}
+    for name, kw in moe_kw.items():
+        torch.manual_seed(0)
+        layers[name] = MoELayer(MoEConfig(dim=dim, ffn_dim=ffn_dim, num_experts=8, top_k=2, **kw)).eval()
+        inputs[name] = [torch.randn(ids.shape[0], dim) for ids, _ in routes[name]]
+    totals: dict[str, list[float]] = {name: [] for name in moe_kw}
+    with torch.no_grad():
+        for rep in range(repeats + 1):
+            for name, layer in layers.items():
+                t0 = time.perf_counter()
+                for x, (ids, w) in zip(inputs[name], routes[name]):
+                    with layer.override_routing(_FixedRouting(ids, w)):
+                        layer(x)
+                if rep:  # the first pass warms up
+                    totals[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in totals.items()}
 
 
 def moepp(steps: int, seed: int) -> None:
@@ -153,10 +164,9 @@ def moepp(steps: int, seed: int) -> None:
     from moekit.data import eval_batches
 
     train, val = _data(steps, seed)
-    models = {
-        "vanilla MoE (8 FFN experts, top-2)": _moe_model(seed),
-        "MoE++ (8 FFN + 1 zero + 1 copy + 2 constant, top-2)": _moe_model(
-            seed,
+    moe_kw = {
+        "vanilla MoE (8 FFN experts, top-2)": {},
+        "MoE++ (8 FFN + 1 zero + 1 copy + 2 constant, top-2)": dict(
             num_zero_experts=1,
             num_copy_experts=1,
             num_constant_experts=2,
@@ -164,6 +174,7 @@ def moepp(steps: int, seed: int) -> None:
             zero_expert_tau=0.75,
         ),
     }
+    models = {name: _moe_model(seed, **kw) for name, kw in moe_kw.items()}
     from paper_rows import _stream
 
     from moekit.data import resolve_corpus, split_documents
@@ -171,13 +182,17 @@ def moepp(steps: int, seed: int) -> None:
     _, val_docs = split_documents(resolve_corpus(None, max_bytes=1_500_000), 0.05)
     timing = eval_batches(_stream(val_docs), 256, 16, 2)
     print(
-        f"seed {seed}: {steps} steps x {BATCH} x {SEQ} bytes; timing on 2 batches of 16 x 256 held-out bytes"
+        f"seed {seed}: {steps} steps x {BATCH} x {SEQ} bytes. Expert-forward time: one MoE layer replaying the "
+        "trained model's routing of 2 x 16 x 256 held-out bytes (4 layers each), at the trained width "
+        "(D 64, F 64) and at moe-small's (D 256, F 512), median of 7"
     )
     print(
-        "| model | parameters | held-out loss | FFN experts per token | MoE-layer forward (s) | share of tokens' slots on zero-computation experts |"
+        "| model | parameters | held-out loss | FFN experts per token | slots on zero-computation experts "
+        "| expert forward, D 64 / F 64 (s) | expert forward, D 256 / F 512 (s) |"
     )
-    print("|---|---|---|---|---|---|")
-    base_s = None
+    print("|---|---|---|---|---|---|---|")
+    routes: dict[str, list] = {}
+    rows = {}
     for name, model in models.items():
         _train(model, train, steps)
         total = count = 0.0
@@ -198,12 +213,19 @@ def moepp(steps: int, seed: int) -> None:
         num_layers = len(out.routing)
         per_token = ffn_slots / (count * num_layers)
         zc_share = zc_slots / max(ffn_slots + zc_slots, 1)
-        sec = _moe_layer_seconds(model, timing)
-        base_s = base_s or sec
-        params = sum(p.numel() for p in model.parameters())
+        routes[name] = []
+        with torch.no_grad():
+            for b in timing:
+                routes[name] += [(r.expert_ids, r.weights) for r in model(b[:, :-1]).routing]
+        rows[name] = (sum(p.numel() for p in model.parameters()), total / count, per_token, zc_share)
+    times = {dim: _expert_forward_seconds(moe_kw, routes, dim, ffn) for dim, ffn in ((64, 64), (256, 512))}
+    first = next(iter(moe_kw))
+    for name, (params, loss, per_token, zc_share) in rows.items():
+        cells = [f"{times[d][name]:.3f} ({times[d][first] / times[d][name]:.2f}x)" for d in (64, 256)]
         print(
-            f"| {name} | {params / 1e3:.0f}k | {total / count:.4f} | {per_token:.3f} | {sec:.3f} "
-            f"({base_s / sec:.2f}x) | {zc_share:.3f} |"
+            f"| {name} | {params / 1e3:.0f}k | {loss:.4f} | {per_token:.3f} | {zc_share:.3f} | "
+            + " | ".join(cells)
+            + " |"
         )
 
 
