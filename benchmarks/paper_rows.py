@@ -188,6 +188,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--pre-steps", type=int, default=300, help="aki: steps of the small dense model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--digits", type=int, default=2, help="scmoe: digits of each operand")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.what == "smoe":
@@ -198,6 +199,10 @@ def main() -> None:
         from paper_rows_growth import aki
 
         aki(args.pre_steps, args.steps, args.seed)
+    elif args.what == "scmoe":
+        from paper_rows_trained import scmoe
+
+        scmoe(args.steps, args.seed, args.digits)
     else:
         import paper_rows_trained
 

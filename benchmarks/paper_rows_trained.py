@@ -5,15 +5,17 @@
     python benchmarks/paper_rows.py moetuner  # MoETuner ILP placement vs round-robin on a trace
 
 ``scmoe``: a byte-level top-2 MoE (dim 64, 4 layers, 8 experts of width 64) is trained on lines
-``"aa+bb=ccc\\n"`` (operands 0-99 zero-padded to 2 digits, the sum to 3), with 300 of the 10,000
-pairs held out. Each held-out prompt ``"aa+bb="`` is completed with 3 bytes by greedy decoding and
-by SCMoE (``SelfContrastSession``, alpha 0.1, weak ``rank:3`` and ``top:1``) at several betas;
-score = exact match of the 3 answer bytes. The paper's claim: SCMoE beats greedy on reasoning.
+``"aa+bb=ccc\\n"`` (``--digits`` operand digits, zero-padded; the sum one digit wider), with 300
+random pairs held out of training. Each held-out prompt ``"aa+bb="`` is completed with the answer's
+bytes by greedy decoding and by SCMoE (``SelfContrastSession``, alpha 0.1, weak ``rank:3`` and ``top:1``) at several betas;
+score = exact match of the answer bytes. The paper's claim: SCMoE beats greedy on reasoning.
 
 ``moepp``: two byte-level MoE LMs with the same 8 FFN experts (dim 64, 4 layers, width 64, top-2),
 one of them MoE++ (plus 1 zero, 1 copy and 2 constant experts, gating residual, tau 0.75), trained
-on the same stdlib bytes. Reported: held-out loss, FFN experts per token, and the wall time of the
-MoE layers' forwards (hooks around each ``MoELayer``) on held-out batches of 16 x 256 bytes.
+on the same stdlib bytes. Reported: held-out loss, FFN experts per token, and the expert-forward
+time: one ``MoELayer`` (at the trained width and at moe-small's) replays each trained model's
+recorded routing of held-out batches through ``override_routing``, so both layers do exactly the
+work their learned routers ask for.
 
 ``moetuner``: a byte-level top-2 MoE (dim 64, 4 layers, 8 experts) is trained, its routing traced
 on held-out windows, and ``plan_placement`` (ILP, greedy, round-robin) run for 2 and 4 devices under
@@ -42,97 +44,117 @@ def _moe_model(seed: int, **moe_kw) -> MoEForCausalLM:
 
 # SCMoE on synthetic addition
 
-LINE = 10  # "aa+bb=ccc\n"
-PROMPT = 6  # "aa+bb="
+
+def _line(a: int, b: int, digits: int) -> str:
+    return f"{a:0{digits}d}+{b:0{digits}d}={a + b:0{digits + 1}d}\n"
 
 
-def _line(a: int, b: int) -> str:
-    return f"{a:02d}+{b:02d}={a + b:03d}\n"
-
-
-def _addition_data(steps: int, batch: int, lines: int, seed: int):
+def _addition_data(steps: int, batch: int, digits: int, seed: int):
+    """``steps`` batches ``[batch, lines * (3 * digits + 4)]`` of whole lines, and 300 held-out pairs
+    that no training line contains."""
     gen = np.random.default_rng(seed)
-    pairs = [(a, b) for a in range(100) for b in range(100)]
-    order = gen.permutation(len(pairs))
-    held = [pairs[i] for i in order[:300]]
-    train_pairs = [pairs[i] for i in order[300:]]
+    top = 10**digits
+    held = set()
+    while len(held) < 300:
+        held.add((int(gen.integers(top)), int(gen.integers(top))))
+    lines = 60 // (3 * digits + 4)
     batches = []
     for _ in range(steps):
-        idx = gen.integers(0, len(train_pairs), size=(batch, lines))
-        rows = ["".join(_line(*train_pairs[i]) for i in row) for row in idx]
-        batches.append(torch.tensor([list(r.encode()) for r in rows], dtype=torch.long))
-    return batches, held
+        rows = []
+        for _ in range(batch):
+            row = ""
+            while len(row) < lines * (3 * digits + 4):
+                a, b = int(gen.integers(top)), int(gen.integers(top))
+                if (a, b) not in held:
+                    row += _line(a, b, digits)
+            rows.append(list(row.encode()))
+        batches.append(torch.tensor(rows, dtype=torch.long))
+    return batches, sorted(held)
 
 
-def _complete(model, prompts: torch.Tensor, beta: float | None, weak: str) -> list[str]:
+def _complete(model, prompts: torch.Tensor, new: int, beta: float | None, weak: str) -> list[str]:
     from moekit.infer.decoding import SelfContrastSession
     from moekit.models.decode import DecodeSession
     from moekit.models.generation import iter_tokens
 
     if beta is None:
-        source = DecodeSession(model, prompts, max_new_tokens=3)
+        source = DecodeSession(model, prompts, max_new_tokens=new)
     else:
-        source = SelfContrastSession(model, prompts, max_new_tokens=3, alpha=0.1, beta=beta, weak=weak)
-    out = torch.stack(list(iter_tokens(source, 3)), dim=1)
+        source = SelfContrastSession(model, prompts, max_new_tokens=new, alpha=0.1, beta=beta, weak=weak)
+    out = torch.stack(list(iter_tokens(source, new)), dim=1)
     return [bytes(row.tolist()).decode("latin-1") for row in out]
 
 
-def scmoe(steps: int, seed: int) -> None:
+def scmoe(steps: int, seed: int, digits: int = 2) -> None:
     """Prints the SCMoE table (markdown)."""
     from paper_rows import _train
 
     t0 = time.perf_counter()
-    train, held = _addition_data(steps, 32, 6, seed)
+    train, held = _addition_data(steps, 32, digits, seed)
     model = _moe_model(seed)
     _train(model, train, steps)
-    prompts = torch.tensor([list(_line(a, b)[:PROMPT].encode()) for a, b in held], dtype=torch.long)
-    answers = [_line(a, b)[PROMPT : PROMPT + 3] for a, b in held]
+    prompt_len = 2 * digits + 2
+    prompts = torch.tensor(
+        [list(_line(a, b, digits)[:prompt_len].encode()) for a, b in held], dtype=torch.long
+    )
+    answers = [_line(a, b, digits)[prompt_len:-1] for a, b in held]
     train_s = time.perf_counter() - t0
     rows = [("greedy", None, "-")]
     for weak in ("rank:3", "top:1"):
         rows += [(f"SCMoE beta {beta}", beta, weak) for beta in (0.1, 0.5, 1.0)]
     print(
-        f"seed {seed}: {steps} steps x 32 rows x 6 lines of 'aa+bb=ccc'; {len(held)} held-out pairs; "
+        f"seed {seed}: {steps} steps x 32 rows of whole {digits}-digit lines; {len(held)} held-out pairs; "
         f"training {train_s:.0f} s"
     )
     print("| decoding | weak routing | exact match | answer bytes correct |")
     print("|---|---|---|---|")
     for name, beta, weak in rows:
-        got = _complete(model, prompts, beta, weak)
+        got = _complete(model, prompts, digits + 1, beta, weak)
         exact = sum(g == a for g, a in zip(got, answers)) / len(answers)
-        chars = sum(x == y for g, a in zip(got, answers) for x, y in zip(g, a)) / (3 * len(answers))
+        chars = sum(x == y for g, a in zip(got, answers) for x, y in zip(g, a)) / (
+            (digits + 1) * len(answers)
+        )
         print(f"| {name} | {weak} | {exact:.3f} | {chars:.3f} |")
 
 
 # MoE++ against vanilla MoE
 
 
-def _moe_layer_seconds(model: MoEForCausalLM, batches: list, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the summed wall time of every MoE layer's forward on ``batches``."""
-    spent = [0.0]
-    starts: dict[int, float] = {}
+class _FixedRouting:
+    """A routing override that replays recorded expert ids and weights (same tokens, any width)."""
 
-    def pre(mod, args):
-        starts[id(mod)] = time.perf_counter()
+    def __init__(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
+        self.ids_TK, self.weights_TK = ids_TK, weights_TK
 
-    def post(mod, args, out):
-        spent[0] += time.perf_counter() - starts[id(mod)]
+    def __call__(self, router, x_TD, token_mask_T, prev_logits_TE, k):
+        from dataclasses import replace
 
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    handles = [h for m in layers for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-    totals = []
-    try:
-        with torch.no_grad():
-            model(batches[0][:, :-1])  # warm-up
-            for _ in range(repeats):
-                spent[0] = 0.0
-                for b in batches:
-                    model(b[:, :-1])
-                totals.append(spent[0])
-    finally:
-        for h in handles:
-            h.remove()
-    return statistics.median(totals)
+        out = router(x_TD, token_mask_T, prev_logits_TE, k)
+        return replace(out, expert_ids_TK=self.ids_TK, choice_ids_TK=self.ids_TK, weights_TK=self.weights_TK)
+
+
+def _expert_forward_seconds(
+    moe_kw: dict[str, dict], routes: dict[str, list], dim: int, ffn_dim: int, repeats: int = 7
+) -> dict[str, float]:
+    """Per model name: median over ``repeats`` of the summed forward time of one ``MoELayer`` (width
+    ``dim``, experts of width ``ffn_dim``) replaying each recorded ``(ids, weights)`` routing on random
+    inputs. The models take turns within each repeat, so load from other processes hits both alike."""
+    layers, inputs = {}, {}
+    for name, kw in moe_kw.items():
+        torch.manual_seed(0)
+        layers[name] = MoELayer(MoEConfig(dim=dim, ffn_dim=ffn_dim, num_experts=8, top_k=2, **kw)).eval()
+        inputs[name] = [torch.randn(ids.shape[0], dim) for ids, _ in routes[name]]
+    totals: dict[str, list[float]] = {name: [] for name in moe_kw}
+    with torch.no_grad():
+        for rep in range(repeats + 1):
+            for name, layer in layers.items():
+                t0 = time.perf_counter()
+                for x, (ids, w) in zip(inputs[name], routes[name]):
+                    with layer.override_routing(_FixedRouting(ids, w)):
+                        layer(x)
+                if rep:  # the first pass warms up
+                    totals[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in totals.items()}
 
 
 def moepp(steps: int, seed: int) -> None:
@@ -142,10 +164,9 @@ def moepp(steps: int, seed: int) -> None:
     from moekit.data import eval_batches
 
     train, val = _data(steps, seed)
-    models = {
-        "vanilla MoE (8 FFN experts, top-2)": _moe_model(seed),
-        "MoE++ (8 FFN + 1 zero + 1 copy + 2 constant, top-2)": _moe_model(
-            seed,
+    moe_kw = {
+        "vanilla MoE (8 FFN experts, top-2)": {},
+        "MoE++ (8 FFN + 1 zero + 1 copy + 2 constant, top-2)": dict(
             num_zero_experts=1,
             num_copy_experts=1,
             num_constant_experts=2,
@@ -153,6 +174,7 @@ def moepp(steps: int, seed: int) -> None:
             zero_expert_tau=0.75,
         ),
     }
+    models = {name: _moe_model(seed, **kw) for name, kw in moe_kw.items()}
     from paper_rows import _stream
 
     from moekit.data import resolve_corpus, split_documents
@@ -160,13 +182,17 @@ def moepp(steps: int, seed: int) -> None:
     _, val_docs = split_documents(resolve_corpus(None, max_bytes=1_500_000), 0.05)
     timing = eval_batches(_stream(val_docs), 256, 16, 2)
     print(
-        f"seed {seed}: {steps} steps x {BATCH} x {SEQ} bytes; timing on 2 batches of 16 x 256 held-out bytes"
+        f"seed {seed}: {steps} steps x {BATCH} x {SEQ} bytes. Expert-forward time: one MoE layer replaying the "
+        "trained model's routing of 2 x 16 x 256 held-out bytes (4 layers each), at the trained width "
+        "(D 64, F 64) and at moe-small's (D 256, F 512), median of 7"
     )
     print(
-        "| model | parameters | held-out loss | FFN experts per token | MoE-layer forward (s) | share of tokens' slots on zero-computation experts |"
+        "| model | parameters | held-out loss | FFN experts per token | slots on zero-computation experts "
+        "| expert forward, D 64 / F 64 (s) | expert forward, D 256 / F 512 (s) |"
     )
-    print("|---|---|---|---|---|---|")
-    base_s = None
+    print("|---|---|---|---|---|---|---|")
+    routes: dict[str, list] = {}
+    rows = {}
     for name, model in models.items():
         _train(model, train, steps)
         total = count = 0.0
@@ -187,12 +213,19 @@ def moepp(steps: int, seed: int) -> None:
         num_layers = len(out.routing)
         per_token = ffn_slots / (count * num_layers)
         zc_share = zc_slots / max(ffn_slots + zc_slots, 1)
-        sec = _moe_layer_seconds(model, timing)
-        base_s = base_s or sec
-        params = sum(p.numel() for p in model.parameters())
+        routes[name] = []
+        with torch.no_grad():
+            for b in timing:
+                routes[name] += [(r.expert_ids, r.weights) for r in model(b[:, :-1]).routing]
+        rows[name] = (sum(p.numel() for p in model.parameters()), total / count, per_token, zc_share)
+    times = {dim: _expert_forward_seconds(moe_kw, routes, dim, ffn) for dim, ffn in ((64, 64), (256, 512))}
+    first = next(iter(moe_kw))
+    for name, (params, loss, per_token, zc_share) in rows.items():
+        cells = [f"{times[d][name]:.3f} ({times[d][first] / times[d][name]:.2f}x)" for d in (64, 256)]
         print(
-            f"| {name} | {params / 1e3:.0f}k | {total / count:.4f} | {per_token:.3f} | {sec:.3f} "
-            f"({base_s / sec:.2f}x) | {zc_share:.3f} |"
+            f"| {name} | {params / 1e3:.0f}k | {loss:.4f} | {per_token:.3f} | {zc_share:.3f} | "
+            + " | ".join(cells)
+            + " |"
         )
 
 
