@@ -138,9 +138,8 @@ class ModelConfig(JsonConfig, AttentionLayout):
             alternates sliding and full layers.
         attention_chunk_size: the chunk of ``"chunked"`` layers (each token sees the earlier tokens
             of its own chunk only; Llama 4).
-        nope_layer_indices: layers whose attention has no RoPE (Llama 4's NoPE layers); None: none
-            (``use_rope=False`` turns RoPE off everywhere). With ``qk_norm="l2"`` only the RoPE
-            layers norm q/k, as Llama 4 does.
+        nope_layer_indices: layers without RoPE (Llama 4's NoPE layers; ``use_rope=False``: all);
+            with ``qk_norm="l2"`` only the RoPE layers norm q/k, as Llama 4 does.
         residual_scales: None, or ``((a, b) per "attention", "linear", "mlp")`` as a 6-tuple: each
             sublayer gives ``a * residual + b * branch`` (MiniMax's alpha/beta factors).
             ``norm_placement="normed_residual"`` makes the residual the *normed* input (MiniMax).
