@@ -42,6 +42,7 @@ MORE_MOE = [
     "gpt_oss",
     "llama4_text",
     "jetmoe",
+    "minimax",
 ]
 FAMILIES = BASE_MOE + MORE_MOE + ["jamba"] + DENSE
 TOOLS = ["import", "export", "generate", "serve", "offload", "quantize", "trace", "surgery", "gguf"]
@@ -71,6 +72,7 @@ REFUSALS: dict[tuple[str, str], str] = {
     ("gpt_oss", "offload"): r"^offload: MoE layer 0 has expert biases \(moe.ffn_bias=True\)",
     ("gpt_oss", "quantize"): r"^quantize: MoE layer 0 has expert biases \(moe.ffn_bias=True\)",
     ("gpt_oss", "gguf"): NO_GGUF + "activation swiglu_clamped.*expert biases, attention sinks",
+    ("minimax", "gguf"): NO_GGUF + "norm_placement='normed_residual'",
     ("jetmoe", "gguf"): NO_GGUF + "attention_type='moa'",
     ("llama4_text", "gguf"): NO_GGUF
     + "router topk/sigmoid, dense layers.*routing weights on the expert input",

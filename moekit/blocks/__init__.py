@@ -42,8 +42,16 @@ block's config (e.g. ``ModelConfig.attention_config()``); the block never sees t
 
 from moekit.blocks.attention import Attention, attend_with_sinks, build_attention_mask
 from moekit.blocks.cache import KVCache, MambaState, RaggedKVCache
-from moekit.blocks.config import AttentionConfig, MLAConfig, MoAConfig, RopeConfig, mla_softmax_scale
+from moekit.blocks.config import (
+    AttentionConfig,
+    LightningConfig,
+    MLAConfig,
+    MoAConfig,
+    RopeConfig,
+    mla_softmax_scale,
+)
 from moekit.blocks.encoder import SelfAttention
+from moekit.blocks.lightning import LightningAttention, lightning_scan, lightning_slopes
 from moekit.blocks.mla import MLAttention
 from moekit.blocks.moa import MixtureOfAttentionHeads
 from moekit.blocks.norm import RMSNorm
@@ -64,6 +72,10 @@ __all__ = [
     "KVCache",
     "RaggedKVCache",
     "MLAConfig",
+    "LightningAttention",
+    "LightningConfig",
+    "lightning_scan",
+    "lightning_slopes",
     "MoAConfig",
     "MixtureOfAttentionHeads",
     "MLAttention",

@@ -38,7 +38,8 @@ class KVCache:
     "keys" and its shared rotary key as "values").
 
     A hybrid model's Mamba layers keep a :class:`MambaState` instead (:meth:`mamba_state`,
-    :meth:`set_mamba_state`); they count tokens in ``lengths`` too, so :attr:`seq_len` holds
+    :meth:`set_mamba_state`), linear-attention layers one state tensor (:meth:`recurrent_state`,
+    :meth:`set_recurrent_state`); they count tokens in ``lengths`` too, so :attr:`seq_len` holds
     whichever kind layer 0 is.
 
     Args:
@@ -55,6 +56,7 @@ class KVCache:
         self.values: list[Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
         self.mamba_states: list[MambaState | None] = [None] * num_layers
+        self.recurrent_states: list[Tensor | None] = [None] * num_layers
 
     @property
     def seq_len(self) -> int:
@@ -106,6 +108,15 @@ class KVCache:
         self.mamba_states[layer_idx] = state
         self.lengths[layer_idx] += num_new
 
+    def recurrent_state(self, layer_idx: int) -> Tensor | None:
+        """A linear-attention layer's state after the cached tokens (None before its first call)."""
+        return self.recurrent_states[layer_idx]
+
+    def set_recurrent_state(self, layer_idx: int, state: Tensor, num_new: int) -> None:
+        """Stores linear-attention layer ``layer_idx``'s state (any tensor) after ``num_new`` more tokens."""
+        self.recurrent_states[layer_idx] = state
+        self.lengths[layer_idx] += num_new
+
     def crop(self, length: int) -> None:
         """Forgets every token after the first ``length`` (speculative decoding rollback).
 
@@ -114,9 +125,9 @@ class KVCache:
                 summary that cannot be rolled back.
         """
         for i, state in enumerate(self.mamba_states):
-            if state is not None and length < self.lengths[i]:
+            if (state is not None or self.recurrent_states[i] is not None) and length < self.lengths[i]:
                 raise ValueError(
-                    f"KVCache.crop({length}): Mamba layer {i} holds a recurrent state over "
+                    f"KVCache.crop({length}): layer {i} (Mamba or linear attention) holds a recurrent state over "
                     f"{self.lengths[i]} tokens that cannot be rolled back"
                 )
         self.lengths = [min(n, length) for n in self.lengths]

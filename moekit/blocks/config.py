@@ -341,3 +341,31 @@ class MoAConfig(JsonConfig):
                 raise ValueError(f"MoAConfig.{name} must be positive, got {getattr(self, name)}")
         if self.top_k > self.num_experts:
             raise ValueError(f"MoAConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+
+
+@dataclass(kw_only=True)
+class LightningConfig(JsonConfig):
+    """Lightning (linear) attention (:class:`~moekit.blocks.LightningAttention`, MiniMax).
+
+    Attributes:
+        dim: model width D.
+        num_heads: heads H.
+        head_dim: per-head width Dh.
+        num_layers: decoder layers L (the decay rate of layer i falls linearly with i / (L - 1)).
+        block_size: tokens per block of the parallel form (any value gives the same result).
+        norm_eps: epsilon of the output RMSNorm (transformers' MiniMax uses 1e-6).
+    """
+
+    dim: int
+    num_heads: int
+    head_dim: int
+    num_layers: int
+    block_size: int = 256
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_heads", "head_dim", "num_layers", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LightningConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"LightningConfig.norm_eps must be positive, got {self.norm_eps}")

@@ -7,7 +7,7 @@ fields (``attention_layer_types``, ``attention_chunk_size``, ``nope_layer_indice
 
 from __future__ import annotations
 
-from moekit.blocks.config import MoAConfig
+from moekit.blocks.config import LightningConfig, MoAConfig
 from moekit.config import check_choice
 
 ATTENTION_MASK_TYPES = ("full", "sliding", "chunked")
@@ -102,3 +102,36 @@ class AttentionLayout:
         if self.attention_layer_types is not None:
             return self.attention_layer_types[i]
         return "full" if self.sliding_window is None else "sliding"
+
+    def _check_linear(self) -> None:
+        name = "ModelConfig"
+        if self.linear_block_size <= 0:
+            raise ValueError(f"{name}.linear_block_size must be positive, got {self.linear_block_size}")
+        if self.residual_scales is not None:
+            self.residual_scales = tuple(float(v) for v in self.residual_scales)
+            if self.norm_placement != "normed_residual":
+                raise ValueError(f"{name}.residual_scales needs norm_placement='normed_residual'")
+            if len(self.residual_scales) != 6:
+                raise ValueError(
+                    f"{name}.residual_scales needs 6 numbers (a, b for attention, linear, mlp), "
+                    f"got {len(self.residual_scales)}"
+                )
+        if any(t == "linear" for t in self.layer_types or ()) and self.attention_type != "mha":
+            raise ValueError(f"{name}: 'linear' layers need attention_type='mha' for the other layers")
+
+    def sublayer_scales(self, kind: str) -> tuple[float, float]:
+        """``(a, b)`` of ``a * residual + b * branch`` for ``kind`` in attention/linear/mlp."""
+        if self.residual_scales is None:
+            return 1.0, 1.0
+        i = ("attention", "linear", "mlp").index(kind)
+        return self.residual_scales[2 * i], self.residual_scales[2 * i + 1]
+
+    def lightning_config(self) -> LightningConfig:
+        """The :class:`~moekit.blocks.LightningConfig` of every ``"linear"`` layer."""
+        return LightningConfig(
+            dim=self.dim,
+            num_heads=self.num_heads,
+            head_dim=self.attn_head_dim,
+            num_layers=self.num_layers,
+            block_size=self.linear_block_size,
+        )

@@ -32,8 +32,8 @@ from moekit.models.decoder import MoEForCausalLM
 def batch_decode_supported(model: MoEForCausalLM) -> bool:
     """Whether rows of a :class:`DecodeBatch` of ``model`` decode exactly as they would alone."""
     cfg = model.config
-    if cfg.mamba_layer_ids:
-        return False
+    if cfg.layer_types is not None and any(t != "attention" for t in cfg.layer_types):
+        return False  # Mamba and lightning layers keep recurrent states the ragged cache does not
     # The ragged cache builds one mask for every layer: per-layer mask types (sliding/full,
     # chunked) and mixture-of-attention-heads layers decode one request at a time.
     if cfg.attention_layer_types is not None or cfg.attention_chunk_size is not None or cfg.moa_num_experts:

@@ -22,11 +22,10 @@ converters' key maps. The fields cover what the HF MoE families need:
     DBRX         clip_qkv, norm_type="layernorm"
     Hunyuan-MoE  qk_norm_after_rope
     FlexOlmo     norm_placement="post"
-    JetMoE       attention_type="moa" + moa_num_experts/moa_top_k, moe.output_bias
-    Llama 4      nope_layer_indices, qk_norm="l2", attention_temperature_scale/attention_floor_scale,
-                 attention_layer_types "chunked" + attention_chunk_size, moe.weights_on_input
-    GPT-OSS      attention_sinks, attention_layer_types (sliding/full alternation), attention_out_bias,
-                 moe.activation="swiglu_clamped", moe.ffn_bias, moe.router_bias, softmax after top-k
+    JetMoE       attention_type="moa" (moa_num_experts, moa_top_k), moe.output_bias
+    Llama 4      nope_layer_indices, qk_norm="l2", attention temperature, "chunked" layers, moe.weights_on_input
+    MiniMax      layer_types "linear", norm_placement="normed_residual", residual_scales
+    GPT-OSS      attention_sinks, attention_layer_types, moe.activation="swiglu_clamped", moe.ffn_bias
 The family fields come last in the field list, each neutral by default.
 """
 
@@ -52,8 +51,8 @@ from moekit.models.attention_layout import AttentionLayout
 MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit", "none")
 ATTENTION_TYPES = ("mha", "mla", "moa")
 NORM_TYPES = ("rmsnorm", "layernorm")
-NORM_PLACEMENTS = ("pre", "post")
-LAYER_TYPES = ("attention", "mamba")
+NORM_PLACEMENTS = ("pre", "post", "normed_residual")
+LAYER_TYPES = ("attention", "mamba", "linear")
 _AUX_COEFS = ("aux_loss_coef", "z_loss_coef", "seq_balance_coef", "entropy_loss_coef")
 
 
@@ -139,9 +138,11 @@ class ModelConfig(JsonConfig, AttentionLayout):
             alternates sliding and full layers.
         attention_chunk_size: the chunk of ``"chunked"`` layers (each token sees the earlier tokens
             of its own chunk only; Llama 4).
-        nope_layer_indices: layers whose attention has no RoPE (Llama 4's NoPE layers); None: none
-            (``use_rope=False`` turns RoPE off everywhere). With ``qk_norm="l2"`` only the RoPE
-            layers norm q/k, as Llama 4 does.
+        nope_layer_indices: layers without RoPE (Llama 4's NoPE layers; ``use_rope=False``: all);
+            with ``qk_norm="l2"`` only the RoPE layers norm q/k, as Llama 4 does.
+        residual_scales: None, or ``((a, b) per "attention", "linear", "mlp")`` as a 6-tuple: each
+            sublayer gives ``a * residual + b * branch`` (MiniMax's alpha/beta factors).
+            ``norm_placement="normed_residual"`` makes the residual the *normed* input (MiniMax).
         moa_num_experts, moa_top_k: with ``attention_type="moa"`` (JetMoE's mixture of attention
             heads, :class:`~moekit.blocks.MixtureOfAttentionHeads`): the attention experts and how
             many each token uses; ``num_heads`` must be ``num_kv_heads * moa_top_k``.
@@ -153,8 +154,9 @@ class ModelConfig(JsonConfig, AttentionLayout):
 
     Token mixers (hybrid layouts, see :meth:`layer_type`; :func:`periodic_layer_types` builds
     Jamba's periods, :func:`layout_from_pattern` BlackMamba-style strings):
-        layer_types: per layer ``"attention"`` (``attention_type``: GQA or MLA) or ``"mamba"``
-            (:class:`~moekit.blocks.MambaMixer`); None means attention everywhere.
+        layer_types: per layer ``"attention"`` (``attention_type``: GQA or MLA), ``"mamba"``
+            (:class:`~moekit.blocks.MambaMixer`) or ``"linear"`` (MiniMax's lightning attention,
+            :class:`~moekit.blocks.LightningAttention`, ``linear_block_size``); None: attention.
         mamba: the Mamba mixer of every ``"mamba"`` layer (required with one); ``mamba.dim`` must
             equal ``dim``.
         use_rope: rotate queries and keys; False gives attention without positions (Jamba).
@@ -240,6 +242,8 @@ class ModelConfig(JsonConfig, AttentionLayout):
     nope_layer_indices: tuple[int, ...] | None = None
     moa_num_experts: int = 0
     moa_top_k: int = 0
+    linear_block_size: int = 256
+    residual_scales: tuple[float, ...] | None = None
     attention_temperature_scale: float | None = None
     attention_floor_scale: int = 8192
 
@@ -420,6 +424,7 @@ class ModelConfig(JsonConfig, AttentionLayout):
         self._check_attention_masks()
         self._check_nope()
         self._check_moa()
+        self._check_linear()
 
     def layer_type(self, i: int) -> str:
         """Layer ``i``'s token mixer: ``"attention"`` or ``"mamba"``."""

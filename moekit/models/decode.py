@@ -65,7 +65,7 @@ def fast_decode_supported(model: MoEForCausalLM) -> bool:
         return False
     if cfg.attention_multiplier is not None or cfg.clip_qkv is not None or cfg.norm_placement != "pre":
         return False
-    if not cfg.use_rope or cfg.mamba_layer_ids or cfg.nope_layer_indices:
+    if not cfg.use_rope or any(t != "attention" for t in cfg.layer_types or ()) or cfg.nope_layer_indices:
         return False  # hybrids and NoPE attention take the general layers
     if cfg.qk_norm == "l2" or cfg.attention_temperature_scale is not None:
         return False  # Llama 4's q/k L2 norm and temperature tuning

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from moekit.blocks import (
     Attention,
     KVCache,
+    LightningAttention,
     MambaMixer,
     MixtureOfAttentionHeads,
     MLAttention,
@@ -100,7 +101,13 @@ class DecoderLayer(nn.Module):
         if not self.post_norm:
             self.input_layernorm = make_norm(config)
         self.mamba: MambaMixer | None = None
-        if config.layer_type(layer_idx) == "mamba":
+        self.linear = config.layer_type(layer_idx) == "linear"
+        kind = "linear" if self.linear else "attention"
+        self.normed_residual = config.norm_placement == "normed_residual"
+        self.mixer_scales, self.mlp_scales = config.sublayer_scales(kind), config.sublayer_scales("mlp")
+        if self.linear:
+            self.self_attn = LightningAttention(config.lightning_config(), layer_idx)
+        elif config.layer_type(layer_idx) == "mamba":
             assert config.mamba is not None  # ModelConfig checks it
             self.mamba = MambaMixer(config.mamba, layer_idx)
             self.self_attn: nn.Module | None = None
@@ -158,8 +165,12 @@ class DecoderLayer(nn.Module):
         normed_BSD = self.input_layernorm(x_BSD)
         if self.mamba is not None:
             mixed_BSD = self.mamba(normed_BSD, token_mask_BS, cache)
+        elif self.linear:
+            mixed_BSD = self.self_attn(normed_BSD, token_mask_BS, cache)
         else:
             mixed_BSD = self.self_attn(normed_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
+        if self.normed_residual:
+            return self._normed_residual_forward(normed_BSD, mixed_BSD, token_mask_BS, prev_logits_TE, moe_k)
         h_BSD = x_BSD + self._scaled(mixed_BSD)
         normed_BSD = self.post_attention_layernorm(h_BSD)
         if not self.is_moe:
@@ -172,6 +183,15 @@ class DecoderLayer(nn.Module):
             router_input=router_input_BSD,
         )
         return h_BSD + self._scaled(out.hidden), out
+
+    def _normed_residual_forward(self, normed_BSD, mixed_BSD, token_mask_BS, prev_logits_TE, moe_k):
+        # MiniMax: each sublayer's residual is its *normed* input, both sides scaled (alpha, beta).
+        (a1, b1), (a2, b2) = self.mixer_scales, self.mlp_scales
+        normed2_BSD = self.post_attention_layernorm(normed_BSD * a1 + mixed_BSD * b1)
+        if not self.is_moe:
+            return normed2_BSD * a2 + self.mlp(normed2_BSD) * b2, None
+        out = self.mlp(normed2_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k)
+        return normed2_BSD * a2 + out.hidden * b2, out
 
     def _post_norm_forward(
         self, x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache, router_in
@@ -375,6 +395,8 @@ class MoEForCausalLM(nn.Module):
                 layer.mamba.reset_ssm_parameters()  # A, D and the time-step bias, overwritten above
             elif isinstance(layer.self_attn, MixtureOfAttentionHeads):
                 layer.self_attn.reset_parameters(std, out_std)
+            elif isinstance(layer.self_attn, LightningAttention):
+                nn.init.normal_(layer.self_attn.out_proj.weight, std=out_std)
             else:
                 nn.init.normal_(layer.self_attn.o_proj.weight, std=out_std)
                 if getattr(layer.self_attn, "sinks", None) is not None:

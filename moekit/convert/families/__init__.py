@@ -24,6 +24,7 @@ from moekit.convert.families.jamba import JambaAdapter
 from moekit.convert.families.jetmoe import JetMoeAdapter
 from moekit.convert.families.llama import LlamaAdapter
 from moekit.convert.families.llama4 import Llama4TextAdapter
+from moekit.convert.families.minimax import MiniMaxAdapter
 from moekit.convert.families.mistral import MistralAdapter
 from moekit.convert.families.mixtral import MixtralAdapter
 from moekit.convert.families.olmoe import OlmoeAdapter
@@ -41,6 +42,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
         GptOssAdapter(),
         Llama4TextAdapter(),
         JetMoeAdapter(),
+        MiniMaxAdapter(),
         Glm4MoeAdapter(),
         Dots1Adapter(),
         JambaAdapter(),
@@ -68,7 +70,6 @@ FAMILIES: dict[str, FamilyAdapter] = {
 # MoE families transformers ships that moekit knows it cannot run yet, and why (the error says so).
 NOT_MODELLED = {
     "llama4": "multimodal wrapper (vision tower and language_model.* names; text-only llama4_text folders load)",
-    "minimax": "linear-attention (lightning) layers beside softmax attention",
     "qwen3_next": "gated DeltaNet linear-attention layers",
     "granitemoehybrid": "Mamba2 mixers",
 }

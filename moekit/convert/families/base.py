@@ -269,6 +269,7 @@ NEUTRAL_MODEL = {
     "attention_layer_types": None,
     "attention_chunk_size": None,
     "nope_layer_indices": None,
+    "residual_scales": None,
     "attention_temperature_scale": None,
     "attention_floor_scale": 8192,
 }
@@ -291,6 +292,8 @@ class FamilyAdapter:
     architecture: str = ""
     # transformers keeps these routers in float32 whatever the run dtype (``_keep_in_fp32_modules``).
     fp32_routers: bool = False
+    # The family has lightning (linear) attention layers (MiniMax).
+    linear_layers: bool = False
     # ModelConfig fields of NEUTRAL_MODEL the family expresses (plus "rope_interleave" for GQA).
     model_features: frozenset[str] = frozenset()
 
@@ -310,8 +313,18 @@ class FamilyAdapter:
         """Whether automatic family choice should pick this family for ``cfg`` (export)."""
         return False
 
+    def derived_tensor(self, key: str) -> bool:
+        """Whether HF tensor ``key`` is recomputable from others (import skips it silently)."""
+        return False
+
+    def derived_tensors(self, cfg: ModelConfig, state: dict[str, Any]) -> list[tuple[str, Any]]:
+        """Extra ``(HF name, tensor)`` pairs export writes, computed from the moekit ``state``."""
+        return []
+
     def check_mixers(self, cfg: ModelConfig) -> None:
-        """Refuses Mamba layers and attention without RoPE (only the hybrid families express them)."""
+        """Refuses Mamba layers, attention without RoPE and (but for MiniMax) linear-attention layers."""
+        if "linear" in (cfg.layer_types or ()) and not self.linear_layers:
+            raise refuse_export(self.model_type, "layer_types", "linear layers", "no linear attention")
         if cfg.mamba_layer_ids:
             raise refuse_export(self.model_type, "layer_types", "mamba layers", "an attention-only family")
         if not cfg.use_rope:
