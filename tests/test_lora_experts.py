@@ -162,3 +162,13 @@ def test_a_fresh_lora_moe_lm_starts_with_b_zero():
         ex = layer.mlp.experts
         assert ex.lora_in_B.abs().sum() == 0 and ex.lora_out_B.abs().sum() == 0
         assert ex.lora_in_A.abs().sum() > 0 and not ex.w_in.requires_grad
+
+
+def test_tools_that_need_plain_experts_refuse_lora_experts(tmp_path):
+    moe = upcycle(dense_lm(), UpcycleConfig.lora(2, rank=2, top_k=1))
+    with pytest.raises(ValueError, match="LoRA experts"):
+        moe.save_pretrained(tmp_path / "hf", format="hf")
+    from moekit.layers import require_plain_expert_math
+
+    with pytest.raises(ValueError, match="merge_lora_experts"):
+        require_plain_expert_math([layer.mlp for layer in moe.layers], "quantization")

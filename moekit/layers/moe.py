@@ -415,6 +415,8 @@ def require_plain_expert_math(layers: list[MoELayer], what: str) -> None:
             feature = "expert biases (moe.ffn_bias=True)"
         elif cfg.activation == "swiglu_clamped":
             feature = "the clamped SwiGLU (activation='swiglu_clamped')"
+        elif cfg.expert_kind == "lora":
+            feature = "LoRA experts (expert_kind='lora'; merge_lora_experts turns them into full experts)"
         else:
             continue
         raise ValueError(f"{what}: MoE layer {index} has {feature}, which {what} does not handle")
