@@ -90,6 +90,13 @@ class LoRAExpertWeights(ExpertWeights):
         self.w_out.uniform_(-1 / math.sqrt(self.ffn_dim), 1 / math.sqrt(self.ffn_dim))
         self.reset_lora()
 
+    def freeze_base(self) -> None:
+        """Sets ``requires_grad=False`` on the shared base (what a caller that unfroze every
+        parameter calls to restore the design)."""
+        for p in (self.w_in, self.w_out, self.b_in, self.b_out):
+            if p is not None:
+                p.requires_grad_(False)
+
     @torch.no_grad()
     def reset_lora(self) -> None:
         """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0 (the adapters add nothing yet)."""
