@@ -16,6 +16,7 @@ DROP_POLICIES = ("score", "position", "random")
 ACTIVATIONS = ("swiglu", "gelu", "quick_gelu", "swiglu_clamped")
 TASK_ROUTINGS = ("embed", "multi_gate")
 BACKENDS = ("auto", "eager", "sorted", "grouped_mm")
+EXPERT_KINDS = ("ffn", "lora")
 
 
 @dataclass(kw_only=True)
@@ -95,6 +96,14 @@ class MoEConfig(JsonConfig):
         drop_policy: which assignments survive: by ``"score"``, by ``"position"`` (first choices
             first, then earlier tokens), or ``"random"`` (random token selection, RTS).
 
+    Expert kind:
+        expert_kind: ``"ffn"`` (each expert a full FFN) or ``"lora"`` (Uni-MoE: one frozen dense
+            base FFN shared by all experts, and per expert a low-rank adapter ``B_e A_e`` on every
+            projection: gate, up and down for SwiGLU, up and down for GELU, so expert e is the
+            FFN with weights ``W + (lora_alpha / lora_rank) B_e A_e``).
+        lora_rank: r of the LoRA experts.
+        lora_alpha: the LoRA scale numerator (scale = alpha / r; Uni-MoE: r=8, alpha=16).
+
     Compute:
         backend: expert compute backend: ``"auto"``, ``"eager"``, ``"sorted"``, ``"grouped_mm"``.
 
@@ -160,6 +169,10 @@ class MoEConfig(JsonConfig):
     min_capacity: int = 4
     drop_policy: str = "score"
 
+    expert_kind: str = "ffn"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
     backend: str = "auto"
 
     sparsemixer_eps: float = 0.01
@@ -193,6 +206,7 @@ class MoEConfig(JsonConfig):
         check_choice(name, "drop_policy", self.drop_policy, DROP_POLICIES)
         check_choice(name, "backend", self.backend, BACKENDS)
         check_choice(name, "task_routing", self.task_routing, TASK_ROUTINGS)
+        self._check_lora()
         if self.num_tasks < 0:
             raise ValueError(f"{name}.num_tasks must be >= 0, got {self.num_tasks}")
         if self.num_tasks == 0 and self.task_routing != "embed":
@@ -261,6 +275,21 @@ class MoEConfig(JsonConfig):
             )
         # Each router strategy rejects the fields it would silently ignore.
         strategy_for(self).check(self)
+
+    def _check_lora(self) -> None:
+        name = "MoEConfig"
+        check_choice(name, "expert_kind", self.expert_kind, EXPERT_KINDS)
+        if self.expert_kind != "lora":
+            if (self.lora_rank, self.lora_alpha) != (8, 16.0):
+                raise ValueError(
+                    f"{name}.lora_rank/lora_alpha are only read by expert_kind='lora', not "
+                    f"{self.expert_kind!r}; remove them"
+                )
+            return
+        if self.lora_rank < 1:
+            raise ValueError(f"{name}.lora_rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"{name}.lora_alpha must be positive, got {self.lora_alpha}")
 
     def _check_clamped_swiglu(self) -> None:
         name = "MoEConfig"

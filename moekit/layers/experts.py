@@ -66,6 +66,8 @@ class ExpertWeights(nn.Module):
         dim: D.
         ffn_dim: F.
         activation: ``"swiglu"``, ``"swiglu_clamped"``, ``"gelu"`` or ``"quick_gelu"``.
+        sorted_name: the backend name of this storage's :meth:`forward_sorted` (``"sorted"``;
+            LoRA experts: ``"lora_sorted"``).
         swiglu_alpha, swiglu_limit: the clamped SwiGLU's constants (read by it alone).
     """
 
@@ -73,6 +75,8 @@ class ExpertWeights(nn.Module):
     dim: int
     ffn_dim: int
     activation: str
+    # What a dispatcher reports when :meth:`forward_sorted` runs (``MoEOutput.backend``).
+    sorted_name: str = "sorted"
     swiglu_alpha: float = SWIGLU_ALPHA
     swiglu_limit: float = SWIGLU_LIMIT
 

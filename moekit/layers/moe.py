@@ -26,6 +26,7 @@ from moekit.layers import losses
 from moekit.layers.config import FFNConfig, MoEConfig
 from moekit.layers.dispatch import Dispatcher, LocalDispatcher
 from moekit.layers.experts import BiasedExpertWeights, ExpertWeights, FeedForward, StackedExpertWeights
+from moekit.layers.lora import LoRAExpertWeights
 from moekit.layers.router import Router, RouterOutput, apply_capacity
 
 
@@ -140,6 +141,19 @@ class MoEOutput:
     moe_input: Tensor | None = None
 
 
+def build_expert_storage(config: MoEConfig) -> ExpertWeights:
+    """The storage ``config`` asks for: stacked full experts (biased with ``ffn_bias``), or LoRA
+    experts over one frozen base FFN (``expert_kind="lora"``)."""
+    swiglu = {"swiglu_alpha": config.swiglu_alpha, "swiglu_limit": config.swiglu_limit}
+    if config.expert_kind == "lora":
+        return LoRAExpertWeights(
+            config.num_experts, config.dim, config.ffn_dim, config.activation,
+            rank=config.lora_rank, alpha=config.lora_alpha, bias=config.ffn_bias, **swiglu,
+        )  # fmt: skip
+    storage = BiasedExpertWeights if config.ffn_bias else StackedExpertWeights
+    return storage(config.num_experts, config.dim, config.ffn_dim, config.activation, **swiglu)
+
+
 class MoELayer(nn.Module):
     """Mixture-of-Experts FFN built from a :class:`MoEConfig`.
 
@@ -162,15 +176,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.config = config
         self.router = Router(config)
-        storage = BiasedExpertWeights if config.ffn_bias else StackedExpertWeights
-        self.experts: ExpertWeights = storage(
-            config.num_experts,
-            config.dim,
-            config.ffn_dim,
-            config.activation,
-            swiglu_alpha=config.swiglu_alpha,
-            swiglu_limit=config.swiglu_limit,
-        )
+        self.experts: ExpertWeights = build_expert_storage(config)
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.routing_override: RoutingOverride | None = None
         num_c = config.num_constant_experts
@@ -409,6 +415,8 @@ def require_plain_expert_math(layers: list[MoELayer], what: str) -> None:
             feature = "expert biases (moe.ffn_bias=True)"
         elif cfg.activation == "swiglu_clamped":
             feature = "the clamped SwiGLU (activation='swiglu_clamped')"
+        elif cfg.expert_kind == "lora":
+            feature = "LoRA experts (expert_kind='lora'; merge_lora_experts turns them into full experts)"
         else:
             continue
         raise ValueError(f"{what}: MoE layer {index} has {feature}, which {what} does not handle")

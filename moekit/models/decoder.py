@@ -34,6 +34,7 @@ from moekit.blocks import (
 )
 from moekit.layers import FeedForward, FFNConfig, MoELayer, MoEOutput, RoutingInfo
 from moekit.layers.experts import StackedExpertWeights
+from moekit.layers.lora import LoRAExpertWeights
 from moekit.layers.moe import AuxLosses
 from moekit.models.config import ModelConfig
 from moekit.models.objectives import MODEL_CONFIG_COEFS, LossWeights, causal_lm_loss
@@ -389,6 +390,10 @@ class MoEForCausalLM(nn.Module):
             elif isinstance(module, StackedExpertWeights):
                 nn.init.normal_(module.w_in, std=std)
                 nn.init.normal_(module.w_out, std=out_std)
+            elif isinstance(module, LoRAExpertWeights):  # base like a dense FFN; B = 0
+                nn.init.normal_(module.w_in, std=std)
+                nn.init.normal_(module.w_out, std=out_std)
+                module.reset_lora()
         for layer in self.layers:
             if layer.mamba is not None:
                 nn.init.normal_(layer.mamba.out_proj.weight, std=out_std)
