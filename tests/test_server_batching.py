@@ -318,3 +318,27 @@ def test_a_running_batch_gives_the_worker_to_a_waiting_call(served):
         worker.join(60)
     assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["token_logprobs"][0] is None
     assert done["echo"] < done["long"]  # 150 tokens take >= 3 s
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"sliding_window": 8, "attention_layer_types": ("sliding", "full")},  # gpt_oss
+        {"attention_chunk_size": 8, "attention_layer_types": ("chunked", "full")},  # llama4
+        {
+            "attention_type": "moa",
+            "moa_num_experts": 4,
+            "moa_top_k": 2,
+            "num_heads": 4,
+            "qk_norm": "none",
+        },  # jetmoe
+        {"layer_types": ("linear", "attention"), "num_kv_heads": 4},  # minimax lightning
+    ],
+    ids=["sliding-full", "chunked", "moa", "lightning"],
+)
+def test_batch_refuses_layers_the_ragged_cache_cannot_hold(changes):
+    """Per-layer mask types, MoA heads and recurrent mixers decode one request at a time."""
+    model = MoEForCausalLM(moe_tiny().replace(**changes)).eval()
+    assert not batch_decode_supported(model)
+    with pytest.raises(ValueError, match="one at a time"):
+        DecodeBatch(model)
