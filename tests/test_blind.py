@@ -542,6 +542,31 @@ def test_unblind_three_systems_gives_bradley_terry(tmp_path, capsys):
     assert "SYSALPHA vs SYSBRAVO: 8 wins" in capsys.readouterr().out
 
 
+def test_unblind_pools_several_folders(tmp_path):
+    """A-vs-B in one folder and B-vs-C in another: pooled, three systems get Bradley-Terry."""
+    ab = make_fake(tmp_path, num_prompts=6, name="ab")
+    specs = [SystemSpec(model="/m/b", name="SYSBRAVO"), SystemSpec(model="/m/c", name="SYSCHARLIE")]
+    bc = make_blind(
+        specs, [Prompt(str(i), f"q{i}") for i in range(6)], tmp_path / "bc", seed=3, answer=fake_answer
+    )
+    order = ["SYSALPHA", "SYSBRAVO", "SYSCHARLIE"]
+    for folder in (ab, bc):
+        for i, p in enumerate(unblinded_pairs(folder)):
+            upset = i == 0  # one upset per folder keeps the strengths finite without leaning on the ridge
+            better = order.index(p.left_system) < order.index(p.right_system)
+            choice = "left" if better != upset else "right"
+            append_rating(rater_file(folder, "ann"), Rating(rater="ann", pair_id=p.pair_id, choice=choice))
+    _, result = write_unblind([ab, bc], out=tmp_path / "pooled", num_resamples=30, make_plot=False)
+    assert result["systems"] == order and result["num_pairs"] == 12
+    assert [(h["a"], h["b"], h["wins"], h["losses"]) for h in result["head_to_head"]] == [
+        ("SYSALPHA", "SYSBRAVO", 5, 1),
+        ("SYSBRAVO", "SYSCHARLIE", 5, 1),
+    ]
+    elo = result["bradley_terry"]["elo"]
+    assert elo[0] > elo[1] > elo[2]
+    assert elo[0] - elo[1] == pytest.approx(elo[1] - elo[2], abs=1.0)  # the same 5-1 record each step
+
+
 def test_cli_help(capsys):
     for argv in (
         ["blind", "--help"],
