@@ -207,6 +207,25 @@ def test_make_with_a_real_model_matches_generate(tiny_run, tmp_path, capsys):
         new = sc[0, ids.shape[1] :].tolist()
         new = new[: new.index(loaded.eos_token_id)] if loaded.eos_token_id in new else new
         assert by_system[("sc", prompt)] == loaded.tokenizer.decode(new)
+    dense = tmp_path / "dense"
+    from moekit.models import MoEForCausalLM, get_preset
+
+    MoEForCausalLM(
+        get_preset("dense-small").replace(
+            vocab_size=loaded.tokenizer.get_vocab_size(),
+            num_layers=1,
+            dim=32,
+            ffn_dim=32,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
+        )
+    ).save_pretrained(dense)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_run / name).is_file():
+            (dense / name).write_bytes((tiny_run / name).read_bytes())
+    with pytest.raises(ValueError, match="decode=scmoe needs a model with MoE layers"):
+        answer_prompts(SystemSpec(model=str(dense), decode="scmoe"), ["def "])
     spec = SystemSpec(model=str(tiny_run), temperature=1.0, max_new_tokens=5, seed=9)
     assert answer_prompts(spec, ["def "]) == answer_prompts(spec, ["def "])  # seeded sampling repeats
 
