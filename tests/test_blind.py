@@ -554,7 +554,7 @@ def test_unblind_three_systems_gives_bradley_terry(tmp_path, capsys):
     for p in unblinded_pairs(out):
         better = "left" if rank[p.left_system] < rank[p.right_system] else "right"
         append_rating(rater_file(out, "ann"), Rating(rater="ann", pair_id=p.pair_id, choice=better))
-    assert main(["blind", "unblind", str(out), "--bootstrap", "30"]) == 0
+    assert main(["blind", "unblind", str(out), "--bootstrap", "15"]) == 0
     bt = json.loads((out / "unblind" / "summary.json").read_text())["bradley_terry"]
     assert bt["elo"][0] > bt["elo"][1] > bt["elo"][2]
     assert "Bradley-Terry" in (out / "unblind" / "report.md").read_text()
@@ -575,7 +575,7 @@ def test_unblind_pools_several_folders(tmp_path):
             better = order.index(p.left_system) < order.index(p.right_system)
             choice = "left" if better != upset else "right"
             append_rating(rater_file(folder, "ann"), Rating(rater="ann", pair_id=p.pair_id, choice=choice))
-    _, result = write_unblind([ab, bc], out=tmp_path / "pooled", num_resamples=30, make_plot=False)
+    _, result = write_unblind([ab, bc], out=tmp_path / "pooled", num_resamples=10, make_plot=False)
     assert result["systems"] == order and result["num_pairs"] == 12
     assert [(h["a"], h["b"], h["wins"], h["losses"]) for h in result["head_to_head"]] == [
         ("SYSALPHA", "SYSBRAVO", 5, 1),
