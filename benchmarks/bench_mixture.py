@@ -196,9 +196,10 @@ def stage_mixture(out: Path, img: Path, windows: int, val_windows: int) -> dict:
     names = cfg.names
     energy = [e.energy_j_per_token for e in cfg.experts]
     lat = [e.latency_s(64, 32) for e in cfg.experts]
-    # Budgets from the cheapest expert alone to all of them together, log-spaced.
-    lo, hi = min(energy), sum(energy)
-    budgets = [lo * (hi / lo) ** (i / 11) for i in range(12)]
+    # Every subset's energy is a breakpoint where the affordable family changes: one budget each.
+    subsets = [[i for i in range(len(energy)) if m >> i & 1] for m in range(1, 2 ** len(energy))]
+    budgets = sorted({round(sum(energy[i] for i in sub), 12) * (1 + 1e-9) for sub in subsets})
+    hi = max(budgets)
     energy_rows = []
     for b in budgets:
         res = select_experts(cfg, gate, val, b)
