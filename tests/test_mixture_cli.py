@@ -264,6 +264,10 @@ def test_serve_mixture_answers_and_reports_experts(mixture_dir):
         )
         assert r.status_code == 200 and len(r.json()["mixture"]["experts"]) == 1
         assert r.json()["mixture"]["bound_met"] is False
+        r = client.post("/v1/completions", json=body | {"logprobs": 2}, headers={"X-Latency-Class": "batch"})
+        lp = r.json()["choices"][0]["logprobs"]
+        assert r.status_code == 200 and len(lp["token_logprobs"]) == r.json()["usage"]["completion_tokens"]
+        assert all(x <= 0 for x in lp["token_logprobs"])  # the mixture's log-probabilities
         r = client.post("/v1/completions", json=body, headers={"X-Latency-Class": "nope"})
         assert r.status_code == 400 and "nope" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json=body | {"stream": True}, headers={"X-Latency-Class": "batch"})
@@ -271,7 +275,7 @@ def test_serve_mixture_answers_and_reports_experts(mixture_dir):
         assert first["mixture"]["experts"] == out["mixture"]["experts"]
         health = client.get("/health").json()
         used = health["mixture"]["requests_per_expert"]
-        assert sum(used.values()) >= len(out["mixture"]["experts"]) + 1
+        assert sum(used.values()) >= 2 * len(out["mixture"]["experts"]) + 1
         assert health["mixture"]["experts"] == ["m0", "m1", "m2"]
 
 
