@@ -268,6 +268,8 @@ def test_serve_mixture_answers_and_reports_experts(mixture_dir):
         lp = r.json()["choices"][0]["logprobs"]
         assert r.status_code == 200 and len(lp["token_logprobs"]) == r.json()["usage"]["completion_tokens"]
         assert all(x <= 0 for x in lp["token_logprobs"])  # the mixture's log-probabilities
+        r = client.post("/v1/completions", json=body | {"echo": True, "logprobs": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
         r = client.post("/v1/completions", json=body, headers={"X-Latency-Class": "nope"})
         assert r.status_code == 400 and "nope" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json=body | {"stream": True}, headers={"X-Latency-Class": "batch"})
