@@ -312,9 +312,41 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stage_bridge(out: Path) -> dict:
+    """Per-token decode time of ``all-l`` natively and through the text bridge (same tokenizer,
+    so only the bridge's cost differs): 32 new tokens after prompts of 64 and 256 tokens."""
+    from moekit.loader import load_model_and_tokenizer
+    from moekit.mixture.bridge import BridgedSession, TextBridge
+    from moekit.models.decode import DecodeSession
+
+    torch.set_num_threads(1)
+    m = load_model_and_tokenizer(out / "all-l")
+    ids = m.tokenizer.encode(Path(__file__).read_text()).ids
+    result = {}
+    for length in (64, 256):
+        times = {}
+        for kind in ("native", "bridge"):
+            if kind == "native":
+                s = DecodeSession(m.model, torch.tensor([ids[:length]]), max_new_tokens=32)
+            else:
+                bridge = TextBridge(m.model, m.tokenizer, m.tokenizer, m.model.config.vocab_size)
+                s = BridgedSession(bridge, ids[:length])
+            x = s.prefill()
+            t0 = time.perf_counter()
+            for _ in range(32):
+                x = s.step(x.argmax(-1))
+            times[kind] = (time.perf_counter() - t0) / 32 * 1e3
+        result[length] = times
+        print(
+            f"prompt {length}: native {times['native']:.2f} ms/token, bridge {times['bridge']:.2f} ms/token "
+            f"({times['bridge'] / times['native']:.1f}x)"
+        )
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=["train", "mixture", "all"], required=True)
+    p.add_argument("--stage", choices=["train", "mixture", "all", "bridge"], required=True)
     p.add_argument("--out", default="runs/bench_mixture", help="where the experts and results go")
     p.add_argument("--img", default="docs/img", help="where the plots go")
     p.add_argument("--steps", type=int, default=300, help="training steps per expert (train stage)")
@@ -328,6 +360,8 @@ def main() -> None:
         stage_train(out, args.steps, args.seconds)
     if args.stage in ("mixture", "all"):
         stage_mixture(out, Path(args.img), args.windows, args.val_windows)
+    if args.stage == "bridge":
+        stage_bridge(out)
 
 
 if __name__ == "__main__":
