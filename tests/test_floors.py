@@ -31,6 +31,7 @@ FLOORS = {
     "train": 6,
     "infer": 6,
     "surgery": 7,
+    "blind": 7,
     "mixture": 7,
     "cli": 8,
 }

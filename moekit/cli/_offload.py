@@ -16,6 +16,14 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
         "percentage of all expert bytes (e.g. 50%%); default: no offloading",
     )
     p.add_argument(
+        "--ring-sections",
+        type=int,
+        default=None,
+        metavar="S",
+        help="offload experts as SE-MoE ring memory instead of a per-expert cache: S whole-layer sections, "
+        "the next S-1 layers loading while one computes (not with --expert-cache-bytes)",
+    )
+    p.add_argument(
         "--policy", choices=["lru", "lfu", "edgemoe"], default="lru", help="expert cache eviction policy"
     )
     p.add_argument(
@@ -56,17 +64,36 @@ def parse_cache_bytes(text: str, total_expert_bytes: int) -> int:
 
 
 def maybe_offload(model, args: argparse.Namespace):
-    """Applies offloading when ``--expert-cache-bytes`` is given; returns ``(cache, tempdir)`` or Nones."""
-    if args.expert_cache_bytes is None:
+    """Applies offloading when ``--expert-cache-bytes`` or ``--ring-sections`` is given; returns
+    ``(cache or ring, tempdir)`` or Nones (both have ``stats.as_dict()`` and ``close()``)."""
+    ring = getattr(args, "ring_sections", None)
+    if ring is not None:
+        if args.expert_cache_bytes is not None or args.prefetch != "none":
+            raise ValueError(
+                "--ring-sections is its own offloading mode: drop --expert-cache-bytes/--prefetch"
+            )
+        if ring < 1:
+            raise ValueError(f"--ring-sections must be a positive number of layer sections, got {ring}")
+    elif args.expert_cache_bytes is None:
         if args.prefetch != "none" or args.store or args.store_bandwidth:
-            raise ValueError("--prefetch/--store/--store-bandwidth need --expert-cache-bytes (offloading)")
+            raise ValueError(
+                "--prefetch/--store/--store-bandwidth need --expert-cache-bytes or --ring-sections (offloading)"
+            )
         return None, None
     import tempfile
 
     from moekit.offload import offload_model
 
     if not model.moe_layers:
-        raise ValueError("--expert-cache-bytes: the model has no MoE layers to offload")
+        raise ValueError("offloading: the model has no MoE layers to offload")
+    if ring is not None:
+        from moekit.offload.ring import ring_offload_model
+
+        tmp = None if args.store else tempfile.TemporaryDirectory(prefix="moekit-experts-")
+        store = args.store or tmp.name
+        if Path(store).exists() and not Path(store).is_dir():
+            raise ValueError(f"--store {store} is an existing file; pass a folder (it is created if missing)")
+        return ring_offload_model(model, store, ring, bandwidth=args.store_bandwidth), tmp
     total = sum(p.numel() * p.element_size() for mlp in model.moe_layers for p in mlp.experts.parameters())
     budget = parse_cache_bytes(args.expert_cache_bytes, total)
     trace = None

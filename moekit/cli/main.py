@@ -28,12 +28,14 @@ VERBS: dict[str, str] = {
     "merge-experts": "merge_experts",
     "extend-experts": "extend_experts",
     "moe-merge": "moe_merge",
+    "pregate": "pregate",
     "layer-demo": "layer_demo",
     "distill": "distill",
     "vision-train": "vision_train",
     "ts-train": "ts_train",
     "forecast": "forecast",
     "ts-eval": "ts_eval",
+    "blind": "blind",
     "mixture": "mixture",
 }
 

@@ -45,7 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-queue",
         type=int,
         default=16,
-        help="requests that may wait behind the running one; more get 429 with Retry-After",
+        help="requests that may wait behind the running ones; more get 429 with Retry-After",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="continuous batching: requests decoded together at most, joining and leaving at token "
+        "boundaries (1: one at a time; --compile also serves one at a time)",
     )
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder name)")
     p.add_argument(
@@ -100,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         api_key=args.api_key,
         compile=args.compile,
+        max_batch=args.max_batch,
     )
 
     def report() -> None:

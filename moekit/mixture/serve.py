@@ -58,6 +58,9 @@ class MixtureEngine(Engine):
         positions = min(m.config.max_position_embeddings for m in mixture.models.values())
         kwargs["max_context"] = min(kwargs.get("max_context") or positions, positions)
         kwargs.setdefault("eos_token_id", mixture.eos_token_id)
+        # One request at a time: a mixture step runs several experts' sessions, which the
+        # continuous batch (one model's rows) does not cover.
+        kwargs["max_batch"] = 1
         super().__init__(first, mixture.tokenizer, **kwargs)
         self.mixture = mixture
         # id(body) -> Choice, from describe_request to start. A request that ends in between

@@ -25,7 +25,11 @@ Layout:
     experts.py    OffloadedExperts (storage, one loop for every store kind), OffloadDispatcher
                   (prefetch), predictors (pregate, trace statistics), offload_model
     quantized.py  QuantizedExpertStore, offload_quantized_model
-    simulate.py   trace replay under any policy, cache size, prefetcher and hardware, with Belady
+    ring.py       LayerRing (SE-MoE ring memory: S whole-layer sections, the next layers loading
+                  on one copy thread while one computes), RingExperts, RingDispatcher,
+                  ring_offload_model (``moekit generate --ring-sections S``)
+    simulate.py   trace replay under any policy, cache size, prefetcher and hardware, with Belady;
+                  ring_timeline / ring_period / ring_sections (the ring, and SE-MoE's section rule)
 
 To add a store kind: give it ``kind``, ``num_experts``, ``expert_bytes``, ``read`` (what the
 cache holds), ``compute`` (run one loaded expert into an output slice), ``tensors`` and
@@ -48,22 +52,28 @@ from moekit.offload.experts import (
     working_set_bytes,
 )
 from moekit.offload.quantized import QuantizedExpertStore, offload_quantized_model
+from moekit.offload.ring import LayerRing, RingDispatcher, RingExperts, RingStats, ring_offload_model
 from moekit.offload.store import ExpertStore, MappedSafetensors, StorageLink, weights_fingerprint
 
 __all__ = [
     "ExpertCache",
     "ExpertStore",
+    "LayerRing",
     "MappedSafetensors",
     "OffloadDispatcher",
     "OffloadStats",
     "OffloadedExperts",
     "QuantizedExpertStore",
+    "RingDispatcher",
+    "RingExperts",
+    "RingStats",
     "StorageLink",
     "make_predictor",
     "offload_model",
     "offload_quantized_model",
     "pregate_predictor",
     "prepare_store",
+    "ring_offload_model",
     "serve_from_store",
     "transition_predictor",
     "weights_fingerprint",

@@ -16,6 +16,9 @@ mirrors :mod:`moekit.offload` step by step:
 * computing an expert takes ``expert_bytes / mem_bw`` (decode is memory-bound) or
   ``expert_flops / compute_flops``, whichever is larger.
 
+:func:`ring_timeline` models SE-MoE's ring memory (:mod:`moekit.offload.ring`) the same way,
+with :func:`ring_period` its steady state and :func:`ring_sections` the paper's section-count rule.
+
 Policies: ``lru``, ``lfu`` and ``belady`` (evict the entry whose next use is farthest away: the
 best any demand policy can do, computable only with the future in hand, i.e. on a trace).
 """
@@ -23,6 +26,7 @@ best any demand policy can do, computable only with the future in hand, i.e. on 
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -335,3 +339,111 @@ def oracle_prefetcher(trace) -> Callable[[int, int, list[int]], list[int]]:
         return steps[token][layer + 1] if layer + 1 < len(steps[token]) else []
 
     return predict
+
+
+@dataclass
+class RingSimResult:
+    """Outcome of a ring-memory timeline (:func:`ring_timeline`).
+
+    Attributes:
+        seconds: modelled wall time.
+        stall_s: time the compute waited for a layer's load.
+        layer_loads: whole-layer loads; demand_loads: of those, loads waited for from their start.
+        bytes_read: bytes loaded over the link.
+        layer_starts: when each layer's compute started, in execution order.
+        num_tokens: tokens run.
+    """
+
+    seconds: float
+    stall_s: float
+    layer_loads: int
+    demand_loads: int
+    bytes_read: int
+    layer_starts: list[float]
+    num_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Modelled decode speed."""
+        return self.num_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+def ring_timeline(
+    num_tokens: int,
+    layer_bytes: list[int],
+    compute_s: list[float],
+    storage_bw: float,
+    num_sections: int,
+) -> RingSimResult:
+    """SE-MoE ring memory (:class:`moekit.offload.ring.LayerRing`) step by step on one link.
+
+    Each token runs MoE layers 0..L-1 in order; layer i takes ``compute_s[i]`` (its attention
+    and experts). On arriving at layer i the ring (1) loads layer i on demand if no section holds
+    it, (2) queues the loads of the missing layers of the window i+1 .. i+S-1 into the sections
+    outside it (the one layer i-1 just freed, in the steady cycle), then (3) waits for layer i.
+    Loads go one after another over one link at ``storage_bw`` bytes/s; a demand load goes first.
+    """
+    num_l = len(layer_bytes)
+    if len(compute_s) != num_l:
+        raise ValueError(f"compute_s has {len(compute_s)} entries for {num_l} layers")
+    if num_sections < 1 or storage_bw <= 0:
+        raise ValueError("ring_timeline needs num_sections >= 1 and a positive storage_bw")
+    num_s = min(num_sections, num_l)
+    sections: list[int | None] = [None] * num_s
+    link = _Link()
+    t = stall = 0.0
+    loads = demands = nbytes = 0
+    starts: list[float] = []
+    pending: set[int] = set()  # layers whose queued load the compute has not waited for yet
+
+    def claim(layer: int, keep: set[int]) -> None:
+        s = next(i for i, held in enumerate(sections) if held is None or held not in keep)
+        sections[s] = layer
+
+    for _token in range(num_tokens):
+        for i in range(num_l):
+            arrive = t
+            window = [(i + j) % num_l for j in range(num_s)]
+            if i not in sections:
+                claim(i, set(window) - {i})
+                t = link.demand(t, layer_bytes[i] / storage_bw)
+                loads, demands, nbytes = loads + 1, demands + 1, nbytes + layer_bytes[i]
+            for ahead in window[1:]:
+                if ahead not in sections:
+                    claim(ahead, set(window))
+                    link.prefetch(t, (ahead, -1), layer_bytes[ahead] / storage_bw)
+                    pending.add(ahead)
+                    loads, nbytes = loads + 1, nbytes + layer_bytes[ahead]
+            if i in pending:  # queued behind the loads before it: wait for the link
+                pending.discard(i)
+                ready, _ = link.wait_for(t, (i, -1), layer_bytes[i] / storage_bw)
+                t = max(t, ready)
+            stall += t - arrive
+            starts.append(t)
+            t += compute_s[i]
+    return RingSimResult(t, stall, loads, demands, nbytes, starts, num_tokens)
+
+
+def ring_period(compute_s: float, load_s: float, num_sections: int, num_layers: int) -> float:
+    """Steady-state seconds per layer of the ring on one link, every layer alike: ``compute + load``
+    with one section (nothing overlaps), ``max(compute, load)`` with 2 <= S < L (the link or the
+    compute is the bottleneck), ``compute`` once S >= L (every layer stays resident)."""
+    if num_sections >= num_layers:
+        return compute_s
+    if num_sections == 1:
+        return compute_s + load_s
+    return max(compute_s, load_s)
+
+
+def ring_sections(copy_s: float, compute_s: float, section_bytes: int, budget_bytes: int) -> int:
+    """SE-MoE's section-count rule: the smallest K with copy(one layer) <= compute(K - 1 layers),
+    so the copy of layer i + K - 1 fits in the compute of layers i .. i + K - 2, capped by the
+    sections the memory budget holds. Raises ``ValueError`` when the budget holds no section."""
+    if section_bytes <= 0 or budget_bytes < section_bytes:
+        raise ValueError(
+            f"the memory budget {budget_bytes} bytes holds no ring section of {section_bytes} bytes"
+        )
+    if copy_s < 0 or compute_s <= 0:
+        raise ValueError("ring_sections needs copy_s >= 0 and compute_s > 0")
+    wanted = max(1, 1 + math.ceil(copy_s / compute_s - 1e-12))
+    return min(wanted, budget_bytes // section_bytes)

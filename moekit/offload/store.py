@@ -147,6 +147,14 @@ class StorageLink:
                 self._busy = False
                 self._cond.notify_all()
 
+    def transfer(self, nbytes: int, copy: Callable[[], None], demand: bool = True) -> None:
+        """One copy of ``nbytes`` over the link as a single chunk (a ring section's whole layer):
+        ``copy`` runs holding the link, which is then held for ``nbytes / bandwidth`` seconds in
+        all. A demand transfer goes before waiting prefetch chunks; a prefetch waits for demands."""
+        ctx = self.demand() if demand else nullcontext()
+        with ctx:
+            self._chunk(nbytes, copy, demand)
+
     def read(
         self, f: MappedSafetensors, names: list[str], urgent: Callable[[], bool] | None = None
     ) -> dict[str, Tensor]:
@@ -330,6 +338,12 @@ class ExpertStore:
         if self.dtype is not None:
             w_in, w_out = w_in.to(self.dtype), w_out.to(self.dtype)
         return w_in, w_out, nbytes
+
+    def expert_views(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
+        """``(w_in [H, D], w_out [D, F])`` of one expert as stored: views over the mapping, nothing
+        read yet (copy them over :attr:`link` with :meth:`StorageLink.transfer`)."""
+        f = self._files[layer]
+        return f.view(f"{expert}.w_in"), f.view(f"{expert}.w_out")
 
     @staticmethod
     def compute(w_in: Tensor, w_out: Tensor, x_ND: Tensor, activation: str, out_ND: Tensor) -> None:

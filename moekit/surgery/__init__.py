@@ -23,6 +23,7 @@ Operations (paper followed; docs/surgery.md lists what differs from the papers' 
                  (MoExtend): layers by the routing shift of router tuning, calibration module
                  (modules in extend_modules.py)
     prune.py     :func:`prune_experts` usage-based expert pruning (DeepSpeed multitask MoE)
+    pregate.py   :func:`to_pregated` Pre-gated MoE: routers read the previous MoE layer's input
     merge.py     :func:`merge_experts` agglomerative expert merging
     recipes.py   staged-training freeze specs for ``TrainConfig.freeze`` (MoE-LLaVA stage III, ...)
     common.py    shared helpers (FFN-input collection, k-means, usage, snapshots, a short train loop)
@@ -66,6 +67,7 @@ from moekit.surgery.extend import (
 )
 from moekit.surgery.merge import MergeConfig, merge_experts
 from moekit.surgery.mixture import MixtureConfig, check_same_shapes, merge_dense_models
+from moekit.surgery.pregate import to_pregated
 from moekit.surgery.prune import PruneConfig, prune_experts
 from moekit.surgery.recipes import RECIPES, recipe_freeze
 from moekit.surgery.scale import GrowConfig, grow
@@ -109,6 +111,7 @@ __all__ = [
     "selection_load",
     "snapshot",
     "train_steps",
+    "to_pregated",
     "tune_routers",
     "upcycle",
 ]
