@@ -344,9 +344,31 @@ def stage_bridge(out: Path) -> dict:
     return result
 
 
+def stage_retrained(out: Path) -> dict:
+    """Monotonicity of the *retrained* objective (a gate trained on each subset, the paper's
+    setting) from ``results.json``: single experts alone, the masking table's retrained gates
+    (subsets of 2 to E-1), and the all-experts gate."""
+    r = json.loads((out / "results.json").read_text())
+    names = [e["name"] for e in r["experts"]]
+    q = {frozenset([n]): -r["gate"]["val_nll_per_expert"][n] for n in names}
+    q |= {frozenset(g["subset"]): -g["retrained"] for g in r["masking"]}
+    q[frozenset(names)] = -r["gate"]["val_nll_gate"]
+    pairs, drops = 0, []
+    for subset, value in q.items():
+        for j in set(names) - subset:
+            if subset | {j} in q:
+                pairs += 1
+                if value - q[subset | {j}] > 1e-9:
+                    drops.append((sorted(subset), j, value - q[subset | {j}]))
+    for subset, j, d in drops:
+        print(f"{'+'.join(subset)} + {j}: quality drops by {d:.4f} nats")
+    print(f"retrained objective: {len(drops)}/{pairs} single additions lower quality")
+    return {"pairs": pairs, "violations": len(drops), "max_drop": max((d for *_, d in drops), default=0.0)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=["train", "mixture", "all", "bridge"], required=True)
+    p.add_argument("--stage", choices=["train", "mixture", "all", "bridge", "retrained"], required=True)
     p.add_argument("--out", default="runs/bench_mixture", help="where the experts and results go")
     p.add_argument("--img", default="docs/img", help="where the plots go")
     p.add_argument("--steps", type=int, default=300, help="training steps per expert (train stage)")
@@ -362,6 +384,8 @@ def main() -> None:
         stage_mixture(out, Path(args.img), args.windows, args.val_windows)
     if args.stage == "bridge":
         stage_bridge(out)
+    if args.stage == "retrained":
+        stage_retrained(out)
 
 
 if __name__ == "__main__":
