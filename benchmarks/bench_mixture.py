@@ -122,7 +122,9 @@ def _plot(rows: dict, xkey: str, xlabel: str, path: Path, title: str) -> None:
         pts = [(r[xkey], r[method]["nll"]) for r in rows if r[method]["experts"]]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, style, lw=width, ms=4, label=method)
+            # Quality is a step function of the budget/bound: it changes only where a subset
+            # becomes affordable, so the curve holds its value until the next point.
+            ax.plot(xs, ys, style, lw=width, ms=4, label=method, drawstyle="steps-post")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out NLL (nats/token, lower is better)")
@@ -133,6 +135,23 @@ def _plot(rows: dict, xkey: str, xlabel: str, path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _plots(energy_rows: list, latency_rows: list, img: Path) -> None:
+    _plot(
+        energy_rows,
+        "budget",
+        "energy budget (J/token, all chosen experts together)",
+        img / "mixture_energy.png",
+        "MoE² on 4 experts: quality vs energy budget",
+    )
+    _plot(
+        latency_rows,
+        "bound_s",
+        "latency bound (s for 64 prompt + 32 new tokens)",
+        img / "mixture_latency.png",
+        "MoE² on 4 experts: quality vs latency bound (energy unbounded)",
+    )
 
 
 def _row(results: dict, names: list[str]) -> dict:
@@ -210,20 +229,7 @@ def stage_mixture(out: Path, img: Path, windows: int, val_windows: int) -> dict:
     for d in bounds:
         res = select_experts(cfg, gate, val, hi, latency_bound_s=d)
         latency_rows.append({"bound_s": d, **_row(res, names)})
-    _plot(
-        energy_rows,
-        "budget",
-        "energy budget (J/token, all chosen experts together)",
-        img / "mixture_energy.png",
-        "MoE² on 4 experts: quality vs energy budget",
-    )
-    _plot(
-        latency_rows,
-        "bound_s",
-        "latency bound (s for 64 prompt + 32 new tokens)",
-        img / "mixture_latency.png",
-        "MoE² on 4 experts: quality vs latency bound (energy unbounded)",
-    )
+    _plots(energy_rows, latency_rows, img)
     result = {
         "experts": [e.to_dict() for e in cfg.experts],
         "profile_s": round(t_profile, 1),
@@ -368,7 +374,9 @@ def stage_retrained(out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=["train", "mixture", "all", "bridge", "retrained"], required=True)
+    p.add_argument(
+        "--stage", choices=["train", "mixture", "all", "bridge", "retrained", "plot"], required=True
+    )
     p.add_argument("--out", default="runs/bench_mixture", help="where the experts and results go")
     p.add_argument("--img", default="docs/img", help="where the plots go")
     p.add_argument("--steps", type=int, default=300, help="training steps per expert (train stage)")
@@ -386,6 +394,9 @@ def main() -> None:
         stage_bridge(out)
     if args.stage == "retrained":
         stage_retrained(out)
+    if args.stage == "plot":  # redraw the plots from results.json
+        r = json.loads((out / "results.json").read_text())
+        _plots(r["energy_rows"], r["latency_rows"], Path(args.img))
 
 
 if __name__ == "__main__":
