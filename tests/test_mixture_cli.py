@@ -319,3 +319,23 @@ def test_choose_orders_by_gate_weight_and_best_aggregation_keeps_one(mixture_dir
     mixture.config = mixture.config.replace(aggregation="best")
     best = mixture.choose(ids, 4, "batch")
     assert best.experts == choice.experts[:1] and best.weights == [1.0]
+
+
+def test_damaged_gate_and_scores_are_one_line_errors(mixture_dir, tmp_path, capsys):
+    import shutil
+
+    gate = tmp_path / "gate"
+    shutil.copytree(mixture_dir / "gate", gate)
+    (gate / "gate.safetensors").write_bytes(b"\x00" * 12)
+    cfg = json.loads((mixture_dir / "mix.json").read_text())
+    cfg["gate"] = str(gate)
+    cfg["experts"] = [e | {"path": str(mixture_dir / e["path"])} for e in cfg["experts"]]
+    (tmp_path / "mix.json").write_text(json.dumps(cfg))
+    assert main(["mixture", "select", "--config", str(tmp_path / "mix.json"), "--energy-budget", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "gate.safetensors" in err
+    shutil.copy(mixture_dir / "gate" / "gate.safetensors", gate / "gate.safetensors")
+    (gate / "scores.safetensors").write_bytes(b"junk")
+    assert main(["mixture", "select", "--config", str(tmp_path / "mix.json"), "--energy-budget", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "scores.safetensors" in err
