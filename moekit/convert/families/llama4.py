@@ -217,7 +217,10 @@ class Llama4Adapter(Llama4TextAdapter):
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         """Refused: moekit holds no vision tower; the text model exports as ``llama4_text``."""
         raise refuse_export(
-            self.model_type, "family", "llama4", "moekit models the text model only; export family='llama4_text'"
+            self.model_type,
+            "family",
+            "llama4",
+            "moekit models the text model only; export family='llama4_text'",
         )
 
     def matches(self, cfg: ModelConfig) -> bool:
@@ -227,6 +230,8 @@ class Llama4Adapter(Llama4TextAdapter):
     def targets(self, cfg: ModelConfig) -> list[Target]:
         """``llama4_text``'s key map under ``language_model.``."""
         return [
-            Target(t.name, [[replace(p, key="language_model." + p.key) for p in layout] for layout in t.layouts])
+            Target(
+                t.name, [[replace(p, key="language_model." + p.key) for p in layout] for layout in t.layouts]
+            )
             for t in super().targets(cfg)
         ]
