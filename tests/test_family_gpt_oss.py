@@ -214,3 +214,13 @@ def test_pruning_keeps_the_expert_biases(tmp_path):
         assert torch.equal(new.experts.b_in, old.experts.b_in[kept])
         assert torch.equal(new.experts.b_out, old.experts.b_out[kept])
         assert torch.equal(new.router.bias, old.router.bias[kept])
+
+
+def test_dynamic_pruning_refuses_attention_probabilities_of_sink_attention(tmp_path):
+    from moekit.compress import PruneConfig as DynamicPruneConfig
+    from moekit.compress import dynamic_prune
+
+    _gpt_oss().save_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="attention has attention sinks"):
+        dynamic_prune(model, DynamicPruneConfig(threshold=0.5, protect_top=0.1))
