@@ -73,7 +73,8 @@ REFUSALS: dict[tuple[str, str], str] = {
     ("gpt_oss", "offload"): r"^offload: MoE layer 0 has expert biases \(moe.ffn_bias=True\)",
     ("gpt_oss", "quantize"): r"^quantize: MoE layer 0 has expert biases \(moe.ffn_bias=True\)",
     ("gpt_oss", "gguf"): NO_GGUF + "activation swiglu_clamped.*expert biases, attention sinks",
-    ("minimax", "gguf"): NO_GGUF + "norm_placement='normed_residual', lightning \\(linear\\) attention layers",
+    ("minimax", "gguf"): NO_GGUF
+    + "norm_placement='normed_residual', lightning \\(linear\\) attention layers",
     ("jetmoe", "gguf"): NO_GGUF + "attention_type='moa'",
     ("llama4", "gguf"): NO_GGUF + "router topk/sigmoid, dense layers.*routing weights on the expert input",
     ("llama4_text", "gguf"): NO_GGUF
