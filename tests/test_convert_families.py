@@ -188,6 +188,21 @@ def hf_config(name, **overrides):
             num_experts_per_tok=2,
             block_size=4,  # prompts span several lightning blocks
         ),
+        # A released-style multimodal folder: the text model above under language_model.*.
+        "llama4": lambda: tr.Llama4Config(
+            text_config=hf_config("llama4_text").to_dict(),
+            vision_config=dict(
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=16,
+                image_size=28,
+                patch_size=14,
+                vision_output_dim=16,
+                projector_input_dim=16,
+                projector_output_dim=16,
+            ),
+        ),
         "flex_olmo": lambda: tr.FlexOlmoConfig(
             **COMMON,
             intermediate_size=24,
@@ -198,8 +213,9 @@ def hf_config(name, **overrides):
             eos_token_id=1,
         ),
     }[name]()
+    target = base.text_config if name == "llama4" else base  # llama4's options are its text model's
     for k, v in overrides.items():
-        setattr(base, k, v)
+        setattr(target, k, v)
     return base
 
 
@@ -209,7 +225,10 @@ def make_hf(name, **overrides):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        if name == "llama4":
+            model = transformers.Llama4ForConditionalGeneration(cfg).eval()
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             # GPT-OSS's stacked expert biases ([E, 2F], [E, D]) start at zero too.

@@ -95,7 +95,14 @@ def test_mxfp4_checkpoint_imports_with_transformers_logits(tmp_path):
     folder.mkdir()
     config = hf.config.to_dict() | {"quantization_config": {"quant_method": "mxfp4"}}
     (folder / "config.json").write_text(json.dumps(config))
-    save_file(state, folder / "model.safetensors")
+    # Two shards with an index, the scales apart from their blocks (as released shards may be).
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    for k, v in state.items():
+        shards[f"model-0000{2 if k.endswith('_scales') else 1}-of-00002.safetensors"][k] = v
+    for name, tensors in shards.items():
+        save_file(tensors, folder / name)
+    index = {"weight_map": {k: name for name, tensors in shards.items() for k in tensors}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every checkpoint tensor (blocks and scales) is used
@@ -207,3 +214,13 @@ def test_pruning_keeps_the_expert_biases(tmp_path):
         assert torch.equal(new.experts.b_in, old.experts.b_in[kept])
         assert torch.equal(new.experts.b_out, old.experts.b_out[kept])
         assert torch.equal(new.router.bias, old.router.bias[kept])
+
+
+def test_dynamic_pruning_refuses_attention_probabilities_of_sink_attention(tmp_path):
+    from moekit.compress import PruneConfig as DynamicPruneConfig
+    from moekit.compress import dynamic_prune
+
+    _gpt_oss().save_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="attention has attention sinks"):
+        dynamic_prune(model, DynamicPruneConfig(threshold=0.5, protect_top=0.1))

@@ -117,3 +117,36 @@ def test_temperature_and_l2_norm_by_hand():
 
     x = torch.tensor([[3.0, 4.0, 0.0, 0.0]])
     torch.testing.assert_close(l2_norm(x, 0.0), x / (25 / 4) ** 0.5)
+
+
+def test_released_llama4_folder_imports_its_text_model(tmp_path):
+    """A ``llama4`` (multimodal) folder: the text model under ``language_model.*`` loads with the
+    logits and greedy tokens of transformers' own text model; the vision tower is skipped by name
+    and the export is a ``llama4_text`` folder transformers loads."""
+    import json
+    import warnings
+
+    from moekit.convert import from_pretrained
+    from tests.test_convert_families import hf_greedy, ids, make_hf
+
+    hf = make_hf("llama4")
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.warns(UserWarning, match=r"not used by the moekit model, e.g. \['multi_modal_projector"):
+        model = from_pretrained(tmp_path / "hf")
+    text = hf.language_model  # transformers 5.24's multimodal forward fails on text alone
+    x = ids()
+    with torch.no_grad():
+        assert float((model(x).logits - text(input_ids=x).logits).abs().max()) < 1e-5
+    prompt = ids(1, 5, seed=2)
+    assert torch.equal(model.generate(prompt, max_new_tokens=20), hf_greedy(text, prompt))
+    model.save_pretrained(tmp_path / "out", format="hf")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama4_text"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert float((again(x).logits - text(input_ids=x).logits).abs().max()) < 1e-5
+    from moekit.convert import save_hf
+
+    with pytest.raises(ValueError, match="export family='llama4_text'"):
+        save_hf(model, tmp_path / "mm", family="llama4")

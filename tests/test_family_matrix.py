@@ -41,6 +41,7 @@ MORE_MOE = [
     "flex_olmo",
     "gpt_oss",
     "llama4_text",
+    "llama4",
     "jetmoe",
     "minimax",
 ]
@@ -72,8 +73,10 @@ REFUSALS: dict[tuple[str, str], str] = {
     ("gpt_oss", "offload"): r"^offload: MoE layer 0 has expert biases \(moe.ffn_bias=True\)",
     ("gpt_oss", "quantize"): r"^quantize: MoE layer 0 has expert biases \(moe.ffn_bias=True\)",
     ("gpt_oss", "gguf"): NO_GGUF + "activation swiglu_clamped.*expert biases, attention sinks",
-    ("minimax", "gguf"): NO_GGUF + "norm_placement='normed_residual'",
+    ("minimax", "gguf"): NO_GGUF
+    + "norm_placement='normed_residual', lightning \\(linear\\) attention layers",
     ("jetmoe", "gguf"): NO_GGUF + "attention_type='moa'",
+    ("llama4", "gguf"): NO_GGUF + "router topk/sigmoid, dense layers.*routing weights on the expert input",
     ("llama4_text", "gguf"): NO_GGUF
     + "router topk/sigmoid, dense layers.*routing weights on the expert input",
 }
@@ -99,7 +102,9 @@ class FamilyCases:
             folder = self.root / family / "hf"
             hf.save_pretrained(folder)
             save_tokenizer(self.tokenizer, folder)
-            self._built[family] = (hf, folder)
+            # A multimodal llama4 folder: the reference is its text model (transformers' own
+            # multimodal forward fails on text alone).
+            self._built[family] = (getattr(hf, "language_model", hf), folder)
         return self._built[family]
 
     def hf_model(self, family: str):

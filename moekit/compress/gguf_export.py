@@ -161,9 +161,10 @@ def _family_features(config) -> list[str]:
         (config.norm_placement != "pre", f"norm_placement={config.norm_placement!r}"),
         (config.attention_out_bias or config.lm_head_bias, "output-projection or lm_head bias"),
         (
-            config.mamba is not None or any(t != "attention" for t in config.layer_types or ()),
+            config.mamba is not None or "mamba" in (config.layer_types or ()),
             "Mamba layers",
         ),
+        ("linear" in (config.layer_types or ()), "lightning (linear) attention layers"),
         (len(set(config.experts_per_layer or ())) > 1, "a different expert count per layer"),
         (moe.routed_scaling_factor != 1.0, "routed_scaling_factor"),
         (moe.num_expert_groups > 1, "group-limited routing"),

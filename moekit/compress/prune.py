@@ -172,6 +172,21 @@ def _install_attention_hook(model: nn.Module, layer: MoELayer, router: PrunedRou
             "PruneConfig.protect_top/drop_bottom need standard attention probabilities (the layer's "
             f"attention is {type(attn).__name__}); set protect_top=0 and drop_bottom=0"
         )
+    # attention_probs recomputes plain softmax(q.k) probabilities; these change them.
+    unsupported = [
+        name
+        for name, hit in (
+            ("attention sinks", attn.sinks is not None),
+            ("the L2 q/k norm", attn.qk_norm == "l2"),
+            ("attention temperature tuning", attn.temperature_scale is not None),
+        )
+        if hit
+    ]
+    if unsupported:
+        raise ValueError(
+            f"PruneConfig.protect_top/drop_bottom need standard attention probabilities (the layer's "
+            f"attention has {', '.join(unsupported)}); set protect_top=0 and drop_bottom=0"
+        )
     if getattr(router, "_attn_hook", None) is not None:
         return
 

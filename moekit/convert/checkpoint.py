@@ -150,19 +150,24 @@ def load_into(state: dict[str, torch.Tensor], targets: list[Target], mapping: di
 
 
 def _copy_mxfp4(f, mapping: dict[str, Path], piece: Piece, name: str, dest: torch.Tensor) -> None:
-    """Dequantizes an MXFP4 blocks/scales pair (:class:`Piece` ``mxfp4_scales``) into ``dest``."""
+    """Dequantizes an MXFP4 blocks/scales pair (:class:`Piece` ``mxfp4_scales``) into ``dest``, one
+    leading slice (expert) at a time, so the float copy never exceeds one expert."""
     from moekit.convert.mxfp4 import dequantize_mxfp4
 
-    with open_safetensors(mapping[piece.mxfp4_scales]) as g:
-        scales = g.get_tensor(piece.mxfp4_scales)
-    values = dequantize_mxfp4(f.get_tensor(piece.key), scales, dtype=dest.dtype)
     want = piece.hf_shape(tuple(dest.shape))
-    if tuple(values.shape) != want:
-        raise ValueError(
-            f"checkpoint tensor {piece.key!r} dequantizes to shape {tuple(values.shape)}, but moekit {name!r} "
-            f"expects {want} there (config.json and weights disagree?)"
-        )
-    dest.copy_(piece.from_hf(values, tuple(dest.shape)))
+    blocks = f.get_slice(piece.key)
+    shape = tuple(blocks.get_shape())
+    with open_safetensors(mapping[piece.mxfp4_scales]) as g:
+        scales = g.get_slice(piece.mxfp4_scales)
+        got = (*shape[:-2], shape[-2] * shape[-1] * 2) if len(shape) >= 2 else shape
+        if got != want:
+            raise ValueError(
+                f"checkpoint tensor {piece.key!r} dequantizes to shape {got}, but moekit {name!r} "
+                f"expects {want} there (config.json and weights disagree?)"
+            )
+        for e in range(shape[0]):
+            values = dequantize_mxfp4(blocks[e], scales[e], dtype=dest.dtype)
+            dest[e].copy_(piece.from_hf(values, tuple(dest[e].shape)))
 
 
 def _copy_changed_layout(f, piece: Piece, name: str, dest: torch.Tensor) -> None:

@@ -23,7 +23,7 @@ from moekit.convert.families.hunyuan_v1_moe import HunyuanV1MoeAdapter
 from moekit.convert.families.jamba import JambaAdapter
 from moekit.convert.families.jetmoe import JetMoeAdapter
 from moekit.convert.families.llama import LlamaAdapter
-from moekit.convert.families.llama4 import Llama4TextAdapter
+from moekit.convert.families.llama4 import Llama4Adapter, Llama4TextAdapter
 from moekit.convert.families.minimax import MiniMaxAdapter
 from moekit.convert.families.mistral import MistralAdapter
 from moekit.convert.families.mixtral import MixtralAdapter
@@ -41,6 +41,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
     for a in (
         GptOssAdapter(),
         Llama4TextAdapter(),
+        Llama4Adapter(),
         JetMoeAdapter(),
         MiniMaxAdapter(),
         Glm4MoeAdapter(),
@@ -69,7 +70,6 @@ FAMILIES: dict[str, FamilyAdapter] = {
 
 # MoE families transformers ships that moekit knows it cannot run yet, and why (the error says so).
 NOT_MODELLED = {
-    "llama4": "multimodal wrapper (vision tower and language_model.* names; text-only llama4_text folders load)",
     "qwen3_next": "gated DeltaNet linear-attention layers",
     "granitemoehybrid": "Mamba2 mixers",
 }

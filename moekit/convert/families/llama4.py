@@ -16,6 +16,7 @@ stored transposed. The multimodal ``llama4`` wrapper is not read.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from moekit.convert.families.base import HFConfigReader, Piece, Target, refuse_export
@@ -194,4 +195,43 @@ class Llama4TextAdapter(LlamaAdapter):
             Target(f"{dst}experts.w_in", [[Piece(f"{src}experts.gate_up_proj", transpose=True)]]),
             Target(f"{dst}experts.w_out", [[Piece(f"{src}experts.down_proj", transpose=True)]]),
             *self.dense_mlp_targets(i, moe.shared_ffn_dim, f"{src}shared_expert.", f"{dst}shared."),
+        ]
+
+
+class Llama4Adapter(Llama4TextAdapter):
+    """Released Llama 4 folders (``model_type: "llama4"``, ``Llama4ForConditionalGeneration``):
+    the text model under ``language_model.*`` with its config in ``text_config``. The vision tower
+    and projector are not modelled (their tensors are skipped with the unused-tensor warning);
+    export writes the text model as ``llama4_text``."""
+
+    model_type = "llama4"
+    architecture = "Llama4ForConditionalGeneration"
+
+    def config_from_hf(self, hf: dict[str, Any]) -> ModelConfig:
+        """The ``text_config`` read as ``llama4_text``."""
+        text = hf.get("text_config")
+        if not isinstance(text, dict):
+            raise ValueError("llama4 config.json: required option 'text_config' is missing")
+        return super().config_from_hf(text)
+
+    def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
+        """Refused: moekit holds no vision tower; the text model exports as ``llama4_text``."""
+        raise refuse_export(
+            self.model_type,
+            "family",
+            "llama4",
+            "moekit models the text model only; export family='llama4_text'",
+        )
+
+    def matches(self, cfg: ModelConfig) -> bool:
+        """Never chosen automatically (``llama4_text`` is)."""
+        return False
+
+    def targets(self, cfg: ModelConfig) -> list[Target]:
+        """``llama4_text``'s key map under ``language_model.``."""
+        return [
+            Target(
+                t.name, [[replace(p, key="language_model." + p.key) for p in layout] for layout in t.layouts]
+            )
+            for t in super().targets(cfg)
         ]
