@@ -103,7 +103,11 @@ def main() -> None:
         model = from_pretrained(folder).eval()
         recall = prediction_recall(model, windows)
         prompt, stream = tokens[: args.prompt], tokens[args.prompt : args.prompt + args.new]
-        want, _ = decode(model, prompt, stream)
+        want, resident_s = decode(model, prompt, stream)
+        print(
+            f"| {folder} | {model.config.pregated} | {recall:.3f} | resident | {len(stream) / resident_s:.2f} "
+            "| - | - | - |"
+        )
         total = sum(
             p.numel() * p.element_size() for mlp in model.moe_layers for p in mlp.experts.parameters()
         )
