@@ -7,6 +7,14 @@ one malformed request per valid one). Prints p50/p99 latency of valid and invali
 requests/s and generated tokens/s.
 
     PYTHONPATH=. python benchmarks/bench_serve.py --clients 8 --requests 10 --max-tokens 16
+
+``--compare`` measures continuous batching instead: the same ``--clients`` greedy requests
+(different prompts, ``--max-tokens`` each) sent all at once and then one at a time, to the same
+server, in ``--rounds`` interleaved rounds; prints total generated tokens/s of each and their
+ratio. ``--preset`` picks the random model (``moe-tiny`` or ``moe-small``, random init: the
+speed does not depend on the weights, and greedy tokens are counted from ``usage``).
+
+    PYTHONPATH=. python benchmarks/bench_serve.py --compare --preset moe-small --clients 8 --max-tokens 64
 """
 
 from __future__ import annotations
@@ -19,17 +27,17 @@ import time
 from pathlib import Path
 
 
-def _tiny_folder(root: Path) -> Path:
+def _tiny_folder(root: Path, preset: str = "moe-tiny") -> Path:
     import torch
 
     from moekit.data.tokenizer import save_tokenizer, train_tokenizer
     from moekit.models import MoEForCausalLM
-    from moekit.models.presets import moe_tiny
+    from moekit.models.presets import get_preset
 
     text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n    y = 2\n" * 20
     folder = root / "tiny"
     torch.manual_seed(0)
-    MoEForCausalLM(moe_tiny()).save_pretrained(folder)
+    MoEForCausalLM(get_preset(preset)).save_pretrained(folder)
     save_tokenizer(train_tokenizer([text], vocab_size=300), folder)
     return folder
 
@@ -37,6 +45,85 @@ def _tiny_folder(root: Path) -> Path:
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _child_server(folder: str, max_batch: int, threads: int, ports) -> None:
+    """Runs the server in its own process, so the clients' threads never hold the server's GIL."""
+    import torch
+    import uvicorn
+
+    from moekit.cli.common import load_model_and_tokenizer
+    from moekit.infer.server import ServerConfig, create_app
+
+    torch.set_num_threads(threads)
+    model, tok, _ = load_model_and_tokenizer(Path(folder))
+    config = ServerConfig(model_name="bench", max_queue=64, max_batch=max_batch, max_tokens_limit=4096)
+    server = uvicorn.Server(uvicorn.Config(create_app(model, tok, config), port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    ports.put(server.servers[0].sockets[0].getsockname()[1])
+    thread.join()
+
+
+def compare(base: str, args) -> None:
+    """Concurrent against sequential: the same requests, interleaved rounds, total tokens/s."""
+    import httpx
+
+    prompts = [f"def f{i}(" + "x, " * (i % 4) for i in range(args.clients)]
+    bodies = [
+        {"model": "bench", "prompt": p, "max_tokens": args.max_tokens, "temperature": 0} for p in prompts
+    ]
+
+    def post(c, body) -> tuple[int, str]:
+        r = c.post("/v1/completions", json=body)
+        r.raise_for_status()
+        out = r.json()
+        return out["usage"]["completion_tokens"], out["choices"][0]["text"]
+
+    # One keep-alive client per concurrent request, made before timing (a new httpx client builds an
+    # SSL context, tens of ms of CPU that would count against the concurrent side only).
+    clients = [httpx.Client(base_url=base, timeout=600) for _ in bodies]
+    with httpx.Client(base_url=base, timeout=600) as c:
+        for own in clients:
+            post(own, bodies[0] | {"max_tokens": 2})  # warm-up, and opens each connection
+        results = {"sequential": [], "concurrent": []}
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            seq = [post(c, b) for b in bodies]
+            results["sequential"].append((sum(n for n, _ in seq), time.perf_counter() - t0))
+            out: list = [None] * len(bodies)
+
+            def client(i: int, out: list = out) -> None:
+                out[i] = post(clients[i], bodies[i])
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            results["concurrent"].append((sum(n for n, _ in out), time.perf_counter() - t0))
+            if [t for _, t in out] != [t for _, t in seq]:
+                print("WARNING: concurrent texts differ from sequential ones")
+        health = c.get("/health").json()
+    for own in clients:
+        own.close()
+    rate = {k: [n / s for n, s in v] for k, v in results.items()}
+    for k, v in rate.items():
+        print(
+            f"{k:10s} tokens/s per round: "
+            + ", ".join(f"{x:.0f}" for x in v)
+            + f"  median {statistics.median(v):.0f}"
+        )
+    ratios = [c / s for c, s in zip(rate["concurrent"], rate["sequential"], strict=True)]
+    print(
+        "concurrent / sequential: "
+        + ", ".join(f"{x:.2f}x" for x in ratios)
+        + f"  median {statistics.median(ratios):.2f}x"
+    )
+    print(f"batch: {health['batch']}")
 
 
 def main() -> None:
@@ -55,13 +142,33 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--invalid", action="store_true", help="also send one invalid request per valid one")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the model")
+    p.add_argument("--compare", action="store_true", help="concurrent against sequential (see the docstring)")
+    p.add_argument("--preset", default="moe-tiny", help="random model when no --model (default moe-tiny)")
+    p.add_argument("--rounds", type=int, default=2, help="--compare rounds")
+    p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.model) if args.model else _tiny_folder(Path(tmp))
+        folder = Path(args.model) if args.model else _tiny_folder(Path(tmp), args.preset)
+        print(f"model {args.model or args.preset + ' (random init)'}, torch threads {args.threads}")
+        if args.compare:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")
+            ports = ctx.Queue()
+            child = ctx.Process(target=_child_server, args=(str(folder), args.max_batch, args.threads, ports))
+            child.start()
+            try:
+                compare(f"http://127.0.0.1:{ports.get(timeout=300)}", args)
+            finally:
+                child.terminate()
+                child.join(10)
+            return
         model, tok, _ = load_model_and_tokenizer(folder)
-        config = ServerConfig(model_name="bench", max_queue=4 * args.clients)
+        config = ServerConfig(
+            model_name="bench", max_queue=4 * args.clients, max_batch=args.max_batch, max_tokens_limit=4096
+        )
         app = create_app(model, tok, config)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)

@@ -2,6 +2,10 @@
 
     python benchmarks/paper_rows.py smoe     # SMoE-Dropout: loss against k at inference
     python benchmarks/paper_rows.py topp     # top-p: experts per token against token difficulty
+    python benchmarks/paper_rows.py aki      # AquilaMoE: FPI vs AKI vs AKI-Pro scale-up (paper_rows_growth.py)
+    python benchmarks/paper_rows.py scmoe    # SCMoE vs greedy, exact match on addition (paper_rows_trained.py)
+    python benchmarks/paper_rows.py moepp    # MoE++ vs vanilla MoE: loss, MoE-layer time (paper_rows_trained.py)
+    python benchmarks/paper_rows.py moetuner # MoETuner ILP placement vs round-robin (paper_rows_trained.py)
 
 ``smoe``: two byte-level MoE LMs (dim 64, 2 layers, 8 experts of width 32) on the Python stdlib
 source, trained for the same steps and tokens through the one engine (``moekit.train.fit``):
@@ -180,15 +184,29 @@ def topp(steps: int, seed: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["smoe", "topp"])
+    p.add_argument("what", choices=["smoe", "topp", "aki", "scmoe", "moepp", "moetuner"])
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--pre-steps", type=int, default=300, help="aki: steps of the small dense model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--digits", type=int, default=2, help="scmoe: digits of each operand")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.what == "smoe":
         smoe(args.steps, args.seed)
-    else:
+    elif args.what == "topp":
         topp(args.steps, args.seed)
+    elif args.what == "aki":
+        from paper_rows_growth import aki
+
+        aki(args.pre_steps, args.steps, args.seed)
+    elif args.what == "scmoe":
+        from paper_rows_trained import scmoe
+
+        scmoe(args.steps, args.seed, args.digits)
+    else:
+        import paper_rows_trained
+
+        getattr(paper_rows_trained, args.what)(args.steps, args.seed)
 
 
 if __name__ == "__main__":

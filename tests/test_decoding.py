@@ -309,3 +309,68 @@ def test_scmoe_weak_logits_equal_a_forward_routed_to_the_rank_k_expert(model):
             h.remove()
     strong_model_logits = model(ids).logits[0, -1].float()
     assert not torch.allclose(weak[0], strong_model_logits, atol=1e-3)  # the weak pass really differs
+
+
+class _WeakPrefillUnrouted(SelfContrastSession):
+    """Mutant: the weak prompt cache is built with the strong routing (the override is missing)."""
+
+    def prefill(self):
+        return self._combine(self.strong_session.prefill(), self.weak_session.prefill())
+
+
+class _WeakReusesStrongCache(SelfContrastSession):
+    """Mutant: each weak step attends to the strong pass's cached keys/values."""
+
+    def step(self, next_B):
+        strong_BV = self.strong_session.step(next_B)
+        sc, wc = self.strong_session.cache, self.weak_session.cache
+        wc.keys, wc.values = [k.clone() for k in sc.keys], [v.clone() for v in sc.values]
+        wc.lengths = [n - 1 for n in sc.lengths]  # the weak step appends its own key for the new token
+        return self._combine(strong_BV, self._weak(self.weak_session.step, next_B))
+
+
+class _WeakStepUnrouted(SelfContrastSession):
+    """Mutant: decode steps of the weak pass run without the weak routing."""
+
+    def step(self, next_B):
+        return self._combine(self.strong_session.step(next_B), self.weak_session.step(next_B))
+
+
+def _scmoe_max_errors(model, session_cls, weak: str, steps: int = 5) -> tuple[float, float, float]:
+    """Decodes with ``session_cls`` at beta > 0 and compares, at every step, the strong and the weak
+    logits with a full forward of the whole prefix (no cache): plain, and inside ``weak_routing``.
+    Returns (max strong error, max weak error, min |weak - strong| gap of the reference)."""
+    ids = torch.cat([_prompt(6, 11), _prompt(6, 12)])
+    session = session_cls(model, ids, max_new_tokens=steps, beta=1.0, weak=weak)
+    strong, weak_logits, chosen = [], [], []
+    for next_B in iter_tokens(session, steps):
+        strong.append(session.last_strong_BV.clone())
+        weak_logits.append(session.last_weak_BV.clone())
+        chosen.append(next_B.clone())
+    err_s = err_w = 0.0
+    gap = math.inf
+    with torch.no_grad():
+        for t in range(steps):
+            prefix = torch.cat([ids, *[c[:, None] for c in chosen[:t]]], dim=1)
+            want_s = model(prefix).logits[:, -1].float()
+            with weak_routing(model, WeakRouting.parse(weak)) as moe_k:
+                want_w = model(prefix, moe_k=moe_k).logits[:, -1].float()
+            err_s = max(err_s, float((strong[t] - want_s).abs().max()))
+            err_w = max(err_w, float((weak_logits[t] - want_w).abs().max()))
+            gap = min(gap, float((want_w - want_s).abs().max()))
+    return err_s, err_w, gap
+
+
+@pytest.mark.parametrize("weak", ["rank:2", "top:1"])
+def test_scmoe_strong_and_weak_logits_equal_full_forwards_at_every_step(model, weak):
+    """Issue 20 item 9: at beta > 0, each decode step's strong and weak logits (two KV caches) equal
+    a cache-free forward of the whole prefix under the model's routing and under the weak routing."""
+    err_s, err_w, gap = _scmoe_max_errors(model, SelfContrastSession, weak)
+    assert err_s < 1e-5 and err_w < 1e-5, (err_s, err_w)
+    assert gap > 1e-3  # the weak routing really changes the logits, so the check can tell them apart
+
+
+@pytest.mark.parametrize("mutant", [_WeakPrefillUnrouted, _WeakReusesStrongCache, _WeakStepUnrouted])
+def test_scmoe_weak_pass_check_catches_cache_and_routing_mutants(model, mutant):
+    _, err_w, _ = _scmoe_max_errors(model, mutant, "rank:2")
+    assert err_w > 1e-3, f"{mutant.__name__} went unnoticed ({err_w:.2e})"

@@ -39,6 +39,10 @@ MORE_MOE = [
     "dots1",
     "hunyuan_v1_moe",
     "flex_olmo",
+    "gpt_oss",
+    "llama4_text",
+    "jetmoe",
+    "minimax",
 ]
 FAMILIES = BASE_MOE + MORE_MOE + ["jamba"] + DENSE
 TOOLS = ["import", "export", "generate", "serve", "offload", "quantize", "trace", "surgery", "gguf"]
@@ -64,6 +68,14 @@ REFUSALS: dict[tuple[str, str], str] = {
     ("granitemoeshared", "gguf"): NO_GGUF + "multipliers, a shared expert without its sigmoid gate",
     ("dbrx", "gguf"): NO_GGUF + "clipped qkv, norm_type='layernorm'",
     ("jamba", "gguf"): NO_GGUF + "dense layers between MoE layers",
+    # GPT-OSS: the expert store and quantized experts are two bias-free matrices per expert.
+    ("gpt_oss", "offload"): r"^offload: MoE layer 0 has expert biases \(moe.ffn_bias=True\)",
+    ("gpt_oss", "quantize"): r"^quantize: MoE layer 0 has expert biases \(moe.ffn_bias=True\)",
+    ("gpt_oss", "gguf"): NO_GGUF + "activation swiglu_clamped.*expert biases, attention sinks",
+    ("minimax", "gguf"): NO_GGUF + "norm_placement='normed_residual'",
+    ("jetmoe", "gguf"): NO_GGUF + "attention_type='moa'",
+    ("llama4_text", "gguf"): NO_GGUF
+    + "router topk/sigmoid, dense layers.*routing weights on the expert input",
 }
 
 

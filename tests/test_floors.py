@@ -31,6 +31,8 @@ FLOORS = {
     "train": 6,
     "infer": 6,
     "surgery": 7,
+    "blind": 7,
+    "mixture": 7,
     "cli": 8,
 }
 EXEMPT = {"__init__.py", "__main__.py"}  # moekit's own top level: lazy imports of anything

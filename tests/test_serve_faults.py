@@ -31,8 +31,10 @@ def tok(model_folder):  # noqa: F811
 def server(model_folder):  # noqa: F811
     from moekit.infer.server import ServerConfig
 
+    # One request at a time (max_batch=1), so "one runs, one waits" fills the queue of one; the
+    # batched bound (max_batch + max_queue) is tested in tests/test_server_batching.py.
     config = ServerConfig(
-        model_name="tiny", max_tokens_limit=MAX_LIMIT, max_body_bytes=BODY_LIMIT, max_queue=1
+        model_name="tiny", max_tokens_limit=MAX_LIMIT, max_body_bytes=BODY_LIMIT, max_queue=1, max_batch=1
     )
     with running_server(model_folder, config) as client:
         yield client

@@ -22,9 +22,11 @@ Layout:
                   mla_softmax_scale, check_rope_scaling
     norm.py       RMSNorm (float32 compute)
     rope.py       RotaryEmbedding (float32 tables, grown on demand), apply_rotary, deinterleave
-    attention.py  Attention (GQA, q/k norm, qkv bias), build_attention_mask (padding, sliding window)
+    attention.py  Attention (GQA, q/k norm, qkv bias, sinks), build_attention_mask (padding, sliding
+                  window, chunks)
     mla.py        MLAttention (DeepSeek multi-head latent attention, latent KV cache)
-    cache.py      KVCache (preallocated, grown in chunks; Mamba layers keep a MambaState there)
+    cache.py      KVCache (preallocated, grown in chunks; Mamba layers keep a MambaState there),
+                  RaggedKVCache (a continuous batch's rows of their own lengths)
     encoder.py    SelfAttention (encoders: biased q/k/v/o, no RoPE, bidirectional or causal; ViT, CLIP)
     ssm.py        MambaMixer (Jamba's selective SSM), MambaConfig, scan_sequential /
                   scan_chunked / scan_step (the reference loop, the chunked scan, decode)
@@ -38,11 +40,20 @@ test it against a slow reference (``tests/test_blocks.py``). A model family's co
 block's config (e.g. ``ModelConfig.attention_config()``); the block never sees the family's.
 """
 
-from moekit.blocks.attention import Attention, build_attention_mask
-from moekit.blocks.cache import KVCache, MambaState
-from moekit.blocks.config import AttentionConfig, MLAConfig, RopeConfig, mla_softmax_scale
+from moekit.blocks.attention import Attention, attend_with_sinks, build_attention_mask
+from moekit.blocks.cache import KVCache, MambaState, RaggedKVCache
+from moekit.blocks.config import (
+    AttentionConfig,
+    LightningConfig,
+    MLAConfig,
+    MoAConfig,
+    RopeConfig,
+    mla_softmax_scale,
+)
 from moekit.blocks.encoder import SelfAttention
+from moekit.blocks.lightning import LightningAttention, lightning_scan, lightning_slopes
 from moekit.blocks.mla import MLAttention
+from moekit.blocks.moa import MixtureOfAttentionHeads
 from moekit.blocks.norm import RMSNorm
 from moekit.blocks.rope import RotaryEmbedding, apply_rotary, deinterleave
 from moekit.blocks.ssm import (
@@ -59,7 +70,14 @@ __all__ = [
     "Attention",
     "AttentionConfig",
     "KVCache",
+    "RaggedKVCache",
     "MLAConfig",
+    "LightningAttention",
+    "LightningConfig",
+    "lightning_scan",
+    "lightning_slopes",
+    "MoAConfig",
+    "MixtureOfAttentionHeads",
     "MLAttention",
     "MambaConfig",
     "MambaMixer",
@@ -69,6 +87,7 @@ __all__ = [
     "RotaryEmbedding",
     "SelfAttention",
     "apply_rotary",
+    "attend_with_sinks",
     "build_attention_mask",
     "cumsum_chunks",
     "deinterleave",

@@ -1,7 +1,9 @@
-"""The per-layer cache of a decoding batch: keys/values (preallocated, grown in chunks) or Mamba states.
+"""The per-layer cache of a decoding batch: keys/values (preallocated, grown in chunks) or Mamba states,
+and the ragged cache of a continuous batch (rows of their own lengths that join and leave).
 
 Shape legend: B = batch, G = key/value heads, S = new tokens, P = cached tokens, Dh = head width,
-I = Mamba inner width, K = conv kernel width, N = SSM state size.
+I = Mamba inner width, K = conv kernel width (Mamba) or keys a ragged step attends to,
+N = SSM state size.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -35,7 +38,8 @@ class KVCache:
     "keys" and its shared rotary key as "values").
 
     A hybrid model's Mamba layers keep a :class:`MambaState` instead (:meth:`mamba_state`,
-    :meth:`set_mamba_state`); they count tokens in ``lengths`` too, so :attr:`seq_len` holds
+    :meth:`set_mamba_state`), linear-attention layers one state tensor (:meth:`recurrent_state`,
+    :meth:`set_recurrent_state`); they count tokens in ``lengths`` too, so :attr:`seq_len` holds
     whichever kind layer 0 is.
 
     Args:
@@ -52,6 +56,7 @@ class KVCache:
         self.values: list[Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
         self.mamba_states: list[MambaState | None] = [None] * num_layers
+        self.recurrent_states: list[Tensor | None] = [None] * num_layers
 
     @property
     def seq_len(self) -> int:
@@ -103,6 +108,15 @@ class KVCache:
         self.mamba_states[layer_idx] = state
         self.lengths[layer_idx] += num_new
 
+    def recurrent_state(self, layer_idx: int) -> Tensor | None:
+        """A linear-attention layer's state after the cached tokens (None before its first call)."""
+        return self.recurrent_states[layer_idx]
+
+    def set_recurrent_state(self, layer_idx: int, state: Tensor, num_new: int) -> None:
+        """Stores linear-attention layer ``layer_idx``'s state (any tensor) after ``num_new`` more tokens."""
+        self.recurrent_states[layer_idx] = state
+        self.lengths[layer_idx] += num_new
+
     def crop(self, length: int) -> None:
         """Forgets every token after the first ``length`` (speculative decoding rollback).
 
@@ -111,9 +125,127 @@ class KVCache:
                 summary that cannot be rolled back.
         """
         for i, state in enumerate(self.mamba_states):
-            if state is not None and length < self.lengths[i]:
+            if (state is not None or self.recurrent_states[i] is not None) and length < self.lengths[i]:
                 raise ValueError(
-                    f"KVCache.crop({length}): Mamba layer {i} holds a recurrent state over "
+                    f"KVCache.crop({length}): layer {i} (Mamba or linear attention) holds a recurrent state over "
                     f"{self.lengths[i]} tokens that cannot be rolled back"
                 )
         self.lengths = [min(n, length) for n in self.lengths]
+
+
+class RaggedKVCache:
+    """Per-layer keys/values of a decoding batch whose rows have their own lengths (no padding).
+
+    Row ``b`` holds its first ``lengths[b]`` tokens at slots ``0 .. lengths[b] - 1`` of
+    ``keys[layer]`` ``[B, G, capacity, Dh]``; slots past a row's length hold stale but finite
+    values that the step's mask hides (zeros at first, since a masked NaN would still poison
+    SDPA's weighted sum). Rows join (:meth:`add_row`, with a prefilled cache of their own) and
+    leave (:meth:`keep_rows`) between steps, so a server can run a continuous batch. A decode step
+    writes one token per row at that row's own position (:meth:`update`) and :meth:`advance`
+    moves every row on by one after the last layer.
+
+    Args:
+        num_layers: decoder layers (attention only; Mamba layers need a recurrent state per row).
+        chunk_size: capacity grows to a multiple of this many tokens.
+    """
+
+    def __init__(self, num_layers: int, chunk_size: int = 64) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"RaggedKVCache: chunk_size must be positive, got {chunk_size}")
+        self.num_layers, self.chunk_size = num_layers, chunk_size
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+        #: tokens cached per row (the next token's position, as rows have no padding)
+        self.lengths: list[int] = []
+        self.lengths_B: Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """B: rows in the batch."""
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        """Slots per row before the cache grows."""
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def _resize(self, capacity: int) -> None:
+        for i in range(self.num_layers):
+            for store in (self.keys, self.values):
+                old = store[i]
+                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+                keep = min(capacity, old.shape[2])
+                new[:, :, :keep] = old[:, :, :keep]
+                store[i] = new
+
+    def reserve(self, num_tokens: int) -> None:
+        """Makes room for rows of up to ``num_tokens`` tokens (one copy when it grows)."""
+        if self.keys[0] is not None and num_tokens > self.capacity:
+            self._resize(math.ceil(num_tokens / self.chunk_size) * self.chunk_size)
+
+    def add_row(self, keys: list[Tensor], values: list[Tensor]) -> int:
+        """Appends a row from its own cache: per layer ``[1, G, S, Dh]`` (S = its tokens); returns its index."""
+        if len(keys) != self.num_layers or len(values) != self.num_layers:
+            raise ValueError(f"RaggedKVCache.add_row: need {self.num_layers} layers, got {len(keys)}")
+        length = keys[0].shape[2]
+        if self.keys[0] is None:
+            capacity = math.ceil(max(length, 1) / self.chunk_size) * self.chunk_size
+            for i in range(self.num_layers):
+                for store, src in ((self.keys, keys[i]), (self.values, values[i])):
+                    store[i] = src.new_zeros(0, src.shape[1], capacity, src.shape[3])
+        self.reserve(length)
+        for i in range(self.num_layers):
+            for store, src in ((self.keys, keys[i]), (self.values, values[i])):
+                row = store[i].new_zeros(1, *store[i].shape[1:])
+                row[:, :, :length] = src
+                store[i] = torch.cat([store[i], row])
+        self.lengths.append(length)
+        self._sync_lengths()
+        return self.num_rows - 1
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keeps only ``rows`` (in that order); every other row leaves the batch."""
+        if rows == list(range(self.num_rows)):
+            return
+        if self.keys[0] is not None:
+            index = torch.tensor(rows, dtype=torch.long, device=self.keys[0].device)
+            for i in range(self.num_layers):
+                self.keys[i] = self.keys[i].index_select(0, index)
+                self.values[i] = self.values[i].index_select(0, index)
+        self.lengths = [self.lengths[r] for r in rows]
+        self._sync_lengths()
+
+    def _sync_lengths(self) -> None:
+        device = None if self.keys[0] is None else self.keys[0].device
+        self.lengths_B = torch.tensor(self.lengths, dtype=torch.long, device=device)
+
+    def update(self, layer_idx: int, k_BG1d: Tensor, v_BG1d: Tensor) -> tuple[Tensor, Tensor]:
+        """Writes one new key/value per row at that row's position; returns ``[B, G, K, Dh]`` views.
+
+        K is the longest row's length plus one; :meth:`mask` says which of them each row sees.
+        """
+        if k_BG1d.shape[2] != 1 or k_BG1d.shape[0] != self.num_rows:
+            raise ValueError(
+                f"RaggedKVCache.update: expected [{self.num_rows}, G, 1, Dh], got {tuple(k_BG1d.shape)}"
+            )
+        num_keys = max(self.lengths) + 1
+        self.reserve(num_keys)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        rows_B = torch.arange(self.num_rows, device=keys.device)
+        keys[rows_B, :, self.lengths_B] = k_BG1d[:, :, 0]
+        values[rows_B, :, self.lengths_B] = v_BG1d[:, :, 0]
+        return keys[:, :, :num_keys], values[:, :, :num_keys]
+
+    def mask(self, sliding_window: int | None = None) -> Tensor:
+        """The step's bool SDPA mask ``[B, 1, 1, K]``: each row sees its own tokens and the new one."""
+        num_keys = max(self.lengths) + 1
+        k_1K = torch.arange(num_keys, device=self.lengths_B.device)[None, :]
+        allowed_BK = k_1K <= self.lengths_B[:, None]
+        if sliding_window is not None:
+            allowed_BK = allowed_BK & (self.lengths_B[:, None] - k_1K < sliding_window)
+        return allowed_BK[:, None, None, :]
+
+    def advance(self) -> None:
+        """Every row now holds one more token (call after the step's last layer)."""
+        self.lengths = [n + 1 for n in self.lengths]
+        self.lengths_B = self.lengths_B + 1

@@ -14,7 +14,7 @@ from typing import Any
 
 from moekit.config import JsonConfig, check_choice
 
-QK_NORMS = ("none", "per_head", "full")
+QK_NORMS = ("none", "per_head", "full", "l2")
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 # Keys each rope_scaling type accepts (HF's names). "rope_type" (HF >= 4.45) and "type" (older)
@@ -192,8 +192,9 @@ class AttentionConfig(JsonConfig):
         num_heads: query heads H.
         num_kv_heads: key/value heads G (must divide H).
         head_dim: per-head width Dh.
-        qk_norm: ``"none"``, ``"per_head"`` (RMSNorm over Dh, Qwen3) or ``"full"`` (RMSNorm over
-            the whole q/k projection width, OLMoE).
+        qk_norm: ``"none"``, ``"per_head"`` (RMSNorm over Dh, Qwen3), ``"full"`` (RMSNorm over
+            the whole q/k projection width, OLMoE) or ``"l2"`` (weightless RMS normalisation over Dh
+            of the rotated q/k, Llama 4).
         bias: biases on the q/k/v projections (Qwen2); the output projection has none.
         norm_eps: epsilon of the q/k RMSNorms.
         softmax_scale: the attention scale; ``None`` means ``Dh ** -0.5`` (Granite's
@@ -207,6 +208,13 @@ class AttentionConfig(JsonConfig):
             before the rotation.
         rope: rotate queries and keys; False attends without positions (Jamba, whose Mamba
             layers carry the order).
+        temperature_scale: None, or Llama 4's attention temperature tuning: queries at cache slot
+            ``p`` are multiplied by ``1 + temperature_scale * log1p(floor((p + 1) / temperature_floor))``
+            (long contexts sharpen attention; 1 for the first ``temperature_floor - 1`` tokens).
+        temperature_floor: the token scale of that tuning.
+        sinks: a learned per-head logit ``sinks [H]`` joins each softmax denominator (GPT-OSS
+            attention sinks): a query may put weight on "nothing", and its attention weights then
+            sum to less than 1.
     """
 
     dim: int
@@ -222,6 +230,9 @@ class AttentionConfig(JsonConfig):
     out_bias: bool = False
     qk_norm_after_rope: bool = False
     rope: bool = True
+    temperature_scale: float | None = None
+    temperature_floor: int = 8192
+    sinks: bool = False
 
     def __post_init__(self) -> None:
         if self.qk_norm_after_rope and self.qk_norm != "per_head":
@@ -234,6 +245,10 @@ class AttentionConfig(JsonConfig):
                 f"AttentionConfig.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
             )
         check_choice("AttentionConfig", "qk_norm", self.qk_norm, QK_NORMS)
+        if self.temperature_floor <= 0:
+            raise ValueError(
+                f"AttentionConfig.temperature_floor must be positive, got {self.temperature_floor}"
+            )
         if self.norm_eps <= 0:
             raise ValueError(f"AttentionConfig.norm_eps must be positive, got {self.norm_eps}")
         for name in ("softmax_scale", "clip_qkv"):
@@ -294,3 +309,63 @@ def mla_softmax_scale(
         mscale = yarn_mscale(rs.get("factor") or 1.0, rs["mscale_all_dim"])
         scale = scale * mscale * mscale
     return scale
+
+
+@dataclass(kw_only=True)
+class MoAConfig(JsonConfig):
+    """Mixture of attention heads (:class:`~moekit.blocks.MixtureOfAttentionHeads`, JetMoE).
+
+    Each token's router picks ``top_k`` of ``num_experts`` attention experts (softmax over the
+    chosen logits); expert ``e`` owns a query projection ``[G*Dh, D]`` and an output projection
+    ``[D, G*Dh]``, all experts share one key/value projection. So a token attends with
+    ``H = top_k * G`` query heads, and its output is the routing-weighted sum of its experts'
+    output projections plus one bias ``[D]``.
+
+    Attributes:
+        dim: model width D.
+        num_experts: attention experts E.
+        top_k: experts per token K.
+        num_kv_heads: key/value heads G (each expert's query has G heads too).
+        head_dim: per-head width Dh.
+    """
+
+    dim: int
+    num_experts: int
+    top_k: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_experts", "top_k", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"MoAConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MoAConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+
+
+@dataclass(kw_only=True)
+class LightningConfig(JsonConfig):
+    """Lightning (linear) attention (:class:`~moekit.blocks.LightningAttention`, MiniMax).
+
+    Attributes:
+        dim: model width D.
+        num_heads: heads H.
+        head_dim: per-head width Dh.
+        num_layers: decoder layers L (the decay rate of layer i falls linearly with i / (L - 1)).
+        block_size: tokens per block of the parallel form (any value gives the same result).
+        norm_eps: epsilon of the output RMSNorm (transformers' MiniMax uses 1e-6).
+    """
+
+    dim: int
+    num_heads: int
+    head_dim: int
+    num_layers: int
+    block_size: int = 256
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_heads", "head_dim", "num_layers", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LightningConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"LightningConfig.norm_eps must be positive, got {self.norm_eps}")

@@ -9,11 +9,11 @@ from pathlib import Path
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def add_model_argument(p: argparse.ArgumentParser) -> None:
+def add_model_argument(p: argparse.ArgumentParser, required: bool = True) -> None:
     """``--model DIR`` (any folder :func:`moekit.from_pretrained` opens) and ``--dtype``."""
     p.add_argument(
         "--model",
-        required=True,
+        required=required,
         help="a run folder (runs/NAME), a checkpoint, model or quantized folder, or a Hugging Face folder",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype to run in")

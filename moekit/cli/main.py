@@ -35,6 +35,8 @@ VERBS: dict[str, str] = {
     "ts-train": "ts_train",
     "forecast": "forecast",
     "ts-eval": "ts_eval",
+    "blind": "blind",
+    "mixture": "mixture",
 }
 
 

@@ -15,7 +15,13 @@ HELP = "Serve a model over an OpenAI-compatible HTTP API (completions, chat, str
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the verb's flags."""
-    add_model_argument(p)
+    add_model_argument(p, required=False)
+    p.add_argument(
+        "--mixture",
+        metavar="CONFIG",
+        help="serve a mixture of models (`moekit mixture profile`) instead of --model; requests pick "
+        "experts by the X-Latency-Class header",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0-65535; 0 picks a free one)")
     p.add_argument(
@@ -39,7 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-queue",
         type=int,
         default=16,
-        help="requests that may wait behind the running one; more get 429 with Retry-After",
+        help="requests that may wait behind the running ones; more get 429 with Retry-After",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="continuous batching: requests decoded together at most, joining and leaving at token "
+        "boundaries (1: one at a time; --compile also serves one at a time)",
     )
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder name)")
     p.add_argument(
@@ -77,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
 
     from moekit.infer.server import ServerConfig, chat_template_of, create_app
 
+    if args.mixture:
+        return _serve_mixture(args)
+    if not args.model:
+        raise ValueError("pass --model DIR (or --mixture CONFIG)")
     model, tok, folder = load_model_and_tokenizer(args.model, args.dtype)
     cache, tmp = maybe_offload(model, args)
     # runs/NAME/checkpoints/last serves as "NAME"; any other folder under its own name.
@@ -90,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         api_key=args.api_key,
         compile=args.compile,
+        max_batch=args.max_batch,
     )
 
     def report() -> None:
@@ -114,4 +132,19 @@ def run(args: argparse.Namespace) -> int:
             cache.close()
         if tmp is not None:
             tmp.cleanup()
+    return 0
+
+
+def _serve_mixture(args: argparse.Namespace) -> int:
+    """``--mixture CONFIG``: the same server over :class:`moekit.mixture.serve.MixtureEngine`."""
+    import uvicorn
+
+    from moekit.cli._mixture_serve import build_mixture_app
+
+    app, name = build_mixture_app(args)
+    print(
+        f"moekit serve: mixture {name!r} from {args.mixture} on http://{args.host}:{args.port}",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -169,6 +169,12 @@ def _family_features(config) -> list[str]:
         (moe.num_expert_groups > 1, "group-limited routing"),
         (moe.use_expert_bias or moe.router_bias, "router or expert-selection bias"),
         (moe.capacity_factor is not None, "token dropping (capacity_factor)"),
+        (moe.ffn_bias, "expert biases"),
+        (moe.weights_on_input, "routing weights on the expert input"),
+        (bool(config.nope_layer_indices), "NoPE layers"),
+        (config.attention_temperature_scale is not None, "attention temperature tuning"),
+        (config.attention_sinks, "attention sinks"),
+        (config.attention_layer_types is not None, "per-layer attention masks (attention_layer_types)"),
         (moe.shared_ffn_dim and not moe.shared_expert_gate, "a shared expert without its sigmoid gate"),
         (
             config.qk_norm == "none"

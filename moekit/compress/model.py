@@ -20,7 +20,7 @@ from moekit.compress.config import QuantConfig
 from moekit.compress.experts import QuantizedExperts
 from moekit.compress.kernels import PackedLinear
 from moekit.compress.quant import QuantizedTensor, quantize_gptq, quantize_rtn, resolve_group
-from moekit.layers import MoELayer, Router
+from moekit.layers import MoELayer, Router, require_plain_expert_math
 from moekit.layers.experts import activate
 
 QUANT_KEY = "quantization"
@@ -132,6 +132,7 @@ def quantize_model(
     if config.method == "gptq" and not calib_batches:
         raise ValueError("QuantConfig.method='gptq' needs calibration batches (pass calib_batches / --calib)")
     layers = moe_layers(model)
+    require_plain_expert_math(layers, "quantize")  # QuantizedExperts are two bias-free matrices
     targets = _non_expert_linears(model) if config.include_non_experts else []
     names = {id(m): n for n, m in model.named_modules()}
     for _, _, lin in targets:

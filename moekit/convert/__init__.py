@@ -33,6 +33,7 @@ To add a family, see :mod:`moekit.convert.families`.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoEFo
     unmapped = sorted(expected - {t.name for t in targets})
     if unmapped:
         raise ValueError(f"{adapter.model_type} adapter does not map moekit tensor(s) {unmapped[:5]}")
-    load_into(state, targets, mapping)
+    load_into(state, targets, {k: v for k, v in mapping.items() if not adapter.derived_tensor(k)})
     model.eval()
     model.name_or_path = str(folder)
     return model
@@ -198,7 +199,10 @@ def save_hf(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    write_shards(hf_tensors(state, adapter.targets(model.config)), folder, max_shard_bytes)
+    tensors = itertools.chain(
+        hf_tensors(state, adapter.targets(model.config)), adapter.derived_tensors(model.config, state)
+    )
+    write_shards(tensors, folder, max_shard_bytes)
     text = json.dumps(hf, indent=2, sort_keys=True) + "\n"
     atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
     src = tokenizer_dir if tokenizer_dir is not None else getattr(model, "name_or_path", None)

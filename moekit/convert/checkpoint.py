@@ -90,11 +90,15 @@ def checkpoint_dtype(mapping: dict[str, Path]) -> torch.dtype:
 
 def resolve_layout(target: Target, available: set[str]) -> list[Piece]:
     """The first layout of ``target`` whose tensors all exist; ValueError naming a missing tensor."""
+
+    def keys(piece: Piece) -> list[str]:
+        return [piece.key] if piece.mxfp4_scales is None else [piece.key, piece.mxfp4_scales]
+
     for layout in target.layouts:
-        if all(p.key in available for p in layout):
+        if all(k in available for p in layout for k in keys(p)):
             return layout
-    best = max(target.layouts, key=lambda lay: sum(p.key in available for p in lay))
-    missing = [p.key for p in best if p.key not in available]
+    best = max(target.layouts, key=lambda lay: sum(k in available for p in lay for k in keys(p)))
+    missing = [k for p in best for k in keys(p) if k not in available]
     raise ValueError(
         f"checkpoint is missing tensor {missing[0]!r} (needed for moekit {target.name!r}"
         + (f"; {len(missing) - 1} more missing" if len(missing) > 1 else "")
@@ -118,6 +122,8 @@ def load_into(state: dict[str, torch.Tensor], targets: list[Target], mapping: di
         for piece in resolve_layout(target, available):
             plan[mapping[piece.key]].append((piece, target.name))
             used.add(piece.key)
+            if piece.mxfp4_scales is not None:
+                used.add(piece.mxfp4_scales)
     unused = sorted(available - used)
     if unused:
         warnings.warn(
@@ -137,7 +143,26 @@ def load_into(state: dict[str, torch.Tensor], targets: list[Target], mapping: di
                         )
                     dest.copy_(f.get_tensor(piece.key))
                     continue
+                if piece.mxfp4_scales is not None:
+                    _copy_mxfp4(f, mapping, piece, name, dest)
+                    continue
                 _copy_changed_layout(f, piece, name, dest)
+
+
+def _copy_mxfp4(f, mapping: dict[str, Path], piece: Piece, name: str, dest: torch.Tensor) -> None:
+    """Dequantizes an MXFP4 blocks/scales pair (:class:`Piece` ``mxfp4_scales``) into ``dest``."""
+    from moekit.convert.mxfp4 import dequantize_mxfp4
+
+    with open_safetensors(mapping[piece.mxfp4_scales]) as g:
+        scales = g.get_tensor(piece.mxfp4_scales)
+    values = dequantize_mxfp4(f.get_tensor(piece.key), scales, dtype=dest.dtype)
+    want = piece.hf_shape(tuple(dest.shape))
+    if tuple(values.shape) != want:
+        raise ValueError(
+            f"checkpoint tensor {piece.key!r} dequantizes to shape {tuple(values.shape)}, but moekit {name!r} "
+            f"expects {want} there (config.json and weights disagree?)"
+        )
+    dest.copy_(piece.from_hf(values, tuple(dest.shape)))
 
 
 def _copy_changed_layout(f, piece: Piece, name: str, dest: torch.Tensor) -> None:

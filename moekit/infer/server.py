@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``: server-sent
 events ``data: {...}\\n\\n`` then ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (status and
-counters: requests, generated tokens, cancelled, queued and refused requests).
+counters: requests, generated tokens, cancelled, queued and refused requests, and the continuous
+batch's size and steps).
 
 What the server promises (each is tested in ``tests/test_serve*.py``):
 
@@ -87,11 +88,16 @@ class ServerConfig:
             chat requests default to ``max_tokens_limit``. Both are clamped to the room left.
         chat_template: a Jinja chat template (None: :data:`DEFAULT_CHAT_TEMPLATE`).
         max_body_bytes: larger request bodies get 413 without being read.
-        max_queue: requests that may wait behind the running one; more get 429 + ``Retry-After``.
+        max_queue: requests that may wait behind the running ones (``max_batch`` of them, or one
+            without batching); more get 429 + ``Retry-After``.
         api_key: when set, ``/v1/*`` requests need ``Authorization: Bearer <api_key>``.
         token_delay_s: sleep after each token. For tests and demos of cancellation only.
         compile: decode with a ``torch.compile``-d step (see :class:`DecodeSession`); the first
-            request pays the compilation.
+            request pays the compilation. The compiled step is batch-1, so requests then run one
+            at a time.
+        max_batch: continuous batching: up to this many requests decode together, joining and
+            leaving the running batch at token boundaries (1: one request at a time). See
+            :mod:`moekit.infer.server_batch`.
     """
 
     model_name: str
@@ -104,6 +110,7 @@ class ServerConfig:
     api_key: str | None = None
     token_delay_s: float = 0.0
     compile: bool = False
+    max_batch: int = 8
 
     def __post_init__(self) -> None:
         if self.max_tokens_limit < 1:
@@ -112,6 +119,8 @@ class ServerConfig:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.api_key is not None and not self.api_key:
@@ -273,6 +282,7 @@ def create_app(
     eos_token_id: int | None = None,
     on_shutdown=None,
     image_preprocess=None,
+    engine=None,
 ):
     """Builds the FastAPI app serving ``model`` (a :class:`~moekit.models.MoEForCausalLM` or a
     :class:`~moekit.models.vision.llava.MoELLaVA`, in eval mode).
@@ -286,6 +296,10 @@ def create_app(
             shutdown, so code after ``uvicorn.run`` may never run; this does).
         image_preprocess: a VLM's :class:`~moekit.data.images.ImagePreprocess` (default: the
             tower's, :func:`moekit.models.vision.llava.image_preprocess`).
+        engine: a ready engine to serve instead of an :class:`Engine` built from ``model`` (e.g.
+            :class:`moekit.mixture.serve.MixtureEngine`). It may define ``async
+            describe_request(request, body, prompt_ids, max_tokens) -> dict`` (fields added to the
+            response) and ``health_fields() -> dict`` (fields added to ``/health``).
 
     Raises:
         ValueError: ``config.max_context`` beyond the model's positions.
@@ -293,7 +307,7 @@ def create_app(
     from moekit.data.tokenizer import EOS_TOKEN, special_token_id
 
     eos = special_token_id(tokenizer) if eos_token_id is None else eos_token_id
-    engine = Engine(
+    engine = engine or Engine(  # a prebuilt engine (an object, never falsy) is served as is
         model,
         tokenizer,
         max_context=config.max_context,
@@ -303,6 +317,7 @@ def create_app(
         token_delay_s=config.token_delay_s,
         compile=config.compile,
         image_preprocess=image_preprocess,
+        max_batch=config.max_batch,
     )
     template = config.chat_template or DEFAULT_CHAT_TEMPLATE
 
@@ -342,6 +357,7 @@ def create_app(
     @app.get("/health")
     async def health():
         s = engine.stats
+        batch = engine.scheduler.health() if engine.scheduler is not None else None
         return {
             "status": "ok",
             "model": config.model_name,
@@ -349,11 +365,15 @@ def create_app(
             "generated_tokens": s.generated_tokens,
             "cancelled": s.cancelled,
             "active": s.active,
-            "queued": s.queued,
+            "queued": s.queued + (batch["waiting"] if batch else 0),
             "rejected_busy": s.rejected_busy,
             "errors": s.errors,
             "last_request_tokens": s.last_request_tokens,
             "uptime_s": round(time.time() - s.started, 1),
+            # continuous batching: max_batch, running and waiting rows, steps, mean rows per
+            # step, the largest batch so far, prefills; None when requests run one at a time
+            "batch": batch,
+            **(engine.health_fields() if hasattr(engine, "health_fields") else {}),
         }
 
     @app.get("/v1/models")
@@ -398,6 +418,8 @@ def create_app(
                 prompt_infos = await engine.call(engine.prompt_infos, prompt_ids, top)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         base = {"id": rid, "created": int(time.time()), "model": config.model_name}
+        if hasattr(engine, "describe_request"):
+            base.update(await engine.describe_request(request, body, prompt_ids, max_tokens))
         events = engine.run(request, prompt_ids, body, max_tokens, top, pixel_values)
 
         def logprobs_of(infos: list[TokenInfo], offset: int):

@@ -1,10 +1,16 @@
 """The server's generation engine: admission queue, tokenization, one model worker, text events.
 
-* One generation runs at a time: admitted requests wait on an ``asyncio.Lock`` in arrival order,
-  and every model call runs on one dedicated worker thread, so the model is never used
+* Continuous batching (``max_batch`` > 1, the default 8): up to ``max_batch`` requests decode
+  together, joining and leaving the running batch at token boundaries
+  (:mod:`moekit.infer.server_batch`); later ones wait for a place in arrival order. With
+  ``max_batch=1``, with ``compile`` (the compiled step is batch-1) or for a model whose rows are
+  not independent (:func:`~moekit.models.batch_decode.batch_decode_supported`), one generation
+  runs at a time: admitted requests wait on an ``asyncio.Lock`` in arrival order.
+* Every model call runs on one dedicated worker thread, so the model is never used
   concurrently even when a cancelled request's last token is still being computed.
-* Admission is bounded: past ``1 + max_queue`` admitted requests (running, waiting or still
-  tokenizing) a new one gets 429 with ``Retry-After`` instead of joining an unbounded FIFO.
+* Admission is bounded: past ``max_batch + max_queue`` admitted requests (``1 + max_queue``
+  without batching; running, waiting or still tokenizing) a new one gets 429 with
+  ``Retry-After`` instead of joining an unbounded FIFO.
 * Tokenization runs on a thread with the GIL released (``encode_batch``), so the event loop
   (``/health``, other requests' streams) keeps answering while a long prompt is tokenized.
 * Generation advances one token per worker call; between tokens the handler checks
@@ -26,7 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moekit.infer.server_batch import BatchRow, BatchScheduler
 from moekit.infer.server_requests import RequestError
+from moekit.models.batch_decode import batch_decode_supported
 from moekit.models.decode import DecodeSession
 from moekit.models.generation import Sampler, iter_tokens
 
@@ -131,8 +139,10 @@ class Engine:
         max_queue: admitted requests that may wait behind the running one.
         eos_token_id: the end-of-text id.
         token_delay_s: sleep after each token (tests and demos of cancellation only).
-        compile: decode with a compiled step (see :class:`DecodeSession`).
+        compile: decode with a compiled step (see :class:`DecodeSession`); requests then run one
+            at a time.
         image_preprocess: a VLM's image preprocessing (default: its tower's).
+        max_batch: requests decoded together at most (continuous batching); 1 runs one at a time.
     """
 
     def __init__(
@@ -147,6 +157,7 @@ class Engine:
         token_delay_s: float = 0.0,
         compile: bool = False,
         image_preprocess=None,
+        max_batch: int = 8,
     ) -> None:
         from moekit.models.vision.llava import MoELLaVA
         from moekit.models.vision.llava import image_preprocess as default_preprocess
@@ -166,8 +177,29 @@ class Engine:
         self.max_tokens_limit, self.max_queue = max_tokens_limit, max_queue
         self.token_delay_s, self.compile = token_delay_s, compile
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-generate")
+        # Calls handed to the worker that it has not begun: the batch gives the worker back
+        # between ticks while one waits (see ``call``).
+        self._waiting_calls: set = set()
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        lm = model.language_model if self.vision is not None else model
+        #: the continuous batch, or None when requests run one at a time
+        self.scheduler = None
+        if max_batch > 1 and not compile and batch_decode_supported(lm):
+            self.scheduler = BatchScheduler(
+                model,
+                vision=self.vision is not None,
+                eos_token_id=eos_token_id,
+                max_batch=max_batch,
+                call=self.call,
+                stats=None,
+                token_delay_s=token_delay_s,
+                others_waiting=lambda: bool(self._waiting_calls),
+            )
         self.lock = asyncio.Lock()
         self.stats = ServerStats()
+        if self.scheduler is not None:
+            self.scheduler.stats = self.stats
         self.admitted = 0
         self.mean_request_s = 1.0
         vocab = tokenizer.get_vocab()
@@ -181,9 +213,10 @@ class Engine:
 
     def admit(self) -> Slot:
         """A place in the queue, or a 429 :class:`RequestError` with ``Retry-After`` when full."""
-        if self.admitted >= 1 + self.max_queue:
+        running = 1 if self.scheduler is None else self.scheduler.max_batch
+        if self.admitted >= running + self.max_queue:
             self.stats.rejected_busy += 1
-            retry = max(1, math.ceil(self.mean_request_s * self.admitted))
+            retry = max(1, math.ceil(self.mean_request_s * self.admitted / running))
             raise RequestError(
                 429,
                 f"the server is busy ({self.admitted} requests running or queued); retry after {retry} s",
@@ -320,13 +353,17 @@ class Engine:
     def start(
         self, prompt_ids: list[int], body, max_tokens: int, want_logprobs: bool, pixel_values=None
     ) -> Iterator:
-        """A blocking iterator of ``(token_id, logprobs [V] or None)`` (worker thread; one ``next`` per token)."""
+        """The request's token source: a :class:`BatchRow` to join the continuous batch, or (one
+        request at a time) a blocking iterator of ``(token_id, logprobs [V] or None)`` (worker
+        thread; one ``next`` per token)."""
         seed = body.seed if body.seed is not None else random.randrange(2**63)
         sampler = Sampler(
             temperature=body.temperature,
             top_p=None if body.top_p >= 1.0 else body.top_p,
             generator=torch.Generator().manual_seed(seed),
         )
+        if self.scheduler is not None:
+            return BatchRow(prompt_ids, sampler, max_tokens, want_logprobs, pixel_values)
         ids = torch.tensor([prompt_ids])
         if self.vision is not None:  # the LM decodes after a prefill of the spliced embeddings
             session = DecodeSession(
@@ -352,7 +389,18 @@ class Engine:
 
     async def call(self, fn, *args):
         """Runs ``fn(*args)`` on the model's worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+        token = object()
+
+        def job():
+            self._waiting_calls.discard(token)
+            return fn(*args)
+
+        self._waiting_calls.add(token)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+        finally:
+            self._waiting_calls.discard(token)  # also when cancelled before it began
 
     async def run(
         self, request, prompt_ids: list[int], body, max_tokens: int, top: int | None, pixel_values=None
@@ -365,24 +413,41 @@ class Engine:
         """
         stops: list[str] = body.stop or []
         done = object()
-        self.stats.queued += 1
-        try:
-            await self.lock.acquire()
-        finally:
-            self.stats.queued -= 1
+        # Text requests keep start's four-argument call (tests script the engine through it).
+        extra = () if pixel_values is None else (pixel_values,)
+        it = row = None
+        if self.scheduler is not None:  # start is cheap here: it builds the row, the batch prefills it
+            it = await self.call(self.start, prompt_ids, body, max_tokens, top is not None, *extra)
+            if isinstance(it, BatchRow):
+                row, it = it, None
+        locked = row is None
+        if locked:
+            self.stats.queued += 1
+            try:
+                await self.lock.acquire()
+            finally:
+                self.stats.queued -= 1
         self.stats.requests += 1
         self.stats.active += 1
         generated: list[int] = []
         pending: list[TokenInfo] = []
         sent, text, finish = 0, "", "length"
         try:
-            # Text requests keep start's four-argument call (tests script the engine through it).
-            extra = () if pixel_values is None else (pixel_values,)
-            it = await self.call(self.start, prompt_ids, body, max_tokens, top is not None, *extra)
+            if row is not None:
+                self.scheduler.submit(row)
+            elif it is None:
+                it = await self.call(self.start, prompt_ids, body, max_tokens, top is not None, *extra)
             while True:
-                item = await self.call(next, it, done)
-                if item is done:
-                    break
+                if row is not None:
+                    item = await row.queue.get()
+                    if item is None:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                else:
+                    item = await self.call(next, it, done)
+                    if item is done:
+                        break
                 token, logprobs_V = item
                 if token == self.eos:
                     finish = "stop"
@@ -420,6 +485,9 @@ class Engine:
             self.stats.cancelled += 1
             raise
         finally:
+            if row is not None:
+                row.cancelled = True  # a no-op once it finished; else the next tick drops it
             self.stats.active -= 1
             self.stats.last_request_tokens = len(generated)
-            self.lock.release()
+            if locked:
+                self.lock.release()

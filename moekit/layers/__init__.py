@@ -23,6 +23,8 @@ Layout:
                  capacity with score/position/RTS drops
     experts.py   storage: ExpertWeights interface, stacked default, biased experts (ViT/CLIP),
                  sorted forward, FeedForward
+    lora.py      LoRA experts (Uni-MoE, ``expert_kind="lora"``): one frozen base FFN, per-expert
+                 adapters on every projection; merge_lora_experts
     dispatch.py  Dispatcher, LocalDispatcher: permute -> expert_compute -> combine, backends
                  eager/sorted/grouped_mm (imports experts.py, never the reverse)
     losses.py    balance (all / first choice / sequence-wise, heterogeneous tau), z-loss, entropy
@@ -50,7 +52,16 @@ from moekit.layers.dispatch import (
     routed_experts,
 )
 from moekit.layers.experts import BiasedExpertWeights, ExpertWeights, FeedForward, StackedExpertWeights
-from moekit.layers.moe import MoELayer, MoEOutput, RoutingInfo, RoutingOverride, dense_equivalent
+from moekit.layers.lora import LoRAExpertWeights, merge_lora_experts
+from moekit.layers.moe import (
+    MoELayer,
+    MoEOutput,
+    RoutingInfo,
+    RoutingOverride,
+    build_expert_storage,
+    dense_equivalent,
+    require_plain_expert_math,
+)
 from moekit.layers.router import Router, apply_capacity
 from moekit.layers.strategies import ROUTER_STRATEGIES, RouterOutput, RouterStrategy
 
@@ -62,6 +73,7 @@ __all__ = [
     "ExpertWeights",
     "FFNConfig",
     "FeedForward",
+    "LoRAExpertWeights",
     "LocalDispatcher",
     "MoEConfig",
     "MoELayer",
@@ -73,11 +85,14 @@ __all__ = [
     "RoutingInfo",
     "StackedExpertWeights",
     "apply_capacity",
+    "build_expert_storage",
     "combine",
     "dense_equivalent",
+    "require_plain_expert_math",
     "expert_compute",
     "fit_centroids",
     "kmeans",
+    "merge_lora_experts",
     "permute",
     "routed_experts",
     "update_expert_bias",

@@ -13,9 +13,10 @@ SOFTMAX_ORDERS = ("before_topk", "after_topk")
 GROUP_SCORES = ("top2_sum", "max")
 NOISE_TYPES = ("none", "jitter", "gaussian", "gumbel")
 DROP_POLICIES = ("score", "position", "random")
-ACTIVATIONS = ("swiglu", "gelu", "quick_gelu")
+ACTIVATIONS = ("swiglu", "gelu", "quick_gelu", "swiglu_clamped")
 TASK_ROUTINGS = ("embed", "multi_gate")
 BACKENDS = ("auto", "eager", "sorted", "grouped_mm")
+EXPERT_KINDS = ("ffn", "lora")
 
 
 @dataclass(kw_only=True)
@@ -95,6 +96,14 @@ class MoEConfig(JsonConfig):
         drop_policy: which assignments survive: by ``"score"``, by ``"position"`` (first choices
             first, then earlier tokens), or ``"random"`` (random token selection, RTS).
 
+    Expert kind:
+        expert_kind: ``"ffn"`` (each expert a full FFN) or ``"lora"`` (Uni-MoE: one frozen dense
+            base FFN shared by all experts, and per expert a low-rank adapter ``B_e A_e`` on every
+            projection: gate, up and down for SwiGLU, up and down for GELU, so expert e is the
+            FFN with weights ``W + (lora_alpha / lora_rank) B_e A_e``).
+        lora_rank: r of the LoRA experts.
+        lora_alpha: the LoRA scale numerator (scale = alpha / r; Uni-MoE: r=8, alpha=16).
+
     Compute:
         backend: expert compute backend: ``"auto"``, ``"eager"``, ``"sorted"``, ``"grouped_mm"``.
 
@@ -102,8 +111,16 @@ class MoEConfig(JsonConfig):
         sparsemixer_eps: the relative logit margin of ``router_type="sparsemixer"`` (PhiMoE's
             ``router_jitter_noise``; it is not noise, it applies at inference too).
     Vision options (neutral defaults):
-        ffn_bias: each FFN expert has biases on both projections (ViT/CLIP MLPs), so a biased dense
-            FFN upcycles exactly. Biased experts run the per-expert loop (no stacked fast paths).
+        ffn_bias: each FFN expert has biases on both projections (ViT/CLIP MLPs, GPT-OSS), so a
+            biased dense FFN upcycles exactly. Biased experts run the per-expert loop (no stacked
+            fast paths).
+        output_bias: one bias ``[D]`` added to the layer's routed output, shared by all experts
+            (JetMoE's ``mlp.bias``).
+        weights_on_input: each routed expert sees its token scaled by the routing weight and its
+            output joins unweighted, ``sum_k E_k(w_k x)`` instead of ``sum_k w_k E_k(x)`` (Llama 4).
+        swiglu_alpha, swiglu_limit: the constants of ``activation="swiglu_clamped"`` (GPT-OSS:
+            ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``);
+            read by that activation alone.
         num_tasks: 0, or the number of tasks of a task-level MoE (M3ViT): the router then takes a
             task id per token and conditions its logits on it.
         task_routing: ``"embed"`` (one shared router over ``[x ; e_task]``, i.e. a learned
@@ -152,10 +169,18 @@ class MoEConfig(JsonConfig):
     min_capacity: int = 4
     drop_policy: str = "score"
 
+    expert_kind: str = "ffn"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
     backend: str = "auto"
 
     sparsemixer_eps: float = 0.01
     ffn_bias: bool = False
+    weights_on_input: bool = False
+    output_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     num_tasks: int = 0
     task_routing: str = "embed"
     task_num_experts: int = 0
@@ -172,6 +197,7 @@ class MoEConfig(JsonConfig):
             if getattr(self, field) < 0:
                 raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
         check_choice(name, "activation", self.activation, ACTIVATIONS)
+        self._check_clamped_swiglu()
         check_choice(name, "router_type", self.router_type, ROUTER_TYPES)
         check_choice(name, "score_func", self.score_func, SCORE_FUNCS)
         check_choice(name, "softmax_order", self.softmax_order, SOFTMAX_ORDERS)
@@ -180,6 +206,7 @@ class MoEConfig(JsonConfig):
         check_choice(name, "drop_policy", self.drop_policy, DROP_POLICIES)
         check_choice(name, "backend", self.backend, BACKENDS)
         check_choice(name, "task_routing", self.task_routing, TASK_ROUTINGS)
+        self._check_lora()
         if self.num_tasks < 0:
             raise ValueError(f"{name}.num_tasks must be >= 0, got {self.num_tasks}")
         if self.num_tasks == 0 and self.task_routing != "embed":
@@ -248,6 +275,37 @@ class MoEConfig(JsonConfig):
             )
         # Each router strategy rejects the fields it would silently ignore.
         strategy_for(self).check(self)
+
+    def _check_lora(self) -> None:
+        name = "MoEConfig"
+        check_choice(name, "expert_kind", self.expert_kind, EXPERT_KINDS)
+        if self.expert_kind != "lora":
+            if (self.lora_rank, self.lora_alpha) != (8, 16.0):
+                raise ValueError(
+                    f"{name}.lora_rank/lora_alpha are only read by expert_kind='lora', not "
+                    f"{self.expert_kind!r}; remove them"
+                )
+            return
+        if self.lora_rank < 1:
+            raise ValueError(f"{name}.lora_rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"{name}.lora_alpha must be positive, got {self.lora_alpha}")
+
+    def _check_clamped_swiglu(self) -> None:
+        name = "MoEConfig"
+        for field in ("swiglu_alpha", "swiglu_limit"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{name}.{field} must be positive, got {getattr(self, field)}")
+        if self.activation != "swiglu_clamped" and (self.swiglu_alpha, self.swiglu_limit) != (1.702, 7.0):
+            raise ValueError(
+                f"{name}.swiglu_alpha/swiglu_limit are only read by activation='swiglu_clamped', "
+                f"not {self.activation!r}; remove them"
+            )
+        if self.activation == "swiglu_clamped" and (self.shared_ffn_dim or self.residual_moe):
+            raise ValueError(
+                f"{name}: activation='swiglu_clamped' is for the routed experts only; a shared expert or "
+                "residual_moe branch would not carry its constants"
+            )
 
     @property
     def num_total_experts(self) -> int:

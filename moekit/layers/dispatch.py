@@ -152,10 +152,11 @@ def expert_compute(x_ND: Tensor, counts: list[int], weights: ExpertWeights, back
 def expert_compute_ran(
     x_ND: Tensor, counts: list[int], weights: ExpertWeights, backend: str
 ) -> tuple[Tensor, str]:
-    """As :func:`expert_compute`, plus the backend that actually ran (``"grouped_mm"``/``"sorted"``)."""
+    """As :func:`expert_compute`, plus the backend that actually ran (``"grouped_mm"``, or the
+    storage's ``sorted_name``: ``"sorted"``, ``"lora_sorted"``)."""
     if backend == "grouped_mm" and grouped_mm_runs(x_ND, weights):
         return _grouped_compute(x_ND, counts, weights), "grouped_mm"
-    return _sorted_compute(x_ND, counts, weights), "sorted"
+    return _sorted_compute(x_ND, counts, weights), weights.sorted_name
 
 
 def eager_experts(x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, weights: ExpertWeights) -> Tensor:

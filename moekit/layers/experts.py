@@ -26,13 +26,28 @@ from moekit.layers.config import FFNConfig
 
 # OpenAI CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x).
 QUICK_GELU_ALPHA = 1.702
+# GPT-OSS's clamped SwiGLU defaults (transformers' ``swiglu_alpha``/``swiglu_limit``).
+SWIGLU_ALPHA = 1.702
+SWIGLU_LIMIT = 7.0
 
 
-def activate(h_NH: Tensor, activation: str) -> Tensor:
-    """Applies the FFN nonlinearity to the input projection: ``[N, H] -> [N, F]``."""
+def activate(
+    h_NH: Tensor, activation: str, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT
+) -> Tensor:
+    """Applies the FFN nonlinearity to the input projection: ``[N, H] -> [N, F]``.
+
+    ``"swiglu_clamped"`` (GPT-OSS) clamps the gate from above and the up projection on both sides
+    at ``limit``, then gives ``(up + 1) * gate * sigmoid(alpha * gate)``; ``alpha``/``limit`` are
+    read by it alone.
+    """
     if activation == "swiglu":
         gate_NF, up_NF = h_NH.chunk(2, dim=-1)
         return F.silu(gate_NF) * up_NF
+    if activation == "swiglu_clamped":
+        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
+        gate_NF = gate_NF.clamp(max=limit)
+        up_NF = up_NF.clamp(min=-limit, max=limit)
+        return (up_NF + 1) * (gate_NF * torch.sigmoid(alpha * gate_NF))
     if activation == "quick_gelu":
         return h_NH * torch.sigmoid(QUICK_GELU_ALPHA * h_NH)
     return F.gelu(h_NH)
@@ -40,7 +55,7 @@ def activate(h_NH: Tensor, activation: str) -> Tensor:
 
 def in_rows(ffn_dim: int, activation: str) -> int:
     """H: rows of the input projection for this activation."""
-    return 2 * ffn_dim if activation == "swiglu" else ffn_dim
+    return 2 * ffn_dim if activation in ("swiglu", "swiglu_clamped") else ffn_dim
 
 
 class ExpertWeights(nn.Module):
@@ -50,18 +65,29 @@ class ExpertWeights(nn.Module):
         num_experts: E, the number of FFN experts.
         dim: D.
         ffn_dim: F.
-        activation: ``"swiglu"`` or ``"gelu"``.
+        activation: ``"swiglu"``, ``"swiglu_clamped"``, ``"gelu"`` or ``"quick_gelu"``.
+        sorted_name: the backend name of this storage's :meth:`forward_sorted` (``"sorted"``;
+            LoRA experts: ``"lora_sorted"``).
+        swiglu_alpha, swiglu_limit: the clamped SwiGLU's constants (read by it alone).
     """
 
     num_experts: int
     dim: int
     ffn_dim: int
     activation: str
+    # What a dispatcher reports when :meth:`forward_sorted` runs (``MoEOutput.backend``).
+    sorted_name: str = "sorted"
+    swiglu_alpha: float = SWIGLU_ALPHA
+    swiglu_limit: float = SWIGLU_LIMIT
+
+    def act(self, h_NH: Tensor) -> Tensor:
+        """This storage's nonlinearity (:func:`activate` with its clamped-SwiGLU constants)."""
+        return activate(h_NH, self.activation, self.swiglu_alpha, self.swiglu_limit)
 
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
         """Runs expert ``expert`` on ``x_ND [N, D]``; returns ``[N, D]``."""
         w_in_HD, w_out_DF = self.expert_tensors(expert)
-        return F.linear(activate(F.linear(x_ND, w_in_HD), self.activation), w_out_DF)
+        return F.linear(self.act(F.linear(x_ND, w_in_HD)), w_out_DF)
 
     def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
         """Runs expert e on the e-th contiguous slice of ``x_ND`` (``counts[e]`` rows): ``[N, D]``."""
@@ -92,9 +118,18 @@ class StackedExpertWeights(ExpertWeights):
         w_out: ``[E, D, F]``, the down projection.
     """
 
-    def __init__(self, num_experts: int, dim: int, ffn_dim: int, activation: str = "swiglu") -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        ffn_dim: int,
+        activation: str = "swiglu",
+        swiglu_alpha: float = SWIGLU_ALPHA,
+        swiglu_limit: float = SWIGLU_LIMIT,
+    ) -> None:
         super().__init__()
         self.num_experts, self.dim, self.ffn_dim, self.activation = num_experts, dim, ffn_dim, activation
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
         self.w_in = nn.Parameter(torch.empty(num_experts, in_rows(ffn_dim, activation), dim))
         self.w_out = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
         self.reset_parameters()
@@ -109,12 +144,17 @@ class StackedExpertWeights(ExpertWeights):
         """Returns views ``(w_in[e] [H, D], w_out[e] [D, F])``."""
         return self.w_in[expert], self.w_out[expert]
 
-    def stacked(self) -> tuple[Tensor, Tensor]:
-        """Returns the stacked parameters themselves."""
+    def stacked(self) -> tuple[Tensor, Tensor] | None:
+        """Returns the stacked parameters themselves; None for the clamped SwiGLU, whose constants
+        the stacked fast paths (grouped matmul, fast decode) do not carry."""
+        if self.activation == "swiglu_clamped":
+            return None
         return self.w_in, self.w_out
 
     def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
         """Loop of matmuls over contiguous slices (see :meth:`ExpertWeights.forward_sorted`)."""
+        if self.activation == "swiglu_clamped":  # autograd loop: the hand backward has no clamp
+            return ExpertWeights.forward_sorted(self, x_ND, counts)
         return SortedExpertsFunction.apply(x_ND, self.w_in, self.w_out, counts, self.activation)
 
     def extra_repr(self) -> str:
@@ -204,15 +244,17 @@ class BiasedExpertWeights(StackedExpertWeights):
     fast-decode paths (which have no bias) never run; the per-expert loop runs instead.
     """
 
-    def __init__(self, num_experts: int, dim: int, ffn_dim: int, activation: str = "gelu") -> None:
-        super().__init__(num_experts, dim, ffn_dim, activation)
+    def __init__(
+        self, num_experts: int, dim: int, ffn_dim: int, activation: str = "gelu", **swiglu: float
+    ) -> None:
+        super().__init__(num_experts, dim, ffn_dim, activation, **swiglu)
         self.b_in = nn.Parameter(torch.zeros(num_experts, in_rows(ffn_dim, activation)))
         self.b_out = nn.Parameter(torch.zeros(num_experts, dim))
 
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
         """``w_out[e] act(w_in[e] x + b_in[e]) + b_out[e]``: ``[N, D] -> [N, D]``."""
         h_NH = F.linear(x_ND, self.w_in[expert], self.b_in[expert])
-        return F.linear(activate(h_NH, self.activation), self.w_out[expert], self.b_out[expert])
+        return F.linear(self.act(h_NH), self.w_out[expert], self.b_out[expert])
 
     def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
         """The per-expert loop of :meth:`ExpertWeights.forward_sorted` (autograd, with biases)."""

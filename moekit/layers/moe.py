@@ -26,6 +26,7 @@ from moekit.layers import losses
 from moekit.layers.config import FFNConfig, MoEConfig
 from moekit.layers.dispatch import Dispatcher, LocalDispatcher
 from moekit.layers.experts import BiasedExpertWeights, ExpertWeights, FeedForward, StackedExpertWeights
+from moekit.layers.lora import LoRAExpertWeights
 from moekit.layers.router import Router, RouterOutput, apply_capacity
 
 
@@ -140,6 +141,19 @@ class MoEOutput:
     moe_input: Tensor | None = None
 
 
+def build_expert_storage(config: MoEConfig) -> ExpertWeights:
+    """The storage ``config`` asks for: stacked full experts (biased with ``ffn_bias``), or LoRA
+    experts over one frozen base FFN (``expert_kind="lora"``)."""
+    swiglu = {"swiglu_alpha": config.swiglu_alpha, "swiglu_limit": config.swiglu_limit}
+    if config.expert_kind == "lora":
+        return LoRAExpertWeights(
+            config.num_experts, config.dim, config.ffn_dim, config.activation,
+            rank=config.lora_rank, alpha=config.lora_alpha, bias=config.ffn_bias, **swiglu,
+        )  # fmt: skip
+    storage = BiasedExpertWeights if config.ffn_bias else StackedExpertWeights
+    return storage(config.num_experts, config.dim, config.ffn_dim, config.activation, **swiglu)
+
+
 class MoELayer(nn.Module):
     """Mixture-of-Experts FFN built from a :class:`MoEConfig`.
 
@@ -154,6 +168,7 @@ class MoELayer(nn.Module):
             balance statistics cover the global batch; None on a single process.
         const_gate ``[C, 2, D]`` and const_vec ``[C, D]``: MoE++ constant experts.
         shared: dense shared expert, with ``shared_gate`` (``Linear(D, 1)``) when gated.
+        output_bias: ``[D]`` added to the routed output (``config.output_bias``), else None.
         residual_mlp and residual_coef (``Linear(D, 2)``): PR-MoE residual branch.
     """
 
@@ -161,10 +176,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.config = config
         self.router = Router(config)
-        storage = BiasedExpertWeights if config.ffn_bias else StackedExpertWeights
-        self.experts: ExpertWeights = storage(
-            config.num_experts, config.dim, config.ffn_dim, config.activation
-        )
+        self.experts: ExpertWeights = build_expert_storage(config)
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.routing_override: RoutingOverride | None = None
         num_c = config.num_constant_experts
@@ -182,6 +194,7 @@ class MoELayer(nn.Module):
                 FFNConfig(dim=config.dim, ffn_dim=config.ffn_dim, activation=config.activation)
             )
             self.residual_coef = nn.Linear(config.dim, 2)
+        self.output_bias = nn.Parameter(torch.zeros(config.dim)) if config.output_bias else None
         self.stats_reduce: Callable[[Tensor], Tensor] | None = None
         self.register_buffer("balance_weight", torch.empty(config.num_total_experts), persistent=False)
         self.init_buffers()
@@ -219,6 +232,8 @@ class MoELayer(nn.Module):
             and cfg.capacity_factor is None
             and not cfg.residual_moe
             and cfg.num_experts == cfg.num_total_experts
+            and not cfg.weights_on_input
+            and not cfg.output_bias
         )
 
     @property
@@ -298,7 +313,14 @@ class MoELayer(nn.Module):
                 k or cfg.top_k,
             )
 
-        out_TD, backend = self.dispatcher.dispatch(self.experts, x_TD, expert_ids_TK, weights_TK, cfg.backend)
+        if cfg.weights_on_input:
+            out_TD, backend = self._dispatch_weighted_inputs(x_TD, expert_ids_TK, weights_TK)
+        else:
+            out_TD, backend = self.dispatcher.dispatch(
+                self.experts, x_TD, expert_ids_TK, weights_TK, cfg.backend
+            )
+        if self.output_bias is not None:
+            out_TD = out_TD + self.output_bias.to(out_TD.dtype)
         if cfg.num_copy_experts or cfg.num_constant_experts:
             out_TD = out_TD + self._zero_compute_experts(x_TD, expert_ids_TK, weights_TK)
         if cfg.residual_moe:
@@ -312,6 +334,19 @@ class MoELayer(nn.Module):
 
         routing, aux = self._statistics(route, expert_ids_TK, weights_TK, mask_T, lead_shape)
         return MoEOutput(out_TD.reshape(*lead_shape, cfg.dim), routing, aux, backend, x)
+
+    def _dispatch_weighted_inputs(
+        self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor
+    ) -> tuple[Tensor, str]:
+        # Llama 4: one row per (token, slot) holding w * x, each sent to its expert with weight 1,
+        # so any dispatcher (local, offload, expert parallel) runs it unchanged.
+        num_t, num_k = expert_ids_TK.shape
+        rows_ND = (x_TD.unsqueeze(1) * weights_TK.to(x_TD.dtype).unsqueeze(-1)).reshape(num_t * num_k, -1)
+        ones_N1 = torch.ones(num_t * num_k, 1, dtype=weights_TK.dtype, device=x_TD.device)
+        out_ND, backend = self.dispatcher.dispatch(
+            self.experts, rows_ND, expert_ids_TK.reshape(-1, 1), ones_N1, self.config.backend
+        )
+        return out_ND.view(num_t, num_k, -1).sum(1), backend
 
     def _zero_compute_experts(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         # Dense [T, E] weight table: cheap (E is small) and handles any number of slots per token.
@@ -368,6 +403,23 @@ class MoELayer(nn.Module):
             }
         )
         return routing, aux
+
+
+def require_plain_expert_math(layers: list[MoELayer], what: str) -> None:
+    """ValueError (one line) when an MoE layer's experts have biases or the clamped SwiGLU (GPT-OSS):
+    tools that rebuild or re-store expert weights as two bias-free matrices (offloading,
+    quantization) would otherwise drop them silently."""
+    for index, layer in enumerate(layers):
+        cfg = layer.config
+        if cfg.ffn_bias:
+            feature = "expert biases (moe.ffn_bias=True)"
+        elif cfg.activation == "swiglu_clamped":
+            feature = "the clamped SwiGLU (activation='swiglu_clamped')"
+        elif cfg.expert_kind == "lora":
+            feature = "LoRA experts (expert_kind='lora'; merge_lora_experts turns them into full experts)"
+        else:
+            continue
+        raise ValueError(f"{what}: MoE layer {index} has {feature}, which {what} does not handle")
 
 
 def dense_equivalent(config: MoEConfig) -> FFNConfig:

@@ -22,6 +22,10 @@ converters' key maps. The fields cover what the HF MoE families need:
     DBRX         clip_qkv, norm_type="layernorm"
     Hunyuan-MoE  qk_norm_after_rope
     FlexOlmo     norm_placement="post"
+    JetMoE       attention_type="moa" (moa_num_experts, moa_top_k), moe.output_bias
+    Llama 4      nope_layer_indices, qk_norm="l2", attention temperature, "chunked" layers, moe.weights_on_input
+    MiniMax      layer_types "linear", norm_placement="normed_residual", residual_scales
+    GPT-OSS      attention_sinks, attention_layer_types, moe.activation="swiglu_clamped", moe.ffn_bias
 The family fields come last in the field list, each neutral by default.
 """
 
@@ -42,17 +46,18 @@ from moekit.blocks.config import (
 from moekit.blocks.ssm import MambaConfig
 from moekit.config import JsonConfig, check_choice
 from moekit.layers.config import ACTIVATIONS, MoEConfig
+from moekit.models.attention_layout import AttentionLayout
 
 MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit", "none")
-ATTENTION_TYPES = ("mha", "mla")
+ATTENTION_TYPES = ("mha", "mla", "moa")
 NORM_TYPES = ("rmsnorm", "layernorm")
-NORM_PLACEMENTS = ("pre", "post")
-LAYER_TYPES = ("attention", "mamba")
+NORM_PLACEMENTS = ("pre", "post", "normed_residual")
+LAYER_TYPES = ("attention", "mamba", "linear")
 _AUX_COEFS = ("aux_loss_coef", "z_loss_coef", "seq_balance_coef", "entropy_loss_coef")
 
 
 @dataclass(kw_only=True)
-class ModelConfig(JsonConfig):
+class ModelConfig(JsonConfig, AttentionLayout):
     """A decoder-only language model whose FFNs are dense or MoE, chosen per layer.
 
     Shape:
@@ -89,7 +94,8 @@ class ModelConfig(JsonConfig):
         sliding_window: each token sees itself and the previous ``sliding_window - 1`` tokens.
         attention_type: ``"mha"`` (GQA with q/k/v projections, see :class:`~moekit.blocks.Attention`)
             or ``"mla"`` (DeepSeek multi-head latent attention, :class:`~moekit.blocks.MLAttention`;
-            ``num_kv_heads``, ``head_dim``, ``qk_norm`` and ``attention_bias`` do not apply).
+            ``num_kv_heads``, ``head_dim``, ``qk_norm`` and ``attention_bias`` do not apply), or
+            ``"moa"`` (JetMoE's mixture of attention heads, see ``moa_num_experts``).
         q_lora_rank: MLA query compression rank; ``None`` projects queries directly (DeepSeek-V2-Lite).
         kv_lora_rank: MLA key/value latent width (what the KV cache stores per token).
         qk_nope_head_dim, qk_rope_head_dim: MLA per-head query/key widths without and with RoPE.
@@ -124,13 +130,33 @@ class ModelConfig(JsonConfig):
         norm_placement: ``"pre"`` (``x + f(norm(x))``, every family but OLMo-2 style ones) or
             ``"post"`` (``x + norm(f(x))``: the layer has ``post_attention_layernorm`` and
             ``post_feedforward_layernorm`` and no ``input_layernorm``; FlexOlmo).
+        attention_sinks: each attention head has a learned sink logit in its softmax denominator
+            (GPT-OSS; :func:`~moekit.blocks.attend_with_sinks`).
+        attention_layer_types: per layer ``"full"`` (causal), ``"sliding"`` (``sliding_window``)
+            or ``"chunked"`` (``attention_chunk_size``); None means ``"sliding"`` everywhere when
+            ``sliding_window`` is set, else ``"full"`` (see :meth:`attention_mask_type`). GPT-OSS
+            alternates sliding and full layers.
+        attention_chunk_size: the chunk of ``"chunked"`` layers (each token sees the earlier tokens
+            of its own chunk only; Llama 4).
+        nope_layer_indices: layers without RoPE (Llama 4's NoPE layers; ``use_rope=False``: all);
+            with ``qk_norm="l2"`` only the RoPE layers norm q/k, as Llama 4 does.
+        residual_scales: None, or ``((a, b) per "attention", "linear", "mlp")`` as a 6-tuple: each
+            sublayer gives ``a * residual + b * branch`` (MiniMax's alpha/beta factors).
+            ``norm_placement="normed_residual"`` makes the residual the *normed* input (MiniMax).
+        moa_num_experts, moa_top_k: with ``attention_type="moa"`` (JetMoE's mixture of attention
+            heads, :class:`~moekit.blocks.MixtureOfAttentionHeads`): the attention experts and how
+            many each token uses; ``num_heads`` must be ``num_kv_heads * moa_top_k``.
+        attention_temperature_scale: None, or Llama 4's attention temperature tuning on the layers
+            without RoPE (see :class:`~moekit.blocks.AttentionConfig` ``temperature_scale``).
+        attention_floor_scale: its token scale (``floor_scale``).
         With ``attention_type="mha"``, ``rope_interleave`` stores q/k rotary dims as interleaved pairs
         (ERNIE 4.5).
 
     Token mixers (hybrid layouts, see :meth:`layer_type`; :func:`periodic_layer_types` builds
     Jamba's periods, :func:`layout_from_pattern` BlackMamba-style strings):
-        layer_types: per layer ``"attention"`` (``attention_type``: GQA or MLA) or ``"mamba"``
-            (:class:`~moekit.blocks.MambaMixer`); None means attention everywhere.
+        layer_types: per layer ``"attention"`` (``attention_type``: GQA or MLA), ``"mamba"``
+            (:class:`~moekit.blocks.MambaMixer`) or ``"linear"`` (MiniMax's lightning attention,
+            :class:`~moekit.blocks.LightningAttention`, ``linear_block_size``); None: attention.
         mamba: the Mamba mixer of every ``"mamba"`` layer (required with one); ``mamba.dim`` must
             equal ``dim``.
         use_rope: rotate queries and keys; False gives attention without positions (Jamba).
@@ -210,6 +236,16 @@ class ModelConfig(JsonConfig):
     mamba: MambaConfig | None = None
     use_rope: bool = True
     pregated: bool = False
+    attention_sinks: bool = False
+    attention_layer_types: tuple[str, ...] | None = None
+    attention_chunk_size: int | None = None
+    nope_layer_indices: tuple[int, ...] | None = None
+    moa_num_experts: int = 0
+    moa_top_k: int = 0
+    linear_block_size: int = 256
+    residual_scales: tuple[float, ...] | None = None
+    attention_temperature_scale: float | None = None
+    attention_floor_scale: int = 8192
 
     def __post_init__(self) -> None:
         name = "ModelConfig"
@@ -385,6 +421,10 @@ class ModelConfig(JsonConfig):
             raise ValueError(f"{name}.pregated needs MoE layers (moe is None)")
         if self.pregated and self.moe.gating_residual:
             raise ValueError(f"{name}.pregated cannot be combined with moe.gating_residual")
+        self._check_attention_masks()
+        self._check_nope()
+        self._check_moa()
+        self._check_linear()
 
     def layer_type(self, i: int) -> str:
         """Layer ``i``'s token mixer: ``"attention"`` or ``"mamba"``."""
@@ -477,14 +517,17 @@ class ModelConfig(JsonConfig):
             max_position_embeddings=self.max_position_embeddings,
         )
 
-    def attention_config(self) -> AttentionConfig:
-        """The :class:`~moekit.blocks.AttentionConfig` of every GQA layer (``attention_type="mha"``)."""
+    def attention_config(self, i: int | None = None) -> AttentionConfig:
+        """The :class:`~moekit.blocks.AttentionConfig` of GQA layer ``i`` (``attention_type="mha"``);
+        ``i=None`` gives the RoPE layers' config (every layer's, without NoPE layers)."""
+        rope = self.use_rope if i is None else self.layer_uses_rope(i)
+        qk_norm = "none" if self.qk_norm == "l2" and not rope else self.qk_norm
         return AttentionConfig(
             dim=self.dim,
             num_heads=self.num_heads,
             num_kv_heads=self.attn_num_kv_heads,
             head_dim=self.attn_head_dim,
-            qk_norm=self.qk_norm,
+            qk_norm=qk_norm,
             bias=self.attention_bias,
             norm_eps=self.rms_norm_eps,
             softmax_scale=self.attention_multiplier,
@@ -492,7 +535,10 @@ class ModelConfig(JsonConfig):
             rope_interleave=self.rope_interleave,
             out_bias=self.attention_out_bias,
             qk_norm_after_rope=self.qk_norm_after_rope,
-            rope=self.use_rope,
+            rope=rope,
+            temperature_scale=None if rope else self.attention_temperature_scale,
+            temperature_floor=self.attention_floor_scale,
+            sinks=self.attention_sinks,
         )
 
     def mla_config(self) -> MLAConfig:

@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.blocks import Attention, KVCache, RMSNorm, apply_rotary, build_attention_mask, deinterleave
+from moekit.blocks import Attention, KVCache, RMSNorm, apply_rotary, deinterleave
 from moekit.layers import MoELayer
 from moekit.layers.experts import activate
-from moekit.models.decoder import MoEForCausalLM
+from moekit.models.decoder import MoEForCausalLM, attention_masks
 
 
 def fast_decode_supported(model: MoEForCausalLM) -> bool:
@@ -58,15 +58,17 @@ def fast_decode_supported(model: MoEForCausalLM) -> bool:
     router, dispatcher, storage and routing override); the rest checks attention and norms.
     """
     cfg = model.config
-    if cfg.sliding_window is not None:
+    if cfg.sliding_window is not None or cfg.attention_layer_types is not None or cfg.attention_sinks:
         return False
     # Family features the fast step does not implement (Granite multipliers, DBRX clipping).
     if (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_scaling) != (1.0, 1.0, 1.0):
         return False
     if cfg.attention_multiplier is not None or cfg.clip_qkv is not None or cfg.norm_placement != "pre":
         return False
-    if not cfg.use_rope or cfg.mamba_layer_ids:
+    if not cfg.use_rope or any(t != "attention" for t in cfg.layer_types or ()) or cfg.nope_layer_indices:
         return False  # hybrids and NoPE attention take the general layers
+    if cfg.qk_norm == "l2" or cfg.attention_temperature_scale is not None:
+        return False  # Llama 4's q/k L2 norm and temperature tuning
     for layer in model.layers:
         attn = layer.self_attn
         if type(attn) is not Attention or attn.qk_norm == "full":
@@ -154,26 +156,112 @@ def _fast_moe(
     """The MoE layer for one token per row; returns ``(out [B, D], assignments computed)``.
 
     ``route_BD``: what the router reads instead of ``x_BD`` (pregated: the previous MoE input)."""
-    cfg = mlp.config
     ids_BK, weights_BK = _fast_route(mlp, x_BD if route_BD is None else route_BD, k)
     k = ids_BK.shape[1]
     ids = ids_BK.tolist()  # the one host read per layer: which experts' weights to touch
     if len(ids) == 1:
         out_BD = _one_row_experts(mlp, x_BD, ids[0], weights_BK)
     else:
-        rows_by_expert: dict[int, list[tuple[int, int]]] = {}
-        for row, experts in enumerate(ids):
-            for slot, expert in enumerate(experts):
-                rows_by_expert.setdefault(expert, []).append((row, slot))
-        out_BD = torch.zeros_like(x_BD)
-        w_in_EHD, w_out_EDF = mlp.experts.w_in, mlp.experts.w_out
-        for expert, pairs in rows_by_expert.items():
-            rows = torch.tensor([r for r, _ in pairs], device=x_BD.device)
-            slots = torch.tensor([s for _, s in pairs], device=x_BD.device)
-            h = activate(F.linear(x_BD.index_select(0, rows), w_in_EHD[expert]), cfg.activation)
-            y = F.linear(h, w_out_EDF[expert]) * weights_BK[rows, slots].unsqueeze(-1)
-            out_BD.index_add_(0, rows, y)
+        out_BD = _grouped_experts(mlp, x_BD, ids, weights_BK)
     return _shared_experts(mlp, x_BD, out_BD), len(ids) * k
+
+
+def _grouped_experts(mlp: MoELayer, x_BD: Tensor, ids: list, weights_BK: Tensor) -> Tensor:
+    """The routed experts of B tokens: their (token, slot) assignments sorted by expert, so each
+    chosen expert runs once on a contiguous slice of one gathered input (a few operator calls per
+    expert, which is what a decode step of a continuous batch pays for).
+
+    Each token's outputs are summed in slot order, as :func:`_one_row_experts` does for one token.
+    Legend here: A = B * K assignments.
+    """
+    cfg = mlp.config
+    b, k = len(ids), len(ids[0])
+    order = sorted(range(b * k), key=lambda a: ids[a // k][a % k])  # stable: ties keep row order
+    device = x_BD.device
+    order_A = torch.tensor(order, device=device)
+    x_AD = x_BD.index_select(0, order_A // k)
+    w_in_EHD, w_out_EDF = mlp.experts.w_in, mlp.experts.w_out
+    pieces, start = [], 0
+    while start < len(order):
+        expert = ids[order[start] // k][order[start] % k]
+        end = start + 1
+        while end < len(order) and ids[order[end] // k][order[end] % k] == expert:
+            end += 1
+        h_NH = F.linear(x_AD[start:end], w_in_EHD[expert])
+        pieces.append(F.linear(activate(h_NH, cfg.activation), w_out_EDF[expert]))
+        start = end
+    y_AD = torch.cat(pieces) * weights_BK.reshape(-1).index_select(0, order_A)[:, None]
+    # Back to (token, slot) order, then sum the slots: token-by-token the same additions as alone.
+    y_BKD = y_AD.new_empty(b * k, y_AD.shape[1]).index_copy_(0, order_A, y_AD).view(b, k, -1)
+    return y_BKD.sum(1)
+
+
+def fast_layers_step(
+    model: MoEForCausalLM, x_B1D: Tensor, cos, sin, mask, cache, moe_k: int | None
+) -> tuple[Tensor, int]:
+    """The fast path's decoder layers for one token per row: ``(float32 logits [B, V], assignments)``.
+
+    ``cache`` is a :class:`KVCache` or a :class:`~moekit.blocks.RaggedKVCache` (anything whose
+    ``update`` appends one key/value per row and returns the keys ``mask`` ``[B, 1, 1, K]`` covers).
+    """
+    assignments = 0
+    pregated = model.config.pregated
+    route_BD = None  # pregated: the previous MoE layer's input
+    for layer in model.layers:
+        h_B1D = x_B1D + _fast_attention(
+            layer.self_attn, _rms(layer.input_layernorm, x_B1D), cos, sin, mask, cache
+        )
+        normed_B1D = _rms(layer.post_attention_layernorm, h_B1D)
+        if layer.is_moe:
+            out_BD, num = _fast_moe(layer.mlp, normed_B1D[:, 0], moe_k, route_BD)
+            if pregated:
+                route_BD = normed_B1D[:, 0]
+            assignments += num
+            x_B1D = h_B1D + out_BD[:, None]
+        else:
+            x_B1D = h_B1D + layer.mlp(normed_B1D)
+    return model.lm_head(_rms(model.norm, x_B1D[:, 0])).float(), assignments
+
+
+def general_layers_step(
+    model: MoEForCausalLM,
+    x_BSD: Tensor,
+    cos,
+    sin,
+    mask,
+    token_mask_BS,
+    cache,
+    moe_k: int | None,
+    count_experts: bool = False,
+) -> tuple[Tensor, int]:
+    """The general decoder layers over S new tokens per row: ``(float32 last-position logits [B, V], assignments)``.
+
+    ``assignments`` (routed (token, expert) pairs) is counted only with ``count_experts`` (it
+    costs a reduction per layer), else 0.
+    """
+    use_residual = model.config.moe is not None and model.config.moe.gating_residual
+    pregated = model.config.pregated
+    prev_logits_TE, pregate_BSD, assignments = None, None, 0
+    for layer in model.layers:
+        x_BSD, moe_out = layer(
+            x_BSD,
+            cos,
+            sin,
+            mask,
+            token_mask_BS,
+            prev_logits_TE if use_residual else None,
+            moe_k,
+            cache=cache,
+            router_input_BSD=pregate_BSD,
+        )
+        if moe_out is not None:
+            prev_logits_TE = moe_out.routing.router_logits
+            if pregated:
+                pregate_BSD = moe_out.moe_input
+            if count_experts:
+                assignments += int((moe_out.routing.expert_ids >= 0).sum())
+    # Only the last position's logits are ever needed: skip S-1 rows of the LM head.
+    return model.lm_logits(x_BSD[:, -1]).float(), assignments
 
 
 def _static_decode_step(
@@ -305,9 +393,8 @@ class DecodeSession:
             )
         self.cache = KVCache(cfg.num_layers, max_length=capacity)
         self.num_decoded = 0
-        self._use_residual = cfg.moe is not None and cfg.moe.gating_residual
-        self._pregated = cfg.pregated
-        self._sliding_window = cfg.sliding_window
+        # Masks beyond the shared causal one (sliding windows, per-layer mask types) are built per call.
+        self._masked = cfg.sliding_window is not None or cfg.attention_layer_types is not None
         #: take the fast decode path (see :func:`fast_decode_supported`); set False to force the
         #: general layers (what the fast path is tested against).
         self.fast = fast_decode_supported(model)
@@ -322,22 +409,10 @@ class DecodeSession:
         return self._compiled is not None and self.fast
 
     def _fast_step(self, x_B1D: Tensor, cos, sin, mask) -> Tensor:
-        route_BD = None  # pregated: the previous MoE layer's input
-        for layer in self.model.layers:
-            h_B1D = x_B1D + _fast_attention(
-                layer.self_attn, _rms(layer.input_layernorm, x_B1D), cos, sin, mask, self.cache
-            )
-            normed_B1D = _rms(layer.post_attention_layernorm, h_B1D)
-            if layer.is_moe:
-                out_BD, assignments = _fast_moe(layer.mlp, normed_B1D[:, 0], self.moe_k, route_BD)
-                if self._pregated:
-                    route_BD = normed_B1D[:, 0]
-                if self.count_experts:
-                    self.expert_assignments += assignments
-                x_B1D = h_B1D + out_BD[:, None]
-            else:
-                x_B1D = h_B1D + layer.mlp(normed_B1D)
-        return self.model.lm_head(_rms(self.model.norm, x_B1D[:, 0])).float()
+        logits_BV, assignments = fast_layers_step(self.model, x_B1D, cos, sin, mask, self.cache, self.moe_k)
+        if self.count_experts:
+            self.expert_assignments += assignments
+        return logits_BV
 
     def _compiled_step(self, next_1: Tensor, cos, sin, mask_11K: Tensor, num_keys: int) -> Tensor:
         cache = self.cache
@@ -356,28 +431,11 @@ class DecodeSession:
         return logits_1V
 
     def _run_layers(self, x_BSD: Tensor, cos, sin, mask, token_mask_BS) -> Tensor:
-        prev_logits_TE = pregate_BSD = None
-        for layer in self.model.layers:
-            x_BSD, moe_out = layer(
-                x_BSD,
-                cos,
-                sin,
-                mask,
-                token_mask_BS,
-                prev_logits_TE if self._use_residual else None,
-                self.moe_k,
-                cache=self.cache,
-                router_input_BSD=pregate_BSD,
-            )
-            if moe_out is not None:
-                prev_logits_TE = moe_out.routing.router_logits
-                if self._pregated:
-                    pregate_BSD = moe_out.moe_input
-                if self.count_experts:
-                    self.expert_assignments += int((moe_out.routing.expert_ids >= 0).sum())
-        # Only the last position's logits are ever needed: skip S-1 rows of the LM head.
-        last_BD = x_BSD[:, -1]
-        return self.model.lm_logits(last_BD).float()
+        logits_BV, assignments = general_layers_step(
+            self.model, x_BSD, cos, sin, mask, token_mask_BS, self.cache, self.moe_k, self.count_experts
+        )
+        self.expert_assignments += assignments
+        return logits_BV
 
     @torch.no_grad()
     def prefill(self) -> Tensor:
@@ -387,13 +445,13 @@ class DecodeSession:
         batch, prompt_len = self.input_ids.shape
         device = self.input_ids.device
         cos, sin = self.model.rotary(self._prompt_pos_BS, prompt_len)
-        if self.padded or self._sliding_window is not None:
-            mask = build_attention_mask(
+        if self.padded or self._masked:
+            mask = attention_masks(
+                self.model.config,
                 self.mask_BK[:, :prompt_len] if self.padded else None,
                 batch,
                 prompt_len,
                 0,
-                self._sliding_window,
                 device,
             )
         else:
@@ -410,14 +468,9 @@ class DecodeSession:
         if t >= self.max_new_tokens:
             raise RuntimeError(f"DecodeSession.step: all {self.max_new_tokens} preallocated steps are used")
         num_keys = self.prompt_len + t + 1
-        if self._sliding_window is not None:
-            mask = build_attention_mask(
-                self.mask_BK[:, :num_keys],
-                next_B.shape[0],
-                1,
-                num_keys - 1,
-                self._sliding_window,
-                next_B.device,
+        if self._masked:
+            mask = attention_masks(
+                self.model.config, self.mask_BK[:, :num_keys], next_B.shape[0], 1, num_keys - 1, next_B.device
             )
         else:
             mask = self._mask_B11C[..., :num_keys]

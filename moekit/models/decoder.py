@@ -24,7 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from moekit.blocks import (
     Attention,
     KVCache,
+    LightningAttention,
     MambaMixer,
+    MixtureOfAttentionHeads,
     MLAttention,
     RMSNorm,
     RotaryEmbedding,
@@ -32,6 +34,7 @@ from moekit.blocks import (
 )
 from moekit.layers import FeedForward, FFNConfig, MoELayer, MoEOutput, RoutingInfo
 from moekit.layers.experts import StackedExpertWeights
+from moekit.layers.lora import LoRAExpertWeights
 from moekit.layers.moe import AuxLosses
 from moekit.models.config import ModelConfig
 from moekit.models.objectives import MODEL_CONFIG_COEFS, LossWeights, causal_lm_loss
@@ -45,6 +48,35 @@ def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm_type == "layernorm":
         return nn.LayerNorm(config.dim, eps=config.rms_norm_eps, bias=config.norm_bias)
     return RMSNorm(config.dim, config.rms_norm_eps)
+
+
+def attention_masks(
+    config: ModelConfig,
+    attention_mask_BK: Tensor | None,
+    batch: int,
+    num_new: int,
+    num_past: int,
+    device: torch.device,
+) -> Tensor | dict[str, Tensor | None] | None:
+    """The SDPA mask(s) of one forward: one ``[B, 1, S, K]`` bool mask (or None for plain causal)
+    shared by every layer, or, with per-layer ``attention_layer_types``, ``{mask type: mask}``
+    from which each :class:`DecoderLayer` takes its own (see :func:`~moekit.blocks.build_attention_mask`)."""
+    if config.attention_layer_types is None:
+        return build_attention_mask(
+            attention_mask_BK, batch, num_new, num_past, config.sliding_window, device
+        )
+    return {
+        kind: build_attention_mask(
+            attention_mask_BK,
+            batch,
+            num_new,
+            num_past,
+            config.sliding_window if kind == "sliding" else None,
+            device,
+            config.attention_chunk_size if kind == "chunked" else None,
+        )
+        for kind in sorted(set(config.attention_layer_types))
+    }
 
 
 class DecoderLayer(nn.Module):
@@ -63,20 +95,29 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.mask_type = config.attention_mask_type(layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.residual_multiplier = config.residual_multiplier
         self.post_norm = config.norm_placement == "post"
         if not self.post_norm:
             self.input_layernorm = make_norm(config)
         self.mamba: MambaMixer | None = None
-        if config.layer_type(layer_idx) == "mamba":
+        self.linear = config.layer_type(layer_idx) == "linear"
+        kind = "linear" if self.linear else "attention"
+        self.normed_residual = config.norm_placement == "normed_residual"
+        self.mixer_scales, self.mlp_scales = config.sublayer_scales(kind), config.sublayer_scales("mlp")
+        if self.linear:
+            self.self_attn = LightningAttention(config.lightning_config(), layer_idx)
+        elif config.layer_type(layer_idx) == "mamba":
             assert config.mamba is not None  # ModelConfig checks it
             self.mamba = MambaMixer(config.mamba, layer_idx)
             self.self_attn: nn.Module | None = None
         elif config.attention_type == "mla":
             self.self_attn: nn.Module = MLAttention(config.mla_config(), layer_idx)
+        elif config.attention_type == "moa":
+            self.self_attn = MixtureOfAttentionHeads(config.moa_config(), layer_idx)
         else:
-            self.self_attn = Attention(config.attention_config(), layer_idx)
+            self.self_attn = Attention(config.attention_config(layer_idx), layer_idx)
         self.post_attention_layernorm = make_norm(config)
         if self.post_norm:
             self.post_feedforward_layernorm = make_norm(config)
@@ -105,7 +146,11 @@ class DecoderLayer(nn.Module):
         ``prev_logits_TE`` feeds the gating residual; ``moe_k`` overrides the layer's top-k;
         ``router_input_BSD`` is what the router reads instead of this layer's MoE input
         (``ModelConfig.pregated``: the previous MoE layer's input).
+        ``mask_B1SK`` may be a ``{mask type: mask}`` dict (:func:`attention_masks`): the layer takes
+        its own.
         """
+        if isinstance(mask_B1SK, dict):
+            mask_B1SK = mask_B1SK[self.mask_type]
         if self.post_norm:
             return self._post_norm_forward(
                 x_BSD,
@@ -121,8 +166,12 @@ class DecoderLayer(nn.Module):
         normed_BSD = self.input_layernorm(x_BSD)
         if self.mamba is not None:
             mixed_BSD = self.mamba(normed_BSD, token_mask_BS, cache)
+        elif self.linear:
+            mixed_BSD = self.self_attn(normed_BSD, token_mask_BS, cache)
         else:
             mixed_BSD = self.self_attn(normed_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, cache)
+        if self.normed_residual:
+            return self._normed_residual_forward(normed_BSD, mixed_BSD, token_mask_BS, prev_logits_TE, moe_k)
         h_BSD = x_BSD + self._scaled(mixed_BSD)
         normed_BSD = self.post_attention_layernorm(h_BSD)
         if not self.is_moe:
@@ -135,6 +184,15 @@ class DecoderLayer(nn.Module):
             router_input=router_input_BSD,
         )
         return h_BSD + self._scaled(out.hidden), out
+
+    def _normed_residual_forward(self, normed_BSD, mixed_BSD, token_mask_BS, prev_logits_TE, moe_k):
+        # MiniMax: each sublayer's residual is its *normed* input, both sides scaled (alpha, beta).
+        (a1, b1), (a2, b2) = self.mixer_scales, self.mlp_scales
+        normed2_BSD = self.post_attention_layernorm(normed_BSD * a1 + mixed_BSD * b1)
+        if not self.is_moe:
+            return normed2_BSD * a2 + self.mlp(normed2_BSD) * b2, None
+        out = self.mlp(normed2_BSD, token_mask=token_mask_BS, prev_logits=prev_logits_TE, k=moe_k)
+        return normed2_BSD * a2 + out.hidden * b2, out
 
     def _post_norm_forward(
         self, x_BSD, cos_B1Sd, sin_B1Sd, mask_B1SK, token_mask_BS, prev_logits_TE, moe_k, cache, router_in
@@ -332,12 +390,22 @@ class MoEForCausalLM(nn.Module):
             elif isinstance(module, StackedExpertWeights):
                 nn.init.normal_(module.w_in, std=std)
                 nn.init.normal_(module.w_out, std=out_std)
+            elif isinstance(module, LoRAExpertWeights):  # base like a dense FFN; B = 0
+                nn.init.normal_(module.w_in, std=std)
+                nn.init.normal_(module.w_out, std=out_std)
+                module.reset_lora()
         for layer in self.layers:
             if layer.mamba is not None:
                 nn.init.normal_(layer.mamba.out_proj.weight, std=out_std)
                 layer.mamba.reset_ssm_parameters()  # A, D and the time-step bias, overwritten above
+            elif isinstance(layer.self_attn, MixtureOfAttentionHeads):
+                layer.self_attn.reset_parameters(std, out_std)
+            elif isinstance(layer.self_attn, LightningAttention):
+                nn.init.normal_(layer.self_attn.out_proj.weight, std=out_std)
             else:
                 nn.init.normal_(layer.self_attn.o_proj.weight, std=out_std)
+                if getattr(layer.self_attn, "sinks", None) is not None:
+                    nn.init.zeros_(layer.self_attn.sinks)  # a new sink starts at logit 0
             mlp = layer.mlp
             if isinstance(mlp, FeedForward):
                 nn.init.normal_(mlp.w_out.weight, std=out_std)
@@ -362,6 +430,8 @@ class MoEForCausalLM(nn.Module):
                 nn.init.normal_(mlp.const_vec, std=std)
             if mlp.config.shared_ffn_dim:
                 nn.init.normal_(mlp.shared.w_out.weight, std=out_std)
+            if mlp.output_bias is not None:
+                nn.init.zeros_(mlp.output_bias)
             if mlp.config.residual_moe:
                 nn.init.normal_(mlp.residual_mlp.w_out.weight, std=out_std)
 
@@ -421,7 +491,7 @@ class MoEForCausalLM(nn.Module):
             else:
                 position_ids = torch.arange(num_past, num_past + num_new, device=device).expand(batch, -1)
         token_mask_BS = None if attention_mask is None else attention_mask[:, num_past:].to(torch.bool)
-        mask_B1SK = build_attention_mask(attention_mask, batch, num_new, num_past, cfg.sliding_window, device)
+        mask_B1SK = attention_masks(cfg, attention_mask, batch, num_new, num_past, device)
         cos, sin = self.rotary(position_ids, num_positions)
 
         x_BSD = self.embed(input_ids) if inputs_embeds is None else inputs_embeds

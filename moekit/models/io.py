@@ -142,6 +142,17 @@ def write_model_folder(
     return folder
 
 
+def _refuse_lora_experts(model: nn.Module) -> None:
+    # No HF family stores LoRA experts; writing their [H, D] base as [E, H, D] would be wrong.
+    from moekit.layers import LoRAExpertWeights
+
+    if any(isinstance(m, LoRAExpertWeights) for m in model.modules()):
+        raise ValueError(
+            "save_pretrained(format='hf'): the model has LoRA experts, which no HF family stores; "
+            "merge them into full experts first (moekit.layers.merge_lora_experts) or save as moekit"
+        )
+
+
 def save_pretrained(model: nn.Module, path: str | Path, format: str = "moekit", **kwargs: Any) -> None:
     """Writes a moekit folder (``format="moekit"``) or a Hugging Face one (``format="hf"``).
 
@@ -149,6 +160,7 @@ def save_pretrained(model: nn.Module, path: str | Path, format: str = "moekit", 
     :func:`moekit.convert.save_hf`); ``kwargs`` go to it.
     """
     if format == "hf":
+        _refuse_lora_experts(model)
         family_of(model).resolve_hf_exporter()(model, path, **kwargs)
         return
     if format != "moekit":

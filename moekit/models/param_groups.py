@@ -13,7 +13,16 @@ from torch import nn
 from moekit.layers import MoELayer
 
 # The groups every model has, in the order ``--freeze`` help lists them.
-MOE_GROUPS = ("router", "experts", "shared", "norms", "non_experts", "all_but_router", "all_but_experts")
+MOE_GROUPS = (
+    "router",
+    "experts",
+    "lora_experts",
+    "shared",
+    "norms",
+    "non_experts",
+    "all_but_router",
+    "all_but_experts",
+)
 _EXPERT_PARAMS = ("const_gate", "const_vec")  # MoE++ constant experts: per-expert weights
 _SHARED_MODULES = ("shared", "shared_gate", "residual_mlp", "residual_coef")  # always-on branches
 
@@ -31,16 +40,19 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def moe_parameter_groups(model: nn.Module) -> dict[str, list[str]]:
-    """``router``, ``experts``, ``shared``, ``norms`` and the complements ``non_experts`` (everything but
-    router, experts and shared), ``all_but_router`` and ``all_but_experts``, from module types."""
+    """``router``, ``experts``, ``lora_experts`` (the adapters of LoRA experts, a part of ``experts``;
+    their shared base is frozen by the layer), ``shared``, ``norms`` and the complements
+    ``non_experts`` (everything but router, experts and shared), ``all_but_router`` and
+    ``all_but_experts``, from module types."""
     every = [name for name, _ in model.named_parameters()]
     known = set(every)
-    router, experts, shared, norms = [], [], [], []
+    router, experts, lora, shared, norms = [], [], [], [], []
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
         if isinstance(module, MoELayer):
             router += module_param_names(module.router, f"{dot}router")
             experts += module_param_names(module.experts, f"{dot}experts")
+            lora += [n for n in module_param_names(module.experts, f"{dot}experts") if ".lora_" in n]
             experts += [
                 f"{dot}{a}" for a in _EXPERT_PARAMS if isinstance(getattr(module, a, None), nn.Parameter)
             ]
@@ -54,6 +66,7 @@ def moe_parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     groups = {
         "router": router,
         "experts": experts,
+        "lora_experts": lora,
         "shared": shared,
         "norms": norms,
         "non_experts": [n for n in every if n not in moe],

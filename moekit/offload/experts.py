@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from moekit.layers import Dispatcher, ExpertWeights, MoELayer, combine, permute
+from moekit.layers import Dispatcher, ExpertWeights, MoELayer, combine, permute, require_plain_expert_math
 from moekit.offload.cache import ExpertCache
 from moekit.offload.store import FINGERPRINT_NAME, ExpertStore, read_fingerprint, store_file_sizes
 
@@ -277,6 +277,7 @@ def offload_model(
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if not layers:
         raise ValueError("offload_model: the model has no MoE layers")
+    require_plain_expert_math(layers, "offload")  # the store holds w_in/w_out only
     fingerprint = ExpertStore.model_fingerprint(model)  # hashed once, checked and written
     root = prepare_store(
         store_dir, ExpertStore.kind, fingerprint, lambda r: ExpertStore.write(model, r, fingerprint)

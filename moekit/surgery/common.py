@@ -292,6 +292,9 @@ def train_steps(
     torch.manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(True)
+    for m in model.modules():  # the shared base of LoRA experts is frozen by design too
+        if hasattr(m, "freeze_base"):
+            m.freeze_base()
     for mlp in model.moe_layers:  # frozen-by-design routers (SMoE-Dropout) stay frozen
         if mlp.config.router_frozen or mlp.config.router_type == "random_fixed":
             mlp.router.weight.requires_grad_(False)

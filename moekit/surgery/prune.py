@@ -55,7 +55,15 @@ class PruneConfig(JsonConfig):
 def slice_moe_state(state: dict[str, Tensor], prefix: str, keep: Tensor) -> None:
     """Keeps experts ``keep`` (sorted int64 ids) in the MoE layer under ``prefix`` (in place):
     router rows (and bias, expert bias, gating-residual rows and columns) and expert stacks."""
-    for name in ("router.weight", "router.bias", "router.expert_bias", "experts.w_in", "experts.w_out"):
+    for name in (
+        "router.weight",
+        "router.bias",
+        "router.expert_bias",
+        "experts.w_in",
+        "experts.w_out",
+        "experts.b_in",
+        "experts.b_out",
+    ):
         if prefix + name in state:
             state[prefix + name] = state[prefix + name][keep].clone()
     if prefix + "router.residual_weight" in state:

@@ -15,6 +15,9 @@ Exactness at init (tested in float64):
   ``routed_scaling_factor = E`` (:meth:`UpcycleConfig.exact_split`). With a learned router the
   weights stop being uniform as soon as it trains; that is the intended granular MoE.
 * ``expert_init="noise"`` is not exact by construction.
+* LoRA experts (Uni-MoE; :meth:`UpcycleConfig.lora`, ``moe_overrides={"expert_kind": "lora"}``):
+  the dense FFN becomes the frozen shared base and every adapter's B is zero, so each expert is
+  the dense FFN and the model is unchanged under the same router conditions as ``"copy"``.
 """
 
 from __future__ import annotations
@@ -113,6 +116,19 @@ class UpcycleConfig(JsonConfig):
         unknown = sorted(set(self.moe_overrides) - set(MoEConfig.__dataclass_fields__))
         if unknown:
             raise ValueError(f"{name}.moe_overrides has unknown MoEConfig field(s) {unknown}")
+        if self.moe_overrides.get("expert_kind") == "lora" and self.expert_init != "copy":
+            raise ValueError(
+                f"{name}.expert_init={self.expert_init!r}: LoRA experts share the dense FFN as their base; "
+                "use expert_init='copy'"
+            )
+
+    @classmethod
+    def lora(cls, num_experts: int, rank: int = 8, alpha: float = 16.0, **changes: Any) -> UpcycleConfig:
+        """Uni-MoE's LoRA experts: the dense FFN is the frozen base of ``num_experts`` experts,
+        each with rank-``rank`` adapters on every projection (B = 0: exact at init)."""
+        overrides = {"expert_kind": "lora", "lora_rank": rank, "lora_alpha": float(alpha)}
+        overrides.update(changes.pop("moe_overrides", {}))
+        return cls(num_experts=num_experts, expert_init="copy", moe_overrides=overrides, **changes)
 
     @classmethod
     def exact_split(cls, num_experts: int, **changes: Any) -> UpcycleConfig:
@@ -247,12 +263,34 @@ def upcycle(
         prefix = f"layers.{i}.mlp."
         for k in [k for k in state if k.startswith(prefix)]:
             del state[k]
-        w_in, w_out = expert_weights_from_ffn(ffn.w_in.weight, ffn.w_out.weight, config, activation, gen)
-        state[prefix + "experts.w_in"] = w_in.clone()
-        state[prefix + "experts.w_out"] = w_out.clone()
+        moe = new_cfg.moe_config(i)
+        if moe.expert_kind == "lora":
+            state.update(_lora_expert_state(prefix + "experts.", ffn, moe, gen))
+        else:
+            w_in, w_out = expert_weights_from_ffn(ffn.w_in.weight, ffn.w_out.weight, config, activation, gen)
+            state[prefix + "experts.w_in"] = w_in.clone()
+            state[prefix + "experts.w_out"] = w_out.clone()
         state.update(_router_state(prefix, new_cfg.moe_config(i), config, feats.get(i), gen, i))
     model = build_model(new_cfg, state, model_dtype(dense_model))
     return model
+
+
+def _lora_expert_state(prefix: str, ffn, moe: MoEConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    # The dense FFN is the shared base; A ~ U(+-1/sqrt(fan_in)) (PEFT's bound), B = 0.
+    num_e, rank, dim, ffn_dim = moe.num_experts, moe.lora_rank, moe.dim, moe.ffn_dim
+    num_p = ffn.w_in.weight.shape[0] // ffn_dim
+
+    def uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
+        return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) / fan_in**0.5
+
+    return {
+        prefix + "w_in": ffn.w_in.weight.clone(),
+        prefix + "w_out": ffn.w_out.weight.clone(),
+        prefix + "lora_in_A": uniform((num_e, num_p, rank, dim), dim),
+        prefix + "lora_in_B": torch.zeros(num_e, num_p, ffn_dim, rank, dtype=torch.float64),
+        prefix + "lora_out_A": uniform((num_e, rank, ffn_dim), ffn_dim),
+        prefix + "lora_out_B": torch.zeros(num_e, dim, rank, dtype=torch.float64),
+    }
 
 
 def _router_state(

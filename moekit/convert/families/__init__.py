@@ -17,10 +17,14 @@ from moekit.convert.families.dots1 import Dots1Adapter
 from moekit.convert.families.ernie4_5_moe import Ernie45MoeAdapter
 from moekit.convert.families.flex_olmo import FlexOlmoAdapter
 from moekit.convert.families.glm4_moe import Glm4MoeAdapter
+from moekit.convert.families.gpt_oss import GptOssAdapter
 from moekit.convert.families.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moekit.convert.families.hunyuan_v1_moe import HunyuanV1MoeAdapter
 from moekit.convert.families.jamba import JambaAdapter
+from moekit.convert.families.jetmoe import JetMoeAdapter
 from moekit.convert.families.llama import LlamaAdapter
+from moekit.convert.families.llama4 import Llama4TextAdapter
+from moekit.convert.families.minimax import MiniMaxAdapter
 from moekit.convert.families.mistral import MistralAdapter
 from moekit.convert.families.mixtral import MixtralAdapter
 from moekit.convert.families.olmoe import OlmoeAdapter
@@ -35,6 +39,10 @@ from moekit.models.config import ModelConfig
 FAMILIES: dict[str, FamilyAdapter] = {
     a.model_type: a
     for a in (
+        GptOssAdapter(),
+        Llama4TextAdapter(),
+        JetMoeAdapter(),
+        MiniMaxAdapter(),
         Glm4MoeAdapter(),
         Dots1Adapter(),
         JambaAdapter(),
@@ -61,11 +69,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
 
 # MoE families transformers ships that moekit knows it cannot run yet, and why (the error says so).
 NOT_MODELLED = {
-    "gpt_oss": "attention sinks, alternating sliding/full layers, expert biases and a clamped SwiGLU",
-    "llama4": "chunked attention, NoPE layers and a shared expert before top-1 sigmoid routing",
-    "llama4_text": "chunked attention, NoPE layers and a shared expert before top-1 sigmoid routing",
-    "jetmoe": "mixture-of-attention-heads (MoE inside attention)",
-    "minimax": "linear-attention (lightning) layers beside softmax attention",
+    "llama4": "multimodal wrapper (vision tower and language_model.* names; text-only llama4_text folders load)",
     "qwen3_next": "gated DeltaNet linear-attention layers",
     "granitemoehybrid": "Mamba2 mixers",
 }

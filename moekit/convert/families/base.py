@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from moekit.layers import MoEConfig
 from moekit.models.config import ModelConfig
 
@@ -36,7 +38,12 @@ class Piece:
       into q/k/v); export concatenates the pieces of one key in row order;
     * ``transpose``: the HF values are the region with its last two dims swapped;
     * ``flatten``: the HF tensor is the (transposed) region with its leading dims flattened into
-      one, ``[E * F, D]`` for a region ``[E, F, D]``.
+      one, ``[E * F, D]`` for a region ``[E, F, D]``;
+    * ``interleave_dim``: moekit dim of the region that holds ``[gate; up]`` halves, which the HF
+      tensor stores interleaved (gate row j at 2j, up row j at 2j + 1; GPT-OSS ``gate_up_proj``);
+    * ``mxfp4_scales``: ``key`` is the ``*_blocks`` tensor of an MXFP4 checkpoint and this names its
+      ``*_scales``; import dequantizes them (:func:`~moekit.convert.mxfp4.dequantize_mxfp4`) to the
+      HF values. Import only: export writes the dense layout.
     """
 
     key: str
@@ -44,14 +51,24 @@ class Piece:
     hf_rows: slice | None = None
     transpose: bool = False
     flatten: bool = False
+    interleave_dim: int | None = None
+    mxfp4_scales: str | None = None
 
     @property
     def plain(self) -> bool:
-        """Whether the HF tensor is the region as it is (no rows, transpose or flatten)."""
-        return self.hf_rows is None and not self.transpose and not self.flatten
+        """Whether the HF tensor is the region as it is (no rows, transpose, flatten, interleave, MXFP4)."""
+        return (
+            self.hf_rows is None
+            and not self.transpose
+            and not self.flatten
+            and self.interleave_dim is None
+            and self.mxfp4_scales is None
+        )
 
     def to_hf(self, region: Any) -> Any:
         """The HF values of this piece from the moekit ``region`` (a tensor)."""
+        if self.interleave_dim is not None:
+            region = _interleave(region, self.interleave_dim)
         out = region.mT if self.transpose else region
         return out.reshape(-1, out.shape[-1]) if self.flatten else out
 
@@ -61,7 +78,8 @@ class Piece:
         if self.transpose:
             shape[-1], shape[-2] = shape[-2], shape[-1]
         out = values.reshape(shape) if self.flatten else values
-        return out.mT if self.transpose else out
+        out = out.mT if self.transpose else out
+        return _deinterleave(out, self.interleave_dim) if self.interleave_dim is not None else out
 
     def hf_shape(self, region_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape this piece's HF values must have for a moekit region of ``region_shape``."""
@@ -74,6 +92,20 @@ class Piece:
                 lead *= n
             shape = [lead, shape[-1]]
         return tuple(shape)
+
+
+def _interleave(halves: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[gate; up]`` halves along ``dim`` -> alternating gate/up rows (gate j at 2j, up j at 2j + 1)."""
+    d = dim % halves.dim()
+    gate, up = halves.chunk(2, dim=d)
+    return torch.stack([gate, up], dim=d + 1).flatten(d, d + 1)
+
+
+def _deinterleave(rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """Alternating gate/up rows along ``dim`` -> ``[gate; up]`` halves (the inverse of :func:`_interleave`)."""
+    d = dim % rows.dim()
+    index = torch.arange(rows.shape[d], device=rows.device)
+    return rows.index_select(d, torch.cat([index[0::2], index[1::2]]))
 
 
 @dataclass
@@ -210,6 +242,11 @@ NEUTRAL_MOE = {
     "router_bias": False,
     "gating_residual": False,
     "capacity_factor": None,
+    "ffn_bias": False,
+    "weights_on_input": False,
+    "output_bias": False,
+    "swiglu_alpha": 1.702,
+    "swiglu_limit": 7.0,
 }
 
 
@@ -228,6 +265,13 @@ NEUTRAL_MODEL = {
     "lm_head_bias": False,
     "qk_norm_after_rope": False,
     "norm_placement": "pre",
+    "attention_sinks": False,
+    "attention_layer_types": None,
+    "attention_chunk_size": None,
+    "nope_layer_indices": None,
+    "residual_scales": None,
+    "attention_temperature_scale": None,
+    "attention_floor_scale": 8192,
 }
 
 
@@ -248,6 +292,8 @@ class FamilyAdapter:
     architecture: str = ""
     # transformers keeps these routers in float32 whatever the run dtype (``_keep_in_fp32_modules``).
     fp32_routers: bool = False
+    # The family has lightning (linear) attention layers (MiniMax).
+    linear_layers: bool = False
     # ModelConfig fields of NEUTRAL_MODEL the family expresses (plus "rope_interleave" for GQA).
     model_features: frozenset[str] = frozenset()
 
@@ -267,8 +313,18 @@ class FamilyAdapter:
         """Whether automatic family choice should pick this family for ``cfg`` (export)."""
         return False
 
+    def derived_tensor(self, key: str) -> bool:
+        """Whether HF tensor ``key`` is recomputable from others (import skips it silently)."""
+        return False
+
+    def derived_tensors(self, cfg: ModelConfig, state: dict[str, Any]) -> list[tuple[str, Any]]:
+        """Extra ``(HF name, tensor)`` pairs export writes, computed from the moekit ``state``."""
+        return []
+
     def check_mixers(self, cfg: ModelConfig) -> None:
-        """Refuses Mamba layers and attention without RoPE (only the hybrid families express them)."""
+        """Refuses Mamba layers, attention without RoPE and (but for MiniMax) linear-attention layers."""
+        if "linear" in (cfg.layer_types or ()) and not self.linear_layers:
+            raise refuse_export(self.model_type, "layer_types", "linear layers", "no linear attention")
         if cfg.mamba_layer_ids:
             raise refuse_export(self.model_type, "layer_types", "mamba layers", "an attention-only family")
         if not cfg.use_rope:

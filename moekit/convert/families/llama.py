@@ -155,6 +155,10 @@ class LlamaAdapter(FamilyAdapter):
             Target.copy(f"{dst}w_out.weight", f"{src}down_proj.weight"),
         ]
 
+    def dense_ffn_targets(self, cfg: ModelConfig, i: int) -> list[Target]:
+        """The dense FFN of layer ``i`` (``mlp.{gate,up,down}_proj``; Llama 4 overrides the prefix)."""
+        return self.dense_mlp_targets(i, cfg.ffn_dim, self.layer_prefix(i) + "mlp.", f"layers.{i}.mlp.")
+
     def moe_targets(self, cfg: ModelConfig, i: int) -> list[Target]:
         """The MoE FFN of layer ``i`` (MoE families override)."""
         raise NotImplementedError(f"{self.model_type} has no MoE layers")
@@ -172,7 +176,7 @@ class LlamaAdapter(FamilyAdapter):
             if cfg.is_moe_layer(i):
                 out += self.moe_targets(cfg, i)
             else:
-                out += self.dense_mlp_targets(i, cfg.ffn_dim, f"{src}mlp.", f"{dst}mlp.")
+                out += self.dense_ffn_targets(cfg, i)
         out.append(Target.copy("norm.weight", "model.norm.weight"))
         if not cfg.tie_word_embeddings:
             out.append(Target.copy("lm_head.weight", "lm_head.weight"))

@@ -122,3 +122,73 @@ def retrieval_r1(model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str
     i2t = same_NN[torch.arange(len(tok)), sim.argmax(1)].float().mean()
     t2i = same_NN[sim.argmax(0), torch.arange(len(tok))].float().mean()
     return {"image_to_text_r1": float(i2t), "text_to_image_r1": float(t2i)}
+
+
+def _vqa_forward(model: nn.Module, batch: dict[str, Tensor], moe_k: int | None = None) -> Any:
+    return model(
+        input_ids=batch["input_ids"],
+        pixel_values=batch.get("pixel_values"),
+        signal_values=batch.get("signal_values"),
+        attention_mask=batch.get("attention_mask"),
+        labels=batch["labels"],
+        moe_k=moe_k,
+    )
+
+
+def _answer_hits(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
+    # Position t predicts labels[t + 1]; every row has exactly one answer label.
+    pred_BS = logits_BSV[:, :-1].argmax(-1)
+    target_BS = labels_BS[:, 1:]
+    keep_BS = target_BS != -100
+    return (pred_BS == target_BS)[keep_BS]
+
+
+class VQAObjective(Objective):
+    """Answer-token cross-entropy (``labels`` are -100 elsewhere) plus weighted aux losses, for a
+    model taking ``input_ids``, ``pixel_values``, ``signal_values``, ``attention_mask``, ``labels``
+    (:class:`~moekit.models.vision.unimoe.UniMoE`); logs ``ce`` and ``accuracy``."""
+
+    def __init__(self, weights: LossWeights) -> None:
+        self.weights = weights
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], moe_k: int | None = None) -> Any:
+        """The model on the batch's text and its modality's inputs."""
+        return _vqa_forward(model, batch, moe_k)
+
+    def loss(self, output: Any, batch: dict[str, Tensor]) -> ObjectiveOutput:
+        """``CE + weighted aux``."""
+        ce = output.lm_loss
+        aux = self.weights.weighted(output.aux_losses or {}, ce)
+        acc = _answer_hits(output.logits, batch["labels"]).float().mean()
+        return ObjectiveOutput(
+            loss=ce + aux,
+            metrics={"ce": ce, "aux_loss": aux, "accuracy": acc},
+            aux_losses=output.aux_losses or {},
+            routing=list(output.routing or []),
+        )
+
+    def eval_loss(self, output: Any, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """Mean answer CE and the number of answers."""
+        return output.lm_loss, int((batch["labels"] != -100).sum())
+
+
+@torch.no_grad()
+def vqa_accuracy(model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[float, list[float] | None]:
+    """Exact-answer accuracy over ``batches`` (eval mode), and each expert's share of the routed
+    slots summed over MoE layers (None for a dense model)."""
+    was = model.training
+    model.eval()
+    right = total = 0
+    counts = None
+    try:
+        for b in batches:
+            out = _vqa_forward(model, b)
+            hits = _answer_hits(out.logits, b["labels"])
+            right, total = right + int(hits.sum()), total + hits.numel()
+            for r in out.routing or []:
+                c = r.tokens_per_expert
+                counts = c if counts is None else counts + c
+    finally:
+        model.train(was)
+    usage = None if counts is None else (counts / counts.sum()).tolist()
+    return right / max(total, 1), usage
