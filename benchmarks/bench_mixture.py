@@ -122,7 +122,9 @@ def _plot(rows: dict, xkey: str, xlabel: str, path: Path, title: str) -> None:
         pts = [(r[xkey], r[method]["nll"]) for r in rows if r[method]["experts"]]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, style, lw=width, ms=4, label=method)
+            # Quality is a step function of the budget/bound: it changes only where a subset
+            # becomes affordable, so the curve holds its value until the next point.
+            ax.plot(xs, ys, style, lw=width, ms=4, label=method, drawstyle="steps-post")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out NLL (nats/token, lower is better)")
@@ -133,6 +135,23 @@ def _plot(rows: dict, xkey: str, xlabel: str, path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _plots(energy_rows: list, latency_rows: list, img: Path) -> None:
+    _plot(
+        energy_rows,
+        "budget",
+        "energy budget (J/token, all chosen experts together)",
+        img / "mixture_energy.png",
+        "MoE² on 4 experts: quality vs energy budget",
+    )
+    _plot(
+        latency_rows,
+        "bound_s",
+        "latency bound (s for 64 prompt + 32 new tokens)",
+        img / "mixture_latency.png",
+        "MoE² on 4 experts: quality vs latency bound (energy unbounded)",
+    )
 
 
 def _row(results: dict, names: list[str]) -> dict:
@@ -196,9 +215,10 @@ def stage_mixture(out: Path, img: Path, windows: int, val_windows: int) -> dict:
     names = cfg.names
     energy = [e.energy_j_per_token for e in cfg.experts]
     lat = [e.latency_s(64, 32) for e in cfg.experts]
-    # Budgets from the cheapest expert alone to all of them together, log-spaced.
-    lo, hi = min(energy), sum(energy)
-    budgets = [lo * (hi / lo) ** (i / 11) for i in range(12)]
+    # Every subset's energy is a breakpoint where the affordable family changes: one budget each.
+    subsets = [[i for i in range(len(energy)) if m >> i & 1] for m in range(1, 2 ** len(energy))]
+    budgets = sorted({round(sum(energy[i] for i in sub), 12) * (1 + 1e-9) for sub in subsets})
+    hi = max(budgets)
     energy_rows = []
     for b in budgets:
         res = select_experts(cfg, gate, val, b)
@@ -209,20 +229,7 @@ def stage_mixture(out: Path, img: Path, windows: int, val_windows: int) -> dict:
     for d in bounds:
         res = select_experts(cfg, gate, val, hi, latency_bound_s=d)
         latency_rows.append({"bound_s": d, **_row(res, names)})
-    _plot(
-        energy_rows,
-        "budget",
-        "energy budget (J/token, all chosen experts together)",
-        img / "mixture_energy.png",
-        "MoE² on 4 experts: quality vs energy budget",
-    )
-    _plot(
-        latency_rows,
-        "bound_s",
-        "latency bound (s for 64 prompt + 32 new tokens)",
-        img / "mixture_latency.png",
-        "MoE² on 4 experts: quality vs latency bound (energy unbounded)",
-    )
+    _plots(energy_rows, latency_rows, img)
     result = {
         "experts": [e.to_dict() for e in cfg.experts],
         "profile_s": round(t_profile, 1),
@@ -311,9 +318,65 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stage_bridge(out: Path) -> dict:
+    """Per-token decode time of ``all-l`` natively and through the text bridge (same tokenizer,
+    so only the bridge's cost differs): 32 new tokens after prompts of 64 and 256 tokens."""
+    from moekit.loader import load_model_and_tokenizer
+    from moekit.mixture.bridge import BridgedSession, TextBridge
+    from moekit.models.decode import DecodeSession
+
+    torch.set_num_threads(1)
+    m = load_model_and_tokenizer(out / "all-l")
+    ids = m.tokenizer.encode(Path(__file__).read_text()).ids
+    result = {}
+    for length in (64, 256):
+        times = {}
+        for kind in ("native", "bridge"):
+            if kind == "native":
+                s = DecodeSession(m.model, torch.tensor([ids[:length]]), max_new_tokens=32)
+            else:
+                bridge = TextBridge(m.model, m.tokenizer, m.tokenizer, m.model.config.vocab_size)
+                s = BridgedSession(bridge, ids[:length])
+            x = s.prefill()
+            t0 = time.perf_counter()
+            for _ in range(32):
+                x = s.step(x.argmax(-1))
+            times[kind] = (time.perf_counter() - t0) / 32 * 1e3
+        result[length] = times
+        print(
+            f"prompt {length}: native {times['native']:.2f} ms/token, bridge {times['bridge']:.2f} ms/token "
+            f"({times['bridge'] / times['native']:.1f}x)"
+        )
+    return result
+
+
+def stage_retrained(out: Path) -> dict:
+    """Monotonicity of the *retrained* objective (a gate trained on each subset, the paper's
+    setting) from ``results.json``: single experts alone, the masking table's retrained gates
+    (subsets of 2 to E-1), and the all-experts gate."""
+    r = json.loads((out / "results.json").read_text())
+    names = [e["name"] for e in r["experts"]]
+    q = {frozenset([n]): -r["gate"]["val_nll_per_expert"][n] for n in names}
+    q |= {frozenset(g["subset"]): -g["retrained"] for g in r["masking"]}
+    q[frozenset(names)] = -r["gate"]["val_nll_gate"]
+    pairs, drops = 0, []
+    for subset, value in q.items():
+        for j in set(names) - subset:
+            if subset | {j} in q:
+                pairs += 1
+                if value - q[subset | {j}] > 1e-9:
+                    drops.append((sorted(subset), j, value - q[subset | {j}]))
+    for subset, j, d in drops:
+        print(f"{'+'.join(subset)} + {j}: quality drops by {d:.4f} nats")
+    print(f"retrained objective: {len(drops)}/{pairs} single additions lower quality")
+    return {"pairs": pairs, "violations": len(drops), "max_drop": max((d for *_, d in drops), default=0.0)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=["train", "mixture", "all"], required=True)
+    p.add_argument(
+        "--stage", choices=["train", "mixture", "all", "bridge", "retrained", "plot"], required=True
+    )
     p.add_argument("--out", default="runs/bench_mixture", help="where the experts and results go")
     p.add_argument("--img", default="docs/img", help="where the plots go")
     p.add_argument("--steps", type=int, default=300, help="training steps per expert (train stage)")
@@ -327,6 +390,13 @@ def main() -> None:
         stage_train(out, args.steps, args.seconds)
     if args.stage in ("mixture", "all"):
         stage_mixture(out, Path(args.img), args.windows, args.val_windows)
+    if args.stage == "bridge":
+        stage_bridge(out)
+    if args.stage == "retrained":
+        stage_retrained(out)
+    if args.stage == "plot":  # redraw the plots from results.json
+        r = json.loads((out / "results.json").read_text())
+        _plots(r["energy_rows"], r["latency_rows"], Path(args.img))
 
 
 if __name__ == "__main__":

@@ -207,6 +207,25 @@ def test_make_with_a_real_model_matches_generate(tiny_run, tmp_path, capsys):
         new = sc[0, ids.shape[1] :].tolist()
         new = new[: new.index(loaded.eos_token_id)] if loaded.eos_token_id in new else new
         assert by_system[("sc", prompt)] == loaded.tokenizer.decode(new)
+    dense = tmp_path / "dense"
+    from moekit.models import MoEForCausalLM, get_preset
+
+    MoEForCausalLM(
+        get_preset("dense-small").replace(
+            vocab_size=loaded.tokenizer.get_vocab_size(),
+            num_layers=1,
+            dim=32,
+            ffn_dim=32,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
+        )
+    ).save_pretrained(dense)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_run / name).is_file():
+            (dense / name).write_bytes((tiny_run / name).read_bytes())
+    with pytest.raises(ValueError, match="decode=scmoe needs a model with MoE layers"):
+        answer_prompts(SystemSpec(model=str(dense), decode="scmoe"), ["def "])
     spec = SystemSpec(model=str(tiny_run), temperature=1.0, max_new_tokens=5, seed=9)
     assert answer_prompts(spec, ["def "]) == answer_prompts(spec, ["def "])  # seeded sampling repeats
 
@@ -535,11 +554,36 @@ def test_unblind_three_systems_gives_bradley_terry(tmp_path, capsys):
     for p in unblinded_pairs(out):
         better = "left" if rank[p.left_system] < rank[p.right_system] else "right"
         append_rating(rater_file(out, "ann"), Rating(rater="ann", pair_id=p.pair_id, choice=better))
-    assert main(["blind", "unblind", str(out), "--bootstrap", "30"]) == 0
+    assert main(["blind", "unblind", str(out), "--bootstrap", "15"]) == 0
     bt = json.loads((out / "unblind" / "summary.json").read_text())["bradley_terry"]
     assert bt["elo"][0] > bt["elo"][1] > bt["elo"][2]
     assert "Bradley-Terry" in (out / "unblind" / "report.md").read_text()
     assert "SYSALPHA vs SYSBRAVO: 8 wins" in capsys.readouterr().out
+
+
+def test_unblind_pools_several_folders(tmp_path):
+    """A-vs-B in one folder and B-vs-C in another: pooled, three systems get Bradley-Terry."""
+    ab = make_fake(tmp_path, num_prompts=6, name="ab")
+    specs = [SystemSpec(model="/m/b", name="SYSBRAVO"), SystemSpec(model="/m/c", name="SYSCHARLIE")]
+    bc = make_blind(
+        specs, [Prompt(str(i), f"q{i}") for i in range(6)], tmp_path / "bc", seed=3, answer=fake_answer
+    )
+    order = ["SYSALPHA", "SYSBRAVO", "SYSCHARLIE"]
+    for folder in (ab, bc):
+        for i, p in enumerate(unblinded_pairs(folder)):
+            upset = i == 0  # one upset per folder keeps the strengths finite without leaning on the ridge
+            better = order.index(p.left_system) < order.index(p.right_system)
+            choice = "left" if better != upset else "right"
+            append_rating(rater_file(folder, "ann"), Rating(rater="ann", pair_id=p.pair_id, choice=choice))
+    _, result = write_unblind([ab, bc], out=tmp_path / "pooled", num_resamples=10, make_plot=False)
+    assert result["systems"] == order and result["num_pairs"] == 12
+    assert [(h["a"], h["b"], h["wins"], h["losses"]) for h in result["head_to_head"]] == [
+        ("SYSALPHA", "SYSBRAVO", 5, 1),
+        ("SYSBRAVO", "SYSCHARLIE", 5, 1),
+    ]
+    elo = result["bradley_terry"]["elo"]
+    assert elo[0] > elo[1] > elo[2]
+    assert elo[0] - elo[1] == pytest.approx(elo[1] - elo[2], abs=1.0)  # the same 5-1 record each step
 
 
 def test_cli_help(capsys):

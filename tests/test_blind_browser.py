@@ -137,6 +137,14 @@ def test_rating_run_in_chromium(browser, served):
     wait.until(lambda d: d.find_element(By.ID, "done").is_displayed())
     assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "6"
 
+    # a second rater on the same server starts from the beginning, in a file of their own
+    browser.get(url + "?rater=cat")
+    at(0)
+    assert "0 rated" in browser.find_element(By.ID, "progress").text
+    keys("a")
+    at(1)
+    assert [r.choice for r in read_ratings(rater_file(out, "cat"))] == ["left"]
+
     lines = read_ratings(rater_file(out, "ann"))
     pairs = unblinded_pairs(out)
     verdicts = [r for r in lines if r.event == "choice"]
@@ -151,4 +159,6 @@ def test_rating_run_in_chromium(browser, served):
     assert [r.event for r in lines[:2]] == ["score", "score"]  # clicks before the verdict were saved too
     _, result = write_unblind([out], make_plot=False)
     h = result["head_to_head"][0]
-    assert h["wins"] + h["losses"] + h["ties"] == 6 and h["ties"] == 3  # tie, both bad, amended tie
+    # ann and cat both judged the first pair; the rest are ann's alone
+    assert h["wins"] + h["losses"] + h["ties"] == 6 and h["ties"] == 3 and result["num_judgments"] == 7
+    assert result["agreement"]["shared_pairs"] == 1

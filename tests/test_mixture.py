@@ -253,3 +253,19 @@ def test_bridge_with_another_tokenizer_gives_a_distribution_over_the_mixture_voc
     # The prompt (one primary token) keeps the own tokens that end inside it.
     total = sum(float(x) for x, (_, end) in zip(token_lp, enc.offsets[1:], strict=True) if end > first_end)
     assert float(credit.sum()) == pytest.approx(float(total), rel=1e-9)
+
+
+def test_sampled_monotonicity_report():
+    rng = random.Random(3)
+    energy, monotone = _instance(rng, 14, monotone=True)
+    report = monotonicity_report(Objective(monotone), 14, max_pairs=200, seed=1)
+    assert (report.pairs, report.violations, report.sampled) == (200, 0, True)
+    weights = [rng.random() for _ in range(8)]
+
+    def bumpy(s):  # best at 3 experts: every addition past 3 costs 0.5 plus a little
+        return -0.5 * max(0, len(s) - 3) + 0.01 * sum(weights[i] for i in s)
+
+    full = monotonicity_report(Objective(bumpy), 8)
+    sampled = monotonicity_report(Objective(bumpy), 8, max_pairs=300, seed=2)
+    assert full.pairs == 8 * (2**7 - 1) and not full.sampled and full.violations > 0
+    assert 0 < sampled.max_drop <= full.max_drop + 1e-12  # an estimate never exceeds the truth

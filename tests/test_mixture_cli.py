@@ -264,6 +264,12 @@ def test_serve_mixture_answers_and_reports_experts(mixture_dir):
         )
         assert r.status_code == 200 and len(r.json()["mixture"]["experts"]) == 1
         assert r.json()["mixture"]["bound_met"] is False
+        r = client.post("/v1/completions", json=body | {"logprobs": 2}, headers={"X-Latency-Class": "batch"})
+        lp = r.json()["choices"][0]["logprobs"]
+        assert r.status_code == 200 and len(lp["token_logprobs"]) == r.json()["usage"]["completion_tokens"]
+        assert all(x <= 0 for x in lp["token_logprobs"])  # the mixture's log-probabilities
+        r = client.post("/v1/completions", json=body | {"echo": True, "logprobs": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
         r = client.post("/v1/completions", json=body, headers={"X-Latency-Class": "nope"})
         assert r.status_code == 400 and "nope" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json=body | {"stream": True}, headers={"X-Latency-Class": "batch"})
@@ -271,7 +277,7 @@ def test_serve_mixture_answers_and_reports_experts(mixture_dir):
         assert first["mixture"]["experts"] == out["mixture"]["experts"]
         health = client.get("/health").json()
         used = health["mixture"]["requests_per_expert"]
-        assert sum(used.values()) >= len(out["mixture"]["experts"]) + 1
+        assert sum(used.values()) >= 2 * len(out["mixture"]["experts"]) + 1
         assert health["mixture"]["experts"] == ["m0", "m1", "m2"]
 
 
@@ -313,3 +319,23 @@ def test_choose_orders_by_gate_weight_and_best_aggregation_keeps_one(mixture_dir
     mixture.config = mixture.config.replace(aggregation="best")
     best = mixture.choose(ids, 4, "batch")
     assert best.experts == choice.experts[:1] and best.weights == [1.0]
+
+
+def test_damaged_gate_and_scores_are_one_line_errors(mixture_dir, tmp_path, capsys):
+    import shutil
+
+    gate = tmp_path / "gate"
+    shutil.copytree(mixture_dir / "gate", gate)
+    (gate / "gate.safetensors").write_bytes(b"\x00" * 12)
+    cfg = json.loads((mixture_dir / "mix.json").read_text())
+    cfg["gate"] = str(gate)
+    cfg["experts"] = [e | {"path": str(mixture_dir / e["path"])} for e in cfg["experts"]]
+    (tmp_path / "mix.json").write_text(json.dumps(cfg))
+    assert main(["mixture", "select", "--config", str(tmp_path / "mix.json"), "--energy-budget", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "gate.safetensors" in err
+    shutil.copy(mixture_dir / "gate" / "gate.safetensors", gate / "gate.safetensors")
+    (gate / "scores.safetensors").write_bytes(b"junk")
+    assert main(["mixture", "select", "--config", str(tmp_path / "mix.json"), "--energy-budget", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "scores.safetensors" in err

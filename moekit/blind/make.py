@@ -77,6 +77,10 @@ def answer_prompts(spec: SystemSpec, prompts: Sequence[str], cache: dict | None 
 
     loaded = _load_once(spec, {} if cache is None else cache)
     model, tok, eos = loaded.model, loaded.tokenizer, loaded.eos_token_id
+    if not hasattr(model.config, "max_position_embeddings"):
+        raise ValueError(f"{spec.model}: blind make needs a text language model (got {type(model).__name__})")
+    if spec.decode_mode == "scmoe" and not getattr(model, "moe_layers", None):
+        raise ValueError(f"{spec.model}: decode=scmoe needs a model with MoE layers (this one is dense)")
     context = model.config.max_position_embeddings
     answers = []
     for index, text in enumerate(prompts):

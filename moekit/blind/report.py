@@ -132,7 +132,7 @@ def plot(result: dict, path: Path) -> None:
     heads = result["head_to_head"]
     bt = result.get("bradley_terry")
     fig, axes = plt.subplots(
-        1, 2 if bt else 1, figsize=(11 if bt else 7, 1.2 + 0.6 * max(1, len(heads))), squeeze=False
+        1, 2 if bt else 1, figsize=(11 if bt else 7, 1.9 + 0.6 * max(1, len(heads))), squeeze=False
     )
     ax = axes[0][0]
     for row, h in enumerate(heads):
@@ -158,7 +158,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yticks(range(len(heads)), [f"{h['a']}\nvs {h['b']}" for h in heads], fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of judged pairs")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.02), ncol=3, frameon=False)
     if bt:
         ax2 = axes[0][1]
         order = sorted(range(len(bt["systems"])), key=lambda i: bt["elo"][i])

@@ -195,7 +195,12 @@ def _select(args) -> int:
         for k, r in results.items()
     }
     if mono is not None:
-        rows["monotonicity"] = {"pairs": mono.pairs, "violations": mono.violations, "max_drop": mono.max_drop}
+        rows["monotonicity"] = {
+            "pairs": mono.pairs,
+            "violations": mono.violations,
+            "max_drop": mono.max_drop,
+            "sampled": mono.sampled,
+        }
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

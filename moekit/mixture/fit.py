@@ -11,7 +11,6 @@ evaluate any subset without running an expert again.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +42,10 @@ def sample_windows(
     The corpus is split by document as ``moekit train`` splits it (a stable hash of the path
     relative to the corpus root, the same ``val_fraction``), so ``"val"`` is text the experts
     were not trained on when they were trained on (slices of) the same corpus. ``"val-a"`` and
-    ``"val-b"`` halve the validation documents (alternate documents in hash order; with a single
-    validation document, the two halves of its tokens): the gate trains on one half and is
-    evaluated on the other. Windows start at seeded random positions.
+    ``"val-b"`` are the first and second halves of every validation document's tokens: the gate
+    trains on one and is evaluated on the other, and both hold the same mix of documents (split
+    by whole documents instead, a few large files decide which half is which domain). Windows
+    start at seeded random positions.
 
     Raises:
         ValueError: an unknown split, or one that holds fewer than ``length`` tokens.
@@ -57,19 +57,17 @@ def sample_windows(
     docs = resolve_corpus(corpus, max_bytes=12_000_000)
     train, val = split_documents(docs, val_fraction)
     chosen = (train if split == "train" else val) or docs
-    halves = split in ("val-a", "val-b")
-    if halves and len(chosen) >= 2:
-        ordered = sorted(chosen, key=lambda d: hashlib.sha1(d.rel_path.encode()).hexdigest())
-        chosen, halves = ordered[split == "val-b" :: 2], False
     ids: list[int] = []
     for doc in chosen:
-        ids.extend(tokenizer.encode(read_text(doc)).ids)
-        ids.append(eos)
+        doc_ids = tokenizer.encode(read_text(doc)).ids + [eos]
+        if split in ("val-a", "val-b"):
+            # Each document's first half for one, its second half for the other: both halves
+            # see the same mix of documents, and no text is in both.
+            mid = len(doc_ids) // 2
+            doc_ids = doc_ids[mid:] if split == "val-b" else doc_ids[:mid]
+        ids.extend(doc_ids)
         if len(ids) > 64 * num * length:  # enough text to draw from
             break
-    if halves:
-        mid = len(ids) // 2
-        ids = ids[mid:] if split == "val-b" else ids[:mid]
     if len(ids) < length + 1:
         raise ValueError(
             f"the {split} split has {len(ids)} tokens; windows need {length} (pass a bigger --corpus)"

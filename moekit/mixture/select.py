@@ -204,27 +204,53 @@ def random_subset(
 
 @dataclass
 class MonotonicityReport:
-    """How often adding one expert lowers ``q`` (over every subset and every expert not in it)."""
+    """How often adding one expert lowers ``q``.
+
+    Attributes:
+        pairs: ``(S, j)`` pairs checked.
+        violations: pairs with ``q(S | {j}) < q(S)``.
+        max_drop: the largest such drop (0 when none).
+        sampled: True when the pairs were a random sample (``max_drop`` is then an estimate, a
+            lower bound on the true one, and a slack set from it is not guaranteed).
+    """
 
     pairs: int
     violations: int
     max_drop: float
+    sampled: bool = False
 
 
-def monotonicity_report(q: Objective, num_experts: int, tol: float = 1e-9) -> MonotonicityReport:
-    """Checks ``q(S | {j}) >= q(S)`` for every non-empty S and j outside it (2^E subsets: small E)."""
+def monotonicity_report(
+    q: Objective, num_experts: int, tol: float = 1e-9, max_pairs: int | None = None, seed: int = 0
+) -> MonotonicityReport:
+    """Checks ``q(S | {j}) >= q(S)`` for every non-empty S and j outside it (2^E subsets: small E),
+    or for ``max_pairs`` random pairs (a random size, members and j) when given."""
+    if max_pairs is None:
+        pairs_iter = (
+            (subset, j)
+            for size in range(1, num_experts)
+            for subset in combinations(range(num_experts), size)
+            for j in sorted(set(range(num_experts)) - set(subset))
+        )
+    else:
+        rng = random.Random(seed)
+
+        def sample():
+            for _ in range(max_pairs):
+                size = rng.randint(1, num_experts - 1)
+                members = rng.sample(range(num_experts), size + 1)
+                yield tuple(sorted(members[:size])), members[size]
+
+        pairs_iter = sample()
     pairs = violations = 0
     max_drop = 0.0
-    for size in range(1, num_experts):
-        for subset in combinations(range(num_experts), size):
-            base = q(subset)
-            for j in set(range(num_experts)) - set(subset):
-                pairs += 1
-                drop = base - q(subset + (j,))
-                if drop > tol:
-                    violations += 1
-                    max_drop = max(max_drop, drop)
-    return MonotonicityReport(pairs, violations, max_drop)
+    for subset, j in pairs_iter:
+        pairs += 1
+        drop = q(subset) - q(subset + (j,))
+        if drop > tol:
+            violations += 1
+            max_drop = max(max_drop, drop)
+    return MonotonicityReport(pairs, violations, max_drop, sampled=max_pairs is not None)
 
 
 def fitting_experts(latencies: Sequence[float], bound_s: float | None, candidates=None) -> list[int]:

@@ -21,12 +21,27 @@ from collections import OrderedDict
 
 import torch
 
-from moekit.infer.server_engine import Engine, _Recorder
+from moekit.infer.server_engine import Engine
 from moekit.infer.server_requests import RequestError
 from moekit.mixture.runtime import Mixture
 from moekit.models.generation import Sampler, iter_tokens
 
 LATENCY_HEADER = "x-latency-class"
+
+
+class _Recorder:
+    """A score source that remembers its last scores (for log-probabilities)."""
+
+    def __init__(self, source) -> None:
+        self.source, self.last_BV = source, None
+
+    def prefill(self):
+        self.last_BV = self.source.prefill()
+        return self.last_BV
+
+    def step(self, next_B):
+        self.last_BV = self.source.step(next_B)
+        return self.last_BV
 
 
 class MixtureEngine(Engine):

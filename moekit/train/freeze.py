@@ -26,6 +26,8 @@ _SHARED = r"\.mlp\.(shared|shared_gate|residual_mlp|residual_coef)\."
 FREEZE_GROUPS: dict[str, tuple[str, bool]] = {
     "router": (_ROUTER, False),
     "experts": (_EXPERTS, False),
+    # Uni-MoE's LoRA experts: only the adapters (the shared base FFN is frozen by the layer).
+    "lora_experts": (r"\.mlp\.experts\.lora_", False),
     "shared": (_SHARED, False),
     "attention": (r"\.self_attn\.", False),
     "embeddings": (r"^(embed_tokens|lm_head)\.", False),
