@@ -12,6 +12,10 @@ For each model folder (any folder ``moekit.from_pretrained`` opens):
   (teacher forcing), experts offloaded to a store throttled to ``--bandwidth`` with a cache of
   ``--budget`` of the expert bytes, prefetch ``none`` vs ``pregate``: tokens/s, hit rate,
   prefetch accuracy and stall seconds; every step's argmax is checked against the resident model.
+* **simulated decode** (``moekit.offload.simulate.replay``) of the same steps with the predictions
+  the ``pregate`` predictor made on them, on a machine whose loads overlap compute for free (one
+  copy engine, no interpreter in the way): the speed-up a GPU system with a copy stream would see.
+  The profile is calibrated on the resident run (per-layer non-expert time, GEMV bandwidth).
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ def prediction_recall(model, windows: torch.Tensor) -> float:
     return hit / max(1, total)
 
 
-def decode(model, prompt: torch.Tensor, stream: torch.Tensor) -> tuple[list[int], float]:
-    """Teacher-forced token-by-token decode with a KV cache: (argmax per step, seconds of the steps)."""
+def decode(model, prompt: torch.Tensor, stream: torch.Tensor, record=None) -> tuple[list[int], float]:
+    """Teacher-forced token-by-token decode with a KV cache: (argmax per step, seconds of the steps).
+
+    ``record``: a list that gets, per step, ``(used experts per layer, pregate prediction per layer)``."""
     with torch.no_grad():
         out = model(prompt[None], use_cache=True)
         past, tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]
@@ -70,7 +76,72 @@ def decode(model, prompt: torch.Tensor, stream: torch.Tensor) -> tuple[list[int]
             out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
             past = out.past_key_values
             tokens.append(int(out.logits[0, -1].argmax()))
+            if record is not None:
+                record.append([info.expert_ids[-1].tolist() for info in out.routing])
         return tokens, time.perf_counter() - t0
+
+
+def pregate_guesses(model, prompt: torch.Tensor, stream: torch.Tensor) -> list[list[list[int]]]:
+    """Per decode step and MoE layer l, the experts of layer l+1 that the pregate predictor names."""
+    guesses: list[list[list[int]]] = []
+    inputs: list[torch.Tensor] = []
+
+    def keep(module, args, out) -> None:
+        inputs.append(out.moe_input)
+
+    hooks = [layer.register_forward_hook(keep) for layer in model.moe_layers]
+    with torch.no_grad():
+        out = model(prompt[None], use_cache=True)
+        past = out.past_key_values
+        for token in stream.tolist():
+            inputs.clear()
+            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            row = []
+            for index in range(len(model.moe_layers) - 1):
+                nxt = model.moe_layers[index + 1]
+                ids = nxt.router(inputs[index].reshape(-1, model.config.dim)).expert_ids_TK[
+                    -1, : nxt.config.top_k
+                ]
+                row.append(ids.tolist())
+            guesses.append(row)
+    for h in hooks:
+        h.remove()
+    return guesses
+
+
+def simulated(
+    model, steps, guesses, resident_s: float, bandwidth: float, budget: float
+) -> tuple[float, float]:
+    """Modelled tokens/s without prefetch and with the recorded pregate guesses."""
+    from moekit.analysis import RoutingTrace
+    from moekit.offload.simulate import HardwareProfile, replay
+
+    mlp = model.moe_layers[0]
+    expert_bytes = (
+        mlp.experts.w_in[0].numel() + mlp.experts.w_out[0].numel()
+    ) * mlp.experts.w_in.element_size()
+    w = torch.randn(max(1, 64 * 2**20 // 4 // 1024), 1024)
+    v = torch.randn(1024)
+    torch.mv(w, v)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        torch.mv(w, v)
+    mem_bw = w.numel() * 4 * 10 / (time.perf_counter() - t0)
+    num_l = len(model.moe_layers)
+    used = sum(len(layer) for step in steps for layer in step) / len(steps) / num_l
+    non_expert_s = max(0.0, resident_s / len(steps) / num_l - used * expert_bytes / mem_bw)
+    hw = HardwareProfile(storage_bw=bandwidth, mem_bw=mem_bw, non_expert_s=non_expert_s)
+    trace = RoutingTrace.from_steps(steps, mlp.config.num_experts, "decode")
+    total = expert_bytes * mlp.config.num_experts * num_l
+    cache = int(budget * total)
+
+    def predict(token: int, layer: int, experts: list[int]) -> list[int]:
+        return guesses[token][layer] if layer < len(guesses[token]) else []
+
+    plain = replay(trace, cache, expert_bytes, hw)
+    fetched = replay(trace, cache, expert_bytes, hw, prefetch=predict)
+    return plain.tokens_per_s, fetched.tokens_per_s
 
 
 def main() -> None:
@@ -95,6 +166,7 @@ def main() -> None:
         "| model | pregated | next-layer recall | prefetch | tokens/s | hit rate | prefetch accuracy | stall s |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    sims: list[str] = []
     for folder in args.model:
         tokens = held_out_tokens(folder)
         n = args.seq_len
@@ -103,7 +175,16 @@ def main() -> None:
         model = from_pretrained(folder).eval()
         recall = prediction_recall(model, windows)
         prompt, stream = tokens[: args.prompt], tokens[args.prompt : args.prompt + args.new]
-        want, _ = decode(model, prompt, stream)
+        steps: list[list[list[int]]] = []
+        want, resident_s = decode(model, prompt, stream, record=steps)
+        print(
+            f"| {folder} | {model.config.pregated} | {recall:.3f} | resident | {len(stream) / resident_s:.2f} "
+            "| - | - | - |"
+        )
+        sim_plain, sim_pregate = simulated(
+            model, steps, pregate_guesses(model, prompt, stream), resident_s, args.bandwidth, args.budget
+        )
+        sims.append(f"| {folder} | {sim_plain:.2f} | {sim_pregate:.2f} | {sim_pregate / sim_plain:.2f}x |")
         total = sum(
             p.numel() * p.element_size() for mlp in model.moe_layers for p in mlp.experts.parameters()
         )
@@ -123,6 +204,10 @@ def main() -> None:
                 f"{len(stream) / seconds:.2f} | {s.hit_rate:.3f} | {s.prefetch_accuracy:.3f} | {s.stall_s:.2f} |",
                 flush=True,
             )
+    print("\nsimulated (trace replay of the same steps and guesses, loads overlapping compute for free)")
+    print("| model | no prefetch tokens/s | pregate prefetch tokens/s | speed-up |")
+    print("|---|---|---|---|")
+    print("\n".join(sims))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ring.py                 # 6 MoE layers x 8 experts, ~104 MB of experts
     python benchmarks/bench_ring.py --quick         # smoke test
+    python benchmarks/bench_ring.py --simulate      # simulator only: tokens/s against S and copy/compute
 
 Every configuration decodes the same teacher-forced token stream (batch ``--batch``) with a KV
 cache and must give the resident model's argmax at every step. Rows:
@@ -59,6 +60,23 @@ def decode(model, prompt: torch.Tensor, stream: torch.Tensor, runner=None) -> tu
         return tokens, time.perf_counter() - t0
 
 
+def simulate_sweep(num_layers: int = 8, num_tokens: int = 64) -> None:
+    """Modelled tokens/s of the ring against S for copy/compute ratios, with SE-MoE's rule for K."""
+    sections = [1, 2, 3, 4, 6, num_layers]
+    print(f"# ring_timeline: {num_layers} MoE layers, compute 1 ms per layer, {num_tokens} tokens, one link")
+    print("| copy / compute | " + " | ".join(f"S={s}" for s in sections) + " | rule K |")
+    print("|---|" + "---|" * (len(sections) + 1))
+    for ratio in (0.25, 0.5, 1.0, 2.0, 4.0):
+        row = []
+        for s in sections:
+            res = ring_timeline(
+                num_tokens, [1000] * num_layers, [1e-3] * num_layers, 1000 / (ratio * 1e-3), s
+            )
+            row.append(f"{res.tokens_per_s:.1f}")
+        rule = ring_sections(ratio * 1e-3, 1e-3, 1, num_layers)
+        print(f"| {ratio:g} | " + " | ".join(row) + f" | {rule} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=256)
@@ -71,7 +89,11 @@ def main() -> None:
     p.add_argument("--bandwidth", type=float, default=1e9, help="store bytes/s")
     p.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 6])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--simulate", action="store_true", help="only the simulator sweep (no model)")
     args = p.parse_args()
+    if args.simulate:
+        simulate_sweep()
+        return
     torch.set_num_threads(1)  # the copy thread needs the other core, as it would have its own stream
     if args.quick:
         args.dim, args.ffn, args.layers, args.vocab, args.new, args.sections = 64, 128, 3, 500, 6, [1, 2, 3]
