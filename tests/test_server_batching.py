@@ -238,7 +238,7 @@ def _bodies():
 def test_concurrent_requests_get_their_sequential_tokens(served):
     model, tok = served
     bodies = _bodies()
-    with _serve(model, tok, token_delay_s=0.01) as client:
+    with _serve(model, tok, token_delay_s=0.02) as client:
         alone = [client.post("/v1/completions", json=b).json() for b in bodies]
         assert client.get("/health").json()["batch"]["largest"] == 1
         together = [None] * len(bodies)
