@@ -74,8 +74,9 @@ def test_batched_step_equals_single_row_step_float64(changes, fast, path):
     batch = DecodeBatch(model)
     if fast is not None:  # None: the model's own choice
         batch.fast = fast
-    # Rows 0-1 start together, row 2 joins at step 2, row 1 leaves after step 3, row 3 joins at 4.
-    joins, leave = {0: [0, 1], 2: [2], 4: [3]}, {3: 1}
+    # Row 0 starts alone, row 1 joins at step 1, row 2 at 2, row 1 leaves after step 3, row 3
+    # joins at 4.
+    joins, leave = {0: [0], 1: [1], 2: [2], 4: [3]}, {3: 1}
     rows, done = [], dict.fromkeys(range(len(PROMPTS)), 0)
     worst = 0.0
     for t in range(steps):
