@@ -45,6 +45,10 @@ def test_ragged_cache_writes_each_row_at_its_own_length_and_masks_the_rest():
     cache.advance()
     cache.keep_rows([1])  # row 0 leaves; row 1 is now row 0
     assert cache.lengths == [6] and cache.keys[0][0, 0, :6, 0].tolist() == [2, 2, 2, 2, 2, 20]
+    keys, _ = cache.update(0, torch.full((1, 1, 1, 1), 30.0), torch.zeros(1, 1, 1, 1))  # a lone row
+    assert keys[0, 0, :, 0].tolist() == [2, 2, 2, 2, 2, 20, 30]
+    cache.advance()
+    assert cache.lengths == [7] and cache.lengths_B.tolist() == [7]
 
 
 # -- the batched step against batch-1 sessions, float64 --
