@@ -45,6 +45,10 @@ def test_ragged_cache_writes_each_row_at_its_own_length_and_masks_the_rest():
     cache.advance()
     cache.keep_rows([1])  # row 0 leaves; row 1 is now row 0
     assert cache.lengths == [6] and cache.keys[0][0, 0, :6, 0].tolist() == [2, 2, 2, 2, 2, 20]
+    keys, _ = cache.update(0, torch.full((1, 1, 1, 1), 30.0), torch.zeros(1, 1, 1, 1))  # a lone row
+    assert keys[0, 0, :, 0].tolist() == [2, 2, 2, 2, 2, 20, 30]
+    cache.advance()
+    assert cache.lengths == [7] and cache.lengths_B.tolist() == [7]
 
 
 # -- the batched step against batch-1 sessions, float64 --
@@ -74,8 +78,9 @@ def test_batched_step_equals_single_row_step_float64(changes, fast, path):
     batch = DecodeBatch(model)
     if fast is not None:  # None: the model's own choice
         batch.fast = fast
-    # Rows 0-1 start together, row 2 joins at step 2, row 1 leaves after step 3, row 3 joins at 4.
-    joins, leave = {0: [0, 1], 2: [2], 4: [3]}, {3: 1}
+    # Row 0 starts alone, row 1 joins at step 1, row 2 at 2, row 1 leaves after step 3, row 3
+    # joins at 4.
+    joins, leave = {0: [0], 1: [1], 2: [2], 4: [3]}, {3: 1}
     rows, done = [], dict.fromkeys(range(len(PROMPTS)), 0)
     worst = 0.0
     for t in range(steps):
@@ -230,21 +235,46 @@ def _bodies():
         body = {"model": "tiny", "prompt": ["def ", "class Point:", "return a", "x = 1\n"][i % 4]}
         body |= {"max_tokens": 6 + 2 * i, "temperature": 0.0 if i % 2 == 0 else 0.9, "seed": 100 + i}
         if i % 4 == 3:
-            body["top_p"] = 0.8
+            body |= {"top_p": 0.8, "stream": True}
+        if i % 4 == 1:
+            body["stop"] = ["s", "="]
+        if i % 4 == 2:
+            body["logprobs"] = 2
         out.append(body)
     return out
+
+
+def _post(client, body) -> dict:
+    """A completion's ``text``, ``usage``, ``finish_reason`` and ``logprobs``, streamed or not."""
+    if not body.get("stream"):
+        choice, usage = (out := client.post("/v1/completions", json=body).json())["choices"][0], out["usage"]
+        return {
+            "text": choice["text"],
+            "usage": usage,
+            "finish": choice["finish_reason"],
+            "lp": choice["logprobs"],
+        }
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    return {
+        "text": text,
+        "usage": chunks[-1]["usage"],
+        "finish": chunks[-1]["choices"][0]["finish_reason"],
+        "lp": None,
+    }
 
 
 def test_concurrent_requests_get_their_sequential_tokens(served):
     model, tok = served
     bodies = _bodies()
-    with _serve(model, tok, token_delay_s=0.01) as client:
-        alone = [client.post("/v1/completions", json=b).json() for b in bodies]
+    with _serve(model, tok, token_delay_s=0.02) as client:
+        alone = [_post(client, b) for b in bodies]
         assert client.get("/health").json()["batch"]["largest"] == 1
         together = [None] * len(bodies)
 
         def send(i):
-            together[i] = client.post("/v1/completions", json=bodies[i]).json()
+            together[i] = _post(client, bodies[i])
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
         for t in threads:
@@ -253,8 +283,12 @@ def test_concurrent_requests_get_their_sequential_tokens(served):
             t.join(60)
         health = client.get("/health").json()
     for a, b in zip(alone, together, strict=True):
-        assert a["choices"][0]["text"] == b["choices"][0]["text"]
-        assert a["usage"] == b["usage"]
+        assert (a["text"], a["usage"], a["finish"]) == (b["text"], b["usage"], b["finish"])
+        if a["lp"] is not None:  # float64: the batched step's log-probabilities are the solo ones
+            assert a["lp"]["tokens"] == b["lp"]["tokens"] and a["lp"]["text_offset"] == b["lp"]["text_offset"]
+            assert a["lp"]["token_logprobs"] == pytest.approx(b["lp"]["token_logprobs"], abs=1e-9)
+    assert any(a["lp"] for a in alone)
+    assert [a["finish"] for a in alone].count("stop") >= 1  # a stop sequence cut one
     assert health["batch"]["largest"] >= 4, health  # they really shared steps
     assert health["batch"]["running"] == 0 and health["active"] == 0
 

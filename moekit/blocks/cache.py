@@ -231,9 +231,13 @@ class RaggedKVCache:
         num_keys = max(self.lengths) + 1
         self.reserve(num_keys)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        rows_B = torch.arange(self.num_rows, device=keys.device)
-        keys[rows_B, :, self.lengths_B] = k_BG1d[:, :, 0]
-        values[rows_B, :, self.lengths_B] = v_BG1d[:, :, 0]
+        if self.num_rows == 1:  # a plain slice copy: a lone row pays no indexing
+            keys[:, :, num_keys - 1 : num_keys] = k_BG1d
+            values[:, :, num_keys - 1 : num_keys] = v_BG1d
+        else:
+            rows_B = torch.arange(self.num_rows, device=keys.device)
+            keys[rows_B, :, self.lengths_B] = k_BG1d[:, :, 0]
+            values[rows_B, :, self.lengths_B] = v_BG1d[:, :, 0]
         return keys[:, :, :num_keys], values[:, :, :num_keys]
 
     def mask(self, sliding_window: int | None = None) -> Tensor:

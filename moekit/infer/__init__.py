@@ -8,7 +8,8 @@ strategies here are score sources for ``moekit.models.generation.iter_tokens`` (
 ``prefill() -> [B, V]`` and ``step(ids_B) -> [B, V]``) built on ``DecodeSession``. Modules:
 
     decoding.py   SCMoE self-contrast decoding and weak-routing overrides; dynamic k
-    server.py     the OpenAI-compatible FastAPI app (``moekit serve``)
+    server.py     the OpenAI-compatible FastAPI app (``moekit serve``); server_engine.py its
+                  admission, tokenization and worker; server_batch.py its continuous batch
 
 To add a decoding strategy, write a score source as above (``decoding.SelfContrastSession`` is
 the example) and pass it as ``generate(..., source=...)``; test it against plain greedy decoding

@@ -13,7 +13,8 @@
   ``Retry-After`` instead of joining an unbounded FIFO.
 * Tokenization runs on a thread with the GIL released (``encode_batch``), so the event loop
   (``/health``, other requests' streams) keeps answering while a long prompt is tokenized.
-* Generation advances one token per worker call; between tokens the handler checks
+* Generation advances one token at a time (one batch step, or one worker call without
+  batching); between tokens the handler checks
   ``await request.is_disconnected()``, so a client that goes away stops its generation after at
   most one more token.
 * Stop sequences: text that could be the start of a stop sequence is held back until it is not;
@@ -136,7 +137,7 @@ class Engine:
         max_context: prompt + completion bound; None uses the model's positions. Larger than the
             model's ``max_position_embeddings`` is a ``ValueError``.
         max_tokens_limit: the largest completion a request may ask for.
-        max_queue: admitted requests that may wait behind the running one.
+        max_queue: admitted requests that may wait behind the running ones.
         eos_token_id: the end-of-text id.
         token_delay_s: sleep after each token (tests and demos of cancellation only).
         compile: decode with a compiled step (see :class:`DecodeSession`); requests then run one

@@ -111,12 +111,14 @@ class DecodeBatch:
         num_keys = max(cache.lengths) + 1
         # Each row's position is its own length: no padding, so no offsets to subtract.
         cos, sin = model.rotary(cache.lengths_B[:, None], num_keys)
-        mask_B11K = cache.mask(model.config.sliding_window)
         x_B1D = model.embed(next_B[:, None])
         if self.fast:
+            # A lone row's keys are all its own: no mask (the fast path has no sliding window).
+            mask_B11K = None if cache.num_rows == 1 else cache.mask()
             logits_BV, _ = fast_layers_step(model, x_B1D, cos, sin, mask_B11K, cache, self.moe_k)
             self.last_path = "fast"
         else:
+            mask_B11K = cache.mask(model.config.sliding_window)
             logits_BV, _ = general_layers_step(model, x_B1D, cos, sin, mask_B11K, None, cache, self.moe_k)
             self.last_path = "general"
         cache.advance()
