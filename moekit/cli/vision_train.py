@@ -6,7 +6,8 @@ import argparse
 import json
 
 HELP = (
-    "Train a vision MoE: --task vit (digits), clip (shape scenes + captions) or multitask (task-level MoE)."
+    "Train a vision MoE: --task vit (digits), clip (shape scenes + captions) or multitask (task-level MoE); "
+    "--recipe unimoe runs Uni-MoE's three stages on image + signal VQA."
 )
 
 
@@ -22,10 +23,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data and batch order")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last")
+    g = p.add_argument_group("Uni-MoE (--recipe unimoe; --task is ignored)")
+    g.add_argument(
+        "--recipe",
+        choices=["unimoe"],
+        help="unimoe: connectors, then per-modality LoRA experts, then joint LoRA-expert tuning",
+    )
+    g.add_argument(
+        "--expert-kind", choices=["lora", "ffn"], default="lora",
+        help="lora (Uni-MoE) or ffn (full experts with the same trainable parameters, the control)",
+    )  # fmt: skip
+    g.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (>= 2)")
+    g.add_argument("--top-k", type=int, default=2, help="experts per token")
+    g.add_argument("--lora-rank", type=int, default=4, help="LoRA rank r")
+    g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (scale alpha / r)")
+    g.add_argument("--stage-steps", default="150,100,200", help="steps of stages 1, 2 (per modality), 3")
 
 
 def run(args: argparse.Namespace) -> int:
     """Parses the flags into a run config and trains it."""
+    if args.recipe == "unimoe":
+        return _run_unimoe(args)
     from moekit.train.vision import VisionRunConfig, train_vision
 
     config = VisionRunConfig(
@@ -34,4 +52,25 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     metrics = train_vision(config, resume=args.resume)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _run_unimoe(args: argparse.Namespace) -> int:
+    from moekit.surgery.unimoe import UniMoERunConfig, train_unimoe
+
+    if args.resume:
+        raise ValueError("--recipe unimoe does not resume; rerun it (each stage is a few minutes at most)")
+    try:
+        steps = tuple(int(s) for s in args.stage_steps.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--stage-steps {args.stage_steps!r} must be three integers like 150,100,200"
+        ) from None
+    config = UniMoERunConfig(
+        out_dir=args.out or "runs/unimoe", expert_kind=args.expert_kind, num_experts=args.num_experts,
+        top_k=args.top_k, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, stage_steps=steps,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    )  # fmt: skip
+    metrics = train_unimoe(config)
+    print(json.dumps(metrics["stages"], indent=2))
     return 0
