@@ -20,8 +20,8 @@ from moekit.data.multimodal import (
 )
 from moekit.models.vision.unimoe import UNIMOE_STAGE_FREEZE, UniMoE, unimoe_stage_trainable
 from moekit.surgery import UpcycleConfig, changed_tensors, snapshot
+from moekit.surgery.llava import fit_vqa_stage
 from moekit.surgery.unimoe import (
-    _fit_stage,
     equal_budget_ffn_dim,
     forced_expert,
     lora_params_per_expert,
@@ -102,7 +102,7 @@ def test_each_stage_trains_exactly_its_parameters_through_fit():
     model = dense_model()
     assert set(unimoe_stage_trainable(model, 1)) == expected(model, 1)
     before = snapshot(model)
-    _fit_stage(model, data(model), 2, 1e-2, UNIMOE_STAGE_FREEZE[1], None, 0.0)
+    fit_vqa_stage(model, data(model), 2, 1e-2, UNIMOE_STAGE_FREEZE[1], None, 0.0)
     assert set(changed_tensors(model, before)) == expected(model, 1)
 
     model = upcycle_unimoe(model, UpcycleConfig.lora(3, rank=2, alpha=4.0)).train()
@@ -115,7 +115,7 @@ def test_each_stage_trains_exactly_its_parameters_through_fit():
             **{k: v for k, v in data(model, ("signal",)).next_train_batch().items() if k != "modality"}
         )
         assert all(bool((r.expert_ids == 1).all()) for r in out.routing)
-        _fit_stage(model, data(model, ("signal",)), 2, 1e-2, UNIMOE_STAGE_FREEZE[2], None, 0.0)
+        fit_vqa_stage(model, data(model, ("signal",)), 2, 1e-2, UNIMOE_STAGE_FREEZE[2], None, 0.0)
     assert set(changed_tensors(model, before)) == expected(model, 2)
     for layer in model.language_model.layers:
         ex = layer.mlp.experts
@@ -126,7 +126,7 @@ def test_each_stage_trains_exactly_its_parameters_through_fit():
             )
             assert torch.equal(now[[0, 2]], was[[0, 2]]) and not torch.equal(now[1], was[1])
     before = snapshot(model)
-    _fit_stage(model, data(model), 2, 1e-2, UNIMOE_STAGE_FREEZE[3], None, 0.01)
+    fit_vqa_stage(model, data(model), 2, 1e-2, UNIMOE_STAGE_FREEZE[3], None, 0.01)
     assert set(changed_tensors(model, before)) == expected(model, 3)
     assert not any(
         p.requires_grad for n, p in model.named_parameters() if n.endswith(("experts.w_in", "experts.w_out"))
@@ -171,3 +171,19 @@ def test_cli_recipe_unimoe_help_and_tiny_run(tmp_path, capsys):
     assert set(metrics["stages"]) == {"1", "2", "3"} and "signal_accuracy" in metrics["stages"]["3"]
     assert (out / "stage2-signal" / "train_log.jsonl").exists()
     assert main(["vision-train", "--recipe", "unimoe", "--stage-steps", "1,x", "--out", str(out)]) != 0
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_cli_recipe_moe_llava_stage3_trains_the_moe_layers_or_the_dense_control(dense, tmp_path):
+    from moekit.cli.main import main
+
+    out = tmp_path / "l"
+    argv = ["vision-train", "--recipe", "moe-llava", "--stage-steps", "1,1,1", "--batch-size", "4",
+            "--out", str(out)] + (["--dense-control"] if dense else [])  # fmt: skip
+    assert main(argv) == 0
+    stages = json.loads((out / "metrics.json").read_text())["stages"]
+    # stage 1: the projector (2 linears 32->32 with biases); stage 3: layer 0's FFN or its MoE
+    assert stages["1"]["trainable"] == 2 * (32 * 32 + 32)
+    ffn = 3 * 32 * 64
+    assert stages["3"]["trainable"] == (ffn if dense else 4 * ffn + 4 * 32)
+    assert ("expert_share" in stages["3"]) is not dense

@@ -125,13 +125,15 @@ def retrieval_r1(model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str
 
 
 def _vqa_forward(model: nn.Module, batch: dict[str, Tensor], moe_k: int | None = None) -> Any:
+    # signal_values only when the batch has them, so image-only VLMs (MoE-LLaVA) take these batches.
+    extra = {"signal_values": batch["signal_values"]} if "signal_values" in batch else {}
     return model(
         input_ids=batch["input_ids"],
         pixel_values=batch.get("pixel_values"),
-        signal_values=batch.get("signal_values"),
         attention_mask=batch.get("attention_mask"),
         labels=batch["labels"],
         moe_k=moe_k,
+        **extra,
     )
 
 
@@ -145,8 +147,9 @@ def _answer_hits(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
 
 class VQAObjective(Objective):
     """Answer-token cross-entropy (``labels`` are -100 elsewhere) plus weighted aux losses, for a
-    model taking ``input_ids``, ``pixel_values``, ``signal_values``, ``attention_mask``, ``labels``
-    (:class:`~moekit.models.vision.unimoe.UniMoE`); logs ``ce`` and ``accuracy``."""
+    model taking ``input_ids``, ``pixel_values``, ``attention_mask``, ``labels`` (and
+    ``signal_values`` when the batch has them): :class:`~moekit.models.vision.unimoe.UniMoE`,
+    :class:`~moekit.models.vision.llava.MoELLaVA`; logs ``ce`` and ``accuracy``."""
 
     def __init__(self, weights: LossWeights) -> None:
         self.weights = weights
