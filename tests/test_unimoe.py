@@ -171,6 +171,15 @@ def test_cli_recipe_unimoe_help_and_tiny_run(tmp_path, capsys):
     assert set(metrics["stages"]) == {"1", "2", "3"} and "signal_accuracy" in metrics["stages"]["3"]
     assert (out / "stage2-signal" / "train_log.jsonl").exists()
     assert main(["vision-train", "--recipe", "unimoe", "--stage-steps", "1,x", "--out", str(out)]) != 0
+    skip = tmp_path / "skip"  # stage 2 skipped: its freezes apply, nothing trains, no folder
+    assert main(["vision-train", "--recipe", "unimoe", "--stage-steps", "1,0,1", "--batch-size", "4",
+                 "--num-experts", "2", "--top-k", "1", "--out", str(skip)]) == 0  # fmt: skip
+    stages = json.loads((skip / "metrics.json").read_text())["stages"]
+    assert stages["2"]["elapsed_s"] == 0 and stages["2"]["trainable"] == 2 * 2 * lora_params_per_expert(
+        32, 64, 4
+    )
+    assert stages["2"]["image_accuracy"] == stages["1"]["image_accuracy"]  # upcycled = dense
+    assert not (skip / "stage2-signal").exists()
 
 
 @pytest.mark.parametrize("dense", [False, True])

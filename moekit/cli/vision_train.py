@@ -70,14 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_unimoe(args: argparse.Namespace) -> int:
     from moekit.surgery.unimoe import UniMoERunConfig, train_unimoe
 
-    if args.resume:
-        raise ValueError("--recipe unimoe does not resume; rerun it (each stage is a few minutes at most)")
-    try:
-        steps = tuple(int(s) for s in args.stage_steps.split(","))
-    except ValueError:
-        raise ValueError(
-            f"--stage-steps {args.stage_steps!r} must be three integers like 150,100,200"
-        ) from None
+    steps = _stage_steps(args.stage_steps or "150,100,200")
     config = UniMoERunConfig(
         out_dir=args.out or "runs/unimoe", expert_kind=args.expert_kind, num_experts=args.num_experts,
         top_k=args.top_k, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, stage_steps=steps,

@@ -45,21 +45,30 @@ def fit_vqa_stage(model, data, steps: int, lr: float, freeze: list[str], out_dir
     """One recipe stage through :func:`moekit.train.fit`: ``steps`` AdamW steps (no weight decay,
     so parameters without gradients stay bit-identical) on answer CE + ``aux`` x load balance,
     with exactly ``freeze`` frozen (every other parameter is made trainable first, except those
-    frozen by design: the shared base of LoRA experts). ``out_dir`` None writes nothing."""
+    frozen by design: the shared base of LoRA experts). ``out_dir`` None writes nothing. ``steps=0``
+    skips the stage (an empty :class:`~moekit.train.FitResult`)."""
     from moekit.models.objectives import LossWeights
     from moekit.models.vision.objectives import VQAObjective
-    from moekit.train import LoopConfig, fit
+    from moekit.train import FitResult, LoopConfig, fit
 
-    loop = LoopConfig(
-        max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20), weight_decay=0.0,
-        eval_interval=max(steps, 1), log_interval=max(steps // 10, 1), save_interval=max(steps, 1),
-        freeze=freeze, expert_bias_update=False,
-    )  # fmt: skip
     for p in model.parameters():  # each stage's freezes alone decide (the LoRA base stays frozen)
         p.requires_grad_(True)
     for m in model.modules():
         if hasattr(m, "freeze_base"):
             m.freeze_base()
+    if steps == 0:  # a skipped stage: its freezes still apply, and it took no time
+        from moekit.train.freeze import apply_freeze
+
+        apply_freeze(model, freeze)
+        nan = float("nan")
+        return FitResult(
+            0, 0, nan, nan, None, "skipped", 0, 0.0, nan, Path(out_dir or "."), Path(out_dir or "."), None
+        )
+    loop = LoopConfig(
+        max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20), weight_decay=0.0,
+        eval_interval=max(steps, 1), log_interval=max(steps // 10, 1), save_interval=max(steps, 1),
+        freeze=freeze, expert_bias_update=False,
+    )  # fmt: skip
     return fit(
         model,
         VQAObjective(LossWeights(load_balance=aux)),
