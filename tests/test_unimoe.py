@@ -164,7 +164,7 @@ def test_cli_recipe_unimoe_help_and_tiny_run(tmp_path, capsys):
         main(["vision-train", "--help"])
     assert "--recipe" in capsys.readouterr().out
     out = tmp_path / "u"
-    rc = main(["vision-train", "--recipe", "unimoe", "--stage-steps", "1,1,1", "--batch-size", "4",
+    rc = main(["vision-train", "--recipe", "unimoe", "--stage-steps", "1,1,1", "--batch-size", "4", "--num-train", "20",
                "--num-experts", "2", "--top-k", "1", "--out", str(out)])  # fmt: skip
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -172,7 +172,7 @@ def test_cli_recipe_unimoe_help_and_tiny_run(tmp_path, capsys):
     assert (out / "stage2-signal" / "train_log.jsonl").exists()
     assert main(["vision-train", "--recipe", "unimoe", "--stage-steps", "1,x", "--out", str(out)]) != 0
     skip = tmp_path / "skip"  # stage 2 skipped: its freezes apply, nothing trains, no folder
-    assert main(["vision-train", "--recipe", "unimoe", "--stage-steps", "1,0,1", "--batch-size", "4",
+    assert main(["vision-train", "--recipe", "unimoe", "--stage-steps", "1,0,1", "--batch-size", "4", "--num-train", "20",
                  "--num-experts", "2", "--top-k", "1", "--out", str(skip)]) == 0  # fmt: skip
     stages = json.loads((skip / "metrics.json").read_text())["stages"]
     assert stages["2"]["elapsed_s"] == 0 and stages["2"]["trainable"] == 2 * 2 * lora_params_per_expert(
@@ -187,7 +187,7 @@ def test_cli_recipe_moe_llava_stage3_trains_the_moe_layers_or_the_dense_control(
     from moekit.cli.main import main
 
     out = tmp_path / "l"
-    argv = ["vision-train", "--recipe", "moe-llava", "--stage-steps", "1,1,1", "--batch-size", "4",
+    argv = ["vision-train", "--recipe", "moe-llava", "--stage-steps", "1,1,1", "--batch-size", "4", "--num-train", "20",
             "--out", str(out)] + (["--dense-control"] if dense else [])  # fmt: skip
     assert main(argv) == 0
     stages = json.loads((out / "metrics.json").read_text())["stages"]

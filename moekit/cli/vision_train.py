@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--expert-kind", choices=["lora", "ffn"], default="lora",
         help="lora (Uni-MoE) or ffn (full experts with the same trainable parameters, the control)",
     )  # fmt: skip
+    g.add_argument("--num-train", type=int, default=600, help="generated items per modality")
     g.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (>= 2)")
     g.add_argument("--top-k", type=int, default=2, help="experts per token")
     g.add_argument("--lora-rank", type=int, default=4, help="LoRA rank r")
@@ -74,7 +75,7 @@ def _run_unimoe(args: argparse.Namespace) -> int:
     config = UniMoERunConfig(
         out_dir=args.out or "runs/unimoe", expert_kind=args.expert_kind, num_experts=args.num_experts,
         top_k=args.top_k, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, stage_steps=steps,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, num_train=args.num_train,
     )  # fmt: skip
     metrics = train_unimoe(config)
     print(json.dumps(metrics["stages"], indent=2))
@@ -94,7 +95,7 @@ def _run_moe_llava(args: argparse.Namespace) -> int:
     config = LLaVARunConfig(
         out_dir=args.out or "runs/moe-llava", moe=not args.dense_control, num_experts=args.num_experts,
         top_k=args.top_k, stage_steps=_stage_steps(args.stage_steps or "150,300,200"),
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, num_train=args.num_train,
     )  # fmt: skip
     metrics = train_moe_llava(config)
     print(json.dumps(metrics["stages"], indent=2))

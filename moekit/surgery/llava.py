@@ -129,9 +129,11 @@ def llava_vqa_preset(vocab_size: int, image_token_id: int):
 def train_moe_llava(config: LLaVARunConfig) -> dict[str, Any]:
     """Stages 1 (projector), 2 (projector + LM) and 3 (upcycled MoE layers, or the dense control)
     through ``fit``; VQA accuracy after each; writes ``out_dir/metrics.json`` and returns it."""
-    from moekit.data.multimodal import IMAGE_ID, VQA_VOCAB_SIZE, MultiModalVQADataModule
+    from moekit.data.multimodal import IMAGE_ID, VQA_VOCAB, VQA_VOCAB_SIZE, MultiModalVQADataModule
     from moekit.models.vision.llava import LLAVA_STAGE_FREEZE
-    from moekit.models.vision.objectives import vqa_accuracy
+    from moekit.models.vision.objectives import vqa_accuracy, vqa_accuracy_by_question
+
+    words = {i: w for w, i in VQA_VOCAB.items()}
     from moekit.train import seed_everything
 
     out = Path(config.out_dir)
@@ -145,8 +147,10 @@ def train_moe_llava(config: LLaVARunConfig) -> dict[str, Any]:
 
     def record(stage: str, result) -> None:
         acc, usage = vqa_accuracy(model, data.val_batches())
+        by_q = vqa_accuracy_by_question(model, data.val_batches())
         metrics["stages"][stage] = {
             "val_accuracy": acc,
+            **{f"{words[q]}_accuracy": a for q, a in by_q.items()},
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "num_params": model.language_model.num_parameters(),
             "num_active_params": model.language_model.num_parameters(active_only=True),

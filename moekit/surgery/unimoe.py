@@ -196,7 +196,10 @@ class UniMoERunConfig(JsonConfig):
 
 def evaluate_unimoe(model: UniMoE, data) -> dict[str, Any]:
     """VQA accuracy per modality and, for MoE, each modality's share of routed slots per expert."""
-    from moekit.models.vision.objectives import vqa_accuracy
+    from moekit.data.multimodal import VQA_VOCAB
+    from moekit.models.vision.objectives import vqa_accuracy, vqa_accuracy_by_question
+
+    words = {i: w for w, i in VQA_VOCAB.items()}
 
     out: dict[str, Any] = {}
     for m in data.modalities:
@@ -205,6 +208,7 @@ def evaluate_unimoe(model: UniMoE, data) -> dict[str, Any]:
         out[f"{m}_accuracy"] = acc
         if usage is not None:
             out[f"{m}_expert_share"] = [round(u, 3) for u in usage]
+        out.update({f"{words[q]}_accuracy": a for q, a in vqa_accuracy_by_question(model, batches).items()})
     return out
 
 

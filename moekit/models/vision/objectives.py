@@ -195,3 +195,25 @@ def vqa_accuracy(model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[fl
         model.train(was)
     usage = None if counts is None else (counts / counts.sum()).tolist()
     return right / max(total, 1), usage
+
+
+@torch.no_grad()
+def vqa_accuracy_by_question(model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[int, float]:
+    """Exact-answer accuracy per question, keyed by the question's token id (the token before the
+    answer), over ``batches`` (eval mode)."""
+    was = model.training
+    model.eval()
+    right: dict[int, int] = {}
+    total: dict[int, int] = {}
+    try:
+        for b in batches:
+            out = _vqa_forward(model, b)
+            keep_BS = b["labels"][:, 1:] != -100
+            hits = _answer_hits(out.logits, b["labels"])
+            questions = b["input_ids"][:, :-1][keep_BS]
+            for q, h in zip(questions.tolist(), hits.tolist(), strict=True):
+                right[q] = right.get(q, 0) + int(h)
+                total[q] = total.get(q, 0) + 1
+    finally:
+        model.train(was)
+    return {q: right[q] / total[q] for q in sorted(total)}
