@@ -196,3 +196,17 @@ def test_cli_recipe_moe_llava_stage3_trains_the_moe_layers_or_the_dense_control(
     ffn = 3 * 32 * 64
     assert stages["3"]["trainable"] == (ffn if dense else 4 * ffn + 4 * 32)
     assert ("expert_share" in stages["3"]) is not dense
+
+
+def test_unimoe_with_lora_experts_saves_and_loads_as_a_moekit_folder(tmp_path):
+    import moekit
+    from moekit.models.io import save_pretrained
+
+    model = upcycle_unimoe(dense_model(torch.float64), UpcycleConfig.lora(2, rank=2, top_k=1)).eval()
+    save_pretrained(model, tmp_path / "u")
+    back = moekit.from_pretrained(tmp_path / "u", dtype=torch.float64)
+    assert isinstance(back, UniMoE) and back.config == model.config
+    b = mixed_batch(model)
+    args = (b["input_ids"], b["pixel_values"].double(), b["signal_values"].double(), b["attention_mask"])
+    torch.testing.assert_close(back(*args).logits, model(*args).logits, rtol=0, atol=0)
+    assert not back.language_model.layers[0].mlp.experts.w_in.requires_grad
