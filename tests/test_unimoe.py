@@ -170,6 +170,9 @@ def test_cli_recipe_unimoe_help_and_tiny_run(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["stages"]) == {"1", "2", "3"} and "signal_accuracy" in metrics["stages"]["3"]
     assert (out / "stage2-signal" / "train_log.jsonl").exists()
+    import moekit
+
+    assert isinstance(moekit.from_pretrained(out / "stage3" / "checkpoints" / "last"), UniMoE)
     assert main(["vision-train", "--recipe", "unimoe", "--stage-steps", "1,x", "--out", str(out)]) != 0
     skip = tmp_path / "skip"  # stage 2 skipped: its freezes apply, nothing trains, no folder
     assert main(["vision-train", "--recipe", "unimoe", "--stage-steps", "1,0,1", "--batch-size", "4", "--num-train", "20",
@@ -200,10 +203,9 @@ def test_cli_recipe_moe_llava_stage3_trains_the_moe_layers_or_the_dense_control(
 
 def test_unimoe_with_lora_experts_saves_and_loads_as_a_moekit_folder(tmp_path):
     import moekit
-    from moekit.models.io import save_pretrained
 
     model = upcycle_unimoe(dense_model(torch.float64), UpcycleConfig.lora(2, rank=2, top_k=1)).eval()
-    save_pretrained(model, tmp_path / "u")
+    model.save_pretrained(tmp_path / "u")
     back = moekit.from_pretrained(tmp_path / "u", dtype=torch.float64)
     assert isinstance(back, UniMoE) and back.config == model.config
     b = mixed_batch(model)

@@ -171,6 +171,19 @@ class SigLIPMoE(nn.Module):
         self.logit_bias = nn.Parameter(torch.zeros(1))
         init_encoder_weights(self, config.vision.initializer_range, config.vision.num_layers)
 
+    def save_pretrained(self, path, format: str = "moekit") -> None:
+        """Writes ``config.json`` + ``model.safetensors`` (:mod:`moekit.models.io`)."""
+        from moekit.models.io import save_pretrained
+
+        save_pretrained(self, path, format=format)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None) -> SigLIPMoE:
+        """Loads a folder written by :meth:`save_pretrained`."""
+        from moekit.models.io import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype)
+
     def tied_weight_names(self) -> list[str]:
         """No tied weights."""
         return []
