@@ -82,6 +82,11 @@ class ExpertWeights(nn.Module):
     swiglu_alpha: float = SWIGLU_ALPHA
     swiglu_limit: float = SWIGLU_LIMIT
 
+    def routed_parameters(self) -> list[nn.Parameter]:
+        """The parameters that belong to single experts (active only when routed to): all of them
+        here; LoRA experts leave out their shared base, which every token uses."""
+        return list(self.parameters())
+
     def act(self, h_NH: Tensor) -> Tensor:
         """This storage's nonlinearity (:func:`activate` with its clamped-SwiGLU constants)."""
         return activate(h_NH, self.activation, self.swiglu_alpha, self.swiglu_limit)
