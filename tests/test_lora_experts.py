@@ -172,3 +172,14 @@ def test_tools_that_need_plain_experts_refuse_lora_experts(tmp_path):
 
     with pytest.raises(ValueError, match="merge_lora_experts"):
         require_plain_expert_math([layer.mlp for layer in moe.layers], "quantization")
+
+
+def test_active_parameters_count_the_shared_base_fully_and_adapters_by_k_over_e():
+    dense = dense_lm()
+    moe = upcycle(dense, UpcycleConfig.lora(4, rank=2, alpha=4.0, top_k=2))
+    adapters = 4 * 3 * 2 * (16 + 24)  # E experts x 3 projections x r (D + F)
+    per_layer_router = 4 * 16
+    assert moe.num_parameters() == dense.num_parameters() + 3 * (adapters + per_layer_router)
+    assert moe.num_parameters(active_only=True) == dense.num_parameters() + 3 * (
+        adapters // 2 + per_layer_router
+    )

@@ -54,8 +54,11 @@ class SelfAttention(nn.Module):
             allowed_BSS = key_mask_BS.to(torch.bool)[:, None, :].expand(b, s, s)
             if causal:
                 allowed_BSS = allowed_BSS & torch.ones(s, s, dtype=torch.bool, device=x_BSD.device).tril()
-            # A query may always see itself, so no row is fully masked (SDPA would give NaN).
-            allowed_BSS = allowed_BSS | torch.eye(s, dtype=torch.bool, device=x_BSD.device)
+            # A query with no real key to see (an all-padding row, or left padding under a causal
+            # mask) sees itself, so no row is fully masked (SDPA would give NaN). Other padding
+            # queries see only real keys, as in transformers (SigLIP pools such a position).
+            alone_BS1 = ~allowed_BSS.any(-1, keepdim=True)
+            allowed_BSS = allowed_BSS | (torch.eye(s, dtype=torch.bool, device=x_BSD.device) & alone_BS1)
             mask = allowed_BSS.unsqueeze(1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, d))

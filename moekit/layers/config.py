@@ -13,7 +13,7 @@ SOFTMAX_ORDERS = ("before_topk", "after_topk")
 GROUP_SCORES = ("top2_sum", "max")
 NOISE_TYPES = ("none", "jitter", "gaussian", "gumbel")
 DROP_POLICIES = ("score", "position", "random")
-ACTIVATIONS = ("swiglu", "gelu", "quick_gelu", "swiglu_clamped")
+ACTIVATIONS = ("swiglu", "gelu", "quick_gelu", "swiglu_clamped", "gelu_tanh")
 TASK_ROUTINGS = ("embed", "multi_gate")
 BACKENDS = ("auto", "eager", "sorted", "grouped_mm")
 EXPERT_KINDS = ("ffn", "lora")
@@ -26,7 +26,8 @@ class FFNConfig(JsonConfig):
     Attributes:
         dim: model width D.
         ffn_dim: hidden width F.
-        activation: ``"swiglu"`` (gate/up/down), ``"gelu"`` (up/down) or ``"quick_gelu"``
+        activation: ``"swiglu"`` (gate/up/down), ``"gelu"`` (up/down), ``"gelu_tanh"`` (up/down,
+            the tanh approximation: SigLIP's ``gelu_pytorch_tanh``) or ``"quick_gelu"``
             (up/down with ``x * sigmoid(1.702 x)``, OpenAI CLIP).
         bias: add biases to the projections.
     """

@@ -50,6 +50,8 @@ def activate(
         return (up_NF + 1) * (gate_NF * torch.sigmoid(alpha * gate_NF))
     if activation == "quick_gelu":
         return h_NH * torch.sigmoid(QUICK_GELU_ALPHA * h_NH)
+    if activation == "gelu_tanh":
+        return F.gelu(h_NH, approximate="tanh")
     return F.gelu(h_NH)
 
 
@@ -79,6 +81,11 @@ class ExpertWeights(nn.Module):
     sorted_name: str = "sorted"
     swiglu_alpha: float = SWIGLU_ALPHA
     swiglu_limit: float = SWIGLU_LIMIT
+
+    def routed_parameters(self) -> list[nn.Parameter]:
+        """The parameters that belong to single experts (active only when routed to): all of them
+        here; LoRA experts leave out their shared base, which every token uses."""
+        return list(self.parameters())
 
     def act(self, h_NH: Tensor) -> Tensor:
         """This storage's nonlinearity (:func:`activate` with its clamped-SwiGLU constants)."""
@@ -171,6 +178,8 @@ def _activation_backward(grad_a_NF: Tensor, h_NH: Tensor, activation: str, out_N
     elif activation == "quick_gelu":
         s_NH = torch.sigmoid(QUICK_GELU_ALPHA * h_NH)
         out_NH.copy_(grad_a_NF * s_NH * (1 + QUICK_GELU_ALPHA * h_NH * (1 - s_NH)))
+    elif activation == "gelu_tanh":
+        out_NH.copy_(torch.ops.aten.gelu_backward(grad_a_NF, h_NH, approximate="tanh"))
     else:
         out_NH.copy_(torch.ops.aten.gelu_backward(grad_a_NF, h_NH))
 

@@ -77,6 +77,10 @@ class LoRAExpertWeights(ExpertWeights):
         self.lora_out_B = nn.Parameter(torch.empty(num_experts, dim, rank))
         self.reset_parameters()
 
+    def routed_parameters(self) -> list[nn.Parameter]:
+        """The adapters only: the shared base is active for every token."""
+        return [self.lora_in_A, self.lora_in_B, self.lora_out_A, self.lora_out_B]
+
     @property
     def scale(self) -> float:
         """s = alpha / r."""

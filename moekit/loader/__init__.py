@@ -12,7 +12,8 @@ Contract:
     moekit      a model folder: ``config.json`` with ``"model_type": "moekit"`` (any family)
     quantized   a moekit folder whose config has a ``"quantization"`` section
     hf          a Hugging Face folder of a family ``moekit.convert`` supports (LMs; CLIPModel and
-                LlavaForConditionalGeneration through ``moekit.convert.families.clip``/``llava``)
+                LlavaForConditionalGeneration through ``moekit.convert.families.clip``/``llava``;
+                SiglipModel through ``siglip``, import only)
     ==========  ==========================================================================
 
     and returns the model in eval mode, ready for ``generate``.
@@ -42,11 +43,12 @@ from moekit.convert import from_pretrained as load_hf
 from moekit.convert.families import FAMILIES as HF_FAMILIES
 from moekit.convert.families.clip import load_clip_hf
 from moekit.convert.families.llava import load_llava_hf
+from moekit.convert.families.siglip import load_siglip_hf
 from moekit.data.tokenizer import EOS_TOKEN
 from moekit.models.io import CONFIG_NAME, MODEL_TYPE, WEIGHTS_NAME, load_pretrained
 
 # HF vision families, each read by its own importer (the LM families go through moekit.convert).
-HF_VISION_LOADERS = {"clip": load_clip_hf, "llava": load_llava_hf}
+HF_VISION_LOADERS = {"clip": load_clip_hf, "llava": load_llava_hf, "siglip": load_siglip_hf}
 HF_VISION_TYPES = tuple(HF_VISION_LOADERS)
 KINDS = ("run", "checkpoint", "moekit", "quantized", "hf")
 RUN_CHECKPOINTS = "checkpoints"

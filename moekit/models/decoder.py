@@ -548,7 +548,7 @@ class MoEForCausalLM(nn.Module):
         if active_only:
             for mlp in self.moe_layers:
                 frac = mlp.config.top_k / mlp.config.num_total_experts
-                for p in mlp.experts.parameters():
+                for p in mlp.experts.routed_parameters():
                     expert_params[id(p)] = frac
         seen, total = set(), 0.0
         for p in self.parameters():

@@ -357,7 +357,7 @@ class MoiraiMoEModel(nn.Module):
         frac = {}
         if active_only:
             for moe in self.moe_layers:
-                for prm in moe.experts.parameters():
+                for prm in moe.experts.routed_parameters():
                     frac[id(prm)] = moe.config.top_k / moe.config.num_total_experts
         for prm in self.parameters():
             total += prm.numel() * frac.get(id(prm), 1.0)

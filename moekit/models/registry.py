@@ -120,6 +120,8 @@ def _build_families() -> dict[str, ModelFamily]:
         _vision_family("vit_moe"),
         _vision_family("clip_moe"),
         _vision_family("moe_llava"),
+        _vision_family("uni_moe"),
+        _vision_family("siglip"),
     ]
     return {family.name: family for family in entries}
 
@@ -128,6 +130,24 @@ def _vision_family(name: str) -> ModelFamily:
     from moekit.data.images import DigitsDataModule, ShapesCaptionDataModule
     from moekit.models import vision
 
+    if name == "uni_moe":
+        from moekit.models.vision.unimoe import UniMoE, UniMoEConfig
+
+        return ModelFamily(
+            name="uni_moe",
+            config_cls=UniMoEConfig,
+            model_cls=UniMoE,
+            description="Uni-MoE: ViT and 1-D signal encoders, a connector per modality, moekit LM (LoRA experts)",
+        )
+    if name == "siglip":
+        from moekit.models.vision.siglip import SigLIPConfig, SigLIPMoE
+
+        return ModelFamily(
+            name="siglip",
+            config_cls=SigLIPConfig,
+            model_cls=SigLIPMoE,
+            description="SigLIP dual encoder (MAP-pooled ViT, last-token text tower, logit bias); imports HF SiglipModel",
+        )
     if name == "moe_llava":
         from moekit.models.vision.llava import MoELLaVA, VLMConfig
 

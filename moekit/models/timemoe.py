@@ -351,7 +351,7 @@ class TimeMoEForecaster(nn.Module):
         fractions = {}
         if active_only:
             for mlp in self.moe_layers:
-                for p in mlp.experts.parameters():
+                for p in mlp.experts.routed_parameters():
                     fractions[id(p)] = mlp.config.top_k / mlp.config.num_total_experts
         return round(sum(p.numel() * fractions.get(id(p), 1.0) for p in self.parameters()))
 

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from moekit.config import JsonConfig, check_choice
 from moekit.layers import MoEConfig, RouterOutput
-from moekit.models.objectives import LossWeights
 from moekit.models.vision.unimoe import UNIMOE_STAGE_FREEZE, UniMoE, UniMoEConfig
+from moekit.surgery.llava import fit_vqa_stage
 from moekit.surgery.upcycle import UpcycleConfig, upcycle
 
 EXPERT_KINDS = ("lora", "ffn")
@@ -194,34 +194,12 @@ class UniMoERunConfig(JsonConfig):
                 raise ValueError(f"{name}.{f} must be >= 1, got {getattr(self, f)}")
 
 
-def _fit_stage(model, data, steps: int, lr: float, freeze: list[str], out_dir: Path | None, aux: float):
-    from moekit.models.vision.objectives import VQAObjective
-    from moekit.train import LoopConfig, fit
-
-    loop = LoopConfig(
-        max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20), weight_decay=0.0,
-        eval_interval=max(steps, 1), log_interval=max(steps // 10, 1), save_interval=max(steps, 1),
-        freeze=freeze, expert_bias_update=False,
-    )  # fmt: skip
-    for p in model.parameters():  # each stage's freezes alone decide (the LoRA base stays frozen)
-        p.requires_grad_(True)
-    for m in model.modules():
-        if hasattr(m, "freeze_base"):
-            m.freeze_base()
-    return fit(
-        model,
-        VQAObjective(LossWeights(load_balance=aux)),
-        data,
-        loop,
-        out_dir,
-        progress=False,
-        dist_context=None,
-    )
-
-
 def evaluate_unimoe(model: UniMoE, data) -> dict[str, Any]:
     """VQA accuracy per modality and, for MoE, each modality's share of routed slots per expert."""
-    from moekit.models.vision.objectives import vqa_accuracy
+    from moekit.data.multimodal import VQA_VOCAB
+    from moekit.models.vision.objectives import vqa_accuracy, vqa_accuracy_by_question
+
+    words = {i: w for w, i in VQA_VOCAB.items()}
 
     out: dict[str, Any] = {}
     for m in data.modalities:
@@ -230,6 +208,7 @@ def evaluate_unimoe(model: UniMoE, data) -> dict[str, Any]:
         out[f"{m}_accuracy"] = acc
         if usage is not None:
             out[f"{m}_expert_share"] = [round(u, 3) for u in usage]
+        out.update({f"{words[q]}_accuracy": a for q, a in vqa_accuracy_by_question(model, batches).items()})
     return out
 
 
@@ -258,7 +237,7 @@ def train_unimoe(config: UniMoERunConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {"config": config.to_dict(), "stages": {}}
     both = data()
     s1, s2, s3 = config.stage_steps
-    r1 = _fit_stage(model, both, s1, config.lr, UNIMOE_STAGE_FREEZE[1], out / "stage1", 0.0)
+    r1 = fit_vqa_stage(model, both, s1, config.lr, UNIMOE_STAGE_FREEZE[1], out / "stage1", 0.0)
     metrics["stages"]["1"] = {
         "trainable": _count(model),
         **evaluate_unimoe(model, both),
@@ -279,7 +258,7 @@ def train_unimoe(config: UniMoERunConfig) -> dict[str, Any]:
     elapsed = 0.0
     for e, m in enumerate(MODALITIES):
         with forced_expert(model, e):
-            r2 = _fit_stage(
+            r2 = fit_vqa_stage(
                 model, data((m,)), s2, config.lr, UNIMOE_STAGE_FREEZE[2], out / f"stage2-{m}", 0.0
             )
         elapsed += r2.elapsed_s
@@ -288,7 +267,7 @@ def train_unimoe(config: UniMoERunConfig) -> dict[str, Any]:
         **evaluate_unimoe(model, both),
         "elapsed_s": elapsed,
     }
-    r3 = _fit_stage(model, both, s3, config.lr, UNIMOE_STAGE_FREEZE[3], out / "stage3", 0.01)
+    r3 = fit_vqa_stage(model, both, s3, config.lr, UNIMOE_STAGE_FREEZE[3], out / "stage3", 0.01)
     metrics["stages"]["3"] = {
         "trainable": _count(model),
         **evaluate_unimoe(model, both),

@@ -17,9 +17,14 @@ Layout:
     vit.py         ViTMoE (classification / per-task heads)
     clip.py        TextTower, CLIPMoE, contrastive_loss
     task.py        task-level MoE: per-task expert usage, extract_task_model, memory saved
-    objectives.py  ClassificationObjective, ContrastiveObjective, accuracy, retrieval_r1
+    objectives.py  ClassificationObjective, ContrastiveObjective, VQAObjective, accuracy,
+                   retrieval_r1, vqa_accuracy
     llava.py       VLMConfig, MoELLaVA (tower + projector + moekit LM), splice_image_features,
                    LLAVA_STAGE_FREEZE / stage_trainable (MoE-LLaVA's three stages)
+    unimoe.py      UniMoEConfig, UniMoE (ViT + 1-D SignalEncoder, a connector per modality,
+                   moekit LM), UNIMOE_STAGE_FREEZE / unimoe_stage_trainable (Uni-MoE's stages)
+    siglip.py      SigLIPConfig, SigLIPMoE (MAP-pooled ViT without CLS, last-token text tower,
+                   logit bias); transformers' SiglipModel folders import into it
     presets.py     named configs for the CLI (vit-digits, clip-shapes, multitask-shapes)
 
 To add a vision family: give it a config here, build it from ``Encoder``, and register it in

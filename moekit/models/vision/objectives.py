@@ -125,13 +125,15 @@ def retrieval_r1(model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str
 
 
 def _vqa_forward(model: nn.Module, batch: dict[str, Tensor], moe_k: int | None = None) -> Any:
+    # signal_values only when the batch has them, so image-only VLMs (MoE-LLaVA) take these batches.
+    extra = {"signal_values": batch["signal_values"]} if "signal_values" in batch else {}
     return model(
         input_ids=batch["input_ids"],
         pixel_values=batch.get("pixel_values"),
-        signal_values=batch.get("signal_values"),
         attention_mask=batch.get("attention_mask"),
         labels=batch["labels"],
         moe_k=moe_k,
+        **extra,
     )
 
 
@@ -145,8 +147,9 @@ def _answer_hits(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
 
 class VQAObjective(Objective):
     """Answer-token cross-entropy (``labels`` are -100 elsewhere) plus weighted aux losses, for a
-    model taking ``input_ids``, ``pixel_values``, ``signal_values``, ``attention_mask``, ``labels``
-    (:class:`~moekit.models.vision.unimoe.UniMoE`); logs ``ce`` and ``accuracy``."""
+    model taking ``input_ids``, ``pixel_values``, ``attention_mask``, ``labels`` (and
+    ``signal_values`` when the batch has them): :class:`~moekit.models.vision.unimoe.UniMoE`,
+    :class:`~moekit.models.vision.llava.MoELLaVA`; logs ``ce`` and ``accuracy``."""
 
     def __init__(self, weights: LossWeights) -> None:
         self.weights = weights
@@ -192,3 +195,25 @@ def vqa_accuracy(model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[fl
         model.train(was)
     usage = None if counts is None else (counts / counts.sum()).tolist()
     return right / max(total, 1), usage
+
+
+@torch.no_grad()
+def vqa_accuracy_by_question(model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[int, float]:
+    """Exact-answer accuracy per question, keyed by the question's token id (the token before the
+    answer), over ``batches`` (eval mode)."""
+    was = model.training
+    model.eval()
+    right: dict[int, int] = {}
+    total: dict[int, int] = {}
+    try:
+        for b in batches:
+            out = _vqa_forward(model, b)
+            keep_BS = b["labels"][:, 1:] != -100
+            hits = _answer_hits(out.logits, b["labels"])
+            questions = b["input_ids"][:, :-1][keep_BS]
+            for q, h in zip(questions.tolist(), hits.tolist(), strict=True):
+                right[q] = right.get(q, 0) + int(h)
+                total[q] = total.get(q, 0) + 1
+    finally:
+        model.train(was)
+    return {q: right[q] / total[q] for q in sorted(total)}

@@ -130,6 +130,19 @@ class UniMoE(nn.Module):
         )
         self.language_model = MoEForCausalLM(config.text)
 
+    def save_pretrained(self, path, format: str = "moekit") -> None:
+        """Writes ``config.json`` + ``model.safetensors`` (:mod:`moekit.models.io`)."""
+        from moekit.models.io import save_pretrained
+
+        save_pretrained(self, path, format=format)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None) -> UniMoE:
+        """Loads a folder written by :meth:`save_pretrained`."""
+        from moekit.models.io import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype)
+
     def tied_weight_names(self) -> list[str]:
         """The LM's tied names, prefixed."""
         return [f"language_model.{n}" for n in self.language_model.tied_weight_names()]

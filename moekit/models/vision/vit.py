@@ -175,7 +175,7 @@ class ViTMoE(nn.Module):
         frac = {}
         if active_only:
             for mlp in self.moe_layers:
-                for p in mlp.experts.parameters():
+                for p in mlp.experts.routed_parameters():
                     frac[id(p)] = mlp.config.top_k / mlp.config.num_total_experts
         return round(sum(p.numel() * frac.get(id(p), 1.0) for p in self.parameters()))
 
