@@ -26,6 +26,8 @@ _SHARED = r"\.mlp\.(shared|shared_gate|residual_mlp|residual_coef)\."
 FREEZE_GROUPS: dict[str, tuple[str, bool]] = {
     "router": (_ROUTER, False),
     "experts": (_EXPERTS, False),
+    # The adapters of LoRA experts (their shared base is frozen by the layer itself).
+    "lora_experts": (r"\.mlp\.experts\.lora_", False),
     "shared": (_SHARED, False),
     "attention": (r"\.self_attn\.", False),
     "embeddings": (r"^(embed_tokens|lm_head)\.", False),
