@@ -128,6 +128,10 @@ def test_lora_upcycle_equals_dense_at_init_and_trains_only_adapters_and_router(l
     torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=0, atol=1e-12)
     groups = moe.parameter_groups()
     assert groups["lora_experts"] and all(".lora_" in n for n in groups["lora_experts"])
+    from moekit.train.freeze import select_frozen
+
+    names = [n for n, _ in moe.named_parameters()]
+    assert select_frozen(names, ["lora_experts"]) == set(groups["lora_experts"])  # regex = module groups
     frozen_base = [n for n, p in moe.named_parameters() if not p.requires_grad]
     assert sorted(frozen_base) == sorted(
         f"layers.{i}.mlp.experts.{w}" for i in moe.config.moe_layer_ids for w in ("w_in", "w_out")
