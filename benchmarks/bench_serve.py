@@ -9,9 +9,9 @@ requests/s and generated tokens/s.
     PYTHONPATH=. python benchmarks/bench_serve.py --clients 8 --requests 10 --max-tokens 16
 
 ``--compare`` measures continuous batching instead: the same ``--clients`` greedy requests
-(different prompts, ``--max-tokens`` each) sent all at once and then one at a time, to the same
-server, in ``--rounds`` interleaved rounds; prints total generated tokens/s of each and their
-ratio. ``--preset`` picks the random model (``moe-tiny`` or ``moe-small``, random init: the
+(different prompts, ``--max-tokens`` each) sent all at once and one at a time, to the same
+server, in ``--rounds`` rounds (each round runs both, alternating which goes first); prints
+the total generated tokens/s of each and their ratio. ``--preset`` picks the random model (``moe-tiny`` or ``moe-small``, random init: the
 speed does not depend on the weights, and greedy tokens are counted from ``usage``).
 
     PYTHONPATH=. python benchmarks/bench_serve.py --compare --preset moe-small --clients 8 --max-tokens 64
@@ -89,23 +89,32 @@ def compare(base: str, args) -> None:
         for own in clients:
             post(own, bodies[0] | {"max_tokens": 2})  # warm-up, and opens each connection
         results = {"sequential": [], "concurrent": []}
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            seq = [post(c, b) for b in bodies]
-            results["sequential"].append((sum(n for n, _ in seq), time.perf_counter() - t0))
-            out: list = [None] * len(bodies)
+        for r in range(args.rounds):
 
-            def client(i: int, out: list = out) -> None:
-                out[i] = post(clients[i], bodies[i])
+            def sequential() -> list:
+                return [post(c, b) for b in bodies]
 
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            results["concurrent"].append((sum(n for n, _ in out), time.perf_counter() - t0))
-            if [t for _, t in out] != [t for _, t in seq]:
+            def concurrent() -> list:
+                out: list = [None] * len(bodies)
+
+                def client(i: int) -> None:
+                    out[i] = post(clients[i], bodies[i])
+
+                threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                return out
+
+            # Alternate which side goes first, so a drift in the machine's load favours neither.
+            texts = {}
+            for name in ("sequential", "concurrent") if r % 2 == 0 else ("concurrent", "sequential"):
+                t0 = time.perf_counter()
+                done = sequential() if name == "sequential" else concurrent()
+                results[name].append((sum(n for n, _ in done), time.perf_counter() - t0))
+                texts[name] = [t for _, t in done]
+            if texts["concurrent"] != texts["sequential"]:
                 print("WARNING: concurrent texts differ from sequential ones")
         health = c.get("/health").json()
     for own in clients:

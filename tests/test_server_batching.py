@@ -19,6 +19,15 @@ from moekit.models.decode import DecodeSession
 from moekit.models.generation import Sampler
 from moekit.models.presets import moe_tiny
 
+MLA = dict(
+    attention_type="mla",
+    qk_norm="none",
+    q_lora_rank=16,
+    kv_lora_rank=8,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+)
 PROMPTS = [[5, 9, 3], [7, 1, 2, 8, 4, 4, 6], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30]]
 
 
@@ -66,8 +75,13 @@ def _solo_logits(model, prompt, tokens, fast):
 
 @pytest.mark.parametrize(
     "changes, fast, path",
-    [({}, True, "fast"), ({}, False, "general"), ({"sliding_window": 4}, None, "general")],
-    ids=["fast", "general", "sliding-window"],
+    [
+        ({}, True, "fast"),
+        ({}, False, "general"),
+        ({"sliding_window": 4}, None, "general"),
+        (MLA, None, "general"),  # the ragged cache holds MLA's latent and rotary key instead
+    ],
+    ids=["fast", "general", "sliding-window", "mla"],
 )
 def test_batched_step_equals_single_row_step_float64(changes, fast, path):
     model = _model(**changes)

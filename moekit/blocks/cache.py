@@ -234,10 +234,10 @@ class RaggedKVCache:
         if self.num_rows == 1:  # a plain slice copy: a lone row pays no indexing
             keys[:, :, num_keys - 1 : num_keys] = k_BG1d
             values[:, :, num_keys - 1 : num_keys] = v_BG1d
-        else:
-            rows_B = torch.arange(self.num_rows, device=keys.device)
-            keys[rows_B, :, self.lengths_B] = k_BG1d[:, :, 0]
-            values[rows_B, :, self.lengths_B] = v_BG1d[:, :, 0]
+        else:  # one scatter along the token dim, at each row's own position
+            pos_B111 = self.lengths_B.view(-1, 1, 1, 1)
+            keys.scatter_(2, pos_B111.expand_as(k_BG1d), k_BG1d)
+            values.scatter_(2, pos_B111.expand_as(v_BG1d), v_BG1d)
         return keys[:, :, :num_keys], values[:, :, :num_keys]
 
     def mask(self, sliding_window: int | None = None) -> Tensor:
