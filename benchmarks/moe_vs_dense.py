@@ -204,6 +204,45 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_variant(name: str):
+    """The model of a variant or preset, as ``moekit train`` builds it (random init)."""
+    from moekit.models import MoEForCausalLM, get_preset
+
+    preset, overrides = variant_spec(name)
+    cfg = get_preset(preset)
+    changes = {k: v for k, v in overrides.items() if k not in ("aux_loss_coef", "moe")}
+    if "moe" in overrides:
+        changes["moe"] = cfg.moe.replace(**overrides["moe"])
+    if "aux_loss_coef" in overrides:
+        changes["aux_loss_coef"] = overrides["aux_loss_coef"]
+    return MoEForCausalLM(cfg.replace(**changes))
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    """Training-step throughput of the variants side by side, in interleaved rounds."""
+    import torch
+    from bench_train import step_fn, timed_rounds
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = {name: build_variant(name).train() for name in args.variant}
+    vocab = next(iter(models.values())).config.vocab_size
+    batch = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1))
+    steps = {name: step_fn(m, batch, is_hf=False) for name, m in models.items()}
+    med = timed_rounds(steps, args.rounds)
+    tokens = args.batch_size * args.seq_len
+    ref = args.variant[-1]
+    print(
+        f"training step, batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s), {args.rounds} rounds"
+    )
+    print(f"| model | params | median step (s) | tokens/s | tokens/s vs {ref} |")
+    print("|---|---|---|---|---|")
+    for name, t in med.items():
+        n = sum(p.numel() for p in models[name].parameters())
+        print(f"| {name} | {n / 1e6:.1f}M | {t:.3f} | {tokens / t:.0f} | {med[ref] / t:.2f}x |")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     runs = {"MoE": read(Path(args.moe)), "dense": read(Path(args.dense))}
     print("| step | MoE val loss | dense val loss | dense - MoE |")
@@ -239,6 +278,13 @@ def main() -> int:
     s.add_argument("--plot", default=None, help="PNG path for the loss curves with seed bands")
     s.add_argument("--only", nargs="*", help="VARIANT@LR groups to plot (default all)")
     s.set_defaults(fn=cmd_summary)
+    v = sub.add_parser("speed", help="training tokens/s of variants side by side (interleaved rounds)")
+    v.add_argument("--variant", nargs="+", default=["moe-small-dense0", "moe-small", "dense-small"])
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--seq-len", type=int, default=256)
+    v.add_argument("--rounds", type=int, default=7)
+    v.add_argument("--threads", type=int, default=1)
+    v.set_defaults(fn=cmd_speed)
     c = sub.add_parser("compare", help="two run folders side by side")
     c.add_argument("--moe", default="runs/moe-small")
     c.add_argument("--dense", default="runs/dense-small")
