@@ -28,12 +28,12 @@ VARIANTS: dict[str, dict] = {
     # 20 experts of 192 chosen 4 at a time beside a shared expert of 256 (DeepSeekMoE/Qwen2-MoE
     # pattern); total expert width 4096 as in moe-small's 8 x 512.
     "fg20-s256": {
-        "preset": "moe-small",
+        "preset": "moe-small-all",
         "overrides": {"moe": {"num_experts": 20, "ffn_dim": 192, "top_k": 4, "shared_ffn_dim": 256}},
     },
     # the same with DeepSeek-V3 routing: sigmoid scores, aux-loss-free bias balancing, tiny aux loss.
     "fg20-s256-v3": {
-        "preset": "moe-small",
+        "preset": "moe-small-all",
         "overrides": {
             "moe": {
                 "num_experts": 20,
@@ -48,19 +48,20 @@ VARIANTS: dict[str, dict] = {
     },
     # finer: 40 experts of 96, top-8, shared 256.
     "fg40-s256": {
-        "preset": "moe-small",
+        "preset": "moe-small-all",
         "overrides": {"moe": {"num_experts": 40, "ffn_dim": 96, "top_k": 8, "shared_ffn_dim": 256}},
     },
     # moe-small's 8 x 512 top-2 with DeepSeek-V3 routing (sigmoid, bias balancing, tiny aux loss).
     "moe-small-v3": {
-        "preset": "moe-small",
+        "preset": "moe-small-all",
         "overrides": {"moe": {"score_func": "sigmoid", "use_expert_bias": True}, "aux_loss_coef": 1e-4},
     },
     # fewer experts: 4 of 512, top-2 (each expert sees half the tokens; total width 2x dense).
-    "moe-small-e4": {"preset": "moe-small", "overrides": {"moe": {"num_experts": 4}}},
-    # the old layout with a dense first layer.
+    "moe-small-e4": {"preset": "moe-small-all", "overrides": {"moe": {"num_experts": 4}}},
+    # the all-MoE layout with a dense first layer: what the moe-small preset is now (the run
+    # folders of the issue-21 screen carry this name).
     "moe-small-dense0": {
-        "preset": "moe-small",
+        "preset": "moe-small-all",
         "overrides": {"moe_placement": "explicit", "moe_layer_indices": [1, 2, 3]},
     },
 }

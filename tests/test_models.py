@@ -450,3 +450,21 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(ValueError, match="config.json not found"):
         MoEForCausalLM.from_pretrained(tmp_path)
+
+
+def test_dense_first_layer_exports_as_qwen3_moe_mlp_only_layers(tmp_path):
+    """moe-small's layout (layer 0 dense): the HF folder says mlp_only_layers=[0] and transformers'
+    Qwen3-MoE reproduces the logits."""
+    from transformers import AutoModelForCausalLM
+
+    assert get_preset("moe-small").dense_layer_indices == [0]
+    torch.manual_seed(0)
+    model = MoEForCausalLM(get_preset("moe-tiny").replace(num_dense_first_layers=1)).eval()
+    model.save_pretrained(tmp_path, format="hf")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["model_type"], cfg["mlp_only_layers"]) == ("qwen3_moe", [0])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        diff = (model(ids).logits - hf(ids).logits).abs().max().item()
+    assert diff < 1e-5

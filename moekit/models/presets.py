@@ -46,6 +46,7 @@ def _dense_twin(moe_config: ModelConfig) -> ModelConfig:
         moe_placement="none",
         ffn_dim=moe_config.moe.top_k * moe_config.moe.ffn_dim,
         aux_loss_coef=0.0,
+        num_dense_first_layers=0,
     )
 
 
@@ -55,13 +56,25 @@ def moe_tiny() -> ModelConfig:
     return cfg.replace(num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
 
 
-def moe_small() -> ModelConfig:
-    """Default training job: dim 256, 4 layers, 8/4 heads, 8 experts top-2 (F=512), every layer MoE.
+def moe_small_all() -> ModelConfig:
+    """dim 256, 4 layers, 8/4 heads, 8 experts top-2 (F=512), every layer MoE: the main job's
+    layout before issue 21, and the base of the paper presets below.
 
     Maps onto Qwen3-MoE (``Qwen3MoeForCausalLM``): q/k per-head RMSNorm, ``norm_topk_prob=True``,
     no biases, rope_theta 10000. About 15.5M parameters, 6.0M active per token.
     """
     return _qwen3_moe(dim=256, num_layers=4, expert_ffn_dim=512)
+
+
+def moe_small() -> ModelConfig:
+    """Default training job: moe-small-all with a dense first layer (DeepSeek's
+    ``first_k_dense_replace = 1``; Qwen3-MoE's ``mlp_only_layers = [0]``), FFN width 1024.
+
+    The first layer's router would route on raw token embeddings; kept dense, the MoE beats its
+    dense twin at the main job's budget where the all-MoE layout loses to it (docs/benchmarks.md,
+    ``benchmarks/moe_vs_dense.py``). About 13.1M parameters, 6.0M active per token.
+    """
+    return moe_small_all().replace(num_dense_first_layers=1)
 
 
 def moe_base() -> ModelConfig:
@@ -85,7 +98,7 @@ def smoe_dropout_small() -> ModelConfig:
     The router never trains, so the balance loss is off. Maps onto Qwen3-MoE shapes (the router
     weights are just never updated); train with a growing ``moe_k`` schedule.
     """
-    cfg = moe_small()
+    cfg = moe_small_all()
     assert cfg.moe is not None
     return cfg.replace(moe=cfg.moe.replace(router_type="random_fixed"), aux_loss_coef=0.0)
 
@@ -96,7 +109,7 @@ def topp_small() -> ModelConfig:
     Weights are not renormalised (as the official code). The entropy loss pushes routing to be
     confident. Has no HF family; the shapes are Qwen3-MoE's.
     """
-    cfg = moe_small()
+    cfg = moe_small_all()
     assert cfg.moe is not None
     return cfg.replace(moe=cfg.moe.replace(router_type="top_p", top_p=0.4), entropy_loss_coef=1e-4)
 
@@ -107,7 +120,7 @@ def moepp_small() -> ModelConfig:
     Heterogeneous balance loss with tau 0.75 on the zero-computation experts. Not an HF family;
     the attention and FFN-expert shapes are Qwen3-MoE's.
     """
-    cfg = moe_small()
+    cfg = moe_small_all()
     assert cfg.moe is not None
     moe = cfg.moe.replace(
         num_zero_experts=1,
@@ -135,7 +148,7 @@ def prmoe_small(experts: tuple[int, int] = (4, 8)) -> ModelConfig:
     ``capacity_factor=1.0, min_capacity=4, drop_policy="random"`` (moekit's default
     ``drop_policy="score"`` keeps the highest-weight assignments instead). Not an HF family.
     """
-    cfg = moe_small()
+    cfg = moe_small_all()
     assert cfg.moe is not None
     if not (len(experts) == 2 and 1 <= experts[0] <= experts[1]):
         raise ValueError(f"prmoe_small: experts must be two counts, early <= late (a pyramid), got {experts}")
@@ -148,6 +161,7 @@ def prmoe_small(experts: tuple[int, int] = (4, 8)) -> ModelConfig:
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "moe-tiny": moe_tiny,
     "moe-small": moe_small,
+    "moe-small-all": moe_small_all,
     "moe-base": moe_base,
     "dense-small": dense_small,
     "dense-base": dense_base,
