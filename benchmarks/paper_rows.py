@@ -9,6 +9,7 @@
     python benchmarks/paper_rows.py prune    # multitask paper: prune 8 -> 4 by usage vs random (paper_rows_compress.py)
     python benchmarks/paper_rows.py prmoe    # PR-MoE pyramid vs standard MoE (paper_rows_compress.py)
     python benchmarks/paper_rows.py mcmoe    # MC-MoE: MILP vs uniform vs random bits, ODP (paper_rows_compress.py)
+    python benchmarks/paper_rows.py edgemoe  # EdgeMoE: eviction hit rates, predictor accuracy (paper_rows_compress.py)
 
 ``smoe``: two byte-level MoE LMs (dim 64, 2 layers, 8 experts of width 32) on the Python stdlib
 source, trained for the same steps and tokens through the one engine (``moekit.train.fit``):
@@ -188,7 +189,8 @@ def topp(steps: int, seed: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "what", choices=["smoe", "topp", "aki", "scmoe", "moepp", "moetuner", "prune", "prmoe", "mcmoe"]
+        "what",
+        choices=["smoe", "topp", "aki", "scmoe", "moepp", "moetuner", "prune", "prmoe", "mcmoe", "edgemoe"],
     )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--pre-steps", type=int, default=300, help="aki: steps of the small dense model")
@@ -208,7 +210,7 @@ def main() -> None:
         from paper_rows_trained import scmoe
 
         scmoe(args.steps, args.seed, args.digits)
-    elif args.what in ("prune", "prmoe", "mcmoe"):
+    elif args.what in ("prune", "prmoe", "mcmoe", "edgemoe"):
         import paper_rows_compress
 
         getattr(paper_rows_compress, args.what)(args.steps, args.seed)

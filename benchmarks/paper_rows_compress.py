@@ -3,6 +3,7 @@
     python benchmarks/paper_rows.py prune   # multitask paper: prune 8 -> 4 experts by usage vs at random
     python benchmarks/paper_rows.py prmoe   # PR-MoE pyramid vs standard MoE at matched active compute
     python benchmarks/paper_rows.py mcmoe   # MC-MoE: MILP vs uniform vs random bits; ODP skipped share
+    python benchmarks/paper_rows.py edgemoe # EdgeMoE: eviction hit rates and predictor accuracy
 
 All on byte-level models trained here on the Python stdlib source (``paper_rows._data``/``_train``).
 
@@ -22,6 +23,13 @@ MC-MoE's widths {1, 2, 3}: uniform 2 bits; the MILP (``allocate_bits`` with MC-M
 budget equal to uniform 2 bits' stored bits); and random allocations with the MILP's widths shuffled
 within each layer (the same bits). Then ODP (``dynamic_prune``) on the float model at several
 thresholds (MC-MoE's protection of the top 2% of tokens): skipped expert calls vs loss change.
+
+``edgemoe``: the trained model of ``prune`` is traced on the held-out windows; the trace is replayed
+token by token (``moekit.offload.simulate.replay``) with caches of 4 to 24 of the 32 experts under
+``lru``, ``lfu``, ``edgemoe`` (frequency x how soon the layer runs) and Belady. EdgeMoE's
+second-order predictor (``SecondOrderTransitions``, fitted on 32 training batches) predicts 2
+experts of the next layer; reported: the share of the experts used there that it covers, against
+first order and against the next layer's 2 most used experts.
 """
 
 from __future__ import annotations
@@ -180,3 +188,57 @@ def mcmoe(steps: int, seed: int) -> None:
             saved = [expert_calls_saved(pruned(b[:, :-1]).routing) for b in val]
         loss = _loss(pruned, val)
         print(f"| {thr} | {sum(saved) / len(saved):.3f} | {loss:.4f} | {loss - base:+.4f} |")
+
+
+def _accuracy(trans, trace, order: int) -> float:
+    """Share of the next layer's used experts that the 2-expert prediction covers (recall), over
+    tokens and layer pairs of ``trace``; ``order`` 0 predicts the next layer's 2 most used experts."""
+    ids = [t.tolist() for t in trace.expert_ids]
+    hit = total = 0
+    for li in range(trace.num_layers - 1):
+        if order == 0:
+            top2 = [int(j) for j in trans.first[li].sum(0).argsort(descending=True)[:2]]
+        for t in range(trace.num_tokens):
+            a = ids[li][t][0]
+            b = ids[li - 1][t][0] if (order == 2 and li >= 1) else None
+            pred = set(top2 if order == 0 else trans.predict(li, a, b, 2))
+            used = [e for e in ids[li + 1][t] if e >= 0]
+            hit += sum(e in pred for e in used)
+            total += len(used)
+    return hit / total
+
+
+def edgemoe(steps: int, seed: int) -> None:
+    """Prints the EdgeMoE tables (markdown): eviction hit rates and predictor accuracy."""
+    from moekit.analysis import record_trace
+    from moekit.compress.edgemoe import SecondOrderTransitions
+    from moekit.offload.simulate import HardwareProfile, belady_hit_rate, replay
+
+    t0 = time.perf_counter()
+    model, train, val = _trained(steps, seed)
+    with torch.no_grad():
+        held = record_trace(model, [(b, None) for b in torch.cat(val).split(16)], "held-out")
+        fit_trace = record_trace(model, [(b, None) for b in train[:32]], "train")
+    print(
+        f"seed {seed}: {steps} steps; held-out trace {held.num_tokens} tokens x {held.num_layers} MoE "
+        f"layers x 8 experts (top-2), replayed token by token; {time.perf_counter() - t0:.0f} s"
+    )
+    print("| cache (experts of 32) | lru | lfu | edgemoe | belady (optimal) |")
+    print("|---|---|---|---|---|")
+    hw = HardwareProfile(storage_bw=1e9, mem_bw=1e10)
+    for entries in (4, 8, 12, 16, 24):
+        rates = [replay(held, entries, 1, hw, policy=p).hit_rate for p in ("lru", "lfu", "edgemoe")]
+        cells = " | ".join(f"{r:.3f}" for r in rates)
+        print(f"| {entries} | {cells} | {belady_hit_rate(held, entries):.3f} |")
+    trans = SecondOrderTransitions.fit(fit_trace.expert_ids, fit_trace.num_experts)
+    print(
+        f"\npredictor fitted on {fit_trace.num_tokens} training tokens; 2 experts predicted per token and layer"
+    )
+    print("| predictor | held-out recall of the next layer's experts |")
+    print("|---|---|")
+    for name, order in (
+        ("next layer's 2 most used (no conditioning)", 0),
+        ("first order P(e_l+1 given e_l)", 1),
+    ):
+        print(f"| {name} | {_accuracy(trans, held, order):.3f} |")
+    print(f"| second order P(e_l+1 given e_l, e_l-1) (EdgeMoE) | {_accuracy(trans, held, 2):.3f} |")
