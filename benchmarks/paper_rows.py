@@ -10,6 +10,7 @@
     python benchmarks/paper_rows.py prmoe    # PR-MoE pyramid vs standard MoE (paper_rows_compress.py)
     python benchmarks/paper_rows.py mcmoe    # MC-MoE: MILP vs uniform vs random bits, ODP (paper_rows_compress.py)
     python benchmarks/paper_rows.py edgemoe  # EdgeMoE: eviction hit rates, predictor accuracy (paper_rows_compress.py)
+    python benchmarks/paper_rows.py moextend # MoExtend: layer choice by router tuning vs data shift vs all (paper_rows_compress.py)
 
 ``smoe``: two byte-level MoE LMs (dim 64, 2 layers, 8 experts of width 32) on the Python stdlib
 source, trained for the same steps and tokens through the one engine (``moekit.train.fit``):
@@ -190,7 +191,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "what",
-        choices=["smoe", "topp", "aki", "scmoe", "moepp", "moetuner", "prune", "prmoe", "mcmoe", "edgemoe"],
+        choices=[
+            "smoe",
+            "topp",
+            "aki",
+            "scmoe",
+            "moepp",
+            "moetuner",
+            "prune",
+            "prmoe",
+            "mcmoe",
+            "edgemoe",
+            "moextend",
+        ],
     )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--pre-steps", type=int, default=300, help="aki: steps of the small dense model")
@@ -210,7 +223,7 @@ def main() -> None:
         from paper_rows_trained import scmoe
 
         scmoe(args.steps, args.seed, args.digits)
-    elif args.what in ("prune", "prmoe", "mcmoe", "edgemoe"):
+    elif args.what in ("prune", "prmoe", "mcmoe", "edgemoe", "moextend"):
         import paper_rows_compress
 
         getattr(paper_rows_compress, args.what)(args.steps, args.seed)

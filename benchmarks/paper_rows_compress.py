@@ -4,6 +4,7 @@
     python benchmarks/paper_rows.py prmoe   # PR-MoE pyramid vs standard MoE at matched active compute
     python benchmarks/paper_rows.py mcmoe   # MC-MoE: MILP vs uniform vs random bits; ODP skipped share
     python benchmarks/paper_rows.py edgemoe # EdgeMoE: eviction hit rates and predictor accuracy
+    python benchmarks/paper_rows.py moextend # MoExtend: router-tuning layer choice vs data shift vs all
 
 All on byte-level models trained here on the Python stdlib source (``paper_rows._data``/``_train``).
 
@@ -30,6 +31,12 @@ token by token (``moekit.offload.simulate.replay``) with caches of 4 to 24 of th
 second-order predictor (``SecondOrderTransitions``, fitted on 32 training batches) predicts 2
 experts of the next layer; reported: the share of the experts used there that it covers, against
 first order and against the next layer's 2 most used experts.
+
+``moextend``: the trained model of ``prune`` (old task: Python source) is extended with one new
+expert per chosen layer for 2-digit addition lines (``paper_rows_trained._addition_data``), then
+only the new experts, router rows and calibration modules train for ``steps // 2`` steps:
+MoExtend's layer choice (router tuning, ``std(q - p)``, top half), the data-shift choice, and all
+layers. Reported: old-task and new-task held-out loss.
 """
 
 from __future__ import annotations
@@ -242,3 +249,36 @@ def edgemoe(steps: int, seed: int) -> None:
     ):
         print(f"| {name} | {_accuracy(trans, held, order):.3f} |")
     print(f"| second order P(e_l+1 given e_l, e_l-1) (EdgeMoE) | {_accuracy(trans, held, 2):.3f} |")
+
+
+def moextend(steps: int, seed: int) -> None:
+    """Prints the MoExtend table (markdown): old (code) and new (addition) task loss."""
+    from paper_rows_trained import _addition_data
+
+    from moekit.surgery.common import train_steps
+    from moekit.surgery.extend import EXTENSION_FREEZE, ExtendConfig, extend_experts, extended_layers
+
+    t0 = time.perf_counter()
+    model, _, val = _trained(steps, seed)
+    ext_steps = steps // 2
+    new_train, _ = _addition_data(ext_steps, 32, 2, seed + 1)
+    new_val, _ = _addition_data(8, 32, 2, seed + 2)
+    rows = [("trained MoE (before)", "-", _loss(model, val), _loss(model, new_val))]
+    for name, cfg in (
+        ("MoExtend (router-tuning shift, calibration)", ExtendConfig.moextend(seed=seed)),
+        ("data shift (earlier moekit variant)", ExtendConfig.moextend(shift_source="data", seed=seed)),
+        ("all layers", ExtendConfig.moextend(layers="all", seed=seed)),
+    ):
+        ext = extend_experts(model, cfg, new_data=new_train[:8], old_data=val[:4])
+        layers = extended_layers(ext)
+        train_steps(ext, new_train, ext_steps, lr=3e-3, freeze=EXTENSION_FREEZE, seed=seed)
+        rows.append((name, str(layers), _loss(ext, val), _loss(ext, new_val)))
+    print(
+        f"seed {seed}: base {steps} steps on stdlib bytes; extension: 1 new expert per chosen layer, "
+        f"{ext_steps} steps x 32 rows of 2-digit addition lines (new experts, rows and calibration only); "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    print("| model | extended layers | old-task (code) loss | new-task (addition) loss |")
+    print("|---|---|---|---|")
+    for name, layers, old, new in rows:
+        print(f"| {name} | {layers} | {old:.4f} | {new:.4f} |")
