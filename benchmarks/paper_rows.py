@@ -6,6 +6,11 @@
     python benchmarks/paper_rows.py scmoe    # SCMoE vs greedy, exact match on addition (paper_rows_trained.py)
     python benchmarks/paper_rows.py moepp    # MoE++ vs vanilla MoE: loss, MoE-layer time (paper_rows_trained.py)
     python benchmarks/paper_rows.py moetuner # MoETuner ILP placement vs round-robin (paper_rows_trained.py)
+    python benchmarks/paper_rows.py prune    # multitask paper: prune 8 -> 4 by usage vs random (paper_rows_compress.py)
+    python benchmarks/paper_rows.py prmoe    # PR-MoE pyramid vs standard MoE (paper_rows_compress.py)
+    python benchmarks/paper_rows.py mcmoe    # MC-MoE: MILP vs uniform vs random bits, ODP (paper_rows_compress.py)
+    python benchmarks/paper_rows.py edgemoe  # EdgeMoE: eviction hit rates, predictor accuracy (paper_rows_compress.py)
+    python benchmarks/paper_rows.py moextend # MoExtend: layer choice by router tuning vs data shift vs all (paper_rows_compress.py)
 
 ``smoe``: two byte-level MoE LMs (dim 64, 2 layers, 8 experts of width 32) on the Python stdlib
 source, trained for the same steps and tokens through the one engine (``moekit.train.fit``):
@@ -184,7 +189,22 @@ def topp(steps: int, seed: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["smoe", "topp", "aki", "scmoe", "moepp", "moetuner"])
+    p.add_argument(
+        "what",
+        choices=[
+            "smoe",
+            "topp",
+            "aki",
+            "scmoe",
+            "moepp",
+            "moetuner",
+            "prune",
+            "prmoe",
+            "mcmoe",
+            "edgemoe",
+            "moextend",
+        ],
+    )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--pre-steps", type=int, default=300, help="aki: steps of the small dense model")
     p.add_argument("--seed", type=int, default=0)
@@ -203,6 +223,10 @@ def main() -> None:
         from paper_rows_trained import scmoe
 
         scmoe(args.steps, args.seed, args.digits)
+    elif args.what in ("prune", "prmoe", "mcmoe", "edgemoe", "moextend"):
+        import paper_rows_compress
+
+        getattr(paper_rows_compress, args.what)(args.steps, args.seed)
     else:
         import paper_rows_trained
 

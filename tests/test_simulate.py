@@ -75,7 +75,21 @@ def test_prefetch_and_bandwidth_change_modelled_time():
         replay(trace, 10**6, 10**6, hw, policy="fifo")
 
 
-def test_replay_counts_match_real_offloading(tmp_path):
+def test_edgemoe_policy_by_hand():
+    """3 layers, room for 2 experts. Token 0 uses expert 0 in every layer; at layer 2's miss both
+    residents were used once, so LRU evicts the oldest, (0, 0), while edgemoe keeps the expert whose
+    layer runs next ((0, 0): priority 1 * 3/3; (1, 0): 1 * 2/3) and evicts (1, 0). Token 1's layer 0
+    then hits only under edgemoe."""
+    trace = _trace_from_steps([[[0], [0], [0]], [[0], [1], [1]]], 2)
+    hw = HardwareProfile(1e9, 1e10)
+    edge = replay(trace, 2 * 100, 100, hw, policy="edgemoe")
+    lru = replay(trace, 2 * 100, 100, hw, policy="lru")
+    assert (edge.hits, lru.hits) == (1, 0)
+    assert edge.hits + edge.misses == 6
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "edgemoe"])
+def test_replay_counts_match_real_offloading(tmp_path, policy):
     """Token-by-token decode with the real cache gives the hits and misses the replay predicts."""
     from moekit.layers import MoEConfig
     from moekit.models import ModelConfig, MoEForCausalLM
@@ -99,7 +113,7 @@ def test_replay_counts_match_real_offloading(tmp_path):
         )
         for layer in model.moe_layers
     ]
-    cache = offload_model(model, tmp_path / "s", cache_bytes=7 * per, policy="lru")
+    cache = offload_model(model, tmp_path / "s", cache_bytes=7 * per, policy=policy)
     tokens = torch.randint(0, 50, (1, 12))
     with torch.no_grad():
         past = None
@@ -109,7 +123,7 @@ def test_replay_counts_match_real_offloading(tmp_path):
     for h in hooks:
         h.remove()
     steps = [[ids_per_step[t * 3 + layer][0].tolist() for layer in range(3)] for t in range(12)]
-    sim = replay(_trace_from_steps(steps, 6), 7 * per, per, HardwareProfile(1e9, 1e10), policy="lru")
+    sim = replay(_trace_from_steps(steps, 6), 7 * per, per, HardwareProfile(1e9, 1e10), policy=policy)
     assert (sim.hits, sim.misses) == (cache.stats.hits, cache.stats.misses)
     cache.close()
 

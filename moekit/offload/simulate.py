@@ -106,13 +106,20 @@ def access_steps(trace, max_tokens: int | None = None) -> list[list[list[int]]]:
 
 
 class _Cache:
-    """Entry-count-free cache of keys under a byte budget, with lru/lfu/belady eviction."""
+    """Entry-count-free cache of keys under a byte budget, with lru/lfu/edgemoe/belady eviction
+    (``edgemoe`` as :class:`~moekit.offload.ExpertCache` does it: frequency weighted by how soon the
+    key's layer runs again after the layer of the latest touch; ties to the least recent)."""
 
     def __init__(
-        self, budget: int, policy: str, sizes: Callable[[Key], int], future: list[Key] | None
+        self,
+        budget: int,
+        policy: str,
+        sizes: Callable[[Key], int],
+        future: list[Key] | None,
+        num_layers: int = 1,
     ) -> None:
-        if policy not in ("lru", "lfu", "belady"):
-            raise ValueError(f"policy={policy!r} is not valid; choose 'lru', 'lfu' or 'belady'")
+        if policy not in ("lru", "lfu", "edgemoe", "belady"):
+            raise ValueError(f"policy={policy!r} is not valid; choose 'lru', 'lfu', 'edgemoe' or 'belady'")
         if policy == "belady" and future is None:
             raise ValueError("the belady policy needs the future access sequence")
         self.budget, self.policy, self.sizes = budget, policy, sizes
@@ -127,9 +134,11 @@ class _Cache:
             for positions in self.next_use.values():
                 positions.reverse()  # pop() gives the earliest remaining position
         self.pos = 0
+        self.num_layers, self.current_layer = num_layers, -1
 
     def touch(self, key: Key) -> None:
         self.freq[key] = self.freq.get(key, 0) + 1
+        self.current_layer = key[0]
         if key in self.entries:
             self.entries.move_to_end(key)
 
@@ -147,6 +156,11 @@ class _Cache:
             return cands[0]
         if self.policy == "lfu":
             return min(cands, key=lambda k: self.freq.get(k, 0))
+        if self.policy == "edgemoe":
+            from moekit.compress.edgemoe import eviction_priority
+
+            num_l, cur = self.num_layers, self.current_layer
+            return min(cands, key=lambda k: eviction_priority(self.freq.get(k, 0), k[0], cur, num_l))
         far = float("inf")
         return max(cands, key=lambda k: self.next_use[k][-1] if self.next_use.get(k) else far)
 
@@ -231,7 +245,7 @@ def replay(
         cache_bytes: budget for resident plus in-flight experts.
         expert_bytes: bytes of one expert entry (or a function of ``(layer, expert)``).
         hardware: the machine.
-        policy: ``"lru"``, ``"lfu"`` or ``"belady"``.
+        policy: ``"lru"``, ``"lfu"``, ``"edgemoe"`` or ``"belady"``.
         prefetch: ``f(token, layer, experts_used_at_layer) -> experts to prefetch for layer+1``.
         expert_flops: FLOPs of one expert on one token (``2 * 3 * D * F`` for SwiGLU).
         max_tokens: replay at most this many tokens.
@@ -239,7 +253,7 @@ def replay(
     sizes = expert_bytes if callable(expert_bytes) else (lambda key, b=expert_bytes: b)
     steps = access_steps(trace, max_tokens)
     future = [(layer, e) for step in steps for layer, experts in enumerate(step) for e in sorted(experts)]
-    cache = _Cache(cache_bytes, policy, sizes, future if policy == "belady" else None)
+    cache = _Cache(cache_bytes, policy, sizes, future if policy == "belady" else None, trace.num_layers)
     t = 0.0
     link = _Link()
     hits = misses = bytes_read = prefetches = prefetch_used = 0
