@@ -67,6 +67,7 @@ def test_vit_bimamba_option():
     (g,) = torch.autograd.grad(model.encoder(x).hidden[:, 0].sum(), x)
     assert g[:, -1].abs().sum() > 0
 
+
 def test_vit_bimamba_save_load(tmp_path):
     model = ViTMoE(vision_preset("vit-digits-mamba-dense")).eval()
     model.save_pretrained(tmp_path / "m")

@@ -62,7 +62,6 @@ class EncoderLayer(nn.Module):
         out = self.mlp(normed, token_mask=token_mask, k=moe_k, task_ids=tasks)
         return h_BSD + out.hidden, out
 
-
     def mix(self, x_BSD: Tensor, key_mask_BS: Tensor | None, causal: bool) -> Tensor:
         """The token mixer on normed states: ``[B, S, D] -> [B, S, D]``."""
         if hasattr(self, "self_attn"):
