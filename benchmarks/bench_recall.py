@@ -1,6 +1,6 @@
 """Multi-query associative recall: attention vs Mamba vs a hybrid, tiny models, trained briefly.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_recall.py --steps 300
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_recall.py --steps 3000 --lr 1e-3
     python benchmarks/bench_recall.py --quick       # smoke test
 
 The task (:func:`moekit.data.recall.associative_recall_batch`): P key-value pairs, then Q
@@ -8,7 +8,7 @@ queries whose answers must be looked up in the context; accuracy is over the ans
 fresh held-out sequences (chance = 1 / num_values). The three models share everything but
 the mixers: width 64, 2 layers, dense FFNs (width 128), MHA of 4 heads of 16 or a Mamba mixer
 with ``expand=1, state_dim=16`` (equal parameters within 1 %); layouts ``aa``, ``ma``
-(hybrid) and ``mm``. Same seed, data stream, optimizer (AdamW, lr 3e-3 with warmup and cosine
+(hybrid) and ``mm``. Same seed, data stream, optimizer (AdamW, lr 1e-3 by default, with warmup and cosine
 decay) and steps for all three.
 """
 
@@ -88,13 +88,13 @@ def run(pattern: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["aa", "ma", "mm"], help="layer strings")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-pairs", type=int, default=8)
     ap.add_argument("--num-queries", type=int, default=8)
     ap.add_argument("--num-keys", type=int, default=32)
     ap.add_argument("--num-values", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
     args = ap.parse_args()
