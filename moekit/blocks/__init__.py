@@ -29,7 +29,8 @@ Layout:
                   RaggedKVCache (a continuous batch's rows of their own lengths)
     encoder.py    SelfAttention (encoders: biased q/k/v/o, no RoPE, bidirectional or causal; ViT, CLIP)
     ssm.py        MambaMixer (Jamba's selective SSM), MambaConfig, scan_sequential /
-                  scan_chunked / scan_step (the reference loop, the chunked scan, decode)
+                  scan_chunked / scan_step (the reference loop, the chunked scan, decode),
+                  BidirectionalMamba (Vision Mamba: a forward and a backward scan, averaged)
 
     The Mamba mixer's convention is ``mixer(x_BSD, token_mask_BS | None, cache) -> [B, S, D]``
     (no RoPE, no attention mask: padding is a ``[B, S]`` token mask).
@@ -57,6 +58,7 @@ from moekit.blocks.moa import MixtureOfAttentionHeads
 from moekit.blocks.norm import RMSNorm
 from moekit.blocks.rope import RotaryEmbedding, apply_rotary, deinterleave
 from moekit.blocks.ssm import (
+    BidirectionalMamba,
     MambaConfig,
     MambaMixer,
     cumsum_chunks,
@@ -68,6 +70,7 @@ from moekit.blocks.ssm import (
 
 __all__ = [
     "Attention",
+    "BidirectionalMamba",
     "AttentionConfig",
     "KVCache",
     "RaggedKVCache",

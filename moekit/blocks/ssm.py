@@ -367,5 +367,28 @@ class MambaMixer(nn.Module):
         )
 
 
+class BidirectionalMamba(nn.Module):
+    """Vision Mamba's bidirectional mixer: one :class:`MambaMixer` scans the sequence forwards,
+    a second (its own weights) scans it backwards, and the outputs are averaged.
+
+    ``out = (forward(x) + flip(backward(flip(x)))) / 2`` with ``flip`` reversing the token axis,
+    so every token sees the whole sequence (an encoder over patches has no causal order).
+    Submodules: ``forward_mixer``, ``backward_mixer``. No cache: it is for encoders.
+    """
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.forward_mixer = MambaMixer(config, layer_idx=0)
+        self.backward_mixer = MambaMixer(config, layer_idx=0)
+
+    def forward(self, x_BSD: Tensor, token_mask_BS: Tensor | None = None, scan: str = "auto") -> Tensor:
+        """``[B, S, D] -> [B, S, D]``; ``token_mask_BS`` (1 = real) zeroes padding in both scans."""
+        ahead_BSD, _ = self.forward_mixer.mix(x_BSD, token_mask_BS, None, scan)
+        flip_mask = None if token_mask_BS is None else token_mask_BS.flip(1)
+        back_BSD, _ = self.backward_mixer.mix(x_BSD.flip(1), flip_mask, None, scan)
+        return 0.5 * (ahead_BSD + back_BSD.flip(1))
+
+
 def _activate(x: Tensor, activation: str) -> Tensor:
     return F.silu(x) if activation == "silu" else F.gelu(x)

@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The verb's flags (each a :class:`~moekit.train.vision.VisionRunConfig` field)."""
     p.add_argument("--task", choices=["vit", "clip", "multitask"], default="vit", help="what to train")
     p.add_argument(
-        "--preset", help="vision preset (vit-digits, clip-shapes, multitask-shapes, each also -dense)"
+        "--preset",
+        help="vision preset (vit-digits, vit-digits-mamba, clip-shapes, multitask-shapes, each also -dense)",
     )
     p.add_argument("--out", help="run folder (default runs/vision-<task>)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")

@@ -81,6 +81,8 @@ def _encoder_to_hf(cfg: EncoderConfig, where: str) -> dict[str, Any]:
             f"{where} has MoE layers {cfg.moe_layer_ids}; transformers' CLIPModel has none. Export the "
             "dense parent, or save a moekit folder"
         )
+    if cfg.mixer != "attention":
+        raise ValueError(f"{where}.mixer={cfg.mixer!r}; transformers' CLIPModel has attention only")
     if cfg.activation not in _ACTS:
         raise ValueError(
             f"{where}.activation={cfg.activation!r} has no CLIP hidden_act; use gelu or quick_gelu"

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moekit.blocks.ssm import MambaConfig
 from moekit.config import JsonConfig, check_choice
 from moekit.layers import MoEConfig
 from moekit.layers.config import ACTIVATIONS
 
 MOE_PLACEMENTS = ("all", "every_other", "first_half", "second_half", "explicit", "none")
 POOLINGS = ("eos", "argmax")
+MIXERS = ("attention", "bimamba")
 
 
 @dataclass(kw_only=True)
 class EncoderConfig(JsonConfig):
-    """A pre-norm transformer encoder: ``x + attn(ln1(x))``, then ``h + ffn(ln2(h))``.
+    """A pre-norm transformer encoder: ``x + mixer(ln1(x))``, then ``h + ffn(ln2(h))``.
 
     Attributes:
         dim: width D.
@@ -37,6 +39,10 @@ class EncoderConfig(JsonConfig):
         experts_per_layer: experts of each MoE layer in order (task extraction leaves them
             unequal); None = ``moe.num_experts`` everywhere.
         initializer_range: std of the normal init.
+        mixer: the token mixer of every layer: ``"attention"`` (bidirectional or causal
+            self-attention) or ``"bimamba"`` (Vision Mamba: a forward and a backward
+            :class:`~moekit.blocks.MambaMixer` scan, averaged; encoders without a causal mask only).
+        mamba: the Mamba mixer of ``"bimamba"`` (required with it; ``mamba.dim`` must equal ``dim``).
     """
 
     dim: int
@@ -50,9 +56,16 @@ class EncoderConfig(JsonConfig):
     moe_layer_indices: tuple[int, ...] | None = None
     experts_per_layer: tuple[int, ...] | None = None
     initializer_range: float = 0.02
+    mixer: str = "attention"
+    mamba: MambaConfig | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_choice(name, "mixer", self.mixer, MIXERS)
+        if (self.mixer == "bimamba") != (self.mamba is not None):
+            raise ValueError(f"{name}.mamba is given exactly when mixer='bimamba' (mixer={self.mixer!r})")
+        if self.mamba is not None and self.mamba.dim != self.dim:
+            raise ValueError(f"{name}.mamba.dim={self.mamba.dim} must equal dim={self.dim}")
         for f in ("dim", "num_layers", "num_heads", "ffn_dim"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{name}.{f} must be positive, got {getattr(self, f)}")

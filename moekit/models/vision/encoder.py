@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moekit.blocks import SelfAttention
+from moekit.blocks import BidirectionalMamba, MambaMixer, SelfAttention
 from moekit.layers import FeedForward, FFNConfig, MoELayer, RoutingInfo
 from moekit.layers.experts import BiasedExpertWeights, StackedExpertWeights
 from moekit.layers.moe import AuxLosses
@@ -21,16 +21,20 @@ from moekit.models.vision.config import EncoderConfig
 
 
 class EncoderLayer(nn.Module):
-    """``h = x + attn(ln1(x))``, ``out = h + mlp(ln2(h))``; ``mlp`` is a biased FFN or an MoE layer.
+    """``h = x + mixer(ln1(x))``, ``out = h + mlp(ln2(h))``; ``mlp`` is a biased FFN or an MoE layer.
 
-    Submodules: ``ln1``, ``self_attn`` (:class:`~moekit.blocks.SelfAttention`), ``ln2``, ``mlp``.
+    Submodules: ``ln1``, the mixer (``self_attn``, a :class:`~moekit.blocks.SelfAttention`, or
+    ``mamba``, a :class:`~moekit.blocks.BidirectionalMamba`, as ``config.mixer`` says), ``ln2``, ``mlp``.
     """
 
     def __init__(self, config: EncoderConfig, layer_idx: int) -> None:
         super().__init__()
         self.is_moe = config.is_moe_layer(layer_idx)
         self.ln1 = nn.LayerNorm(config.dim, eps=config.norm_eps)
-        self.self_attn = SelfAttention(config.dim, config.num_heads, bias=True)
+        if config.mixer == "bimamba":
+            self.mamba = BidirectionalMamba(config.mamba)
+        else:
+            self.self_attn = SelfAttention(config.dim, config.num_heads, bias=True)
         self.ln2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
         if self.is_moe:
             self.mlp: nn.Module = MoELayer(config.moe_config(layer_idx))
@@ -47,7 +51,7 @@ class EncoderLayer(nn.Module):
         moe_k: int | None,
     ):
         """Returns ``(x_BSD, MoEOutput | None)``."""
-        h_BSD = x_BSD + self.self_attn(self.ln1(x_BSD), key_mask_BS, causal)
+        h_BSD = x_BSD + self.mix(self.ln1(x_BSD), key_mask_BS, causal)
         normed = self.ln2(h_BSD)
         if not self.is_moe:
             return h_BSD + self.mlp(normed), None
@@ -57,6 +61,19 @@ class EncoderLayer(nn.Module):
             tasks = task_ids
         out = self.mlp(normed, token_mask=token_mask, k=moe_k, task_ids=tasks)
         return h_BSD + out.hidden, out
+
+    def mix(self, x_BSD: Tensor, key_mask_BS: Tensor | None, causal: bool) -> Tensor:
+        """The token mixer on normed states: ``[B, S, D] -> [B, S, D]``."""
+        if hasattr(self, "self_attn"):
+            return self.self_attn(x_BSD, key_mask_BS, causal)
+        if causal:
+            raise ValueError("a bidirectional Mamba encoder cannot run causally; use mixer='attention'")
+        return self.mamba(x_BSD, key_mask_BS)
+
+    @property
+    def token_mixer(self) -> nn.Module:
+        """``self_attn`` or ``mamba``, whichever this layer has."""
+        return self.self_attn if hasattr(self, "self_attn") else self.mamba
 
 
 @dataclass
@@ -154,16 +171,22 @@ def init_encoder_weights(root: nn.Module, std: float, num_layers: int) -> None:
                 nn.init.normal_(router.task_logits, std=1.0)
             if router.task_weight is not None:
                 nn.init.normal_(router.task_weight, std=std)
+    # A second pass: the loop above visits a mixer's Linears after the mixer itself.
+    for module in root.modules():
+        if isinstance(module, MambaMixer):
+            nn.init.normal_(module.out_proj.weight, std=out_std)
+            module.reset_ssm_parameters()
 
 
 def encoder_groups(model: nn.Module, encoders: dict[str, Encoder]) -> dict[str, list[str]]:
-    """The shared parameter groups plus ``attention`` and ``dense_ffn`` of the given encoders
-    (prefix -> encoder, prefixes as in ``model.named_parameters()``)."""
+    """The shared parameter groups plus ``attention`` (the token mixers, Mamba ones included) and
+    ``dense_ffn`` of the given encoders (prefix -> encoder, prefixes as in ``model.named_parameters()``)."""
     groups = moe_parameter_groups(model)
     groups["attention"], groups["dense_ffn"] = [], []
     for prefix, enc in encoders.items():
         for i, layer in enumerate(enc.layers):
-            groups["attention"] += module_param_names(layer.self_attn, f"{prefix}.layers.{i}.self_attn")
+            mixer = "self_attn" if hasattr(layer, "self_attn") else "mamba"
+            groups["attention"] += module_param_names(layer.token_mixer, f"{prefix}.layers.{i}.{mixer}")
             if not layer.is_moe:
                 groups["dense_ffn"] += module_param_names(layer.mlp, f"{prefix}.layers.{i}.mlp")
     return groups

@@ -4,10 +4,13 @@
 ``clip-shapes``: 16x16 scenes and their captions, 2-layer towers, MoE in every other layer of both.
 ``multitask-shapes``: task-level MoE (8 experts, top-2, task-embedding router, each task limited
 to its 3 best experts) on the shape, colour and count tasks. A ``-dense`` suffix gives the same model without MoE (``moe=None``).
+``vit-digits-mamba``: ``vit-digits`` with Vision Mamba mixers (``mixer="bimamba"``: a forward and a
+backward scan over the patches, ``expand=1``, ``state_dim=8``) instead of attention.
 """
 
 from __future__ import annotations
 
+from moekit.blocks.ssm import MambaConfig
 from moekit.config import JsonConfig
 from moekit.data.images import CAPTION_LEN, EOS_ID, VOCAB_SIZE
 from moekit.layers import MoEConfig
@@ -26,6 +29,10 @@ def _vit_digits() -> ViTConfig:
         dim=48, num_layers=4, num_heads=4, ffn_dim=96, image_size=8, patch_size=2, num_channels=1,
         num_classes=10, moe=_moe(48, 96), moe_placement="every_other",
     )  # fmt: skip
+
+
+def _vit_digits_mamba() -> ViTConfig:
+    return _vit_digits().replace(mixer="bimamba", mamba=MambaConfig(dim=48, expand=1, state_dim=8))
 
 
 def _clip_shapes() -> CLIPConfig:
@@ -47,7 +54,12 @@ def _multitask_shapes() -> ViTConfig:
     )  # fmt: skip
 
 
-_PRESETS = {"vit-digits": _vit_digits, "clip-shapes": _clip_shapes, "multitask-shapes": _multitask_shapes}
+_PRESETS = {
+    "vit-digits": _vit_digits,
+    "vit-digits-mamba": _vit_digits_mamba,
+    "clip-shapes": _clip_shapes,
+    "multitask-shapes": _multitask_shapes,
+}
 TASK_PRESETS = {"vit": "vit-digits", "clip": "clip-shapes", "multitask": "multitask-shapes"}
 
 
