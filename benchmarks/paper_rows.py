@@ -10,6 +10,7 @@
     python benchmarks/paper_rows.py prmoe    # PR-MoE pyramid vs standard MoE (paper_rows_compress.py)
     python benchmarks/paper_rows.py mcmoe    # MC-MoE: MILP vs uniform vs random bits, ODP (paper_rows_compress.py)
     python benchmarks/paper_rows.py edgemoe  # EdgeMoE: eviction hit rates, predictor accuracy (paper_rows_compress.py)
+    python benchmarks/paper_rows.py edgemoe-tolerance  # EdgeMoE: bit-width search, size vs loss (same file)
     python benchmarks/paper_rows.py moextend # MoExtend: layer choice by router tuning vs data shift vs all (paper_rows_compress.py)
 
 ``smoe``: two byte-level MoE LMs (dim 64, 2 layers, 8 experts of width 32) on the Python stdlib
@@ -202,6 +203,7 @@ def main() -> None:
             "prmoe",
             "mcmoe",
             "edgemoe",
+            "edgemoe-tolerance",
             "moextend",
         ],
     )
@@ -223,10 +225,10 @@ def main() -> None:
         from paper_rows_trained import scmoe
 
         scmoe(args.steps, args.seed, args.digits)
-    elif args.what in ("prune", "prmoe", "mcmoe", "edgemoe", "moextend"):
+    elif args.what in ("prune", "prmoe", "mcmoe", "edgemoe", "edgemoe-tolerance", "moextend"):
         import paper_rows_compress
 
-        getattr(paper_rows_compress, args.what)(args.steps, args.seed)
+        getattr(paper_rows_compress, args.what.replace("-", "_"))(args.steps, args.seed)
     else:
         import paper_rows_trained
 

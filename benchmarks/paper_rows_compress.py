@@ -4,6 +4,7 @@
     python benchmarks/paper_rows.py prmoe   # PR-MoE pyramid vs standard MoE at matched active compute
     python benchmarks/paper_rows.py mcmoe   # MC-MoE: MILP vs uniform vs random bits; ODP skipped share
     python benchmarks/paper_rows.py edgemoe # EdgeMoE: eviction hit rates and predictor accuracy
+    python benchmarks/paper_rows.py edgemoe-tolerance # EdgeMoE: bit-width search, size vs loss
     python benchmarks/paper_rows.py moextend # MoExtend: router-tuning layer choice vs data shift vs all
 
 All on byte-level models trained here on the Python stdlib source (``paper_rows._data``/``_train``).
@@ -31,6 +32,12 @@ token by token (``moekit.offload.simulate.replay``) with caches of 4 to 24 of th
 second-order predictor (``SecondOrderTransitions``, fitted on 32 training batches) predicts 2
 experts of the next layer; reported: the share of the experts used there that it covers, against
 first order and against the next layer's 2 most used experts.
+
+``edgemoe-tolerance``: on the trained model of ``prune``, EdgeMoE's bit-width search
+(``bitwidth_search`` over widths {2, 4, 8, 32}, RTN with groups of 64 = one row) is run at several
+tolerances P; the score is minus the loss (nats per byte) on 4 training batches, so P is in nats.
+Reported: average width of the expert weights (32 = float; scales not counted), their stored size,
+and the held-out loss, beside all-float and uniform RTN 8 / 4 / 2 bits.
 
 ``moextend``: the trained model of ``prune`` (old task: Python source) is extended with one new
 expert per chosen layer for 2-digit addition lines (``paper_rows_trained._addition_data``), then
@@ -249,6 +256,52 @@ def edgemoe(steps: int, seed: int) -> None:
     ):
         print(f"| {name} | {_accuracy(trans, held, order):.3f} |")
     print(f"| second order P(e_l+1 given e_l, e_l-1) (EdgeMoE) | {_accuracy(trans, held, 2):.3f} |")
+
+
+def edgemoe_tolerance(steps: int, seed: int) -> None:
+    """Prints the EdgeMoE tolerance sweep (markdown): size vs held-out loss per tolerance."""
+    from moekit.compress.calibrate import moe_layers
+    from moekit.compress.edgemoe import BitwidthSearchConfig, bitwidth_search, fake_quantized
+
+    t0 = time.perf_counter()
+    model, train, val = _trained(steps, seed)
+    calib = list(train[:4])
+    group = 64
+    counts = [layer.config.num_experts for layer in moe_layers(model)]
+    per_expert = sum(w.numel() for w in moe_layers(model)[0].experts.expert_tensors(0))
+    cache: dict[tuple, float] = {}
+
+    def score(bits: list[list[int]]) -> float:
+        # the search is deterministic, so the baseline and importance probes repeat across tolerances
+        key = tuple(map(tuple, bits))
+        if key not in cache:
+            cache[key] = -_loss(fake_quantized(model, bits, group), calib)
+        return cache[key]
+
+    def row(name: str, bits: list[list[int]], extra: str) -> None:
+        flat = [b for layer in bits for b in layer]
+        avg = sum(flat) / len(flat)
+        kib = sum(per_expert * b / 8 for b in flat) / 1024
+        loss = _loss(fake_quantized(model, bits, group), val)
+        widths = " / ".join("".join("F" if b == 32 else str(b) for b in layer) for layer in bits)
+        print(f"| {name} | {avg:.2f} | {kib:.1f} | {widths} | {loss:.4f} | {extra} |")
+
+    print(
+        f"seed {seed}: {steps} steps; {len(counts)} MoE layers x {counts[0]} experts of {per_expert} weights; "
+        f"search scored on {len(calib)} x 16 training windows, reported on {len(val)} x 16 held-out windows; "
+        f"training {time.perf_counter() - t0:.0f} s"
+    )
+    print(
+        "| configuration | avg bits per expert weight | expert KiB | widths per layer (F = float) "
+        "| held-out loss | calib drop / evaluations |"
+    )
+    print("|---|---|---|---|---|---|")
+    for b in (32, 8, 4, 2):
+        row("all float" if b == 32 else f"uniform {b} bits", [[b] * n for n in counts], "-")
+    for tol in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1):
+        res = bitwidth_search(score, counts, BitwidthSearchConfig(tolerance=tol, group_size=group))
+        row(f"EdgeMoE search, P = {tol}", res.bits, f"{res.baseline - res.score:.4f} / {res.evaluations}")
+    print(f"{len(cache)} distinct configurations scored; {time.perf_counter() - t0:.0f} s")
 
 
 def moextend(steps: int, seed: int) -> None:
