@@ -460,3 +460,17 @@ def test_loss_weights_come_from_the_train_config(tmp_path, corpus):
     )
     step = [json.loads(line) for line in res.log_path.read_text().splitlines()][1]
     assert step["aux_loss"] == pytest.approx(0.01 * step["aux_losses"]["load_balance"], rel=1e-5)
+
+
+def test_main_job_reference_only_on_the_default_budget():
+    """`moekit train` prints the docs' MoE and dense-twin numbers only where they compare."""
+    from moekit.cli.train import main_job_reference
+    from moekit.models.presets import reference_run
+
+    ref = main_job_reference(TrainConfig())
+    assert ref == reference_run("moe-small") and ref.twin == "dense-small" and ref.num_seeds >= 3
+    assert ref.val_loss > 0 and ref.twin_val_loss > 0
+    assert main_job_reference(TrainConfig(preset="dense-small")).twin == "moe-small"
+    assert main_job_reference(TrainConfig(out_dir="elsewhere", seed=3)) == ref  # seed and folder don't matter
+    for change in ({"lr": 1e-3}, {"max_steps": 100}, {"seq_len": 128}, {"preset": "moe-tiny"}):
+        assert main_job_reference(TrainConfig(**change)) is None, change

