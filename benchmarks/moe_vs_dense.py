@@ -280,7 +280,7 @@ def main() -> int:
     s.add_argument("--only", nargs="*", help="VARIANT@LR groups to plot (default all)")
     s.set_defaults(fn=cmd_summary)
     v = sub.add_parser("speed", help="training tokens/s of variants side by side (interleaved rounds)")
-    v.add_argument("--variant", nargs="+", default=["moe-small-dense0", "moe-small", "dense-small"])
+    v.add_argument("--variant", nargs="+", default=["moe-small", "moe-small-all", "dense-small"])
     v.add_argument("--batch-size", type=int, default=16)
     v.add_argument("--seq-len", type=int, default=256)
     v.add_argument("--rounds", type=int, default=7)
