@@ -357,12 +357,7 @@ class Engine:
         """The request's token source: a :class:`BatchRow` to join the continuous batch, or (one
         request at a time) a blocking iterator of ``(token_id, logprobs [V] or None)`` (worker
         thread; one ``next`` per token)."""
-        seed = body.seed if body.seed is not None else random.randrange(2**63)
-        sampler = Sampler(
-            temperature=body.temperature,
-            top_p=None if body.top_p >= 1.0 else body.top_p,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        sampler = self.request_sampler(body)
         if self.scheduler is not None:
             return BatchRow(prompt_ids, sampler, max_tokens, want_logprobs, pixel_values)
         ids = torch.tensor([prompt_ids])
@@ -375,6 +370,22 @@ class Engine:
             )
         else:
             session = DecodeSession(self.model, ids, max_new_tokens=max_tokens, compile=self.compile)
+        return self.session_tokens(session, max_tokens, sampler, want_logprobs)
+
+    @staticmethod
+    def request_sampler(body) -> Sampler:
+        """The request's sampler: its temperature and top-p, and a generator seeded from ``seed``
+        (a random seed when the request names none)."""
+        seed = body.seed if body.seed is not None else random.randrange(2**63)
+        return Sampler(
+            temperature=body.temperature,
+            top_p=None if body.top_p >= 1.0 else body.top_p,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def session_tokens(self, session, max_tokens: int, sampler: Sampler, want_logprobs: bool) -> Iterator:
+        """A blocking iterator of ``(token_id, float32 logprobs [V] or None)`` over a score source
+        (``prefill``/``step``, e.g. a :class:`DecodeSession`), counting tokens in the stats."""
         source = _Recorder(session) if want_logprobs else session
         delay, stats = self.token_delay_s, self.stats
 
@@ -383,7 +394,7 @@ class Engine:
                 stats.generated_tokens += 1
                 if delay:
                     time.sleep(delay)
-                logprobs_V = source.last_BV[0].log_softmax(-1) if want_logprobs else None
+                logprobs_V = source.last_BV[0].float().log_softmax(-1) if want_logprobs else None
                 yield int(next_B[0]), logprobs_V
 
         return tokens()

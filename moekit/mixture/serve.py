@@ -15,16 +15,11 @@ itself knows nothing about mixtures; it only calls the engine's optional hooks:
 
 from __future__ import annotations
 
-import random
-import time
 from collections import OrderedDict
-
-import torch
 
 from moekit.infer.server_engine import Engine
 from moekit.infer.server_requests import RequestError
 from moekit.mixture.runtime import Mixture
-from moekit.models.generation import Sampler, iter_tokens
 
 LATENCY_HEADER = "x-latency-class"
 
@@ -105,25 +100,8 @@ class MixtureEngine(Engine):
             choice = self.mixture.choose(prompt_ids, max_tokens)
         for name in choice.experts:
             self.expert_requests[name] += 1
-        seed = body.seed if body.seed is not None else random.randrange(2**63)
-        sampler = Sampler(
-            temperature=body.temperature,
-            top_p=None if body.top_p >= 1.0 else body.top_p,
-            generator=torch.Generator().manual_seed(seed),
-        )
         session = self.mixture.session(prompt_ids, choice, max_tokens)
-        source = _Recorder(session) if want_logprobs else session
-        delay, stats = self.token_delay_s, self.stats
-
-        def tokens():
-            for next_B in iter_tokens(source, max_tokens, sampler, eos_token_id=self.eos):
-                stats.generated_tokens += 1
-                if delay:
-                    time.sleep(delay)
-                logprobs_V = source.last_BV[0].float().log_softmax(-1) if want_logprobs else None
-                yield int(next_B[0]), logprobs_V
-
-        return tokens()
+        return self.session_tokens(session, max_tokens, self.request_sampler(body), want_logprobs)
 
     def prompt_infos(self, prompt_ids: list[int], top: int):
         """Echoed prompt log-probabilities are not defined for a mixture (the choice needs the

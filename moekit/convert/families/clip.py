@@ -174,6 +174,32 @@ def clip_targets(cfg: CLIPConfig) -> list[Target]:
     return targets
 
 
+def load_dual_encoder_hf(path: str | Path, dtype, config_from_hf, model_cls, targets_fn, family: str):
+    """Imports a transformers dual-encoder folder (CLIP, SigLIP) as a dense moekit model (eval).
+
+    ``config_from_hf(hf_dict)`` gives the moekit config, ``targets_fn(config)`` every moekit
+    tensor's source; a moekit tensor without one is a ValueError naming ``family``.
+    """
+    folder = Path(path)
+    hf = json.loads((folder / "config.json").read_text())
+    try:
+        config = config_from_hf(hf)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{folder / 'config.json'}: {err}") from None
+    mapping = weight_map(folder)
+    with torch.device("meta"):
+        model = model_cls(config)
+    materialize(model, dtype or checkpoint_dtype(mapping))
+    state = model.state_dict()
+    targets = targets_fn(config)
+    unmapped = sorted(set(state) - {t.name for t in targets})
+    if unmapped:
+        raise ValueError(f"{family} adapter does not map moekit tensor(s) {unmapped[:5]}")
+    load_into(state, targets, mapping)
+    model.eval()
+    return model
+
+
 def load_clip_hf(path: str | Path, dtype: torch.dtype | None = None) -> CLIPMoE:
     """Imports a transformers ``CLIPModel`` folder as a dense :class:`CLIPMoE` (eval mode).
 
@@ -181,24 +207,7 @@ def load_clip_hf(path: str | Path, dtype: torch.dtype | None = None) -> CLIPMoE:
         path: the folder (``config.json`` + safetensors; pickles are refused).
         dtype: run dtype; None keeps the checkpoint's.
     """
-    folder = Path(path)
-    hf = json.loads((folder / "config.json").read_text())
-    try:
-        config = clip_config_from_hf(hf)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{folder / 'config.json'}: {err}") from None
-    mapping = weight_map(folder)
-    with torch.device("meta"):
-        model = CLIPMoE(config)
-    materialize(model, dtype or checkpoint_dtype(mapping))
-    state = model.state_dict()
-    targets = clip_targets(config)
-    unmapped = sorted(set(state) - {t.name for t in targets})
-    if unmapped:
-        raise ValueError(f"clip adapter does not map moekit tensor(s) {unmapped[:5]}")
-    load_into(state, targets, mapping)
-    model.eval()
-    return model
+    return load_dual_encoder_hf(path, dtype, clip_config_from_hf, CLIPMoE, clip_targets, "clip")
 
 
 def save_clip_hf(model: CLIPMoE, path: str | Path) -> Path:

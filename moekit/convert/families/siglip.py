@@ -7,16 +7,13 @@ head) and the ``gelu_pytorch_tanh`` / ``gelu`` activations.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moekit.convert.checkpoint import checkpoint_dtype, load_into, weight_map
 from moekit.convert.families.base import Target
-from moekit.convert.families.clip import _layer_targets
-from moekit.models.io import materialize
+from moekit.convert.families.clip import _layer_targets, load_dual_encoder_hf
 from moekit.models.vision.siglip import SigLIPConfig, SigLIPMoE, SigLIPTextConfig, SigLIPVisionConfig
 
 HF_MODEL_TYPES = ("siglip",)
@@ -99,21 +96,4 @@ def load_siglip_hf(path: str | Path, dtype: torch.dtype | None = None) -> SigLIP
         path: the folder (``config.json`` + safetensors; pickles are refused).
         dtype: run dtype; None keeps the checkpoint's.
     """
-    folder = Path(path)
-    hf = json.loads((folder / "config.json").read_text())
-    try:
-        config = siglip_config_from_hf(hf)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{folder / 'config.json'}: {err}") from None
-    mapping = weight_map(folder)
-    with torch.device("meta"):
-        model = SigLIPMoE(config)
-    materialize(model, dtype or checkpoint_dtype(mapping))
-    state = model.state_dict()
-    targets = siglip_targets(config)
-    unmapped = sorted(set(state) - {t.name for t in targets})
-    if unmapped:
-        raise ValueError(f"siglip adapter does not map moekit tensor(s) {unmapped[:5]}")
-    load_into(state, targets, mapping)
-    model.eval()
-    return model
+    return load_dual_encoder_hf(path, dtype, siglip_config_from_hf, SigLIPMoE, siglip_targets, "siglip")
