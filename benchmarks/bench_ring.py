@@ -23,25 +23,10 @@ import tempfile
 import time
 
 import torch
+from bench_offload import build  # the same random Mixtral-shaped model
 
-from moekit.layers import MoEConfig
-from moekit.models import ModelConfig, MoEForCausalLM
 from moekit.offload import offload_model, ring_offload_model
 from moekit.offload.simulate import ring_sections, ring_timeline
-
-
-def build(args) -> MoEForCausalLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=args.vocab,
-        dim=args.dim,
-        num_layers=args.layers,
-        num_heads=8,
-        num_kv_heads=4,
-        ffn_dim=2 * args.ffn,
-        moe=MoEConfig(dim=args.dim, ffn_dim=args.ffn, num_experts=8, top_k=2),
-    )
-    return MoEForCausalLM(cfg).eval()
 
 
 def decode(model, prompt: torch.Tensor, stream: torch.Tensor, runner=None) -> tuple[list[list[int]], float]:
