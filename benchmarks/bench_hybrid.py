@@ -27,7 +27,7 @@ import time
 import torch
 
 from moekit.blocks.ssm import MambaConfig
-from moekit.models.config import layout_from_pattern, periodic_layer_types
+from moekit.models.layer_layouts import layout_from_pattern, periodic_layer_types
 from moekit.train import TrainConfig, train
 
 

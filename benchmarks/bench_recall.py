@@ -24,7 +24,7 @@ import torch
 from moekit.blocks.ssm import MambaConfig
 from moekit.data.recall import associative_recall_batch, recall_accuracy
 from moekit.models import MoEForCausalLM, get_preset
-from moekit.models.config import layout_from_pattern
+from moekit.models.layer_layouts import layout_from_pattern
 
 
 def build(pattern: str, vocab: int, seq_len: int) -> MoEForCausalLM:

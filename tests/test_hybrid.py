@@ -8,8 +8,9 @@ import torch
 from moekit.blocks import KVCache, MambaConfig, MambaMixer
 from moekit.layers import MoEConfig
 from moekit.models import MoEForCausalLM
-from moekit.models.config import ModelConfig, layout_from_pattern, periodic_layer_ids, periodic_layer_types
+from moekit.models.config import ModelConfig
 from moekit.models.decode import DecodeSession, fast_decode_supported
+from moekit.models.layer_layouts import layout_from_pattern, periodic_layer_ids, periodic_layer_types
 
 
 def _hybrid(pattern="mMaM", use_rope=False, attention_type="mha", seed=0, **kw):

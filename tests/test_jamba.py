@@ -17,7 +17,8 @@ from moekit.convert import from_pretrained, save_hf  # noqa: E402
 from moekit.convert.families.jamba import find_period  # noqa: E402
 from moekit.layers import MoEConfig  # noqa: E402
 from moekit.models import MoEForCausalLM  # noqa: E402
-from moekit.models.config import ModelConfig, layout_from_pattern  # noqa: E402
+from moekit.models.config import ModelConfig  # noqa: E402
+from moekit.models.layer_layouts import layout_from_pattern  # noqa: E402
 
 VOCAB = 100
 BASE = dict(

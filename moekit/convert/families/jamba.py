@@ -33,7 +33,8 @@ from moekit.convert.families.base import (
 )
 from moekit.convert.families.llama import LlamaAdapter
 from moekit.layers import MoEConfig
-from moekit.models.config import ModelConfig, periodic_layer_ids, periodic_layer_types
+from moekit.models.config import ModelConfig
+from moekit.models.layer_layouts import periodic_layer_ids, periodic_layer_types
 
 _MAMBA_TENSORS = (
     "in_proj.weight",
