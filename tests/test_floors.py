@@ -17,6 +17,7 @@ ROOT = Path(moekit.__file__).parent
 
 FLOORS = {
     "config": 0,
+    "kernels": 0,
     "layers": 1,
     "data": 1,
     "analysis": 1,
