@@ -112,6 +112,25 @@ class ExpertWeights(nn.Module):
         """Returns ``(w_in [H, D], w_out [D, F])`` of one expert, in compute precision."""
         raise NotImplementedError
 
+    @property
+    def supports_decode_token(self) -> bool:
+        """Whether the decode fast path may call :meth:`decode_token` (and :meth:`expert_forward`
+        on small row groups) instead of going through the dispatcher; stacked storages can."""
+        return self.stacked() is not None
+
+    def decode_token(self, x_1D: Tensor, ids: list[int], weights_1K: Tensor) -> Tensor:
+        """The routed experts of one decoding token: ``sum_k weights_1K[:, k] * expert_{ids[k]}(x_1D)``.
+
+        ``x_1D [1, D]``; ``ids``: the K chosen experts as ints, in slot order; ``weights_1K [1, K]``
+        their gate weights. Returns ``[1, D]``, summed in slot order (what the general path does
+        for one token). Storages with a faster one-token kernel override this.
+        """
+        out_1D = None
+        for slot, expert in enumerate(ids):
+            y_1D = self.expert_forward(expert, x_1D) * weights_1K[:, slot : slot + 1]
+            out_1D = y_1D if out_1D is None else out_1D + y_1D
+        return out_1D
+
     def stacked(self) -> tuple[Tensor, Tensor] | None:
         """Returns ``(w_in [E, H, D], w_out [E, D, F])``, or None when not held stacked."""
         return None

@@ -228,7 +228,7 @@ class MoELayer(nn.Module):
             and self.router.supports_route_small
             and not cfg.num_tasks
             and self.dispatcher.supports_fast_decode
-            and self.experts.stacked() is not None
+            and self.experts.supports_decode_token
             and cfg.capacity_factor is None
             and not cfg.residual_moe
             and cfg.num_experts == cfg.num_total_experts

@@ -160,7 +160,7 @@ def _fast_moe(
     k = ids_BK.shape[1]
     ids = ids_BK.tolist()  # the one host read per layer: which experts' weights to touch
     if len(ids) == 1:
-        out_BD = _one_row_experts(mlp, x_BD, ids[0], weights_BK)
+        out_BD = mlp.experts.decode_token(x_BD, ids[0], weights_BK)
     else:
         out_BD = _grouped_experts(mlp, x_BD, ids, weights_BK)
     return _shared_experts(mlp, x_BD, out_BD), len(ids) * k
@@ -174,21 +174,19 @@ def _grouped_experts(mlp: MoELayer, x_BD: Tensor, ids: list, weights_BK: Tensor)
     Each token's outputs are summed in slot order, as :func:`_one_row_experts` does for one token.
     Legend here: A = B * K assignments.
     """
-    cfg = mlp.config
     b, k = len(ids), len(ids[0])
     order = sorted(range(b * k), key=lambda a: ids[a // k][a % k])  # stable: ties keep row order
     device = x_BD.device
     order_A = torch.tensor(order, device=device)
     x_AD = x_BD.index_select(0, order_A // k)
-    w_in_EHD, w_out_EDF = mlp.experts.w_in, mlp.experts.w_out
+    experts = mlp.experts
     pieces, start = [], 0
     while start < len(order):
         expert = ids[order[start] // k][order[start] % k]
         end = start + 1
         while end < len(order) and ids[order[end] // k][order[end] % k] == expert:
             end += 1
-        h_NH = F.linear(x_AD[start:end], w_in_EHD[expert])
-        pieces.append(F.linear(activate(h_NH, cfg.activation), w_out_EDF[expert]))
+        pieces.append(experts.expert_forward(expert, x_AD[start:end]))
         start = end
     y_AD = torch.cat(pieces) * weights_BK.reshape(-1).index_select(0, order_A)[:, None]
     # Back to (token, slot) order, then sum the slots: token-by-token the same additions as alone.
