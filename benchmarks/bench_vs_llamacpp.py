@@ -456,6 +456,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="llama.cpp's convert_hf_to_gguf.py for the check row (default: $LLAMA_CPP_CONVERT)",
     )
     p.add_argument("--quick", action="store_true", help="3 rounds of 16 new tokens, 128-token prefill")
+    p.add_argument(
+        "--prepare-only", action="store_true", help="build the artifacts the rows need, time nothing"
+    )
     p.add_argument("--json", type=Path, default=None, help="also append the records to this JSONL file")
     args = p.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -481,6 +484,10 @@ def main(argv=None) -> int:
     paths = prepare(shape, args.workdir, types, quant_bits, args.seed)
     print(f"# artifacts ready in {time.perf_counter() - t0:.0f}s under {args.workdir}", flush=True)
     records = []
+    if args.prepare_only:
+        if "check" in args.rows and args.convert_script:
+            convert_with_llama_cpp(paths["moekit"], args.workdir, Path(args.convert_script))
+        return 0
     if "check" in args.rows:
         import moekit
 
