@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_llamacpp
 def bench():
     spec = importlib.util.spec_from_file_location("bench_vs_llamacpp", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
