@@ -42,7 +42,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "quant_kernels.jsonl"
 
 def emit(record: dict) -> None:
     """Prints one JSON record and appends it to the results file."""
-    record = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}
+    record = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in record.items()}
     print(json.dumps(record), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
