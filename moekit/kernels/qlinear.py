@@ -17,8 +17,9 @@ are exact in float32 too: at most 32 * 255 * 127 < 2^24), so both paths agree up
 the float sums.
 
 Kernel layouts (:func:`kernel_codes`): 8 bits, the stored ``[R, C]`` codes as they are; 1..4 bits,
-``[R, C / 2]`` nibbles, per 64-column chunk 32 bytes whose low nibbles are columns 0..31 and high
-nibbles columns 32..63. Needs ``C % 64 == 0`` and ``g`` 32 or a multiple of 64 (:func:`fits`).
+``[R, C / 2]`` nibbles, per 128-column super-chunk 64 bytes whose low nibbles are columns 0..63 and
+high nibbles columns 64..127 (one 512-bit load unpacks to two 64-column chunks), then, when
+``C % 128 == 64``, a 32-byte tail (low nibbles: its columns 0..31, high: 32..63). Needs ``C % 64 == 0`` and ``g`` 32 or a multiple of 64 (:func:`fits`).
 
 Floor 0: imports nothing else from moekit.
 """
@@ -68,22 +69,41 @@ def fits(bits: int, group_size: int, num_cols: int) -> bool:
     )
 
 
+@functools.cache
+def _nibble_order(num_c: int) -> Tensor:
+    """Column index of each nibble of a kernel-layout row, ``[C]``: first all low nibbles' columns
+    then all high nibbles', byte by byte (see the module doc)."""
+    supers = num_c // 128
+    lo, hi = [], []
+    for s in range(supers):
+        lo.append(torch.arange(64) + 128 * s)
+        hi.append(torch.arange(64) + 128 * s + 64)
+    if num_c % 128:
+        lo.append(torch.arange(32) + 128 * supers)
+        hi.append(torch.arange(32) + 128 * supers + 32)
+    return torch.cat([torch.cat(lo), torch.cat(hi)])
+
+
 def kernel_codes(codes_RC: Tensor, bits: int) -> Tensor:
     """Stored-order codes uint8 ``[R, C]`` -> the kernel layout (see the module doc)."""
     if bits == 8:
         return codes_RC.contiguous()
-    num_r, num_c = codes_RC.shape
-    q = codes_RC.view(num_r, num_c // CHUNK, 2, QBLOCK)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(num_r, num_c // 2).contiguous()
+    num_c = codes_RC.shape[1]
+    order = _nibble_order(num_c)
+    lo, hi = codes_RC[:, order[: num_c // 2]], codes_RC[:, order[num_c // 2 :]]
+    return (lo | (hi << 4)).contiguous()
 
 
 def stored_codes(k_codes: Tensor, bits: int) -> Tensor:
     """Inverse of :func:`kernel_codes`: uint8 ``[R, C]`` codes in column order."""
     if bits == 8:
         return k_codes
-    num_r = k_codes.shape[0]
-    k = k_codes.view(num_r, -1, QBLOCK)
-    return torch.stack([k & 15, k >> 4], dim=2).reshape(num_r, -1)
+    num_r, half = k_codes.shape
+    order = _nibble_order(2 * half)
+    out = torch.empty(num_r, 2 * half, dtype=torch.uint8)
+    out[:, order[:half]] = k_codes & 15
+    out[:, order[half:]] = k_codes >> 4
+    return out
 
 
 def quantize_activations(x_NC: Tensor) -> tuple[Tensor, Tensor]:
