@@ -15,6 +15,19 @@ the total generated tokens/s of each and their ratio. ``--preset`` picks the ran
 speed does not depend on the weights, and greedy tokens are counted from ``usage``).
 
     PYTHONPATH=. python benchmarks/bench_serve.py --compare --preset moe-small --clients 8 --max-tokens 64
+
+``--join`` measures chunked prefill instead: ``--clients`` greedy rows decode, and after
+``--warmup-ticks`` steps a ``--join-prompt``-token prompt joins their batch; it runs the server's
+own scheduler (:class:`~moekit.infer.server_batch.BatchScheduler`, what ``moekit serve`` ticks on
+its worker thread) in-process, timing each tick, once without chunking and once per
+``--prefill-chunk`` size, in ``--rounds`` interleaved rounds (the order rotates each round). For
+each it prints the running rows' inter-token gaps (median, p99, max), the long prompt's time to
+first token and the total generated tokens/s, per round and their medians. The tokens are timed
+where the scheduler hands them to the event loop (HTTP delivery adds the same to both sides; it is
+left out because a random model's tokens often decode to no text, so streamed chunks do not count
+tokens). EOS is off, so every side generates the same tokens.
+
+    PYTHONPATH=. python benchmarks/bench_serve.py --join --preset moe-small-all --clients 4 --prefill-chunk 64
 """
 
 from __future__ import annotations
@@ -135,6 +148,101 @@ def compare(base: str, args) -> None:
     print(f"batch: {health['batch']}")
 
 
+def join(model, args) -> None:
+    """Running rows' inter-token gaps while a long prompt joins, with and without chunked prefill."""
+    import torch
+
+    from moekit.infer.server_batch import BatchRow, BatchScheduler
+    from moekit.infer.server_engine import ServerStats
+    from moekit.models.generation import Sampler
+
+    chunks = [None] + [int(c) for c in args.prefill_chunk.split(",")]
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    short = [torch.randint(0, vocab, (8,), generator=gen).tolist() for _ in range(args.clients)]
+    long_prompt = torch.randint(0, vocab, (args.join_prompt,), generator=gen).tolist()
+    if args.join_prompt + args.max_tokens > model.config.max_position_embeddings:
+        raise SystemExit(
+            f"--join-prompt + --max-tokens exceed the model's {model.config.max_position_embeddings} positions"
+        )
+
+    def one_run(chunk):
+        def row(prompt, max_tokens):
+            return BatchRow(prompt, Sampler(temperature=0.0), max_tokens, want_logprobs=False)
+
+        sched = BatchScheduler(
+            model,
+            vision=False,
+            eos_token_id=-1,  # no EOS: every side generates the same number of tokens
+            max_batch=args.clients + 1,
+            call=None,
+            stats=ServerStats(),
+            prefill_chunk=chunk,
+        )
+        running = [row(p, args.max_tokens) for p in short]
+        long_row = row(long_prompt, args.join_tokens)
+        sched.waiting.extend(running)
+        last, gaps, tokens, ticks = {}, [], {}, 0
+        t_join = t_first = None
+        t0 = time.perf_counter()
+        while sched.rows or sched.waiting or sched.prefilling or ticks == 0:
+            if ticks == args.warmup_ticks:
+                sched.waiting.append(long_row)
+                t_join = time.perf_counter()
+            out = sched.tick()
+            now = time.perf_counter()
+            ticks += 1
+            for r, item in out:
+                if item is None:
+                    continue
+                tokens[r] = tokens.get(r, 0) + 1
+                if r is long_row and t_first is None:
+                    t_first = now
+                elif r is not long_row:
+                    if r in last and t_join is not None:  # gaps from the join on
+                        gaps.append(now - last[r])
+                    last[r] = now
+        wall = time.perf_counter() - t0
+        return {
+            "gaps": gaps,
+            "ttft": t_first - t_join,
+            "tok_s": sum(tokens.values()) / wall,
+            "tokens": sum(tokens.values()),
+        }
+
+    one_run(chunks[-1])  # warm-up: first-call allocations and thread pools
+    results = {c: [] for c in chunks}
+    for r in range(args.rounds):
+        order = chunks[r % len(chunks) :] + chunks[: r % len(chunks)]
+        for c in order:
+            results[c].append(one_run(c))
+    print(
+        f"{args.clients} running rows ({args.max_tokens} tokens each), a {args.join_prompt}-token prompt "
+        f"({args.join_tokens} tokens) joins after {args.warmup_ticks} steps; gaps of the running rows from "
+        f"the join on; {args.rounds} rounds, medians"
+    )
+    print(
+        f"{'prefill':>10s} {'gap p50 ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'ttft ms':>8s} {'tokens/s':>9s}  per-round max gap ms"
+    )
+    med = statistics.median
+    for c, runs in results.items():
+        stat = {
+            "p50": med(1000 * med(x["gaps"]) for x in runs),
+            "p99": med(1000 * _percentile(x["gaps"], 0.99) for x in runs),
+            "max": med(1000 * max(x["gaps"]) for x in runs),
+            "ttft": med(1000 * x["ttft"] for x in runs),
+            "tok_s": med(x["tok_s"] for x in runs),
+        }
+        name = "one go" if c is None else f"chunk {c}"
+        per_round = ", ".join(f"{1000 * max(x['gaps']):.0f}" for x in runs)
+        print(
+            f"{name:>10s} {stat['p50']:10.1f} {stat['p99']:8.1f} {stat['max']:8.1f} {stat['ttft']:8.0f} "
+            f"{stat['tok_s']:9.0f}  {per_round}"
+        )
+    if len({x["tokens"] for runs in results.values() for x in runs}) != 1:
+        print("WARNING: the sides generated different numbers of tokens")
+
+
 def main() -> None:
     """Runs the benchmark and prints its numbers."""
     import httpx
@@ -155,12 +263,25 @@ def main() -> None:
     p.add_argument("--preset", default="moe-tiny", help="random model when no --model (default moe-tiny)")
     p.add_argument("--rounds", type=int, default=2, help="--compare rounds")
     p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    p.add_argument("--join", action="store_true", help="chunked prefill: gaps while a long prompt joins")
+    p.add_argument(
+        "--prefill-chunk", default="64", help="--join: chunk sizes to compare with none, comma-separated"
+    )
+    p.add_argument("--join-prompt", type=int, default=512, help="--join: the joining prompt's tokens")
+    p.add_argument("--join-tokens", type=int, default=16, help="--join: tokens the joining request generates")
+    p.add_argument("--warmup-ticks", type=int, default=8, help="--join: steps before the long prompt joins")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else _tiny_folder(Path(tmp), args.preset)
         print(f"model {args.model or args.preset + ' (random init)'}, torch threads {args.threads}")
+        if args.join:
+            from moekit.cli.common import load_model_and_tokenizer
+
+            model, _, _ = load_model_and_tokenizer(folder)
+            join(model, args)
+            return
         if args.compare:
             import multiprocessing
 

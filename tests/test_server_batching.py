@@ -132,12 +132,18 @@ def test_batch_refuses_models_whose_rows_compete_for_experts():
 # -- the scheduler, ticked by hand: deterministic joins, leaves and cancellations --
 
 
-def _scheduler(model, max_batch=8):
+def _scheduler(model, max_batch=8, prefill_chunk=None):
     from moekit.infer.server_batch import BatchScheduler
     from moekit.infer.server_engine import ServerStats
 
     return BatchScheduler(
-        model, vision=False, eos_token_id=-1, max_batch=max_batch, call=None, stats=ServerStats()
+        model,
+        vision=False,
+        eos_token_id=-1,
+        max_batch=max_batch,
+        call=None,
+        stats=ServerStats(),
+        prefill_chunk=prefill_chunk,
     )
 
 
@@ -160,7 +166,7 @@ def _run(scheduler, schedule, num_ticks=40):
                 scheduler.waiting.append(row[0])
             else:
                 rows[key].cancelled = True
-        if t > max(schedule) and not scheduler.rows and not scheduler.waiting:
+        if t > max(schedule) and not (scheduler.rows or scheduler.waiting or scheduler.prefilling):
             break
         for row, item in scheduler.tick():
             if item is not None:
@@ -279,10 +285,11 @@ def _post(client, body) -> dict:
     }
 
 
-def test_concurrent_requests_get_their_sequential_tokens(served):
+@pytest.mark.parametrize("prefill_chunk", [None, 2], ids=["one-go", "chunked"])
+def test_concurrent_requests_get_their_sequential_tokens(served, prefill_chunk):
     model, tok = served
     bodies = _bodies()
-    with _serve(model, tok, token_delay_s=0.02) as client:
+    with _serve(model, tok, token_delay_s=0.02, prefill_chunk=prefill_chunk) as client:
         alone = [_post(client, b) for b in bodies]
         assert client.get("/health").json()["batch"]["largest"] == 1
         together = [None] * len(bodies)
@@ -304,6 +311,8 @@ def test_concurrent_requests_get_their_sequential_tokens(served):
     assert any(a["lp"] for a in alone)
     assert [a["finish"] for a in alone].count("stop") >= 1  # a stop sequence cut one
     assert health["batch"]["largest"] >= 4, health  # they really shared steps
+    if prefill_chunk:  # the prompts (3-4 tokens) took two chunks each
+        assert health["batch"]["prefill_chunks"] > health["batch"]["prefills"], health
     assert health["batch"]["running"] == 0 and health["active"] == 0
 
 

@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kernel",
         default="auto",
-        choices=["auto", "exact", "dequant"],
-        help="auto: fastest measured CPU kernels; exact: kernels that run the stored codes; dequant: float matmul",
+        choices=["auto", "native", "exact", "dequant"],
+        help="auto: fastest measured CPU kernels (native where it fits); native: moekit's VNNI kernel; exact: kernels that run the stored codes; dequant: float matmul",
     )
 
 

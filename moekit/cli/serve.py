@@ -54,6 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="continuous batching: requests decoded together at most, joining and leaving at token "
         "boundaries (1: one at a time; --compile also serves one at a time)",
     )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="chunked prefill: a prompt joining the running batch is prefilled at most N tokens per "
+        "decode step, so running requests keep streaming while a long prompt is read (default: "
+        "each prompt in one go; e.g. 64)",
+    )
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder name)")
     p.add_argument(
         "--compile",
@@ -79,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0 to 65535)")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     if not is_loopback(args.host) and not args.api_key:
         bar = "!" * 78
         print(
@@ -108,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         compile=args.compile,
         max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk,
     )
 
     def report() -> None:

@@ -10,7 +10,7 @@ from moekit.config import JsonConfig, check_choice
 
 VALID_BITS = (1, 2, 3, 4, 8)
 METHODS = ("rtn", "gptq")
-KERNELS = ("auto", "exact", "dequant")
+KERNELS = ("auto", "native", "exact", "dequant")
 
 
 def check_bits(bits: int, where: str = "QuantConfig.bits") -> None:
@@ -40,9 +40,10 @@ class QuantConfig(JsonConfig):
             (routers, norms and the embedding stay in floating point).
         non_expert_bits: bit width of those linears (None: ``bits``).
         expert_bits: per MoE layer, one bit width per expert (mixed precision); None: ``bits``.
-        kernel: ``"auto"`` (fastest measured CPU kernel per width: int4pack for <= 4 bits,
-            fbgemm's dynamic int8 linear on a per-channel re-quantization for 8 bits, see
-            docs/compression.md), ``"exact"`` (kernels that execute the stored codes; 8 bits then
+        kernel: ``"auto"`` (fastest measured CPU kernel per width: moekit's native kernel where
+            it builds and fits, else int4pack for <= 4 bits and fbgemm's dynamic int8 linear on a
+            per-channel re-quantization for 8 bits, see docs/compression.md), ``"native"``
+            (moekit's kernel: block-32 int8 activations, VNNI dots), ``"exact"`` (kernels that execute the stored codes; 8 bits then
             runs at about fp32 speed) or ``"dequant"`` (dequantize, then a float matmul).
         gptq_damp: GPTQ's dampening, as a fraction of the Hessian's mean diagonal.
     """

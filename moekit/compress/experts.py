@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.compress.kernels import PackedLinear
+from moekit.kernels import qlinear
 from moekit.layers import ExpertWeights
 from moekit.layers.experts import activate
 
@@ -19,7 +20,9 @@ class QuantizedExperts(ExpertWeights):
     """E experts, each ``w_out(act(w_in(x)))`` with quantized ``w_in [H, D]`` and ``w_out [D, F]``.
 
     Submodules: ``w_in`` and ``w_out``, ``nn.ModuleList`` of E :class:`PackedLinear` each (state
-    keys ``w_in.{e}.qweight`` etc.). ``stacked()`` stays None, so dispatch uses the sorted path.
+    keys ``w_in.{e}.qweight`` etc.). ``stacked()`` stays None, so dispatch uses the sorted path;
+    the decode fast path is supported (:meth:`decode_token`): with native kernels one token's K
+    experts run as one fused native call (``moekit::q_experts_token``).
 
     Args:
         w_in, w_out: the per-expert quantized projections.
@@ -44,6 +47,36 @@ class QuantizedExperts(ExpertWeights):
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
         """Runs expert ``expert`` with its quantized kernels: ``[N, D] -> [N, D]``."""
         return self.w_out[expert](activate(self.w_in[expert](x_ND), self.activation))
+
+    @property
+    def supports_decode_token(self) -> bool:
+        """Always: :meth:`decode_token` and :meth:`expert_forward` work for every kernel."""
+        return True
+
+    def native_token_ready(self, ids: list[int]) -> bool:
+        """Whether :meth:`decode_token` on experts ``ids`` takes the fused native op."""
+        if self.activation not in qlinear.ACTIVATIONS or not qlinear.native_available():
+            return False
+        first = self.w_in[ids[0]], self.w_out[ids[0]]
+        return all(
+            lin.kernel == "native" and lin.group_size == ref.group_size
+            for e in ids
+            for lin, ref in ((self.w_in[e], first[0]), (self.w_out[e], first[1]))
+        )
+
+    def decode_token(self, x_1D: Tensor, ids: list[int], weights_1K: Tensor) -> Tensor:
+        """One token's routed experts ``[1, D]`` (summed in slot order): the fused native op when
+        :meth:`native_token_ready`, else one :meth:`expert_forward` per expert."""
+        if not self.native_token_ready(ids):
+            return super().decode_token(x_1D, ids, weights_1K)
+        experts = []
+        for e in ids:
+            w_in, w_out = self.w_in[e], self.w_out[e]
+            experts.append(
+                (w_in.k_weight, w_in.scale, w_in.zero, w_out.k_weight, w_out.scale, w_out.zero, w_in.bits)
+                + (w_in.group_size, w_out.group_size)
+            )
+        return qlinear.q_experts_token(x_1D, weights_1K[0], experts, self.activation).to(x_1D.dtype)
 
     def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:
         """Expert e on the e-th contiguous slice (``counts[e]`` rows): ``[N, D] -> [N, D]``."""

@@ -18,6 +18,13 @@ Kernels (measured in docs/compression.md, ``benchmarks/bench_compress.py kernels
         weight re-quantized per output channel (symmetric int8); activations are quantized to
         8 bits per tensor on the fly. The fastest 8-bit kernel measured, but an approximation
         of the stored codes (the saved checkpoint keeps the group-wise codes).
+    ``native`` (the ``"auto"`` choice where it fits): moekit's own kernel
+        (:mod:`moekit.kernels.qlinear`, ``csrc/quant_gemv.cpp``) for 8-bit codes and for codes of
+        1..4 bits held as nibbles. Activations are quantized to int8 in blocks of 32 on the fly
+        (llama.cpp's q8_0 scheme) and the block dots run in int32 with AVX-512 VNNI; the weights
+        are the stored codes exactly. Up to :data:`NATIVE_MAX_ROWS` input rows (decode); more
+        rows (prefill) dequantize and run a float matmul. Needs C % 64 == 0 and g of 32 or a
+        multiple of 64.
     ``dequant``: dequantize the stored codes, then a float matmul. Works for every width and
         every dtype, and is slow (it rebuilds the float matrix on each call).
 
@@ -35,9 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.compress.quant import QuantizedTensor, pack_codes
+from moekit.kernels import qlinear
 
 INT4_GROUPS = (32, 64, 128, 256)
-KERNEL_NAMES = ("int4pack", "int4x2", "int8group", "fbgemm", "dequant")
+KERNEL_NAMES = ("native", "int4pack", "int4x2", "int8group", "fbgemm", "dequant")
+# Input rows up to which the native kernel runs; beyond it the weight is dequantized once per call
+# and a float matmul runs (prefill), which is faster there than re-reading the codes per 8 rows.
+NATIVE_MAX_ROWS = 16
 
 
 def int4_kernel_available() -> bool:
@@ -56,12 +67,13 @@ def fbgemm_available() -> bool:
     return ("fbgemm" in engines or "x86" in engines) and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
-def choose_kernel(bits: int, group_size: int, requested: str = "auto") -> str:
-    """The kernel for a matrix of ``bits``-bit codes.
+def choose_kernel(bits: int, group_size: int, requested: str = "auto", num_cols: int | None = None) -> str:
+    """The kernel for a matrix of ``bits``-bit codes (``num_cols``: its input width, when known).
 
     ``requested``:
-        ``"auto"``: the fastest measured kernel: ``int4pack`` for <= 4 bits, ``fbgemm`` for 8
-            (an approximation of the codes; see :class:`PackedLinear`), else ``dequant``.
+        ``"auto"``: the fastest measured kernel: ``native`` when its ops loaded and the shape fits
+            (``num_cols`` given), else ``int4pack`` for <= 4 bits, ``fbgemm`` for 8 (an
+            approximation of the codes; see :class:`PackedLinear`), else ``dequant``.
         ``"exact"``: kernels that execute the stored codes (up to bfloat16 activations and
             scales): ``int4pack`` for <= 4 bits, ``int4x2`` for 8.
         ``"dequant"``: always dequantize-then-matmul.
@@ -74,8 +86,18 @@ def choose_kernel(bits: int, group_size: int, requested: str = "auto") -> str:
     int4_ok = group_size in INT4_GROUPS and int4_kernel_available()
     # _weight_int8pack_mm segfaults (torch 2.x CPU) on an inner width that is not a multiple of 16.
     int8_ok = group_size % 16 == 0 and int8_kernel_available()
+    native_fits = num_cols is not None and qlinear.fits(bits, group_size, num_cols)
     if requested == "dequant":
         return "dequant"
+    if requested == "native":
+        if num_cols is not None and not native_fits:
+            raise ValueError(
+                f"kernel='native' needs 8 or 1..4 bits, an input width that is a multiple of 64 and a group "
+                f"size of 32 or a multiple of 64 dividing it; got bits={bits}, group={group_size}, width={num_cols}"
+            )
+        return "native"
+    if requested == "auto" and native_fits and qlinear.native_available():
+        return "native"
     if requested in ("auto", "exact"):
         if bits <= 4 and int4_ok:
             return "int4pack"
@@ -116,9 +138,9 @@ class PackedLinear(nn.Module):
         self.register_buffer("scale", qt.scale)
         self.register_buffer("zero", qt.zero)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.kernel = choose_kernel(qt.bits, qt.group_size, kernel)
+        self.kernel = choose_kernel(qt.bits, qt.group_size, kernel, self.in_features)
         self._build_kernel_form(qt)
-        if self.kernel == "int4pack":
+        if self.kernel == "int4pack" or (self.kernel == "native" and self.bits < 8):
             # The int4 kernel layout holds the codes too, so the portable packed copy is dropped
             # (half the resident bytes of a 4-bit matrix). state_dict() recovers it exactly from
             # the kernel form (see _recover_codes); loading rebuilds the kernel form from it.
@@ -136,6 +158,13 @@ class PackedLinear(nn.Module):
 
     @torch.no_grad()
     def _recover_codes(self) -> Tensor:
+        """Codes ``[R, C]`` uint8 read back from the kernel form (native: the nibbles reordered)."""
+        if self.kernel == "native":
+            return qlinear.stored_codes(self.k_weight, self.bits)
+        return self._recover_int4pack_codes()
+
+    @torch.no_grad()
+    def _recover_int4pack_codes(self) -> Tensor:
         """Codes ``[R, C]`` uint8 read back from the int4 kernel form by multiplying it with the
         identity: the kernel returns ``(q' - 8) s + zf`` (bfloat16), and ``|q' - 8| <= 8`` keeps
         the rounding error far below half a step, so ``round((w - zf) / s) + 8`` is exact."""
@@ -173,7 +202,12 @@ class PackedLinear(nn.Module):
         num_r, num_c, g = self.out_features, self.in_features, self.group_size
         scale_RG = qt.scale.to(torch.float32)
         zero_RG = qt.zero.to(torch.float32)
-        if self.kernel == "int4pack":
+        if self.kernel == "native":
+            # 8 bits: the stored codes are the kernel form (the same tensor, so loading a state
+            # dict into qweight updates both); fewer bits: nibbles in the kernel's chunk order.
+            k_weight = qt.packed if self.bits == 8 else qlinear.kernel_codes(qt.codes(), self.bits)
+            self.register_buffer("k_weight", k_weight, persistent=False)
+        elif self.kernel == "int4pack":
             # Centre narrower codes on 8 (the kernel's implicit offset): zf = (8 - z) * s stays
             # small, so its bfloat16 rounding does not cost 2- and 3-bit weights accuracy.
             shift = 8 - 2 ** (self.bits - 1)
@@ -226,7 +260,10 @@ class PackedLinear(nn.Module):
         """``x [..., C] -> [..., R]`` in ``x.dtype``."""
         lead = x.shape[:-1]
         x_NC = x.reshape(-1, self.in_features)
-        if self.kernel == "int4pack":
+        if self.kernel == "native" and x_NC.shape[0] <= NATIVE_MAX_ROWS:
+            y = qlinear.q_linear(x_NC, self.k_weight, self.scale, self.zero, self.bits, self.group_size)
+            y = y.to(x.dtype)
+        elif self.kernel == "int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x_NC.to(torch.bfloat16), self.k_weight, self.group_size, self.k_scale_zero
             ).to(x.dtype)

@@ -98,6 +98,10 @@ class ServerConfig:
         max_batch: continuous batching: up to this many requests decode together, joining and
             leaving the running batch at token boundaries (1: one request at a time). See
             :mod:`moekit.infer.server_batch`.
+        prefill_chunk: chunked prefill for continuous batching: a joining prompt is prefilled at
+            most this many tokens per decode step, so running requests keep getting tokens while a
+            long prompt is ingested (None: each prompt in one go). Ignored when requests run one
+            at a time.
     """
 
     model_name: str
@@ -111,6 +115,7 @@ class ServerConfig:
     token_delay_s: float = 0.0
     compile: bool = False
     max_batch: int = 8
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens_limit < 1:
@@ -121,6 +126,8 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 (or None), got {self.prefill_chunk}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.api_key is not None and not self.api_key:
@@ -318,6 +325,7 @@ def create_app(
         compile=config.compile,
         image_preprocess=image_preprocess,
         max_batch=config.max_batch,
+        prefill_chunk=config.prefill_chunk,
     )
     template = config.chat_template or DEFAULT_CHAT_TEMPLATE
 

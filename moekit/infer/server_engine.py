@@ -144,6 +144,8 @@ class Engine:
             at a time.
         image_preprocess: a VLM's image preprocessing (default: its tower's).
         max_batch: requests decoded together at most (continuous batching); 1 runs one at a time.
+        prefill_chunk: continuous batching's chunked prefill: prompt tokens prefilled per decode
+            step at most (None: each joining prompt in one go). See :mod:`moekit.infer.server_batch`.
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class Engine:
         compile: bool = False,
         image_preprocess=None,
         max_batch: int = 8,
+        prefill_chunk: int | None = None,
     ) -> None:
         from moekit.models.vision.llava import MoELLaVA
         from moekit.models.vision.llava import image_preprocess as default_preprocess
@@ -196,6 +199,7 @@ class Engine:
                 stats=None,
                 token_delay_s=token_delay_s,
                 others_waiting=lambda: bool(self._waiting_calls),
+                prefill_chunk=prefill_chunk,
             )
         self.lock = asyncio.Lock()
         self.stats = ServerStats()

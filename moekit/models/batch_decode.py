@@ -1,7 +1,7 @@
 """A continuous decoding batch: rows join after their own prefill and leave at token boundaries.
 
 Shape legend: B = rows in the batch, K = keys a step attends to (the longest row plus one),
-V = vocabulary, D = model width, Dh = RoPE width.
+V = vocabulary, D = model width, Dh = RoPE width, S = prompt tokens, C = one prefill chunk's tokens.
 
 :class:`DecodeBatch` is what a server's scheduler steps: each request is prefilled alone by a
 :class:`~moekit.models.decode.DecodeSession` (batch 1, any prompt length, a VLM's spliced
@@ -12,6 +12,13 @@ One step feeds one token per row through the same layer code a batch-1 session r
 (:func:`~moekit.models.decode.fast_layers_step` or
 :func:`~moekit.models.decode.general_layers_step`), so the MoE layer routes and dispatches all
 rows' tokens in one call. Rows that finish or are cancelled leave with :meth:`DecodeBatch.keep`.
+
+:class:`ChunkedPrefill` prefills a joining prompt a chunk of at most ``chunk_size`` tokens at a
+time (each chunk one batch-1 forward of the general layers over its own cache), so a server can
+interleave a long prompt's chunks with the running rows' decode steps instead of stalling them
+for the whole prompt; :meth:`DecodeBatch.join` takes it as it takes a prefilled session. The
+chunk boundaries depend on the prompt and ``chunk_size`` only, never on the other requests, so a
+request's prefill is the same computation whoever else is running.
 
 A row's logits do not depend on the other rows (``tests/test_server_batching.py`` checks it in
 float64) as long as every layer treats tokens independently: :func:`batch_decode_supported`
@@ -24,9 +31,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.blocks import RaggedKVCache
+from moekit.blocks import KVCache, RaggedKVCache
 from moekit.models.decode import DecodeSession, fast_decode_supported, fast_layers_step, general_layers_step
-from moekit.models.decoder import MoEForCausalLM
+from moekit.models.decoder import MoEForCausalLM, attention_masks
 
 
 def batch_decode_supported(model: MoEForCausalLM) -> bool:
@@ -80,15 +87,19 @@ class DecodeBatch:
         """B: rows in the batch."""
         return self.cache.num_rows
 
-    def join(self, session: DecodeSession) -> int:
+    def join(self, session: DecodeSession | ChunkedPrefill) -> int:
         """Adds a prefilled batch-1 session's tokens as a new row; returns the row's index.
 
-        The session's next token (sampled from its prefill or last step's logits) is the row's
-        first input to :meth:`step`; the session itself is not used afterwards.
+        ``session`` is a :class:`DecodeSession` after its prefill (and any steps) or a finished
+        :class:`ChunkedPrefill`. Its next token (sampled from its last logits) is the row's first
+        input to :meth:`step`; the session itself is not used afterwards.
         """
-        if session.input_ids.shape[0] != 1:
+        if isinstance(session, ChunkedPrefill):
+            if session.remaining:
+                raise ValueError(f"DecodeBatch.join: {session.remaining} prompt tokens are not prefilled yet")
+        elif session.input_ids.shape[0] != 1:
             raise ValueError(f"DecodeBatch.join: a session of batch 1, got {session.input_ids.shape[0]}")
-        if session.padded:
+        elif session.padded:
             raise ValueError("DecodeBatch.join: the session's prompt is padded; rows have no padding")
         cache = session.cache
         if not cache.seq_len:
@@ -125,3 +136,82 @@ class DecodeBatch:
         self.num_steps += 1
         self.num_row_steps += cache.num_rows
         return logits_BV
+
+
+class ChunkedPrefill:
+    """One prompt prefilled alone (batch 1) a chunk at a time, to join a :class:`DecodeBatch`.
+
+    Chunk ``c`` covers prompt tokens ``[c * chunk_size, (c + 1) * chunk_size)``: one forward of
+    the general layers (what :meth:`DecodeSession.prefill` runs) over those tokens at their own
+    positions, attending to the chunks before it through :attr:`cache` and causally within
+    itself. Only the last chunk's last position goes through the LM head. In exact arithmetic
+    the last chunk's logits are the one-shot prefill's; in floating point they differ by rounding
+    (``tests/test_server_batching.py`` compares them in float64).
+
+    Args:
+        model: the language model (eval mode).
+        input_ids: ``[1, S]`` prompt ids.
+        chunk_size: C, tokens per forward at most (None: the whole prompt in one forward).
+        inputs_embeds: ``[1, S, D]`` prompt embeddings instead of ``embed(input_ids)`` (a VLM's
+            spliced image + text embeddings).
+        moe_k: experts per token for every MoE layer (None keeps each layer's top-k).
+    """
+
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        input_ids: Tensor,
+        chunk_size: int | None = None,
+        inputs_embeds: Tensor | None = None,
+        moe_k: int | None = None,
+    ) -> None:
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+            raise ValueError(f"ChunkedPrefill: input_ids must be [1, length>0], got {tuple(input_ids.shape)}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"ChunkedPrefill: chunk_size must be >= 1 (or None), got {chunk_size}")
+        if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"inputs_embeds {tuple(inputs_embeds.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
+        self.model, self.moe_k = model, moe_k
+        self.input_ids, self.inputs_embeds = input_ids, inputs_embeds
+        self.prompt_len = input_ids.shape[1]
+        self.chunk_size = chunk_size or self.prompt_len
+        self.cache = KVCache(model.config.num_layers, max_length=self.prompt_len)
+        #: prompt tokens in :attr:`cache` so far
+        self.done_tokens = 0
+        self.num_chunks = 0
+
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens not prefilled yet."""
+        return self.prompt_len - self.done_tokens
+
+    @property
+    def next_chunk(self) -> int:
+        """Tokens the next :meth:`run_chunk` feeds (0 when done)."""
+        return min(self.chunk_size, self.remaining)
+
+    @torch.no_grad()
+    def run_chunk(self) -> Tensor | None:
+        """Feeds the next chunk; returns float32 next-token logits ``[1, V]`` after the last one, else None."""
+        start, num = self.done_tokens, self.next_chunk
+        if not num:
+            raise RuntimeError("ChunkedPrefill.run_chunk: the prompt is already prefilled")
+        end = start + num
+        model, device = self.model, self.input_ids.device
+        pos_1C = torch.arange(start, end, device=device)[None, :]
+        cos, sin = model.rotary(pos_1C, end)
+        # Causal within the chunk, everything before it visible (None for a first chunk of a
+        # plain causal model: SDPA's is_causal path, as in DecodeSession.prefill).
+        mask = attention_masks(model.config, None, 1, num, start, device)
+        if self.inputs_embeds is None:
+            x_1CD = model.embed(self.input_ids[:, start:end])
+        else:
+            x_1CD = self.inputs_embeds[:, start:end]
+        logits_1V, _ = general_layers_step(model, x_1CD, cos, sin, mask, None, self.cache, self.moe_k)
+        self.done_tokens, self.num_chunks = end, self.num_chunks + 1
+        if self.remaining:
+            return None
+        self.inputs_embeds = None  # the cache holds what the prefill needed; free the copy
+        return logits_1V

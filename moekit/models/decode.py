@@ -43,9 +43,10 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from moekit.blocks import Attention, KVCache, RMSNorm, apply_rotary, deinterleave
+from moekit.kernels.linear import MOE_ACTIVATIONS, linear, moe_fits, native_available
 from moekit.layers import MoELayer
 from moekit.layers.experts import activate
 from moekit.models.decoder import MoEForCausalLM, attention_masks
@@ -86,12 +87,24 @@ def _rms(norm: RMSNorm, x: Tensor) -> Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps).to(x.dtype)
 
 
-def _project_qkv(attn: Attention, x_B1D: Tensor, cos, sin) -> tuple[Tensor, Tensor, Tensor]:
+def _proj(module: nn.Module, x: Tensor, native: bool | None = None) -> Tensor:
+    """A projection at a few rows: plain ``nn.Linear`` layers through the native GEMV
+    (:func:`moekit.kernels.linear.linear`, ~2x MKL's bandwidth at M=1 here); anything else (a
+    quantized or LoRA-wrapped projection) through its own forward. ``native``: None asks
+    :func:`~moekit.kernels.linear.native_available`, False forces ``F.linear``."""
+    if type(module) is nn.Linear:
+        return linear(x, module.weight, module.bias, native)
+    return module(x)
+
+
+def _project_qkv(
+    attn: Attention, x_B1D: Tensor, cos, sin, native: bool | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Queries ``[B, H, 1, Dh]`` and the new key/value ``[B, G, 1, Dh]``, normed and rotated."""
     b = x_B1D.shape[0]
-    q_BH1d = attn.q_proj(x_B1D).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k_BG1d = attn.k_proj(x_B1D).view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    v_BG1d = attn.v_proj(x_B1D).view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    q_BH1d = _proj(attn.q_proj, x_B1D, native).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k_BG1d = _proj(attn.k_proj, x_B1D, native).view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    v_BG1d = _proj(attn.v_proj, x_B1D, native).view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     if attn.qk_norm == "per_head" and not attn.qk_norm_after_rope:
         q_BH1d, k_BG1d = _rms(attn.q_norm, q_BH1d), _rms(attn.k_norm, k_BG1d)
     if attn.rope_interleave:
@@ -102,13 +115,15 @@ def _project_qkv(attn: Attention, x_B1D: Tensor, cos, sin) -> tuple[Tensor, Tens
     return q_BH1d, k_BG1d, v_BG1d
 
 
-def _attend(attn: Attention, q_BH1d: Tensor, k_BGKd: Tensor, v_BGKd: Tensor, mask) -> Tensor:
+def _attend(
+    attn: Attention, q_BH1d: Tensor, k_BGKd: Tensor, v_BGKd: Tensor, mask, native: bool | None = None
+) -> Tensor:
     """Attention over the cached keys and the output projection: ``[B, 1, D]``."""
     b = q_BH1d.shape[0]
     out_BH1d = F.scaled_dot_product_attention(
         q_BH1d, k_BGKd, v_BGKd, attn_mask=mask, enable_gqa=attn.num_kv_heads != attn.num_heads
     )
-    return attn.o_proj(out_BH1d.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim))
+    return _proj(attn.o_proj, out_BH1d.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim), native)
 
 
 def _fast_attention(attn: Attention, x_B1D: Tensor, cos, sin, mask, cache: KVCache) -> Tensor:
@@ -218,7 +233,7 @@ def fast_layers_step(
             x_B1D = h_B1D + out_BD[:, None]
         else:
             x_B1D = h_B1D + layer.mlp(normed_B1D)
-    return model.lm_head(_rms(model.norm, x_B1D[:, 0])).float(), assignments
+    return _proj(model.lm_head, _rms(model.norm, x_B1D[:, 0])).float(), assignments
 
 
 def general_layers_step(
@@ -271,6 +286,7 @@ def _static_decode_step(
     keys: list[Tensor],
     values: list[Tensor],
     moe_k: int | None,
+    native: bool = False,
 ) -> Tensor:
     """One batch-1 decode step written for ``torch.compile``: returns float32 logits ``[1, V]``.
 
@@ -279,28 +295,39 @@ def _static_decode_step(
     preallocated cache buffers (``keys``/``values``: per layer ``[1, G, capacity, Dh]``) at
     position ``K - 1``, where ``K`` (the keys so far) is the mask's last dimension, marked
     dynamic so every step reuses the graph; each MoE layer's chosen experts are read as unbacked
-    ints, which keeps the expert matmuls zero-copy views of the stacked weights.
+    ints, which keeps the expert matmuls zero-copy views of the stacked weights. With ``native``
+    (a constant the graph specializes on) the projections, the LM head and the stacked experts
+    run the native fp32 ops instead (the experts as one opaque call that reads the ids itself).
     """
     num_keys = mask_11K.shape[-1]
     x_11D = model.embed_tokens(next_1[:, None])
     route_1D = None  # pregated: the previous MoE layer's input
     for layer, k_buf, v_buf in zip(model.layers, keys, values, strict=True):
         attn = layer.self_attn
-        q_1H1d, k_1G1d, v_1G1d = _project_qkv(attn, _rms(layer.input_layernorm, x_11D), cos, sin)
+        q_1H1d, k_1G1d, v_1G1d = _project_qkv(attn, _rms(layer.input_layernorm, x_11D), cos, sin, native)
         k_buf[:, :, num_keys - 1 : num_keys] = k_1G1d
         v_buf[:, :, num_keys - 1 : num_keys] = v_1G1d
-        h_11D = x_11D + _attend(attn, q_1H1d, k_buf[:, :, :num_keys], v_buf[:, :, :num_keys], mask_11K)
+        h_11D = x_11D + _attend(
+            attn, q_1H1d, k_buf[:, :, :num_keys], v_buf[:, :, :num_keys], mask_11K, native
+        )
         normed_1D = _rms(layer.post_attention_layernorm, h_11D)[:, 0]
         mlp = layer.mlp
         if layer.is_moe:
             ids_1K, weights_1K = _fast_route(mlp, normed_1D if route_1D is None else route_1D, moe_k)
-            out_1D = _one_row_experts(mlp, normed_1D, ids_1K[0].tolist(), weights_1K)
+            stacks, act = mlp.experts.stacked(), mlp.experts.activation
+            if native and stacks is not None and moe_fits(normed_1D, *stacks, act):
+                gates_K = weights_1K[0].to(torch.float32)
+                out_1D = torch.ops.moekit.moe_decode_f32(
+                    normed_1D, *stacks, ids_1K[0], gates_K, MOE_ACTIVATIONS[act]
+                )
+            else:
+                out_1D = _one_row_experts(mlp, normed_1D, ids_1K[0].tolist(), weights_1K)
             x_11D = h_11D + _shared_experts(mlp, normed_1D, out_1D)[:, None]
             if model.config.pregated:
                 route_1D = normed_1D
         else:
             x_11D = h_11D + mlp(normed_1D)[:, None]
-    return model.lm_head(_rms(model.norm, x_11D[:, 0])).float()
+    return _proj(model.lm_head, _rms(model.norm, x_11D[:, 0]), native).float()
 
 
 class DecodeSession:
@@ -398,6 +425,8 @@ class DecodeSession:
         self.fast = fast_decode_supported(model)
         self._compiled = None
         self._compile_fallback = compile_fallback
+        # Decided once per session: the compiled graph is specialized on it.
+        self._native = native_available()
         if compile and self.fast and batch == 1:
             self._compiled = torch.compile(_static_decode_step, fullgraph=True)
 
@@ -419,7 +448,7 @@ class DecodeSession:
         # setting never leaks into the caller's own torch.compile use.
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             logits_1V = self._compiled(
-                self.model, next_1, cos, sin, mask_11K, cache.keys, cache.values, self.moe_k
+                self.model, next_1, cos, sin, mask_11K, cache.keys, cache.values, self.moe_k, self._native
             )
         cache.lengths = [num_keys] * cache.num_layers
         if self.count_experts:
