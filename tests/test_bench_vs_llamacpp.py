@@ -24,9 +24,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_llamacpp
 def bench():
     spec = importlib.util.spec_from_file_location("bench_vs_llamacpp", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")
