@@ -28,6 +28,10 @@ MLA = dict(
     qk_rope_head_dim=4,
     v_head_dim=8,
 )
+# Per-layer mask types: gpt_oss (sliding and full layers, attention sinks) and llama4 (chunked and
+# full layers); windows and chunks of 4 so the prompts and steps below cross several of them.
+SLIDING_FULL = {"sliding_window": 4, "attention_layer_types": ("sliding", "full"), "attention_sinks": True}
+CHUNKED = {"attention_chunk_size": 4, "attention_layer_types": ("chunked", "full")}
 PROMPTS = [[5, 9, 3], [7, 1, 2, 8, 4, 4, 6], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30]]
 
 
@@ -80,8 +84,10 @@ def _solo_logits(model, prompt, tokens, fast):
         ({}, False, "general"),
         ({"sliding_window": 4}, None, "general"),
         (MLA, None, "general"),  # the ragged cache holds MLA's latent and rotary key instead
+        (SLIDING_FULL, None, "general"),
+        (CHUNKED, None, "general"),
     ],
-    ids=["fast", "general", "sliding-window", "mla"],
+    ids=["fast", "general", "sliding-window", "mla", "sliding-full-sinks", "chunked"],
 )
 def test_batched_step_equals_single_row_step_float64(changes, fast, path):
     model = _model(**changes)
@@ -380,8 +386,6 @@ def test_a_running_batch_gives_the_worker_to_a_waiting_call(served):
 @pytest.mark.parametrize(
     "changes",
     [
-        {"sliding_window": 8, "attention_layer_types": ("sliding", "full")},  # gpt_oss
-        {"attention_chunk_size": 8, "attention_layer_types": ("chunked", "full")},  # llama4
         {
             "attention_type": "moa",
             "moa_num_experts": 4,
@@ -391,10 +395,10 @@ def test_a_running_batch_gives_the_worker_to_a_waiting_call(served):
         },  # jetmoe
         {"layer_types": ("linear", "attention"), "num_kv_heads": 4},  # minimax lightning
     ],
-    ids=["sliding-full", "chunked", "moa", "lightning"],
+    ids=["moa", "lightning"],
 )
 def test_batch_refuses_layers_the_ragged_cache_cannot_hold(changes):
-    """Per-layer mask types, MoA heads and recurrent mixers decode one request at a time."""
+    """MoA heads and recurrent mixers decode one request at a time."""
     model = MoEForCausalLM(moe_tiny().replace(**changes)).eval()
     assert not batch_decode_supported(model)
     with pytest.raises(ValueError, match="one at a time"):

@@ -9,12 +9,25 @@ import torch
 
 from moekit.models.batch_decode import ChunkedPrefill, DecodeBatch
 from moekit.models.decode import DecodeSession
-from tests.test_server_batching import MLA, _model, _row, _run, _scheduler, _solo_logits
+from tests.test_server_batching import (
+    CHUNKED,
+    MLA,
+    SLIDING_FULL,
+    _model,
+    _row,
+    _run,
+    _scheduler,
+    _solo_logits,
+)
 
 LONG = [(7 * i + 3) % 500 + 1 for i in range(50)]  # 50 tokens: 13 chunks of 4, 50 of 1
 
 
-@pytest.mark.parametrize("changes", [{}, {"sliding_window": 4}, MLA], ids=["plain", "sliding-window", "mla"])
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"sliding_window": 4}, MLA, SLIDING_FULL, CHUNKED],
+    ids=["plain", "sliding-window", "mla", "sliding-full-sinks", "chunked-attention"],
+)
 @pytest.mark.parametrize("chunk", [1, 3, 16, 50, 64, None])
 def test_chunked_prefill_equals_one_shot_prefill_float64(changes, chunk):
     model = _model(**changes)
@@ -163,3 +176,24 @@ def test_cli_prefill_chunk_flag(capsys):
     assert main(["serve", "--model", "nowhere", "--prefill-chunk", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--prefill-chunk" in err and "got 0" in err
+
+
+@pytest.mark.parametrize("changes", [SLIDING_FULL, CHUNKED], ids=["sliding-full-sinks", "chunked-attention"])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_per_layer_mask_models_batch_and_get_their_solo_tokens(changes, chunk):
+    """gpt_oss- and llama4-style layers (windows and chunks of 4) in the continuous batch."""
+    model = _model(**changes)
+    keys = ("greedy-a", "sampled-a", "long-greedy", "short")
+
+    def alone(key):
+        return _run(_scheduler(model, prefill_chunk=chunk), {0: [("join", key, _row(*ROWS[key]))]}, 120)[key]
+
+    solo = {k: alone(k) for k in keys}
+    schedule = {
+        0: [("join", k, _row(*ROWS[k])) for k in ("greedy-a", "sampled-a")],
+        2: [("join", "long-greedy", _row(*ROWS["long-greedy"]))],
+        4: [("join", "short", _row(*ROWS["short"]))],
+    }
+    scheduler = _scheduler(model, prefill_chunk=chunk)
+    assert _run(scheduler, schedule, 120) == solo
+    assert scheduler.batch.last_path == "general" and scheduler.batch_stats.largest >= 3

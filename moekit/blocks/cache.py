@@ -240,13 +240,21 @@ class RaggedKVCache:
             values.scatter_(2, pos_B111.expand_as(v_BG1d), v_BG1d)
         return keys[:, :, :num_keys], values[:, :, :num_keys]
 
-    def mask(self, sliding_window: int | None = None) -> Tensor:
-        """The step's bool SDPA mask ``[B, 1, 1, K]``: each row sees its own tokens and the new one."""
+    def mask(self, sliding_window: int | None = None, attention_chunk: int | None = None) -> Tensor:
+        """The step's bool SDPA mask ``[B, 1, 1, K]``: each row sees its own tokens and the new one.
+
+        ``sliding_window`` keeps the new token and the previous ``sliding_window - 1``;
+        ``attention_chunk`` keeps the slots of the new token's chunk (``[c * C, (c + 1) * C)``,
+        Llama 4's chunked layers), the same as :func:`~moekit.blocks.build_attention_mask`.
+        """
         num_keys = max(self.lengths) + 1
         k_1K = torch.arange(num_keys, device=self.lengths_B.device)[None, :]
-        allowed_BK = k_1K <= self.lengths_B[:, None]
+        pos_B1 = self.lengths_B[:, None]  # the new token's position (rows have no padding)
+        allowed_BK = k_1K <= pos_B1
         if sliding_window is not None:
-            allowed_BK = allowed_BK & (self.lengths_B[:, None] - k_1K < sliding_window)
+            allowed_BK = allowed_BK & (pos_B1 - k_1K < sliding_window)
+        if attention_chunk is not None:
+            allowed_BK = allowed_BK & (k_1K // attention_chunk == pos_B1 // attention_chunk)
         return allowed_BK[:, None, None, :]
 
     def advance(self) -> None:

@@ -18,7 +18,7 @@ Layout:
     decoder.py     DecoderLayer, MoEForCausalLM (norms, RoPE, attention, KV cache: moekit.blocks)
     decode.py      DecodeSession (preallocated cache/masks/RoPE rows), the fast decode path, the
                    compiled batch-1 step
-    batch_decode.py DecodeBatch (a continuous batch over a ragged KV cache), batch_decode_supported
+    batch_decode.py DecodeBatch (a continuous batch over a ragged KV cache), ChunkedPrefill, batch_decode_supported
     generation.py  generate, Sampler, iter_tokens, the compile="auto" policy
     io.py          save/load of moekit folders (safetensors only)
     presets.py     named configs (moe-tiny, moe-small, ..., dense twins)

@@ -22,8 +22,10 @@ request's prefill is the same computation whoever else is running.
 
 A row's logits do not depend on the other rows (``tests/test_server_batching.py`` checks it in
 float64) as long as every layer treats tokens independently: :func:`batch_decode_supported`
-refuses Mamba layers (their state is not in the ragged cache) and MoE layers whose tokens
-compete for experts (expert choice, a capacity factor).
+refuses Mamba and lightning layers (their state is not in the ragged cache), mixture-of-attention
+heads, and MoE layers whose tokens compete for experts (expert choice, a capacity factor). Models
+with per-layer mask types (sliding and full layers, Llama 4's chunked layers) get one ragged mask
+per type.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ def batch_decode_supported(model: MoEForCausalLM) -> bool:
     cfg = model.config
     if cfg.layer_types is not None and any(t != "attention" for t in cfg.layer_types):
         return False  # Mamba and lightning layers keep recurrent states the ragged cache does not
-    # The ragged cache builds one mask for every layer: per-layer mask types (sliding/full,
-    # chunked) and mixture-of-attention-heads layers decode one request at a time.
-    if cfg.attention_layer_types is not None or cfg.attention_chunk_size is not None or cfg.moa_num_experts:
+    # Per-layer mask types (sliding/full, chunked) get one ragged mask per type (see
+    # DecodeBatch.step); mixture-of-attention-heads layers decode one request at a time.
+    if cfg.moa_num_experts:
         return False
     for layer in model.layers:
         if layer.is_moe:
@@ -70,7 +72,8 @@ class DecodeBatch:
         if not batch_decode_supported(model):
             raise ValueError(
                 "DecodeBatch: this model's layers make rows depend on each other "
-                "(Mamba layers, expert choice or a capacity factor); decode its requests one at a time"
+                "(Mamba or lightning layers, mixture-of-attention heads, expert choice or a capacity factor); "
+                "decode its requests one at a time"
             )
         self.model, self.moe_k = model, moe_k
         self.cache = RaggedKVCache(model.config.num_layers)
@@ -113,6 +116,20 @@ class DecodeBatch:
         """Keeps ``rows`` (their order is the new row order); the others leave the batch."""
         self.cache.keep_rows(rows)
 
+    def _masks(self) -> Tensor | dict[str, Tensor]:
+        """The general path's ragged mask ``[B, 1, 1, K]``, or ``{mask type: mask}`` for models with
+        per-layer mask types (each layer takes its own, as from :func:`attention_masks`)."""
+        cfg, cache = self.model.config, self.cache
+        if cfg.attention_layer_types is None:
+            return cache.mask(cfg.sliding_window)
+        return {
+            kind: cache.mask(
+                cfg.sliding_window if kind == "sliding" else None,
+                cfg.attention_chunk_size if kind == "chunked" else None,
+            )
+            for kind in set(cfg.attention_layer_types)
+        }
+
     @torch.no_grad()
     def step(self, next_B: Tensor) -> Tensor:
         """Feeds one token per row (``[B]`` int64); returns float32 next-token logits ``[B, V]``."""
@@ -129,8 +146,7 @@ class DecodeBatch:
             logits_BV, _ = fast_layers_step(model, x_B1D, cos, sin, mask_B11K, cache, self.moe_k)
             self.last_path = "fast"
         else:
-            mask_B11K = cache.mask(model.config.sliding_window)
-            logits_BV, _ = general_layers_step(model, x_B1D, cos, sin, mask_B11K, None, cache, self.moe_k)
+            logits_BV, _ = general_layers_step(model, x_B1D, cos, sin, self._masks(), None, cache, self.moe_k)
             self.last_path = "general"
         cache.advance()
         self.num_steps += 1
