@@ -106,11 +106,26 @@ def main() -> None:
     p.add_argument("--decode", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--decode-rounds", type=int, default=50)
+    p.add_argument(
+        "--train-rounds", type=int, default=9, help="rounds of the forward+backward row (the noisiest)"
+    )
+    p.add_argument("--train-only", action="store_true", help="only the forward+backward row")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one moekit step")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="small shapes to smoke-test the script")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="moekit.train.cpu_memory.keep_freed_memory() first (process-wide: every candidate gets it)",
+    )
     args = p.parse_args()
+    if args.keep_freed_memory:
+        from moekit.train.cpu_memory import keep_freed_memory
+
+        print(f"# keep_freed_memory: {keep_freed_memory()}")
     if args.quick:
         args.dim, args.ffn, args.prefill, args.rounds, args.decode_rounds = 128, 256, 128, 2, 3
+        args.train_rounds = 2
     torch.set_num_threads(args.threads)
     cfg, moe, moe_sorted, moe_grouped, dense, hf = build(args)
     check_same_outputs(moe, moe_grouped, hf, args.dim)
@@ -139,6 +154,13 @@ def main() -> None:
         ]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
+    if not args.train_only:
+        forward_rows(args, cfg, moe, moe_sorted, moe_grouped, dense, hf, row)
+    train_row(args, moe, moe_sorted, moe_grouped, dense, hf, row)
+
+
+def forward_rows(args, cfg, moe, moe_sorted, moe_grouped, dense, hf, row) -> None:
+    """The forward rows: prefill at T=--prefill, then each decode size."""
     with torch.inference_mode():
         x = torch.randn(1, args.prefill, args.dim)
         cands = {
@@ -165,7 +187,10 @@ def main() -> None:
                 timed_rounds(cands, args.decode_rounds, 5),
             )
 
-    # Forward + backward at prefill size.
+
+def train_row(args, moe, moe_sorted, moe_grouped, dense, hf, row) -> None:
+    """Forward + backward at prefill size. Parameter gradients accumulate across calls (the
+    benchmark never zeroes them), for every candidate alike."""
     x = torch.randn(1, args.prefill, args.dim, requires_grad=True)
     g = torch.randn(1, args.prefill, args.dim)
 
@@ -189,10 +214,17 @@ def main() -> None:
             cands[f"hf-{k}"] = fb(b)
         except Exception as e:  # a backend without a CPU backward is reported, not fatal
             print(f"(hf {k} backward unavailable: {type(e).__name__})")
-    res = timed_rounds(cands, max(3, args.rounds // 2), warmup=1)
+    res = timed_rounds(cands, args.train_rounds, warmup=1)
     for m in (moe, moe_sorted, moe_grouped, dense, *hf.values()):
         m.zero_grad(set_to_none=True)
     row(f"forward+backward T={args.prefill}", res)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            cands["moekit"]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        moe.zero_grad(set_to_none=True)
 
 
 if __name__ == "__main__":

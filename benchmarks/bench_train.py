@@ -151,7 +151,16 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="moekit.train.cpu_memory.keep_freed_memory() first (process-wide: every candidate gets it)",
+    )
     args = p.parse_args()
+    if args.keep_freed_memory:
+        from moekit.train.cpu_memory import keep_freed_memory
+
+        print(f"# keep_freed_memory: {keep_freed_memory()}")
     if args.quick:
         args.batch_size, args.seq_len, args.rounds = 2, 32, 2
     torch.manual_seed(0)
