@@ -247,7 +247,7 @@ def main() -> None:
         # AUTO_COMPILE_TOKENS eagerly); one compiled call stands in for that history here.
         model.generate(ids, max_new_tokens=2, compile=True)
         engines.append(
-            ("moekit model.generate() (defaults: compile='auto', model compiled once)", model_generate)
+            ("moekit model.generate() (defaults: compile='auto')", model_generate)
         )
     engines.append(("moekit model.generate(compile=False)", model_generate_eager))
     hf = None

@@ -204,3 +204,14 @@ def test_generate_same_tokens_with_and_without_kernels(monkeypatch, compile):
     assert torch.equal(got, ref)
     ran = _ops_run(lambda: model.generate(ids, max_new_tokens=3, compile=compile))
     assert {"moekit::linear_f32", "moekit::moe_decode_f32"} <= ran
+
+
+def test_auto_compile_stays_eager_with_kernels(monkeypatch):
+    """compile="auto": a float32 model on the native kernels decodes eagerly (the faster path)."""
+    from moekit.models.generation import AUTO_COMPILE_TOKENS, auto_compile
+
+    model = _tiny_model()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    assert not auto_compile(model, ids, AUTO_COMPILE_TOKENS)
+    monkeypatch.setenv("MOEKIT_KERNELS", "0")  # without them the rent-or-buy rule applies again
+    assert auto_compile(model, ids, AUTO_COMPILE_TOKENS)

@@ -23,6 +23,14 @@ call of the model runs compiled (the graph is cached: ``model.decode_compiled``)
 general-path and non-CPU sessions stay eager. ``compile=True``/``False`` decides per call;
 ``MOEKIT_COMPILE=0`` turns "auto" off. If compiling fails under "auto" (e.g. no C++ compiler),
 decoding continues eagerly with a warning.
+
+With the native fp32 decode kernels (:mod:`moekit.kernels.linear`) the eager step is as fast as
+the compiled one or faster: on issue 19's ~100 MB Mixtral-shaped model, eager with kernels gave
+122 tok/s at 1 thread and 178 at 2, compiled with kernels 111 and 154 (``benchmarks/
+bench_kernels.py --generate``, 5 interleaved rounds), because the weight streaming, not the per-operator overhead, is
+now the step's cost, and inductor's 2-thread code adds its own parallel regions. So "auto" never
+compiles a float32 model while those kernels are loaded: it takes the fastest path and skips the
+compile's seconds. ``compile=True`` still compiles (the graph then calls the same ops).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.kernels.linear import native_available
 from moekit.models.decode import DecodeSession, fast_decode_supported
 from moekit.models.decoder import MoEForCausalLM
 
@@ -146,18 +155,34 @@ def iter_tokens(
         scores_BV = source.step(next_B)
 
 
+def _native_step(model: MoEForCausalLM) -> bool:
+    """Whether the eager step's weights all go through the native fp32 kernels: stacked float32
+    experts (not quantized or offloaded ones) and a float32 ``nn.Linear`` LM head."""
+    if not native_available():
+        return False
+    for mlp in model.moe_layers:
+        stacks = mlp.experts.stacked()
+        if stacks is None or stacks[0].dtype != torch.float32:
+            return False
+    weight = getattr(model.lm_head, "weight", None)
+    return weight is not None and weight.dtype == torch.float32
+
+
 def auto_compile(model: MoEForCausalLM, input_ids: Tensor, max_new_tokens: int) -> bool:
     """The ``compile="auto"`` decision (see the module docstring); True means compile the decode step.
 
     Only batch-1 CPU sessions on the fast path compile. Among those: yes once this model has
     already run a compiled step (the graph is cached, so it is free), or once the batch-1 tokens
     it decoded eagerly plus this call's ``max_new_tokens`` reach :data:`AUTO_COMPILE_TOKENS`.
+    Never for a float32 model while the native decode kernels are loaded (eager is faster then).
     ``MOEKIT_COMPILE=0`` (or false/off/no) makes it always no.
     """
     if os.environ.get("MOEKIT_COMPILE", "").strip().lower() in ("0", "false", "off", "no"):
         return False
     if input_ids.shape[0] != 1 or input_ids.device.type != "cpu" or not fast_decode_supported(model):
         return False
+    if _native_step(model):
+        return False  # the native fp32 kernels make the eager step the fast one (module doc)
     if model.decode_compiled:
         return True
     return model.num_eager_decode_tokens + max_new_tokens >= AUTO_COMPILE_TOKENS
