@@ -184,24 +184,28 @@ def _decode_tok_s(model, prompt, new_tokens: int, rounds: int = 3) -> float:
 def bench_decode(args) -> None:
     """Greedy generate tok/s: fp32 against 8/4-bit (all linears), native and the previous auto kernels."""
     from moekit.compress import QuantConfig, model_bytes, quantize_model
+    from moekit.compress.kernels import PackedLinear
 
     base = mixtral_100m()
     prompt = torch.randint(0, 32000, (1, 16))
     fp = _decode_tok_s(base, prompt, args.new_tokens)
     emit({"section": "decode", "format": "fp32", "threads": args.threads, "tok_s": fp})
-    for bits, group, kernel in ((8, 32, "native"), (8, 128, "native"), (4, 32, "native"), (4, 128, "native"))[
-        : args.formats
-    ] + ((8, 128, "fbgemm"), (4, 128, "exact")):
-        cfg = QuantConfig(bits=bits, group_size=group, include_non_experts=True, kernel=kernel)
-        if kernel == "fbgemm":  # not a QuantConfig choice: the previous 8-bit auto
-            cfg = cfg.replace(kernel="auto")
-            q = quantize_model(copy.deepcopy(base), cfg)
+    natives = ((8, 32, "native"), (8, 128, "native"), (4, 32, "native"), (4, 128, "native"))[: args.formats]
+    for bits, group, kernel in (natives if args.formats else ()) + ((8, 128, "fbgemm"), (4, 128, "exact")):
+        # fbgemm is not a QuantConfig choice (it was 8-bit "auto" before the native kernel):
+        # quantize with "exact", then rebuild each matrix's kernel form as fbgemm.
+        cfg = QuantConfig(
+            bits=bits,
+            group_size=group,
+            include_non_experts=True,
+            kernel="exact" if kernel == "fbgemm" else kernel,
+        )
+        q = quantize_model(copy.deepcopy(base), cfg)
+        if kernel == "fbgemm":
             for m in q.modules():
-                if type(m).__name__ == "PackedLinear":
+                if isinstance(m, PackedLinear):
                     m.kernel = "fbgemm"
                     m._build_kernel_form(m.quantized())
-        else:
-            q = quantize_model(copy.deepcopy(base), cfg)
         tps = _decode_tok_s(q, prompt, args.new_tokens)
         emit(
             {
