@@ -165,7 +165,9 @@ def _cli(*argv: str) -> None:
         raise RuntimeError(f"moekit {' '.join(argv)} exited with {code}")
 
 
-def prepare(shape: Shape, workdir: Path, gguf_types=("f32",), quant_bits=(), seed: int = 0) -> dict:
+def prepare(
+    shape: Shape, workdir: Path, gguf_types=("f32",), quant_bits=(), seed: int = 0, group_size: int = 32
+) -> dict:
     """Builds (or reuses) the moekit folder, its quantized folders and GGUF exports under ``workdir``.
 
     Returns ``{"moekit": folder, "moekit-int8": folder, "f32": gguf, "q8_0": gguf, ...}``.
@@ -185,11 +187,11 @@ def prepare(shape: Shape, workdir: Path, gguf_types=("f32",), quant_bits=(), see
         stamp.write_text(key)
     paths: dict = {"moekit": folder}
     for bits in quant_bits:
-        out = workdir / f"moekit-int{bits}"
+        out = workdir / (f"moekit-int{bits}" + ("" if group_size == 32 else f"-g{group_size}"))
         if not (out / "config.json").is_file():
             _cli(
                 "quantize", "--model", str(folder), "--out", str(out), "--bits", str(bits),
-                "--group-size", "32", "--include-non-experts",
+                "--group-size", str(group_size), "--include-non-experts",
             )  # fmt: skip
         paths[f"moekit-int{bits}"] = out
     for gtype in gguf_types:
@@ -378,6 +380,8 @@ def run_row(row: str, shape: Shape, size: str, paths: dict, threads: int, args) 
     if row in QUANT_ROWS:
         bits, gtype = QUANT_ROWS[row]
         folder, gguf_path, label = paths[f"moekit-int{bits}"], paths[gtype], f"int{bits} vs {gtype}"
+        if args.group_size != 32:
+            label = f"int{bits} g{args.group_size} vs {gtype}"
     else:
         folder, gguf_path, label = paths["moekit"], paths["f32"], "fp32 vs f32"
     model = moekit.from_pretrained(folder).eval()
@@ -448,6 +452,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill row")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=32,
+        help="moekit quantize --group-size for q8/q4 (32 = q8_0/q4_0's block, about the same bytes)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="artifact cache (default ~/.cache/moekit/...)")
     p.add_argument(
         "--convert-script",
@@ -481,7 +491,7 @@ def main(argv=None) -> int:
     quant_bits = [QUANT_ROWS[r][0] for r in args.rows if r in QUANT_ROWS]
     types = ["f32"] + [QUANT_ROWS[r][1] for r in args.rows if r in QUANT_ROWS]
     t0 = time.perf_counter()
-    paths = prepare(shape, args.workdir, types, quant_bits, args.seed)
+    paths = prepare(shape, args.workdir, types, quant_bits, args.seed, args.group_size)
     print(f"# artifacts ready in {time.perf_counter() - t0:.0f}s under {args.workdir}", flush=True)
     records = []
     if args.prepare_only:
