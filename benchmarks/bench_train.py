@@ -10,7 +10,8 @@ as a second row, its default preset (with per-head q/k RMSNorm).
 
 The profile times each part of a moekit step in isolation, forward + backward with the step's
 shapes: embeddings, attention (with its norms and rope), router, experts (the MoE layer minus
-its router), lm_head + loss, and the optimizer. Their sum is printed beside the measured step,
+its router), the dense FFN of the dense layers (moe-small's layer 0), lm_head + loss, and the
+optimizer. Their sum is printed beside the measured step,
 so the breakdown is checked, not guessed.
 """
 
@@ -90,10 +91,13 @@ def profile_parts(model: MoEForCausalLM, batch: torch.Tensor, rounds: int) -> di
     inputs = batch[:, :-1]
     hidden = torch.randn(num_b, seq, cfg.dim, requires_grad=True)
     g = torch.randn(num_b, seq, cfg.dim)
-    layer = model.layers[0]
+    moe_layers = [layer for layer in model.layers if layer.is_moe]
+    dense_layers = [layer for layer in model.layers if not layer.is_moe]
+    layer = moe_layers[0]  # attention is timed on it too: every layer's attention is alike
     pos = torch.arange(seq).expand(num_b, seq)
     cos, sin = model.rotary(pos, seq)
     moe = layer.mlp
+    dense_ffn = dense_layers[0].mlp if dense_layers else None
 
     def emb():
         model.embed_tokens(inputs).backward(g)
@@ -109,6 +113,10 @@ def profile_parts(model: MoEForCausalLM, batch: torch.Tensor, rounds: int) -> di
     def moe_full():
         out = moe(layer.post_attention_layernorm(hidden))
         (out.hidden * g).sum().backward()
+
+    def dense_full():
+        if dense_ffn is not None:
+            (dense_ffn(layer.post_attention_layernorm(hidden)) * g).sum().backward()
 
     def head():
         logits = model.lm_head(model.norm(hidden))
@@ -127,18 +135,20 @@ def profile_parts(model: MoEForCausalLM, batch: torch.Tensor, rounds: int) -> di
             "attention": attn,
             "router": router,
             "moe": moe_full,
+            "dense_ffn": dense_full,
             "lm_head+loss": head,
             "optimizer": optim,
         },
         rounds,
     )
     model.zero_grad(set_to_none=True)
-    n = cfg.num_layers
+    n, n_moe, n_dense = cfg.num_layers, len(moe_layers), len(dense_layers)
     return {
         "embeddings": res["embeddings"],
         "attention (all layers)": n * res["attention"],
-        "router (all layers)": n * res["router"],
-        "experts (all layers)": n * (res["moe"] - res["router"]),
+        f"router ({n_moe} MoE layers)": n_moe * res["router"],
+        f"experts ({n_moe} MoE layers)": n_moe * (res["moe"] - res["router"]),
+        f"dense FFN ({n_dense} layers)": n_dense * res["dense_ffn"],
         "lm_head + loss": res["lm_head+loss"],
         "optimizer": res["optimizer"],
     }

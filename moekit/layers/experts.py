@@ -320,4 +320,33 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., D] -> [..., D]``."""
-        return self.w_out(activate(self.w_in(x), self.config.activation))
+        h = self.w_in(x)
+        if self.config.activation == "swiglu" and torch.is_grad_enabled() and h.requires_grad:
+            return self.w_out(SwiGLUFunction.apply(h))
+        return self.w_out(activate(h, self.config.activation))
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """``silu(gate) * up`` over the two halves of ``h [..., 2F]``, with a backward that writes
+    ``d h`` into one ``[..., 2F]`` tensor.
+
+    Autograd through ``h.chunk(2)`` gives each half's gradient a full-size zero-filled tensor
+    and then adds the two (``SliceBackward``): three extra passes over ``[N, 2F]`` per dense FFN
+    in every training step. Same values as :func:`activate`; tests/test_layers_oracle.py checks
+    it in float64.
+    """
+
+    @staticmethod
+    def forward(ctx, h_NH: Tensor) -> Tensor:
+        ctx.save_for_backward(h_NH)
+        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
+        return F.silu(gate_NF) * up_NF
+
+    @staticmethod
+    def backward(ctx, grad_a_NF: Tensor) -> Tensor:
+        (h_NH,) = ctx.saved_tensors
+        shape = h_NH.shape
+        h_2d = h_NH.reshape(-1, shape[-1])
+        grad_h = torch.empty_like(h_2d)
+        _activation_backward(grad_a_NF.reshape(-1, shape[-1] // 2), h_2d, "swiglu", grad_h)
+        return grad_h.view(shape)

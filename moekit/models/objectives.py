@@ -61,8 +61,14 @@ def _loss_dtype(t: Tensor) -> torch.dtype:
 
 
 def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
-    """Mean next-token cross-entropy, Hugging Face convention: position t predicts ``labels[t + 1]``."""
-    return token_cross_entropy(logits_BSV[:, :-1], labels_BS[:, 1:])
+    """Mean next-token cross-entropy, Hugging Face convention: position t predicts ``labels[t + 1]``.
+
+    The labels shift, not the logits: the last position gets target -100 (ignored), so the same
+    terms are summed without copying ``logits[:, :-1]`` in the forward and zero-filling a full
+    ``[B, S, V]`` gradient to scatter it back in the backward (transformers does the same).
+    """
+    shifted_BS = F.pad(labels_BS[:, 1:], (0, 1), value=-100)
+    return token_cross_entropy(logits_BSV, shifted_BS)
 
 
 @dataclass(kw_only=True)
