@@ -246,9 +246,7 @@ def main() -> None:
         # compile="auto" compiles once the model has run a compiled step (or decoded
         # AUTO_COMPILE_TOKENS eagerly); one compiled call stands in for that history here.
         model.generate(ids, max_new_tokens=2, compile=True)
-        engines.append(
-            ("moekit model.generate() (defaults: compile='auto')", model_generate)
-        )
+        engines.append(("moekit model.generate() (defaults: compile='auto')", model_generate))
     engines.append(("moekit model.generate(compile=False)", model_generate_eager))
     hf = None
     if not args.no_hf:
