@@ -228,16 +228,20 @@ void moe_thread(int t, int nt, const float* x, const float* w_in, const float* w
 #pragma omp barrier
   }
 #endif
+  // Slot-major: the thread streams its block of rows [d0, d1) of one expert's w_out (contiguous
+  // in memory) before the next expert's, so the prefetcher sees one long stream per slot instead
+  // of K streams alternating every F floats.
+  // y[r] still sums the slots in slot order, so the result is bitwise the row-major one's.
   int64_t d0, d1;
   share(d, t, nt, 16, &d0, &d1);
-  for (int64_t r = d0; r < d1; ++r) {
-    float out = 0.f;
-    for (int64_t s = 0; s < k; ++s) {
-      const float* wo = w_out + ids[s] * d * f + r * f;
-      const float v = dot(wo, a_KF + s * f, f) * gates[s];
-      out = s == 0 ? v : out + v;
+  for (int64_t s = 0; s < k; ++s) {
+    const float* wo = w_out + ids[s] * d * f;
+    const float* as = a_KF + s * f;
+    const float g = gates[s];
+    for (int64_t r = d0; r < d1; ++r) {
+      const float v = dot(wo + r * f, as, f) * g;
+      y[r] = s == 0 ? v : y[r] + v;
     }
-    y[r] = out;
   }
 }
 
