@@ -230,3 +230,26 @@ def test_native_logits_close_to_fp32_and_state_round_trips():
         if isinstance(m, PackedLinear):
             assert m.qweight is None  # the nibble form alone holds the codes
             assert torch.equal(m.quantized().codes(), qlinear.stored_codes(m.k_weight, 4))
+
+
+def test_quantized_experts_never_compile_the_stacked_step():
+    # The compiled step indexes stacked expert weights; quantized experts have none, so a
+    # compile request (or "auto" after a long eager history) must stay on the eager fast path
+    # without trying, failing and warning.
+    import warnings
+
+    from moekit.models.decode import compiled_step_supported
+    from moekit.models.generation import AUTO_COMPILE_TOKENS, auto_compile
+
+    model = _model(8)
+    assert fast_decode_supported(model) and not compiled_step_supported(model)
+    ids = torch.randint(0, 512, (1, 5))
+    session = DecodeSession(model, ids, None, 4, compile=True)
+    assert not session.compiled
+    model.num_eager_decode_tokens = AUTO_COMPILE_TOKENS
+    assert not auto_compile(model, ids, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eager = generate(model, ids, max_new_tokens=6, compile=False)
+        asked = generate(model, ids, max_new_tokens=6, compile=True)
+    assert torch.equal(eager, asked)

@@ -82,6 +82,16 @@ def fast_decode_supported(model: MoEForCausalLM) -> bool:
     return True
 
 
+def compiled_step_supported(model: MoEForCausalLM) -> bool:
+    """Whether the compiled batch-1 step (:func:`_static_decode_step`) can run this model: the fast
+    path, with every MoE layer's experts held stacked (the graph indexes the stacked weights with
+    the routed ids). Quantized experts take the eager fast path through their own
+    :meth:`~moekit.layers.ExpertWeights.decode_token` instead."""
+    return fast_decode_supported(model) and all(
+        layer.mlp.experts.stacked() is not None for layer in model.layers if layer.is_moe
+    )
+
+
 def _rms(norm: RMSNorm, x: Tensor) -> Tensor:
     # One fused kernel instead of six; RMSNorm computes in float32 too.
     return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps).to(x.dtype)
@@ -427,7 +437,7 @@ class DecodeSession:
         self._compile_fallback = compile_fallback
         # Decided once per session: the compiled graph is specialized on it.
         self._native = native_available()
-        if compile and self.fast and batch == 1:
+        if compile and self.fast and batch == 1 and compiled_step_supported(model):
             self._compiled = torch.compile(_static_decode_step, fullgraph=True)
 
     @property

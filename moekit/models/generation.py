@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from moekit.kernels.linear import native_available
-from moekit.models.decode import DecodeSession, fast_decode_supported
+from moekit.models.decode import DecodeSession, compiled_step_supported
 from moekit.models.decoder import MoEForCausalLM
 
 # Rent-or-buy: ~2048 eager tokens of the benchmark model (20 ms each, ~40 s) cost about what one
@@ -179,7 +179,7 @@ def auto_compile(model: MoEForCausalLM, input_ids: Tensor, max_new_tokens: int) 
     """
     if os.environ.get("MOEKIT_COMPILE", "").strip().lower() in ("0", "false", "off", "no"):
         return False
-    if input_ids.shape[0] != 1 or input_ids.device.type != "cpu" or not fast_decode_supported(model):
+    if input_ids.shape[0] != 1 or input_ids.device.type != "cpu" or not compiled_step_supported(model):
         return False
     if _native_step(model):
         return False  # the native fp32 kernels make the eager step the fast one (module doc)
