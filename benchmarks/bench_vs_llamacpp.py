@@ -39,6 +39,7 @@ Run (each row is a flag value; run big sizes one row per process to keep RAM low
     python benchmarks/bench_vs_llamacpp.py --quick                        # 100m, check + decode, 2 threads
     python benchmarks/bench_vs_llamacpp.py --size 100m --rows check,decode,prefill,q8,q4 --threads 1,2
     python benchmarks/bench_vs_llamacpp.py --size 1g --rows decode --threads 2
+    python benchmarks/bench_vs_llamacpp.py --rows q8,q4 --group-size 128   # moekit quantize's default group
 
 Artifacts (model folders, GGUF files) are cached under ``--workdir``
 (default ``~/.cache/moekit/bench_vs_llamacpp``) and reused while the config is unchanged.
