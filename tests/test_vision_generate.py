@@ -219,18 +219,22 @@ def _data_url(array) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _client(folder):
+def _client(folder, prefill_chunk=None):
     from fastapi.testclient import TestClient
 
     from moekit.infer.server import ServerConfig, create_app
     from moekit.loader import load_model_and_tokenizer
 
     loaded = load_model_and_tokenizer(folder)
-    app = create_app(loaded.model, loaded.tokenizer, ServerConfig(model_name="m", max_tokens_limit=16))
+    config = ServerConfig(model_name="m", max_tokens_limit=16, prefill_chunk=prefill_chunk)
+    app = create_app(loaded.model, loaded.tokenizer, config)
     return TestClient(app), loaded
 
 
-def test_serve_image_parts_reply_equals_direct_generate(vlm_folder):
+@pytest.mark.parametrize("prefill_chunk", [None, 3], ids=["one-go", "chunked"])
+def test_serve_image_parts_reply_equals_direct_generate(vlm_folder, prefill_chunk):
+    """The reply equals MoELLaVA.generate; with chunked prefill the spliced image embeddings are
+    read 3 positions at a time."""
     pytest.importorskip("fastapi")
     pytest.importorskip("PIL")
     import numpy as np
@@ -247,7 +251,7 @@ def test_serve_image_parts_reply_equals_direct_generate(vlm_folder):
         {"type": "text", "text": " what colour is the square?"},
     ]
     body = {"model": "m", "messages": [{"role": "user", "content": parts}], "max_tokens": 6, "temperature": 0}
-    client, loaded = _client(vlm_folder)
+    client, loaded = _client(vlm_folder, prefill_chunk)
     with client:
         reply = client.post("/v1/chat/completions", json=body)
         assert reply.status_code == 200, reply.text
@@ -266,6 +270,9 @@ def test_serve_image_parts_reply_equals_direct_generate(vlm_folder):
         )
         new = [t for t in out[0, len(ids) :].tolist() if t != loaded.eos_token_id]
         assert len(new) == 6 and got == tok.decode(new) and reply.json()["usage"]["prompt_tokens"] == len(ids)
+        batch = client.get("/health").json()["batch"]
+        assert batch["prefill_chunk"] == prefill_chunk
+        assert batch["prefill_chunks"] == (1 if prefill_chunk is None else -(-len(ids) // prefill_chunk))
         # Streaming gives the same text; a text-only message to the VLM works too.
         streamed = client.post("/v1/chat/completions", json=body | {"stream": True})
         chunks = [
