@@ -47,6 +47,10 @@ def batch_decode_supported(model: MoEForCausalLM) -> bool:
     # DecodeBatch.step); mixture-of-attention-heads layers decode one request at a time.
     if cfg.moa_num_experts:
         return False
+    # Llama 4's attention temperature scales queries by the layer's cached length, one number
+    # for the whole batch; ragged rows each have their own.
+    if cfg.attention_temperature_scale is not None:
+        return False
     for layer in model.layers:
         if layer.is_moe:
             moe = layer.mlp.config
