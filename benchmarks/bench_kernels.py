@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from moekit.kernels.linear import linear, moe_decode, native_available
-from moekit.layers import MoEConfig
 from moekit.layers.experts import StackedExpertWeights
-from moekit.models import ModelConfig, MoEForCausalLM
+from moekit.models import MoEForCausalLM
 
 GEMV_SHAPES = [  # (name, N, R, C)
     ("lm_head 32000x512", 1, 32000, 512),
@@ -106,23 +105,10 @@ def moe_rows(mb: int, rounds: int) -> list[tuple[str, str, float]]:
 
 
 def mixtral_100m() -> MoEForCausalLM:
-    """Issue 19's ~100 MB Mixtral-shaped model, random weights at 1/sqrt(fan_in) scale."""
-    dim, ffn = 512, 2048
-    cfg = ModelConfig(
-        vocab_size=32000,
-        dim=dim,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=2,
-        head_dim=dim // 8,
-        ffn_dim=ffn,
-        moe=MoEConfig(dim=dim, ffn_dim=ffn, num_experts=8, top_k=2, norm_topk_prob=True),
-        moe_placement="all",
-        rope_theta=1e6,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return MoEForCausalLM(cfg).eval()
+    """Issue 19's ~100 MB Mixtral-shaped model: ``bench_vs_llamacpp.py``'s ``100m``, random weights."""
+    from bench_vs_llamacpp import SIZES, build_model
+
+    return build_model(SIZES["100m"])
 
 
 def generate_rows(threads: list[int], rounds: int, new_tokens: int) -> None:

@@ -137,52 +137,17 @@ def bench_kernels(args) -> None:
 
 
 def mixtral_100m(seed: int = 0):
-    """The issue's ~100 MB-active Mixtral-shaped model: D=512, F=2048, 4 layers, 8 experts top-2,
-    vocab 32000, 8/2 heads; random weights at 1/sqrt(fan_in)."""
-    from moekit.layers import MoEConfig
-    from moekit.models import MoEForCausalLM
-    from moekit.models.config import ModelConfig
+    """The issue's ~100 MB-active Mixtral-shaped model (``bench_vs_llamacpp.py``'s ``100m``:
+    D=512, F=2048, 4 layers, 8 experts top-2, vocab 32000, 8/2 heads), random weights."""
+    from bench_vs_llamacpp import SIZES, build_model
 
-    cfg = ModelConfig(
-        vocab_size=32000,
-        dim=512,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=2,
-        head_dim=64,
-        ffn_dim=2048,
-        moe=MoEConfig(dim=512, ffn_dim=2048, num_experts=8, top_k=2, norm_topk_prob=True),
-        qk_norm="none",
-        rope_theta=1e6,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = MoEForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            elif name == "embed_tokens.weight":
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
-    return model
-
-
-def _decode_tok_s(model, prompt, new_tokens: int, rounds: int = 3) -> float:
-    best = float("inf")
-    with torch.no_grad():
-        model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
-            best = min(best, time.perf_counter() - t0)
-    return new_tokens / best
+    return build_model(SIZES["100m"], seed)
 
 
 def bench_decode(args) -> None:
     """Greedy generate tok/s: fp32 against 8/4-bit (all linears), native and the previous auto kernels."""
+    from bench_compress import _decode_tok_s  # the same best-of-rounds greedy timer
+
     from moekit.compress import QuantConfig, model_bytes, quantize_model
     from moekit.compress.kernels import PackedLinear
 
