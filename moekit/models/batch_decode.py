@@ -229,9 +229,12 @@ class ChunkedPrefill:
             x_1CD = model.embed(self.input_ids[:, start:end])
         else:
             x_1CD = self.inputs_embeds[:, start:end]
-        logits_1V, _ = general_layers_step(model, x_1CD, cos, sin, mask, None, self.cache, self.moe_k)
+        last = end == self.prompt_len
+        logits_1V, _ = general_layers_step(
+            model, x_1CD, cos, sin, mask, None, self.cache, self.moe_k, logits=last
+        )
         self.done_tokens, self.num_chunks = end, self.num_chunks + 1
-        if self.remaining:
+        if not last:
             return None
         self.inputs_embeds = None  # the cache holds what the prefill needed; free the copy
         return logits_1V

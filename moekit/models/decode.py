@@ -256,11 +256,13 @@ def general_layers_step(
     cache,
     moe_k: int | None,
     count_experts: bool = False,
-) -> tuple[Tensor, int]:
+    logits: bool = True,
+) -> tuple[Tensor | None, int]:
     """The general decoder layers over S new tokens per row: ``(float32 last-position logits [B, V], assignments)``.
 
     ``assignments`` (routed (token, expert) pairs) is counted only with ``count_experts`` (it
-    costs a reduction per layer), else 0.
+    costs a reduction per layer), else 0. ``logits=False`` skips the LM head (a prefill chunk
+    that is not the prompt's last only fills the cache) and returns None for the logits.
     """
     use_residual = model.config.moe is not None and model.config.moe.gating_residual
     pregated = model.config.pregated
@@ -283,6 +285,8 @@ def general_layers_step(
                 pregate_BSD = moe_out.moe_input
             if count_experts:
                 assignments += int((moe_out.routing.expert_ids >= 0).sum())
+    if not logits:
+        return None, assignments
     # Only the last position's logits are ever needed: skip S-1 rows of the LM head.
     return model.lm_logits(x_BSD[:, -1]).float(), assignments
 
