@@ -45,3 +45,16 @@ def test_build_key_changes_with_the_source(tmp_path):
     b.write_text("int b;\n")
     assert build._build_key("k", a) != build._build_key("k", b)
     assert build._build_key("k", a) == build._build_key("k", a)
+
+
+@pytest.mark.parametrize("name", ["decode_f32", "quant_gemv"])
+def test_shipped_kernels_build_where_there_is_a_compiler(name, monkeypatch):
+    # The kernel tests skip when their ops did not load; on a machine with a C++ compiler (CI
+    # has one) that must never happen, or a broken source would pass as a skip.
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler on this machine: the pure-PyTorch paths are what runs")
+    monkeypatch.setenv("MOEKIT_KERNELS", "1")
+    assert (build.CSRC / f"{name}.cpp").is_file()
+    assert build.load_ops(name) is True
