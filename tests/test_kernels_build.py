@@ -47,7 +47,16 @@ def test_build_key_changes_with_the_source(tmp_path):
     assert build._build_key("k", a) == build._build_key("k", a)
 
 
-@pytest.mark.parametrize("name", ["decode_f32", "quant_gemv"])
+def test_build_key_changes_with_a_shared_header(tmp_path):
+    source = tmp_path / "a.cpp"
+    source.write_text('#include "h.h"\n')
+    (tmp_path / "h.h").write_text("int h;\n")
+    before = build._build_key("k", source)
+    (tmp_path / "h.h").write_text("int h2;\n")
+    assert build._build_key("k", source) != before
+
+
+@pytest.mark.parametrize("name", ["decode_f32", "decode_step", "quant_gemv"])
 def test_shipped_kernels_build_where_there_is_a_compiler(name, monkeypatch):
     # The kernel tests skip when their ops did not load; on a machine with a C++ compiler (CI
     # has one) that must never happen, or a broken source would pass as a skip.

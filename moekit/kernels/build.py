@@ -2,9 +2,9 @@
 
 A source is built with ``torch.utils.cpp_extension.load`` as a plain shared library
 (``is_python_module=False``): loading it runs its ``TORCH_LIBRARY_FRAGMENT`` registrations, so
-its ops appear under ``torch.ops.moekit``. The build folder is keyed by the source's hash, the
-torch version and this CPU's feature flags, because the code is compiled with ``-march=native``
-and a library built for another CPU must never be loaded.
+its ops appear under ``torch.ops.moekit``. The build folder is keyed by the source's hash (with
+the shared headers beside it), the torch version and this CPU's feature flags, because the code
+is compiled with ``-march=native`` and a library built for another CPU must never be loaded.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def _build_key(name: str, source: Path) -> str:
     import torch
 
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), torch.__version__.encode(), _cpu_signature().encode()):
+    # Every shared header counts too: a source that includes one must rebuild when it changes.
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, torch.__version__.encode(), _cpu_signature().encode()):
         digest.update(part)
     digest.update(" ".join(CFLAGS + LDFLAGS).encode())
     return f"{name}-{digest.hexdigest()[:16]}"

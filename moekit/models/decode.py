@@ -50,6 +50,7 @@ from moekit.kernels.linear import MOE_ACTIVATIONS, linear, moe_fits, native_avai
 from moekit.layers import MoELayer
 from moekit.layers.experts import activate
 from moekit.models.decoder import MoEForCausalLM, attention_masks
+from moekit.models.native_step import NativeStepPlan, native_step, native_step_plan, native_step_refusal
 
 
 def fast_decode_supported(model: MoEForCausalLM) -> bool:
@@ -80,6 +81,14 @@ def fast_decode_supported(model: MoEForCausalLM) -> bool:
         if layer.is_moe and not (isinstance(layer.mlp, MoELayer) and layer.mlp.supports_fast_decode):
             return False
     return True
+
+
+def native_decode_refusal(model: MoEForCausalLM) -> str | None:
+    """Why a batch-1, unpadded float32 session of ``model`` cannot run each step as one native
+    kernel call (:mod:`moekit.models.native_step`); None when it can."""
+    if not fast_decode_supported(model):
+        return "the model is off the fast decode path"
+    return native_step_refusal(model)
 
 
 def compiled_step_supported(model: MoEForCausalLM) -> bool:
@@ -443,6 +452,13 @@ class DecodeSession:
         self._native = native_available()
         if compile and self.fast and batch == 1 and compiled_step_supported(model):
             self._compiled = torch.compile(_static_decode_step, fullgraph=True)
+        self._step_plan: NativeStepPlan | None = None
+        if self.fast and self._compiled is None and batch == 1 and not self.padded and not self._masked:
+            self._step_plan = native_step_plan(model, moe_k)
+        #: run each decode step as one native kernel call (:mod:`moekit.models.native_step`) when
+        #: the model allows it; set False to force the eager fast path (what the kernel is tested
+        #: against).
+        self.use_native_step = self._step_plan is not None
 
     @property
     def compiled(self) -> bool:
@@ -530,6 +546,10 @@ class DecodeSession:
                 )
                 self._compiled = None
         x_B1D = self.model.embed(next_B[:, None])
+        if self.fast and self.use_native_step and self._step_plan is not None:
+            if self.count_experts:
+                self.expert_assignments += self._step_plan.assignments
+            return native_step(self._step_plan, x_B1D, self.cache, num_keys, cos, sin)
         if self.fast:
             return self._fast_step(x_B1D, cos, sin, mask)
         return self._run_layers(x_B1D, cos, sin, mask, None)
