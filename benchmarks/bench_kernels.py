@@ -17,6 +17,11 @@ weights read per token): greedy, batch 1, a 32-token prompt, decode seconds per 
 ``MOEKIT_KERNELS=0`` (the same process: the switch is read per call), eager (``compile=False``)
 and compiled (``compile=True``, compiled during warm-up), rounds interleaved.
 
+``--steps`` times decode steps on that model through ``DecodeSession`` directly: the whole-step
+kernel (``moekit/models/native_step.py``, one call per token) with the weights in huge pages
+(what ``generate`` does), the same with the weights left in 4 KiB pages (a second copy of the
+model), and the eager fast path on the per-op kernels, rounds interleaved.
+
 Run (behind the machine's lock): ``OMP_NUM_THREADS=2 flock /tmp/heavy.lock nice -n 10 \
 .venv/bin/python benchmarks/bench_kernels.py --threads 1 2`` (add ``--generate`` for tok/s).
 """
@@ -152,16 +157,69 @@ def generate_rows(threads: list[int], rounds: int, new_tokens: int) -> None:
     os.environ["MOEKIT_KERNELS"] = "1"
 
 
+def step_rows(threads: list[int], rounds: int, new_tokens: int) -> None:
+    import copy
+
+    from moekit.kernels.memory import move_to_hugepages
+    from moekit.models.decode import DecodeSession
+
+    huge = mixtral_100m()
+    small = copy.deepcopy(huge)
+    small._moekit_hugepage_weights = True  # keep this copy in 4 KiB pages
+    print(f"moved to huge pages: {move_to_hugepages(huge) / 1e6:.0f} MB")
+    ids = torch.randint(2, 32000, (1, 32), generator=torch.Generator().manual_seed(1))
+    engines = {
+        "whole-step kernel, huge pages": (huge, True),
+        "whole-step kernel, 4 KiB pages": (small, True),
+        "eager fast path, per-op kernels": (huge, False),
+    }
+
+    @torch.no_grad()
+    def per_token(model, native: bool) -> float:
+        session = DecodeSession(model, ids, max_new_tokens=new_tokens)
+        assert session.use_native_step, "the whole-step kernel did not take this model"
+        session.use_native_step = native
+        tok = session.prefill().argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            tok = session.step(tok).argmax(-1)
+        return (time.perf_counter() - t0) / new_tokens
+
+    print("\n| decode step | " + " | ".join(f"{t} thr tok/s" for t in threads) + " |")
+    print("|---|" + "---:|" * len(threads))
+    results = {}
+    for t in threads:
+        torch.set_num_threads(t)
+        for e in engines.values():
+            per_token(*e)
+        samples = {name: [] for name in engines}
+        names = list(engines)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                samples[name].append(per_token(*engines[name]))
+        for name, v in samples.items():
+            results.setdefault(name, {})[t] = 1 / statistics.median(v)
+    for name, by_t in results.items():
+        print(f"| {name} | " + " | ".join(f"{by_t[t]:.1f}" for t in threads) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--mb", type=int, default=256, help="weight MB per shape (>> L3)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--generate", action="store_true", help="tok/s of model.generate instead")
+    parser.add_argument("--steps", action="store_true", help="decode steps: whole-step kernel vs eager")
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     if not native_available():
         raise SystemExit("native kernels unavailable (build failed or MOEKIT_KERNELS=0)")
+    if args.steps:
+        print(
+            f"torch {torch.__version__}; median over {args.rounds} interleaved rounds, {args.new_tokens} steps"
+        )
+        step_rows(args.threads, args.rounds, args.new_tokens)
+        return
     if args.generate:
         print(
             f"torch {torch.__version__}; median over {args.rounds} interleaved rounds, {args.new_tokens} new tokens"

@@ -98,6 +98,23 @@ def _decode(model, ids, native: bool, moe_k=None, feed=None, count=False):
     return torch.stack(out), torch.cat(fed), session
 
 
+def _native_steps(fn) -> int:
+    """Native whole-step calls made while ``fn`` runs (every session it opens counts)."""
+    sessions = []
+    original = DecodeSession.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sessions.append(self)
+
+    DecodeSession.__init__ = spy
+    try:
+        fn()
+    finally:
+        DecodeSession.__init__ = original
+    return sum(s.num_native_steps for s in sessions)
+
+
 def _ops(fn) -> set[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
@@ -133,12 +150,12 @@ def test_native_step_same_tokens_as_eager_fast_path(case):
 def test_which_path_ran_and_generate_matches_kernels_off(monkeypatch):
     model = _model(CASES["mixtral"])
     ids = _prompt()
-    native_ops = _ops(lambda: model.generate(ids, max_new_tokens=4))
-    assert "moekit::decode_step_f32" in native_ops
+    assert _native_steps(lambda: model.generate(ids, max_new_tokens=4)) == 3
     got = model.generate(ids, max_new_tokens=12)
     monkeypatch.setenv("MOEKIT_KERNELS", "0")
     assert native_decode_refusal(model) == "the native kernels are not loaded"
     assert not _ops(lambda: model.generate(ids, max_new_tokens=4))
+    assert _native_steps(lambda: model.generate(ids, max_new_tokens=4)) == 0
     assert torch.equal(model.generate(ids, max_new_tokens=12), got)
 
 
@@ -211,3 +228,46 @@ def test_bad_cache_is_one_clear_error():
         session.cache.values[1] = session.cache.values[1][:, :, :3].contiguous()
         with pytest.raises(RuntimeError, match="cache holds 3 keys"):
             session.step(torch.tensor([1]))
+
+
+QUANT_CASES = {
+    "int8_g32_all": dict(bits=8, group_size=32, include_non_experts=True),
+    "int4_g64_experts_only": dict(bits=4, group_size=64),
+    "mixed_expert_bits_g32": dict(
+        bits=4, group_size=32, expert_bits=[[8, 4, 4, 8, 2, 4], [4, 8, 8, 4, 4, 3]]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QUANT_CASES))
+def test_quantized_models_take_the_kernel_with_the_eager_tokens(case):
+    from moekit.compress import QuantConfig, quantize_model
+
+    model = quantize_model(
+        _model(_config(ffn_dim=128, moe=_moe(ffn_dim=64))), QuantConfig(kernel="native", **QUANT_CASES[case])
+    )
+    assert native_decode_refusal(model) is None
+    ids = _prompt(seed=6, length=9)
+    with torch.no_grad():
+        got, toks, session = _decode(model, ids, native=True)
+        ref, ref_toks, _ = _decode(model, ids, native=False)
+    assert session.num_native_steps == NEW and session._step_plan.quantized > 0
+    assert torch.equal(toks, ref_toks)
+    # Both paths quantize the same activations in blocks of 32; an input that differs in its last
+    # bit can round one code the other way, hence a looser bound than float32's.
+    assert (got - ref).abs().max().item() <= 2e-3 * max(ref.abs().max().item(), 1.0), case
+
+
+def test_quantized_folder_through_the_loader(tmp_path):
+    from moekit import from_pretrained
+    from moekit.compress import QuantConfig, quantize_model, save_quantized
+
+    model = quantize_model(
+        _model(_config(ffn_dim=128, moe=_moe(ffn_dim=64))),
+        QuantConfig(bits=8, group_size=32, include_non_experts=True),
+    )
+    save_quantized(model, tmp_path / "q8")
+    loaded = from_pretrained(tmp_path / "q8").eval()
+    ids = _prompt()
+    assert _native_steps(lambda: loaded.generate(ids, max_new_tokens=6)) == 5
+    assert torch.equal(loaded.generate(ids, max_new_tokens=6), model.generate(ids, max_new_tokens=6))

@@ -64,6 +64,15 @@ class QuantizedExperts(ExpertWeights):
             for lin, ref in ((self.w_in[e], first[0]), (self.w_out[e], first[1]))
         )
 
+    def native_step_matrices(self) -> tuple[list, list] | None:
+        """Every expert's two projections on the native int8/int4 kernel layout, for the
+        whole-step decode kernel; None when any of them is on another kernel or has a bias."""
+        ins = [m.native_matrix() for m in self.w_in]
+        outs = [m.native_matrix() for m in self.w_out]
+        if any(m is None for m in ins + outs) or any(m.bias is not None for m in [*self.w_in, *self.w_out]):
+            return None
+        return ins, outs
+
     def decode_token(self, x_1D: Tensor, ids: list[int], weights_1K: Tensor) -> Tensor:
         """One token's routed experts ``[1, D]`` (summed in slot order): the fused native op when
         :meth:`native_token_ready`, else one :meth:`expert_forward` per expert."""

@@ -252,6 +252,14 @@ class PackedLinear(nn.Module):
                 "k_zero_scale", ((zero_RG - 128) * scale_RG).to(torch.float32).contiguous(), persistent=False
             )
 
+    def native_matrix(self) -> tuple[Tensor, Tensor, Tensor, int, int] | None:
+        """``(kernel codes, scale [R, G] float16, zero [R, G] uint8, bits, group)`` for kernels
+        that read the native layout (the whole-step decode, :mod:`moekit.models.native_step`);
+        None on any other kernel."""
+        if self.kernel != "native" or not qlinear.fits(self.bits, self.group_size, self.in_features):
+            return None
+        return self.k_weight, self.scale, self.zero, self.bits, self.group_size
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight ``[R, C]`` as the stored codes say, in ``dtype``."""
         return self.quantized().dequantize(dtype)

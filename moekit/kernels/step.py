@@ -1,9 +1,12 @@
-"""The whole-step fp32 decode kernel (``csrc/decode_step.cpp``): every layer of a batch-1 step in one call.
+"""The whole-step decode kernel (``csrc/decode_step.cpp``): every layer of a batch-1 step in one call.
 
 Shape legend: L = decoder layers, D = model width, H = query heads, G = key/value heads, Dh =
 head width, Dr = rotary width, C = cache capacity, K = keys after this token, V = vocabulary.
 
-This module only loads the op and describes its argument layout (:data:`SLOTS`, :data:`INTS`,
+The kernel is a TorchScript custom class, ``torch.classes.moekit.DecodeStepPlan``: built once
+per session from the model's weights (so a step passes only the token, the cache and the RoPE
+rows), with each weight matrix either float32 or moekit's quantized codes. This module only loads
+it and describes its argument layout (:data:`SLOTS`, :data:`INTS`,
 :data:`FLOATS`); what a model must look like to use it, and the packing of its weights, live
 with the models (:mod:`moekit.models.native_step`), because this package sits below them.
 The reference the op is tested against is the eager fast path
@@ -54,25 +57,27 @@ INTS = (
     "norm_topk_prob",
     "qk_norm",
     "rope_interleave",
+    "num_expert_matrices",
 )
 #: per-layer floats.
 FLOATS = ("input_norm_eps", "post_attention_norm_eps", "qk_norm_eps", "routed_scaling_factor")
 
 
+#: the ``bits`` of a float32 weight.
+FLOAT_BITS = 32
+
+
 @functools.cache
 def _load() -> bool:
-    if not load_ops("decode_step"):
-        return False
-
-    @torch.library.register_fake("moekit::decode_step_f32")
-    def _fake(
-        x, weights, ints, floats, keys, values, num_keys, cos, sin, final_norm, eps, lm_head, bias, dims
-    ):
-        return x.new_empty(1, lm_head.shape[0])
-
-    return True
+    return load_ops("decode_step")
 
 
 def step_available() -> bool:
-    """True when the whole-step op is built and loaded and ``MOEKIT_KERNELS`` allows it."""
+    """True when the whole-step kernel is built and loaded and ``MOEKIT_KERNELS`` allows it."""
     return kernels_enabled() and _load()
+
+
+def new_plan(tensors, scales, zeros, bits, groups, ints, floats, dims):
+    """``torch.classes.moekit.DecodeStepPlan`` over these parallel lists (see the C++ source's
+    header for the layout); raises ``RuntimeError`` naming the first weight that does not fit."""
+    return torch.classes.moekit.DecodeStepPlan(tensors, scales, zeros, bits, groups, ints, floats, dims)

@@ -136,6 +136,13 @@ class ExpertWeights(nn.Module):
         """Returns ``(w_in [E, H, D], w_out [E, D, F])``, or None when not held stacked."""
         return None
 
+    def native_step_matrices(self) -> tuple[list, list] | None:
+        """Each expert's ``w_in [H, D]`` and ``w_out [D, F]`` in the form the whole-step decode
+        kernel reads (:mod:`moekit.models.native_step`): two lists of E tuples ``(codes or
+        float32 weight, scale, zero, bits, group)``, bits 32 for float32. None (the default)
+        when this storage has no such form; stacked float32 storages are passed whole instead."""
+        return None
+
 
 class StackedExpertWeights(ExpertWeights):
     """All experts' weights in two stacked parameters (the default storage).

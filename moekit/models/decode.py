@@ -459,6 +459,8 @@ class DecodeSession:
         #: the model allows it; set False to force the eager fast path (what the kernel is tested
         #: against).
         self.use_native_step = self._step_plan is not None
+        #: decode steps that ran as one native kernel call (what tests and benchmarks assert).
+        self.num_native_steps = 0
 
     @property
     def compiled(self) -> bool:
@@ -549,6 +551,7 @@ class DecodeSession:
         if self.fast and self.use_native_step and self._step_plan is not None:
             if self.count_experts:
                 self.expert_assignments += self._step_plan.assignments
+            self.num_native_steps += 1
             return native_step(self._step_plan, x_B1D, self.cache, num_keys, cos, sin)
         if self.fast:
             return self._fast_step(x_B1D, cos, sin, mask)

@@ -1,19 +1,27 @@
-"""The whole-step native decode: a batch-1 fp32 step of a decoder LM in one kernel call.
+"""The whole-step native decode: a batch-1 step of a decoder LM in one kernel call.
 
 Shape legend: D = model width, Dr = rotary width, K = keys after this token, V = vocabulary.
 
-:class:`~moekit.models.decode.DecodeSession` uses it for batch-1, unpadded float32 sessions on
-the fast path when :func:`native_step_plan` can describe the model to the kernel
+:class:`~moekit.models.decode.DecodeSession` uses it for batch-1, unpadded sessions on the fast
+path when :func:`native_step_plan` can describe the model to the kernel
 (``moekit/kernels/csrc/decode_step.cpp``). The kernel runs every decoder layer, the final norm
-and the LM head inside one OpenMP team, so a step pays one dispatch instead of ~150 and the
-threads stay together between the GEMVs. It covers the common decoder:
+and the LM head inside one OpenMP team, so a step pays one call instead of ~150 operator
+dispatches, and the threads stay together between the GEMVs. It covers the common decoder:
 
 * pre-norm RMSNorm layers with GQA attention, RoPE (rotate-half, partial or interleaved), optional
   q/k/v/o biases and per-head q/k norms, full causal attention at the default scale;
 * token-choice top-k routers (softmax or sigmoid scores, or a softmax over the chosen logits;
-  bias, selection-only expert bias, ``norm_topk_prob``, ``routed_scaling_factor``) over stacked
-  experts, with an optional (gated) shared expert; dense FFN layers;
-* the activations of :data:`~moekit.kernels.linear.MOE_ACTIVATIONS`.
+  bias, selection-only expert bias, ``norm_topk_prob``, ``routed_scaling_factor``), with an
+  optional (gated) shared expert; dense FFN layers; the activations of
+  :data:`~moekit.kernels.linear.MOE_ACTIVATIONS`;
+* every weight matrix float32, or moekit's quantized codes on the native kernel layout
+  (``moekit quantize``: int8 or int4 experts, and with ``--include-non-experts`` the attention
+  and the LM head too), mixed freely, e.g. experts of different bit widths.
+
+Quantized modules take part through a protocol, because this package sits below
+:mod:`moekit.compress`: a projection offers ``native_matrix()`` -> ``(codes, scale, zero, bits,
+group)`` or None, and an expert storage offers
+:meth:`~moekit.layers.ExpertWeights.native_step_matrices`.
 
 Anything else keeps the eager fast path, which is the reference the kernel is tested against
 (``tests/test_native_step.py``). ``MOEKIT_KERNELS=0`` turns it off with the other kernels.
@@ -25,13 +33,15 @@ same order), fill it in :func:`_layer_args`, and remove its refusal from :func:`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from moekit.blocks import Attention, KVCache, RMSNorm
 from moekit.kernels.linear import MOE_ACTIVATIONS
-from moekit.kernels.step import FLOATS, INTS, SLOTS, step_available
+from moekit.kernels.memory import move_to_hugepages
+from moekit.kernels.step import FLOAT_BITS, FLOATS, INTS, SLOTS, new_plan, step_available
 from moekit.layers import MoELayer
 from moekit.layers.experts import FeedForward, StackedExpertWeights
 from moekit.layers.router import Router
@@ -39,29 +49,23 @@ from moekit.layers.strategies import TopKLogitSoftmaxRouting, TopKRouting
 from moekit.models.decoder import MoEForCausalLM
 
 _EMPTY = torch.empty(0)
+#: one weight as the kernel takes it: (float32 weight or codes, scale, zero, bits, group).
+Matrix = tuple[Tensor, Tensor, Tensor, int, int]
 
 
 @dataclass
 class NativeStepPlan:
-    """The packed, model-wide arguments of ``torch.ops.moekit.decode_step_f32`` (built once per session).
+    """A built ``torch.classes.moekit.DecodeStepPlan`` and what one step computes.
 
     Attributes:
-        weights: ``len(SLOTS)`` tensors per layer (views of the model's parameters, never copies).
-        ints, floats: per-layer settings in :data:`~moekit.kernels.step.INTS` / ``FLOATS`` order.
-        dims: ``[H, G, Dh]``.
-        final_norm, final_eps, lm_head, lm_bias: the output head (``lm_bias`` empty when absent).
+        kernel: the plan object (holds references to every weight it reads).
         assignments: routed (token, expert) pairs one step computes.
+        quantized: weight matrices on quantized codes (0 for a float32 model).
     """
 
-    weights: list[Tensor]
-    ints: list[int]
-    floats: list[float]
-    dims: list[int]
-    final_norm: Tensor
-    final_eps: float
-    lm_head: Tensor
-    lm_bias: Tensor
+    kernel: Any
     assignments: int
+    quantized: int
 
 
 def _f32(*tensors: Tensor | None) -> bool:
@@ -71,16 +75,32 @@ def _f32(*tensors: Tensor | None) -> bool:
     )
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and _f32(module.weight, module.bias)
+def _matrix(module: nn.Module) -> Matrix | None:
+    """The kernel's form of a projection's weight, or None when it has none."""
+    if type(module) is nn.Linear:
+        return (module.weight.detach(), _EMPTY, _EMPTY, FLOAT_BITS, 0) if _f32(module.weight) else None
+    native = getattr(module, "native_matrix", None)
+    return native() if callable(native) else None
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    return getattr(module, "bias", None)
+
+
+def _projection_ok(module: nn.Module) -> bool:
+    return _matrix(module) is not None and _f32(_bias(module))
 
 
 def _ffn_refusal(ffn: nn.Module) -> str | None:
     if type(ffn) is not FeedForward or ffn.config.activation not in MOE_ACTIVATIONS:
         return "an FFN the kernel does not implement"
-    if not (_plain_linear(ffn.w_in) and _plain_linear(ffn.w_out)):
-        return "a quantized or wrapped FFN projection"
+    if not (_projection_ok(ffn.w_in) and _projection_ok(ffn.w_out)):
+        return "an FFN projection without a native form"
     return None
+
+
+def _expert_matrices(mlp: MoELayer) -> tuple[list[Matrix], list[Matrix]] | None:
+    return mlp.experts.native_step_matrices()
 
 
 def _moe_refusal(mlp: MoELayer) -> str | None:
@@ -96,14 +116,14 @@ def _moe_refusal(mlp: MoELayer) -> str | None:
     if not _f32(router.weight, router.bias, router.expert_bias):
         return "a router that is not float32"
     experts = mlp.experts
-    stacks = experts.stacked()
-    if type(experts) is not StackedExpertWeights or stacks is None or not _f32(*stacks):
-        return "experts not held as float32 stacks"
-    if experts.activation not in MOE_ACTIVATIONS:
-        return f"the {experts.activation} expert activation"
+    if getattr(experts, "activation", None) not in MOE_ACTIVATIONS:
+        return "an expert activation the kernel does not implement"
+    stacks = experts.stacked() if type(experts) is StackedExpertWeights else None
+    if not (stacks is not None and _f32(*stacks)) and _expert_matrices(mlp) is None:
+        return "experts with neither float32 stacks nor native matrices"
     if cfg.shared_ffn_dim:
         refusal = _ffn_refusal(mlp.shared)
-        if refusal or (mlp.shared_gate is not None and not _plain_linear(mlp.shared_gate)):
+        if refusal or (mlp.shared_gate is not None and type(mlp.shared_gate) is not nn.Linear):
             return refusal or "a quantized shared-expert gate"
     return None
 
@@ -113,7 +133,7 @@ def _refusal(model: MoEForCausalLM) -> str | None:
     :func:`~moekit.models.decode.fast_decode_supported`."""
     if model.config.pregated:
         return "pregated routing"
-    if type(model.norm) is not RMSNorm or not _plain_linear(model.lm_head) or not _f32(model.norm.weight):
+    if type(model.norm) is not RMSNorm or not _projection_ok(model.lm_head) or not _f32(model.norm.weight):
         return "an output head the kernel does not implement"
     for layer in model.layers:
         attn = layer.self_attn
@@ -123,8 +143,8 @@ def _refusal(model: MoEForCausalLM) -> str | None:
             return "a non-default attention scale"
         if attn.qk_norm not in ("none", "per_head"):
             return f"the {attn.qk_norm} q/k norm"
-        if not all(_plain_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
-            return "a quantized or wrapped attention projection"
+        if not all(_projection_ok(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
+            return "an attention projection without a native form"
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if type(norm) is not RMSNorm or not _f32(norm.weight):
                 return "a norm the kernel does not implement"
@@ -134,29 +154,31 @@ def _refusal(model: MoEForCausalLM) -> str | None:
     return None
 
 
-def _weight(t: Tensor | None) -> Tensor:
-    return _EMPTY if t is None else t.detach()
+def _vector(t: Tensor | None) -> Matrix:
+    return (_EMPTY if t is None else t.detach(), _EMPTY, _EMPTY, FLOAT_BITS, 0)
 
 
-def _layer_args(layer: nn.Module, moe_k: int | None) -> tuple[list[Tensor], list[int], list[float], int]:
+def _layer_args(layer: nn.Module, moe_k: int | None) -> tuple[list[Matrix], list[int], list[float], int]:
+    """One layer's entries: (weights in SLOTS order then any per-expert matrices, ints, floats,
+    assignments per step)."""
     attn: Attention = layer.self_attn
-    slots = dict.fromkeys(SLOTS, _EMPTY)
+    slots: dict[str, Matrix] = dict.fromkeys(SLOTS, _vector(None))
     slots.update(
-        input_norm=_weight(layer.input_layernorm.weight),
-        q_proj=_weight(attn.q_proj.weight),
-        q_bias=_weight(attn.q_proj.bias),
-        k_proj=_weight(attn.k_proj.weight),
-        k_bias=_weight(attn.k_proj.bias),
-        v_proj=_weight(attn.v_proj.weight),
-        v_bias=_weight(attn.v_proj.bias),
-        o_proj=_weight(attn.o_proj.weight),
-        o_bias=_weight(attn.o_proj.bias),
-        post_attention_norm=_weight(layer.post_attention_layernorm.weight),
+        input_norm=_vector(layer.input_layernorm.weight),
+        q_proj=_matrix(attn.q_proj),
+        q_bias=_vector(_bias(attn.q_proj)),
+        k_proj=_matrix(attn.k_proj),
+        k_bias=_vector(_bias(attn.k_proj)),
+        v_proj=_matrix(attn.v_proj),
+        v_bias=_vector(_bias(attn.v_proj)),
+        o_proj=_matrix(attn.o_proj),
+        o_bias=_vector(_bias(attn.o_proj)),
+        post_attention_norm=_vector(layer.post_attention_layernorm.weight),
     )
     qk_norm, qk_eps = 0, 0.0
     if attn.qk_norm == "per_head":
         qk_norm = 2 if attn.qk_norm_after_rope else 1
-        slots.update(q_norm=_weight(attn.q_norm.weight), k_norm=_weight(attn.k_norm.weight))
+        slots.update(q_norm=_vector(attn.q_norm.weight), k_norm=_vector(attn.k_norm.weight))
         qk_eps = attn.q_norm.eps
     ints = dict.fromkeys(INTS, 0)
     ints.update(qk_norm=qk_norm, rope_interleave=int(attn.rope_interleave))
@@ -166,21 +188,25 @@ def _layer_args(layer: nn.Module, moe_k: int | None) -> tuple[list[Tensor], list
         post_attention_norm_eps=layer.post_attention_layernorm.eps,
         qk_norm_eps=qk_eps,
     )
-    ffn, assignments = layer.mlp, 0
+    ffn, assignments, per_expert = layer.mlp, 0, []
     if layer.is_moe:
         mlp: MoELayer = layer.mlp
         cfg, router = mlp.config, mlp.router
         top_k = cfg.top_k if moe_k is None else int(moe_k)
         if not 1 <= top_k <= cfg.num_experts:
             raise ValueError(f"moe_k={top_k} must be in [1, {cfg.num_experts}] (the number of experts)")
-        w_in, w_out = mlp.experts.stacked()
         slots.update(
-            router=_weight(router.weight),
-            router_bias=_weight(router.bias),
-            expert_bias=_weight(router.expert_bias),
-            experts_w_in=_weight(w_in),
-            experts_w_out=_weight(w_out),
+            router=_vector(router.weight),
+            router_bias=_vector(router.bias),
+            expert_bias=_vector(router.expert_bias),
         )
+        stacks = mlp.experts.stacked() if type(mlp.experts) is StackedExpertWeights else None
+        if stacks is not None and _f32(*stacks):
+            slots.update(experts_w_in=_vector(stacks[0]), experts_w_out=_vector(stacks[1]))
+        else:
+            ins, outs = _expert_matrices(mlp)
+            per_expert = list(ins) + list(outs)
+            ints["num_expert_matrices"] = len(ins)
         after_topk = router.strategy is TopKLogitSoftmaxRouting
         ints.update(
             is_moe=1,
@@ -193,16 +219,17 @@ def _layer_args(layer: nn.Module, moe_k: int | None) -> tuple[list[Tensor], list
         assignments = top_k
         ffn = mlp.shared if cfg.shared_ffn_dim else None
         if ffn is not None and mlp.shared_gate is not None:
-            slots["shared_gate"] = _weight(mlp.shared_gate.weight)
+            slots["shared_gate"] = _vector(mlp.shared_gate.weight)
     if ffn is not None:
         slots.update(
-            ffn_w_in=_weight(ffn.w_in.weight),
-            ffn_w_in_bias=_weight(ffn.w_in.bias),
-            ffn_w_out=_weight(ffn.w_out.weight),
-            ffn_w_out_bias=_weight(ffn.w_out.bias),
+            ffn_w_in=_matrix(ffn.w_in),
+            ffn_w_in_bias=_vector(_bias(ffn.w_in)),
+            ffn_w_out=_matrix(ffn.w_out),
+            ffn_w_out_bias=_vector(_bias(ffn.w_out)),
         )
         ints["ffn_activation"] = MOE_ACTIVATIONS[ffn.config.activation]
-    return [slots[s] for s in SLOTS], [ints[i] for i in INTS], [floats[f] for f in FLOATS], assignments
+    entries = [slots[s] for s in SLOTS] + per_expert
+    return entries, [ints[i] for i in INTS], [floats[f] for f in FLOATS], assignments
 
 
 def native_step_refusal(model: MoEForCausalLM) -> str | None:
@@ -216,31 +243,38 @@ def native_step_refusal(model: MoEForCausalLM) -> str | None:
 
 
 def native_step_plan(model: MoEForCausalLM, moe_k: int | None = None) -> NativeStepPlan | None:
-    """The kernel's arguments for ``model`` (``moe_k``: experts per token for every MoE layer, None
-    for each layer's top-k), or None when :func:`native_step_refusal` gives a reason. Call it
-    only for a model on the fast decode path (what :class:`~moekit.models.decode.DecodeSession`
+    """The kernel's plan for ``model`` (``moe_k``: experts per token for every MoE layer, None for
+    each layer's top-k), or None when :func:`native_step_refusal` gives a reason. Call it only
+    for a model on the fast decode path (what :class:`~moekit.models.decode.DecodeSession`
     checks first)."""
     if native_step_refusal(model) is not None:
         return None
-    weights, ints, floats, assignments = [], [], [], 0
+    # The step streams every active weight once: huge pages spare it a TLB miss and a prefetcher
+    # restart per 4 KiB (moekit.kernels.memory). Done once per model, before any view is taken.
+    move_to_hugepages(model)
+    entries, ints, floats, assignments = [], [], [], 0
     for layer in model.layers:
-        w, i, f, a = _layer_args(layer, moe_k)
-        weights += w
+        e, i, f, a = _layer_args(layer, moe_k)
+        entries += e
         ints += i
         floats += f
         assignments += a
+    entries += [_vector(model.norm.weight), _matrix(model.lm_head), _vector(_bias(model.lm_head))]
+    floats.append(float(model.norm.eps))
     attn = model.layers[0].self_attn
-    return NativeStepPlan(
-        weights=weights,
-        ints=ints,
-        floats=floats,
-        dims=[attn.num_heads, attn.num_kv_heads, attn.head_dim],
-        final_norm=_weight(model.norm.weight),
-        final_eps=model.norm.eps,
-        lm_head=_weight(model.lm_head.weight),
-        lm_bias=_weight(model.lm_head.bias),
-        assignments=assignments,
+    columns = list(zip(*entries, strict=True))
+    kernel = new_plan(
+        list(columns[0]),
+        list(columns[1]),
+        list(columns[2]),
+        list(columns[3]),
+        list(columns[4]),
+        ints,
+        floats,
+        [len(model.layers), attn.num_heads, attn.num_kv_heads, attn.head_dim],
     )
+    quantized = sum(1 for e in entries if e[3] != FLOAT_BITS)
+    return NativeStepPlan(kernel=kernel, assignments=assignments, quantized=quantized)
 
 
 def native_step(plan: NativeStepPlan, x_D: Tensor, cache: KVCache, num_keys: int, cos_Dr, sin_Dr) -> Tensor:
@@ -249,21 +283,13 @@ def native_step(plan: NativeStepPlan, x_D: Tensor, cache: KVCache, num_keys: int
     Writes each layer's new key/value into ``cache`` at position ``num_keys - 1`` (the cache must
     already hold ``num_keys - 1`` keys per layer and have room for one more) and sets its lengths.
     """
-    logits_1V = torch.ops.moekit.decode_step_f32(
-        x_D.reshape(-1).contiguous(),
-        plan.weights,
-        plan.ints,
-        plan.floats,
+    logits_1V = plan.kernel.step(
+        x_D.reshape(-1).float().contiguous(),
         cache.keys,
         cache.values,
         num_keys,
-        cos_Dr.reshape(-1),
-        sin_Dr.reshape(-1),
-        plan.final_norm,
-        plan.final_eps,
-        plan.lm_head,
-        plan.lm_bias,
-        plan.dims,
+        cos_Dr.reshape(-1).float(),
+        sin_Dr.reshape(-1).float(),
     )
     cache.lengths = [num_keys] * cache.num_layers
     return logits_1V
