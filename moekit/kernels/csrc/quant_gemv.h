@@ -165,11 +165,28 @@ void gemv_tile1(const uint8_t* codes, const at::Half* scale, const uint8_t* zero
   const float* dv = a.dvec.data() + a_row * nc * 16;
   const float* xg = a.xg.data() + a_row * groups;
   float corr[TR] = {};
+#if MOEKIT_VNNI
+  // The zero-point term, 16 groups per step (at g = 32 a scalar loop here cost as much as the dot).
+  for (int t = 0; t < TR; ++t) {
+    const at::Half* sr = scale + (r + t) * groups;
+    const uint8_t* zr = zero + (r + t) * groups;
+    __m512 cv = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+      const int64_t left = groups - g;
+      const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+      const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, sr + g));
+      const __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zr + g)));
+      cv = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_maskz_loadu_ps(m, xg + g), cv);
+    }
+    corr[t] = _mm512_reduce_add_ps(cv);
+  }
+#else
   for (int t = 0; t < TR; ++t) {
     const at::Half* sr = scale + (r + t) * groups;
     const uint8_t* zr = zero + (r + t) * groups;
     for (int64_t g = 0; g < groups; ++g) corr[t] += half_to_float(sr[g]) * static_cast<float>(zr[g]) * xg[g];
   }
+#endif
 #if MOEKIT_VNNI
   __m512 acc[TR], acc2[TR];
   for (int t = 0; t < TR; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
@@ -196,18 +213,34 @@ void gemv_tile1(const uint8_t* codes, const at::Half* scale, const uint8_t* zero
       }
     }
   } else {
+    // Weight scales: 16 float16 values converted at once per row, then each chunk's scale vector
+    // is one permute of them (lanes 0-7 its first block's scale, 8-15 its second's). Converting
+    // and broadcasting two scalars per chunk instead cost more instructions than the dot itself.
+    // A pair of chunks uses 4 scales at g = 32 (GK 2) and 2 at g = 64 (GK 1).
+    constexpr int64_t per_pair = GK == 2 ? 4 : 2, pairs_per_load = 16 / per_pair;
+    const __m512i lanes_lo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 sv[TR];
     const int64_t pairs = nc / 2;
     for (int64_t s = 0; s < pairs; ++s) {
+      if (s % pairs_per_load == 0) {
+        const int64_t first = s * per_pair, left = groups - first;
+        const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+        for (int t = 0; t < TR; ++t)
+          sv[t] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scale + (r + t) * groups + first));
+      }
+      const int lane = static_cast<int>((s % pairs_per_load) * per_pair);
+      const __m512i ia = GK == 2 ? _mm512_add_epi32(lanes_lo, _mm512_set1_epi32(lane)) : _mm512_set1_epi32(lane);
+      const __m512i ib = GK == 2 ? _mm512_add_epi32(lanes_lo, _mm512_set1_epi32(lane + 2))
+                                 : _mm512_set1_epi32(lane + 1);
       const __m512i xa = _mm512_loadu_si512(xq + s * 128), xb = _mm512_loadu_si512(xq + s * 128 + 64);
       const __m512 da = _mm512_loadu_ps(dv + s * 32), db = _mm512_loadu_ps(dv + s * 32 + 16);
       for (int t = 0; t < TR; ++t) {
-        const at::Half* sr = scale + (r + t) * groups;
         __m512i wa, wb;
         load_pair<NIBBLE>(codes + (r + t) * row_bytes, s, wa, wb);
         const __m512 pa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero_i, wa, xa));
         const __m512 pb = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero_i, wb, xb));
-        acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(pa, da), chunk_scale<GK>(sr, 2 * s), acc[t]);
-        acc2[t] = _mm512_fmadd_ps(_mm512_mul_ps(pb, db), chunk_scale<GK>(sr, 2 * s + 1), acc2[t]);
+        acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(pa, da), _mm512_permutexvar_ps(ia, sv[t]), acc[t]);
+        acc2[t] = _mm512_fmadd_ps(_mm512_mul_ps(pb, db), _mm512_permutexvar_ps(ib, sv[t]), acc2[t]);
       }
     }
     if (nc % 2) {  // a last lone chunk (C % 128 == 64)
