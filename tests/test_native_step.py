@@ -216,6 +216,9 @@ def test_sessions_the_kernel_does_not_take():
     windowed = _model(dataclasses.replace(CASES["mixtral"], sliding_window=4))
     assert native_decode_refusal(windowed) == "the model is off the fast decode path"
     assert native_decode_refusal(copy.deepcopy(model).to(torch.bfloat16)) is not None
+    grouped = _model(_config(moe=_moe(num_expert_groups=2, num_limited_groups=1)))
+    assert native_decode_refusal(grouped) == "group-limited routing"
+    assert not DecodeSession(grouped, ids, max_new_tokens=2).use_native_step
 
 
 def test_bad_cache_is_one_clear_error():
