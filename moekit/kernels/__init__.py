@@ -4,7 +4,10 @@ Contract:
     * Every kernel lives in a C++ source under ``moekit/kernels/csrc/`` and registers its ops in
       the ``moekit`` op namespace (``TORCH_LIBRARY_FRAGMENT(moekit, m)``), so they are callable as
       ``torch.ops.moekit.<name>`` from eager code and from ``torch.compile`` graphs (each op has a
-      fake implementation registered in Python beside its wrapper).
+      fake implementation registered in Python beside its wrapper). A kernel that holds state
+      across calls registers a TorchScript class instead (``torch.classes.moekit.DecodeStepPlan``,
+      the whole-step decode of :mod:`moekit.kernels.step`). Shared C++ code lives in headers
+      beside the sources (``gemv_f32.h``, ``quant_gemv.h``); each header is part of every build key.
     * :func:`~moekit.kernels.build.load_ops` compiles a source once per machine and torch version
       into a cache folder (``$MOEKIT_KERNEL_CACHE``, default ``~/.cache/moekit/kernels``) and
       returns False, with one warning, when there is no compiler or the build fails. Setting
@@ -16,6 +19,9 @@ Contract:
 Adding a kernel: put ``csrc/<name>.cpp`` here, register its ops with
 ``TORCH_LIBRARY_FRAGMENT(moekit, m)``, write a wrapper module that calls ``load_ops("<name>")``
 and falls back to a reference, and add an oracle test in ``tests/``.
+
+Modules: ``build`` (compile and load), ``linear`` (fp32 GEMV and one-token MoE), ``qlinear``
+(int8/int4), ``step`` (the whole-step decode plan), ``memory`` (weights in huge pages).
 
 Floor 0: imports nothing else from moekit, so every package may use it.
 """
