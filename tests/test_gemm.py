@@ -76,3 +76,37 @@ def test_sorted_experts_forward_and_backward_match_float64(activation, monkeypat
     assert onednn_calls == [True] * 18
     for got, ref in zip(got32, run(torch.float64), strict=True):
         _close(got, ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_forward_and_backward_match_float64(bias):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 11, 64, generator=gen)
+    w = torch.randn(48, 64, generator=gen) * 0.1
+    b = torch.randn(48, generator=gen) if bias else None
+    grad = torch.randn(3, 11, 48, generator=gen)
+    assert gemm.linear_fits(x, w, b)
+
+    def run(dtype, fn):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+        y = fn(*leaves) if bias else fn(*leaves, None)
+        y.backward(grad.to(dtype))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    got = run(torch.float32, gemm.linear)
+    ref = run(torch.float64, torch.nn.functional.linear)
+    for g, r in zip(got, ref, strict=True):
+        _close(g, r, rel=1e-5)
+
+
+def test_apply_linear_respects_hooks_and_wrappers():
+    lin = torch.nn.Linear(16, 8)
+    x = torch.randn(32, 16)
+    seen = []
+    handle = lin.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert torch.allclose(gemm.apply_linear(lin, x), lin(x), atol=1e-6)
+    assert seen == [(32, 8), (32, 8)]  # the hooked module was called, not bypassed
+    handle.remove()
+    assert torch.allclose(
+        gemm.apply_linear(lin, x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-6
+    )

@@ -14,6 +14,7 @@ from moekit.blocks.cache import KVCache
 from moekit.blocks.config import AttentionConfig
 from moekit.blocks.norm import RMSNorm
 from moekit.blocks.rope import apply_rotary, deinterleave
+from moekit.kernels.gemm import apply_linear
 
 
 class Attention(nn.Module):
@@ -75,7 +76,7 @@ class Attention(nn.Module):
             ``[B, S, D]``.
         """
         b, s, _ = x_BSD.shape
-        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        q, k, v = (apply_linear(p, x_BSD) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         if self.qk_norm == "full":
@@ -112,7 +113,9 @@ class Attention(nn.Module):
                 enable_gqa=gqa,
                 scale=self.softmax_scale,
             )
-        return self.o_proj(out_BHSd.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        return apply_linear(
+            self.o_proj, out_BHSd.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        )
 
     def temperature(self, num_past: int, num_new: int, device: torch.device) -> Tensor:
         """Llama 4's per-query temperature ``[S, 1]`` for cache slots ``num_past ..`` (see

@@ -10,6 +10,10 @@ GFLOP/s on the same products (expert shapes, M = 256-512; ``benchmarks/bench_lay
 products of at least :data:`MIN_ROWS` rows without autograd, and ``torch.mm`` otherwise. Both
 compute the same product up to float rounding (tests/test_gemm.py checks against float64).
 
+:func:`linear` (with :func:`apply_linear` for modules) does the same for ``F.linear``, in the
+forward and both backward products; the attention projections, dense FFNs and the LM head call
+it, so training and prefill get oneDNN's rate on every large product.
+
 ``MOEKIT_KERNELS=0`` or ``MOEKIT_ONEDNN=0`` turns it off.
 """
 
@@ -19,7 +23,9 @@ import functools
 import os
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from moekit.kernels.build import kernels_enabled
 
@@ -33,7 +39,10 @@ def _has_op() -> bool:
 
 
 def onednn_enabled() -> bool:
-    """Whether :func:`mm` may use oneDNN in this process (read on every call)."""
+    """Whether :func:`mm` may use oneDNN in this process (read on every call). Never inside a
+    ``torch.compile`` trace: there the compiler picks the kernels."""
+    if torch.compiler.is_compiling():
+        return False
     flag = os.environ.get("MOEKIT_ONEDNN", "1").strip() not in ("0", "false", "no", "off")
     return flag and kernels_enabled() and _has_op()
 
@@ -64,6 +73,58 @@ def mm(a_MK: Tensor, b_KN: Tensor, out: Tensor | None = None) -> Tensor:
     if out is None:
         return y_MN
     return out.copy_(y_MN)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x @ w^T + b`` with oneDNN products in the forward and both backward products."""
+
+    @staticmethod
+    def forward(ctx, x_MK: Tensor, w_NK: Tensor, b_N: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x_MK, w_NK)
+        ctx.has_bias = b_N is not None
+        return torch.ops.mkldnn._linear_pointwise(x_MK, w_NK, b_N, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad_MN: Tensor):
+        x_MK, w_NK = ctx.saved_tensors
+        grad_x = mm(grad_MN, w_NK) if ctx.needs_input_grad[0] else None
+        grad_w = mm(grad_MN.t(), x_MK) if ctx.needs_input_grad[1] else None
+        grad_b = grad_MN.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear_fits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether :func:`linear` runs oneDNN on these operands (CPU float32, at least
+    :data:`MIN_ROWS` rows; with or without autograd)."""
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    return (
+        onednn_enabled()
+        and x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.device.type == weight.device.type == "cpu"
+        and weight.dim() == 2
+        and rows >= MIN_ROWS
+        and weight.shape[0] > 0
+        and x.shape[-1] == weight.shape[1]
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``: ``x [..., K]``, ``weight [N, K]`` -> ``[..., N]``, with
+    oneDNN products (forward and backward) where :func:`linear_fits`, else ``F.linear``."""
+    if not linear_fits(x, weight, bias):
+        return F.linear(x, weight, bias)
+    x_MK = x.reshape(-1, x.shape[-1])
+    return _OneDNNLinear.apply(x_MK, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for a projection: a plain ``nn.Linear`` without hooks goes through
+    :func:`linear`; anything else (quantized, LoRA-wrapped, hooked for calibration) is called."""
+    hooked = module._forward_hooks or module._forward_pre_hooks
+    if type(module) is nn.Linear and not (hooked or _global_forward_hooks or _global_forward_pre_hooks):
+        return linear(x, module.weight, module.bias)
+    return module(x)
 
 
 def _main() -> None:  # a quick side-by-side: python -m moekit.kernels.gemm

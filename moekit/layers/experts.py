@@ -331,10 +331,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., D] -> [..., D]``."""
-        h = self.w_in(x)
+        h = gemm.apply_linear(self.w_in, x)
         if self.config.activation == "swiglu" and torch.is_grad_enabled() and h.requires_grad:
-            return self.w_out(SwiGLUFunction.apply(h))
-        return self.w_out(activate(h, self.config.activation))
+            return gemm.apply_linear(self.w_out, SwiGLUFunction.apply(h))
+        return gemm.apply_linear(self.w_out, activate(h, self.config.activation))
 
 
 class SwiGLUFunction(torch.autograd.Function):

@@ -32,6 +32,7 @@ from moekit.blocks import (
     RotaryEmbedding,
     build_attention_mask,
 )
+from moekit.kernels.gemm import apply_linear
 from moekit.layers import FeedForward, FFNConfig, MoELayer, MoEOutput, RoutingInfo
 from moekit.layers.experts import StackedExpertWeights
 from moekit.layers.lora import LoRAExpertWeights
@@ -308,7 +309,7 @@ class MoEForCausalLM(nn.Module):
 
     def lm_logits(self, x_BSD: Tensor) -> Tensor:
         """Logits ``[..., V]`` of final hidden states: ``lm_head(norm(x)) / logits_scaling``."""
-        logits = self.lm_head(self.norm(x_BSD))
+        logits = apply_linear(self.lm_head, self.norm(x_BSD))
         s = self.config.logits_scaling
         return logits if s == 1.0 else logits / s
 
