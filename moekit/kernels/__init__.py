@@ -21,7 +21,8 @@ Adding a kernel: put ``csrc/<name>.cpp`` here, register its ops with
 and falls back to a reference, and add an oracle test in ``tests/``.
 
 Modules: ``build`` (compile and load), ``linear`` (fp32 GEMV and one-token MoE), ``qlinear``
-(int8/int4), ``step`` (the whole-step decode plan), ``memory`` (weights in huge pages).
+(int8/int4), ``step`` (the whole-step decode plan), ``memory`` (weights in huge pages), ``gemm``
+(float32 products through oneDNN, with autograd).
 
 Floor 0: imports nothing else from moekit, so every package may use it.
 """
