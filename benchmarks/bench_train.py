@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py              # moe-small sizes, batch 16 x 256, fp32
     python benchmarks/bench_train.py --quick      # smoke test
+    python benchmarks/bench_train.py --onednn-ab  # moekit's step with oneDNN products vs MOEKIT_ONEDNN=0
 
 One training step = forward with labels (LM loss + load-balance aux loss) + backward + AdamW
 step + zero_grad. Candidates run in interleaved rounds; the median step time is reported as
@@ -154,6 +155,33 @@ def profile_parts(model: MoEForCausalLM, batch: torch.Tensor, rounds: int) -> di
     }
 
 
+def onednn_ab(model, batch, tokens: int, args) -> None:
+    """moekit's training step with ``moekit.kernels.gemm`` on oneDNN against ``MOEKIT_ONEDNN=0``
+    (torch.mm, MKL), one model, interleaved rounds (the switch is read on every product)."""
+    import os
+
+    step = step_fn(model, batch, False)
+
+    def with_onednn(flag: str):
+        def run() -> None:
+            os.environ["MOEKIT_ONEDNN"] = flag
+            step()
+
+        return run
+
+    res = timed_rounds(
+        {"oneDNN products": with_onednn("1"), "MOEKIT_ONEDNN=0 (MKL)": with_onednn("0")}, args.rounds
+    )
+    os.environ["MOEKIT_ONEDNN"] = "1"
+    print(
+        f"# moekit training step, {args.preset} sizes, {torch.get_num_threads()} threads, {args.rounds} rounds"
+    )
+    print("| products | step (s) | tokens/s |")
+    print("|---|---|---|")
+    for name, t in res.items():
+        print(f"| {name} | {t:.3f} | {tokens / t:,.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="moe-small")
@@ -165,6 +193,11 @@ def main() -> None:
         "--keep-freed-memory",
         action="store_true",
         help="moekit.train.cpu_memory.keep_freed_memory() first (process-wide: every candidate gets it)",
+    )
+    p.add_argument(
+        "--onednn-ab",
+        action="store_true",
+        help="only moekit's step, with its products on oneDNN and with MOEKIT_ONEDNN=0, interleaved",
     )
     args = p.parse_args()
     if args.keep_freed_memory:
@@ -186,6 +219,9 @@ def main() -> None:
         "transformers Mixtral, experts=eager": (hf_mixtral(mixtral_like, "eager").train(), True),
         "transformers Mixtral, experts=grouped_mm": (hf_mixtral(mixtral_like, "grouped_mm").train(), True),
     }
+    if args.onednn_ab:
+        onednn_ab(models["moekit (Mixtral architecture)"][0], batch, tokens, args)
+        return
     steps = {name: step_fn(m, batch, hf) for name, (m, hf) in models.items()}
     res = timed_rounds(steps, args.rounds)
     base = res["moekit (Mixtral architecture)"]
