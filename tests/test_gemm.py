@@ -11,6 +11,12 @@ from moekit.layers.experts import SortedExpertsFunction
 pytestmark = pytest.mark.skipif(not gemm.onednn_enabled(), reason="torch built without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def _small_products_on_onednn(monkeypatch):
+    # The shapes here are small, so the size floor is lowered to put them on the oneDNN path.
+    monkeypatch.setattr(gemm, "MIN_MACS", 0)
+
+
 def _close(got: torch.Tensor, ref64: torch.Tensor, rel: float = 2e-6) -> None:
     scale = ref64.abs().max().item()
     err = (got.double() - ref64).abs().max().item()
@@ -31,6 +37,14 @@ def test_mm_matches_float64_in_every_layout(layout, m):
     out = torch.empty(m, n)
     assert gemm.mm(a, b, out=out) is out
     _close(out, a.double() @ b.double())
+
+
+def test_small_products_stay_on_torch_mm(monkeypatch):
+    monkeypatch.setattr(gemm, "MIN_MACS", 1 << 24)
+    a, b = torch.randn(64, 256), torch.randn(256, 512)  # 8.4M multiply-adds: under the floor
+    assert not gemm.uses_onednn(a, b)
+    assert not gemm.linear_fits(a, b.t())
+    assert gemm.uses_onednn(torch.randn(128, 256), b)  # 16.8M: at it
 
 
 def test_mm_falls_back_where_onednn_does_not_apply(monkeypatch):

@@ -7,7 +7,8 @@ core (its Intel-tuned kernels are not chosen here); oneDNN, which torch also shi
 GFLOP/s on the same products (expert shapes, M = 256-512; ``benchmarks/bench_layer.py`` and
 ``python -m moekit.kernels.gemm`` measure it). :func:`mm` takes oneDNN's linear primitive
 (``torch.ops.mkldnn._linear_pointwise``, a public op of torch's CPU build) for CPU float32
-products of at least :data:`MIN_ROWS` rows without autograd, and ``torch.mm`` otherwise. Both
+products of at least :data:`MIN_ROWS` rows and :data:`MIN_MACS` multiply-adds without autograd,
+and ``torch.mm`` otherwise. Both
 compute the same product up to float rounding (tests/test_gemm.py checks against float64).
 
 :func:`linear` (with :func:`apply_linear` for modules) does the same for ``F.linear``, in the
@@ -31,6 +32,11 @@ from moekit.kernels.build import kernels_enabled
 
 #: rows from which oneDNN is used (at a few rows the products are bandwidth-bound and equal).
 MIN_ROWS = 8
+#: multiply-adds (M * K * N) from which oneDNN is used. oneDNN builds a primitive per shape, about
+#: 0.6-0.8 ms the first time a shape is seen (measured here at K=256, N=512), and expert row counts
+#: change every step; below this size that cost is not won back (a 64-token step of a tiny model
+#: ran 2.7x slower on oneDNN), above it the 2x rate wins.
+MIN_MACS = 1 << 24
 
 
 @functools.cache
@@ -58,8 +64,7 @@ def uses_onednn(a_MK: Tensor, b_KN: Tensor) -> bool:
         and a_MK.dim() == 2
         and b_KN.dim() == 2
         and a_MK.shape[0] >= MIN_ROWS
-        and a_MK.shape[1] > 0
-        and b_KN.shape[1] > 0
+        and a_MK.shape[0] * a_MK.shape[1] * b_KN.shape[1] >= MIN_MACS
         and not (torch.is_grad_enabled() and (a_MK.requires_grad or b_KN.requires_grad))
     )
 
@@ -104,7 +109,7 @@ def linear_fits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
         and x.device.type == weight.device.type == "cpu"
         and weight.dim() == 2
         and rows >= MIN_ROWS
-        and weight.shape[0] > 0
+        and rows * weight.shape[0] * weight.shape[1] >= MIN_MACS
         and x.shape[-1] == weight.shape[1]
     )
 
