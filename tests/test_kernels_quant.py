@@ -33,7 +33,7 @@ def _one_thread_and_seed():
 
 def _matrix(rows: int, cols: int, bits: int, group: int):
     qt = quantize_rtn(torch.randn(rows, cols) * 0.05, bits, group)
-    return qt, qlinear.kernel_codes(qt.codes(), bits)
+    return qt, qlinear.kernel_matrix(qt.codes(), qt.scale, qt.zero, bits)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,10 +41,29 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-def test_kernel_layout_round_trips(bits):
-    qt, k = _matrix(40, 192, bits, 64)
-    assert torch.equal(qlinear.stored_codes(k, bits), qt.codes())
-    assert k.shape == (40, 192 if bits == 8 else 96)
+@pytest.mark.parametrize("rows", [40, 16, 5])  # full tiles plus a rest, tiles only, a rest only
+def test_kernel_layout_round_trips(bits, rows):
+    qt, k = _matrix(rows, 192, bits, 64)
+    back = qlinear.stored_matrix(*k, bits)
+    assert all(torch.equal(a, b) for a, b in zip(back, (qt.codes(), qt.scale, qt.zero), strict=True))
+    assert k[0].shape == (rows, 192 if bits == 8 else 96) and k[1].shape == k[2].shape == (rows, 3)
+
+
+def test_kernel_layout_puts_one_row_per_lane():
+    # The documented byte positions, checked on a hand-made matrix: code = column % 16 + row.
+    rows, cols = 20, 64
+    codes = ((torch.arange(cols) % 16)[None, :] + torch.arange(rows)[:, None]).clamp(max=15).to(torch.uint8)
+    s = torch.ones(rows, 2, dtype=torch.float16)
+    z = torch.zeros(rows, 2, dtype=torch.uint8)
+    k8 = qlinear.kernel_matrix(codes, s, z, 8)[0].reshape(-1)
+    k4 = qlinear.kernel_matrix(codes, s, z, 4)[0].reshape(-1)
+    for t, b, col in [(0, 0, 0), (3, 0, 5), (15, 1, 30), (7, 1, 17)]:
+        k = col % 32
+        assert k8[b * 512 + (k // 4) * 64 + t * 4 + k % 4] == codes[t, 32 * b + k]
+        byte = int(k4[b * 256 + ((k % 16) // 4) * 64 + t * 4 + k % 4])
+        assert (byte >> 4 if k >= 16 else byte & 15) == codes[t, 32 * b + k]
+    # The 4-row rest tile starts after the full tile, its lanes 4 rows wide.
+    assert k8[16 * cols + 2 * 4 + 1] == codes[18, 1]
 
 
 def test_activation_quantization_matches_llamacpp_q8_0():
@@ -64,36 +83,46 @@ def test_q_linear_matches_reference_and_dequantized(bits, group, rows):
     # Odd shapes: 67 output rows (not a multiple of the 16-row grain), N up to 17 (passes of 8).
     qt, k = _matrix(67, 256, bits, group)
     x = torch.randn(rows, 256)
-    y = torch.ops.moekit.q_linear(x, k, qt.scale, qt.zero, bits, group)
-    ref64 = qlinear.q_linear_reference(x, k, qt.scale, qt.zero, bits, group, torch.float64)
+    y = torch.ops.moekit.q_linear(x, *k, bits, group)
+    ref64 = qlinear.q_linear_reference(x, *k, bits, group, torch.float64)
     assert _rel(y, ref64) < REF_RTOL
-    ref32 = qlinear.q_linear_reference(x, k, qt.scale, qt.zero, bits, group)
+    ref32 = qlinear.q_linear_reference(x, *k, bits, group)
     assert _rel(ref32, ref64) < REF_RTOL  # the fallback is the same math
+    # The portable tiles (what a CPU without VNNI runs) are the same math too.
+    assert _rel(torch.ops.moekit.q_linear_portable(x, *k, bits, group), ref64) < REF_RTOL
     assert _rel(y, x @ qt.dequantize().t()) < DEQUANT_RTOL
 
 
 @needs_native
 def test_q_linear_threads_and_zero_input_agree():
-    qt, k = _matrix(300, 512, 8, 128)
-    x = torch.randn(2, 512)
-    torch.set_num_threads(1)
-    one = torch.ops.moekit.q_linear(x, k, qt.scale, qt.zero, 8, 128)
-    torch.set_num_threads(2)
-    two = torch.ops.moekit.q_linear(x, k, qt.scale, qt.zero, 8, 128)
-    assert torch.equal(one, two)  # rows are independent: no cross-thread sums
-    zero = torch.ops.moekit.q_linear(torch.zeros(1, 512), k, qt.scale, qt.zero, 8, 128)
-    assert torch.equal(zero, torch.zeros(1, 300))
+    # 300 rows over 2 threads: each thread's share (150 rows) cuts a tile, which goes through
+    # the kernel's buffer; the result must not depend on where the cut falls.
+    for bits in (8, 4):
+        qt, k = _matrix(300, 512, bits, 128)
+        x = torch.randn(2, 512)
+        torch.set_num_threads(1)
+        one = torch.ops.moekit.q_linear(x, *k, bits, 128)
+        torch.set_num_threads(2)
+        two = torch.ops.moekit.q_linear(x, *k, bits, 128)
+        assert torch.equal(one, two)  # rows are independent: no cross-thread sums
+        zero = torch.ops.moekit.q_linear(torch.zeros(1, 512), *k, bits, 128)
+        assert torch.equal(zero, torch.zeros(1, 300))
 
 
 @needs_native
 def test_q_linear_refuses_what_it_cannot_run():
-    qt, k = _matrix(8, 96, 8, 32)  # 96 columns: not a multiple of 64
-    with pytest.raises(RuntimeError, match="multiple of 64"):
-        torch.ops.moekit.q_linear(torch.randn(1, 96), k, qt.scale, qt.zero, 8, 32)
-    assert not qlinear.fits(8, 32, 96) and not qlinear.fits(8, 96, 192) and qlinear.fits(4, 32, 128)
-    assert choose_kernel(8, 32, "auto", 96) != "native"
+    qt, k = _matrix(8, 96, 8, 32)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.moekit.q_linear(torch.randn(1, 80), k[0][:, :80].contiguous(), k[1], k[2], 8, 32)
+    with pytest.raises(RuntimeError, match="multiple of 32 dividing"):
+        torch.ops.moekit.q_linear(torch.randn(1, 96), *k, 8, 48)
+    with pytest.raises(RuntimeError, match="scale/zero"):
+        torch.ops.moekit.q_linear(torch.randn(1, 96), k[0], k[1][:4].contiguous(), k[2], 8, 32)
+    assert not qlinear.fits(8, 32, 80) and not qlinear.fits(8, 48, 96) and not qlinear.fits(5, 32, 96)
+    assert qlinear.fits(4, 32, 96) and qlinear.fits(8, 96, 192)
+    assert choose_kernel(8, 32, "auto", 80) != "native"
     with pytest.raises(ValueError, match="native"):
-        choose_kernel(8, 96, "native", 192)
+        choose_kernel(8, 48, "native", 96)
 
 
 def _experts(bits_list, dim=128, ffn=192, group=64, activation="swiglu"):
@@ -106,10 +135,9 @@ def _experts(bits_list, dim=128, ffn=192, group=64, activation="swiglu"):
 def _slots(experts: QuantizedExperts, ids):
     out = []
     for e in ids:
-        a, b = experts.w_in[e], experts.w_out[e]
-        out.append(
-            (a.k_weight, a.scale, a.zero, b.k_weight, b.scale, b.zero, a.bits, a.group_size, b.group_size)
-        )
+        ic, isc, iz, bits, gi = experts.w_in[e].native_matrix()
+        oc, osc, oz, _, go = experts.w_out[e].native_matrix()
+        out.append((ic, isc, iz, oc, osc, oz, bits, gi, go))
     return out
 
 
@@ -225,12 +253,19 @@ def test_native_logits_close_to_fp32_and_state_round_trips():
     c = DecodeSession(base, ids, None, 1).prefill()
     assert _rel(a, b) < DEQUANT_RTOL and _rel(a, c) < 5 * DEQUANT_RTOL
     sd = model.state_dict()
-    assert not any(".k_weight" in key for key in sd)
-    four = _model(4)
-    for m in four.modules():
-        if isinstance(m, PackedLinear):
-            assert m.qweight is None  # the nibble form alone holds the codes
-            assert torch.equal(m.quantized().codes(), qlinear.stored_codes(m.k_weight, 4))
+    assert not any(key.endswith((".k_weight", ".k_scale", ".k_zero")) for key in sd)
+    for bits in (4, 8):
+        for m in _model(bits).modules():
+            if isinstance(m, PackedLinear):
+                # The tiled form alone holds codes, scales and zeros; the stored form is read back.
+                assert m.qweight is None and m.scale is None and m.zero is None
+                codes, scale, zero = qlinear.stored_matrix(m.k_weight, m.k_scale, m.k_zero, bits)
+                qt = m.quantized()
+                assert (
+                    torch.equal(qt.codes(), codes)
+                    and torch.equal(qt.scale, scale)
+                    and torch.equal(qt.zero, zero)
+                )
 
 
 def test_quantized_experts_never_compile_the_stacked_step():

@@ -80,11 +80,9 @@ class QuantizedExperts(ExpertWeights):
             return super().decode_token(x_1D, ids, weights_1K)
         experts = []
         for e in ids:
-            w_in, w_out = self.w_in[e], self.w_out[e]
-            experts.append(
-                (w_in.k_weight, w_in.scale, w_in.zero, w_out.k_weight, w_out.scale, w_out.zero, w_in.bits)
-                + (w_in.group_size, w_out.group_size)
-            )
+            ic, isc, iz, bits, gi = self.w_in[e].native_matrix()
+            oc, osc, oz, _, go = self.w_out[e].native_matrix()
+            experts.append((ic, isc, iz, oc, osc, oz, bits, gi, go))
         return qlinear.q_experts_token(x_1D, weights_1K[0], experts, self.activation).to(x_1D.dtype)
 
     def forward_sorted(self, x_ND: Tensor, counts: list[int]) -> Tensor:

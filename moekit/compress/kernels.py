@@ -23,8 +23,7 @@ Kernels (measured in docs/compression.md, ``benchmarks/bench_compress.py kernels
         1..4 bits held as nibbles. Activations are quantized to int8 in blocks of 32 on the fly
         (llama.cpp's q8_0 scheme) and the block dots run in int32 with AVX-512 VNNI; the weights
         are the stored codes exactly. Up to :data:`NATIVE_MAX_ROWS` input rows (decode); more
-        rows (prefill) dequantize and run a float matmul. Needs C % 64 == 0 and g of 32 or a
-        multiple of 64.
+        rows (prefill) dequantize and run a float matmul. Needs C and g multiples of 32.
     ``dequant``: dequantize the stored codes, then a float matmul. Works for every width and
         every dtype, and is slow (it rebuilds the float matrix on each call).
 
@@ -92,8 +91,8 @@ def choose_kernel(bits: int, group_size: int, requested: str = "auto", num_cols:
     if requested == "native":
         if num_cols is not None and not native_fits:
             raise ValueError(
-                f"kernel='native' needs 8 or 1..4 bits, an input width that is a multiple of 64 and a group "
-                f"size of 32 or a multiple of 64 dividing it; got bits={bits}, group={group_size}, width={num_cols}"
+                f"kernel='native' needs 8 or 1..4 bits, an input width that is a multiple of 32 and a group "
+                f"size that is a multiple of 32 dividing it; got bits={bits}, group={group_size}, width={num_cols}"
             )
         return "native"
     if requested == "auto" and native_fits and qlinear.native_available():
@@ -140,28 +139,35 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.kernel = choose_kernel(qt.bits, qt.group_size, kernel, self.in_features)
         self._build_kernel_form(qt)
-        if self.kernel == "int4pack" or (self.kernel == "native" and self.bits < 8):
-            # The int4 kernel layout holds the codes too, so the portable packed copy is dropped
-            # (half the resident bytes of a 4-bit matrix). state_dict() recovers it exactly from
-            # the kernel form (see _recover_codes); loading rebuilds the kernel form from it.
+        if self.kernel in ("int4pack", "native"):
+            # The kernel layout holds the codes too (native: the scales and zeros as well), so the
+            # stored copy is dropped (half the resident bytes of a 4-bit matrix). state_dict()
+            # recovers it exactly from the kernel form (see _recover_stored); loading rebuilds
+            # the kernel form from it.
             self.qweight = None
+            if self.kernel == "native":
+                self.scale = self.zero = None
         self._register_state_dict_hook(PackedLinear._add_codes_to_state)
         self._register_load_state_dict_pre_hook(PackedLinear._load_codes, with_module=True)
 
     def quantized(self) -> QuantizedTensor:
-        """The stored form as a :class:`QuantizedTensor` (codes recovered from the int4 kernel form
-        when the packed copy was dropped)."""
-        packed = self.qweight if self.qweight is not None else pack_codes(self._recover_codes(), self.bits)
+        """The stored form as a :class:`QuantizedTensor` (recovered from the kernel form when the
+        stored copy was dropped)."""
+        packed, scale, zero = self._recover_stored()
         return QuantizedTensor(
-            packed, self.scale, self.zero, self.bits, self.group_size, (self.out_features, self.in_features)
+            packed, scale, zero, self.bits, self.group_size, (self.out_features, self.in_features)
         )
 
     @torch.no_grad()
-    def _recover_codes(self) -> Tensor:
-        """Codes ``[R, C]`` uint8 read back from the kernel form (native: the nibbles reordered)."""
+    def _recover_stored(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(qweight, scale, zero)`` in the stored form, read back from the kernel form where the
+        stored copy was dropped (native: the tiles reordered; int4pack: see below)."""
+        if self.qweight is not None:
+            return self.qweight, self.scale, self.zero
         if self.kernel == "native":
-            return qlinear.stored_codes(self.k_weight, self.bits)
-        return self._recover_int4pack_codes()
+            codes, scale, zero = qlinear.stored_matrix(self.k_weight, self.k_scale, self.k_zero, self.bits)
+            return pack_codes(codes, self.bits), scale, zero
+        return pack_codes(self._recover_int4pack_codes(), self.bits), self.scale, self.zero
 
     @torch.no_grad()
     def _recover_int4pack_codes(self) -> Tensor:
@@ -181,17 +187,23 @@ class PackedLinear(nn.Module):
     @staticmethod
     def _add_codes_to_state(module, state_dict, prefix, local_metadata) -> None:
         if module.qweight is None:
-            state_dict[prefix + "qweight"] = pack_codes(module._recover_codes(), module.bits)
+            packed, scale, zero = module._recover_stored()
+            state_dict[prefix + "qweight"] = packed
+            state_dict[prefix + "scale"] = scale
+            state_dict[prefix + "zero"] = zero
 
     def _load_codes(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         if self.qweight is not None or prefix + "qweight" not in state_dict:
             return
+        _, scale, zero = self._recover_stored()
+        dropped = self.scale is None  # native: the buffers are gone, so the keys must be consumed
+        take = state_dict.pop if dropped else state_dict.get
         qt = QuantizedTensor(
             state_dict.pop(prefix + "qweight"),
-            state_dict.get(prefix + "scale", self.scale),
-            state_dict.get(prefix + "zero", self.zero),
+            take(prefix + "scale", scale),
+            take(prefix + "zero", zero),
             self.bits,
             self.group_size,
             (self.out_features, self.in_features),
@@ -203,10 +215,11 @@ class PackedLinear(nn.Module):
         scale_RG = qt.scale.to(torch.float32)
         zero_RG = qt.zero.to(torch.float32)
         if self.kernel == "native":
-            # 8 bits: the stored codes are the kernel form (the same tensor, so loading a state
-            # dict into qweight updates both); fewer bits: nibbles in the kernel's chunk order.
-            k_weight = qt.packed if self.bits == 8 else qlinear.kernel_codes(qt.codes(), self.bits)
+            # Codes, scales and zeros in the kernel's row tiles (qlinear.kernel_matrix).
+            k_weight, k_scale, k_zero = qlinear.kernel_matrix(qt.codes(), qt.scale, qt.zero, self.bits)
             self.register_buffer("k_weight", k_weight, persistent=False)
+            self.register_buffer("k_scale", k_scale, persistent=False)
+            self.register_buffer("k_zero", k_zero, persistent=False)
         elif self.kernel == "int4pack":
             # Centre narrower codes on 8 (the kernel's implicit offset): zf = (8 - z) * s stays
             # small, so its bfloat16 rounding does not cost 2- and 3-bit weights accuracy.
@@ -253,12 +266,12 @@ class PackedLinear(nn.Module):
             )
 
     def native_matrix(self) -> tuple[Tensor, Tensor, Tensor, int, int] | None:
-        """``(kernel codes, scale [R, G] float16, zero [R, G] uint8, bits, group)`` for kernels
-        that read the native layout (the whole-step decode, :mod:`moekit.models.native_step`);
-        None on any other kernel."""
+        """``(codes, scale [R, G] float16, zero [R, G] uint8, bits, group)`` in the native kernel
+        layout (:func:`moekit.kernels.qlinear.kernel_matrix`), for the native ops and the
+        whole-step decode (:mod:`moekit.models.native_step`); None on any other kernel."""
         if self.kernel != "native" or not qlinear.fits(self.bits, self.group_size, self.in_features):
             return None
-        return self.k_weight, self.scale, self.zero, self.bits, self.group_size
+        return self.k_weight, self.k_scale, self.k_zero, self.bits, self.group_size
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight ``[R, C]`` as the stored codes say, in ``dtype``."""
@@ -269,7 +282,7 @@ class PackedLinear(nn.Module):
         lead = x.shape[:-1]
         x_NC = x.reshape(-1, self.in_features)
         if self.kernel == "native" and x_NC.shape[0] <= NATIVE_MAX_ROWS:
-            y = qlinear.q_linear(x_NC, self.k_weight, self.scale, self.zero, self.bits, self.group_size)
+            y = qlinear.q_linear(x_NC, self.k_weight, self.k_scale, self.k_zero, self.bits, self.group_size)
             y = y.to(x.dtype)
         elif self.kernel == "int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -16,10 +16,15 @@ activations); :func:`q_linear_reference` computes the same quantities in PyTorch
 are exact in float32 too: at most 32 * 255 * 127 < 2^24), so both paths agree up to the order of
 the float sums.
 
-Kernel layouts (:func:`kernel_codes`): 8 bits, the stored ``[R, C]`` codes as they are; 1..4 bits,
-``[R, C / 2]`` nibbles, per 128-column super-chunk 64 bytes whose low nibbles are columns 0..63 and
-high nibbles columns 64..127 (one 512-bit load unpacks to two 64-column chunks), then, when
-``C % 128 == 64``, a 32-byte tail (low nibbles: its columns 0..31, high: 32..63). Needs ``C % 64 == 0`` and ``g`` 32 or a multiple of 64 (:func:`fits`).
+Kernel layout (:func:`kernel_matrix`): rows in tiles of :data:`TILE` (the last tile holds the
+``R % TILE`` rest), each tile block-interleaved so one 512-bit register holds 4 columns of all 16
+rows and each ``dpbusd`` lane accumulates one output row: within a tile of ``h`` rows, block ``b``
+(32 columns) takes ``h * bytes_per_block`` bytes; at 8 bits it is 8 lane groups, group ``k`` byte
+``4 t + j`` = ``code[t, 32 b + 4 k + j]``; at 1..4 bits 4 groups, group ``m`` byte ``4 t + j`` =
+``code[t, 32 b + 4 m + j] | code[t, 32 b + 16 + 4 m + j] << 4``. A tile's scales and zeros are
+stored group-major (``[G, h]``). The shapes stay the stored ones (codes ``[R, C]`` or
+``[R, C / 2]``, scale and zero ``[R, G]``); only the order inside a tile differs. Needs
+``C % 32 == 0`` and ``g % 32 == 0`` (:func:`fits`).
 
 Floor 0: imports nothing else from moekit.
 """
@@ -35,7 +40,7 @@ from torch import Tensor
 from moekit.kernels.build import load_ops
 
 QBLOCK = 32  # activation block
-CHUNK = 64  # columns per kernel step
+TILE = 16  # weight rows per kernel tile
 ACTIVATIONS = {"swiglu": 0, "gelu": 1}
 
 
@@ -50,6 +55,10 @@ def native_available() -> bool:
     def _q_linear_fake(x, codes, scale, zero, bits, group):
         return x.new_empty(x.shape[0], codes.shape[0])
 
+    @torch.library.register_fake("moekit::q_linear_portable")
+    def _q_linear_portable_fake(x, codes, scale, zero, bits, group):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
     @torch.library.register_fake("moekit::q_experts_token")
     def _q_experts_fake(x, weights, ic, isc, iz, oc, osc, oz, bits, gi, go, act):
         return x.new_empty(1, x.shape[-1])
@@ -62,48 +71,72 @@ def fits(bits: int, group_size: int, num_cols: int) -> bool:
     ``group_size`` (the reference runs the same cases)."""
     return (
         (bits == 8 or 1 <= bits <= 4)
-        and num_cols % CHUNK == 0
+        and num_cols % QBLOCK == 0
+        and group_size > 0
         and group_size % QBLOCK == 0
-        and (group_size == QBLOCK or group_size % CHUNK == 0)
         and num_cols % group_size == 0
     )
 
 
-@functools.cache
-def _nibble_order(num_c: int) -> Tensor:
-    """Column index of each nibble of a kernel-layout row, ``[C]``: first all low nibbles' columns
-    then all high nibbles', byte by byte (see the module doc)."""
-    supers = num_c // 128
-    lo, hi = [], []
-    for s in range(supers):
-        lo.append(torch.arange(64) + 128 * s)
-        hi.append(torch.arange(64) + 128 * s + 64)
-    if num_c % 128:
-        lo.append(torch.arange(32) + 128 * supers)
-        hi.append(torch.arange(32) + 128 * supers + 32)
-    return torch.cat([torch.cat(lo), torch.cat(hi)])
+def _tiles(num_r: int) -> list[tuple[int, int, int]]:
+    """``(first row, tiles, height)`` runs covering ``num_r`` rows: the full tiles, then the rest."""
+    full = num_r // TILE
+    runs = [(0, full, TILE)] if full else []
+    if num_r % TILE:
+        runs.append((full * TILE, 1, num_r % TILE))
+    return runs
 
 
-def kernel_codes(codes_RC: Tensor, bits: int) -> Tensor:
-    """Stored-order codes uint8 ``[R, C]`` -> the kernel layout (see the module doc)."""
-    if bits == 8:
-        return codes_RC.contiguous()
-    num_c = codes_RC.shape[1]
-    order = _nibble_order(num_c)
-    lo, hi = codes_RC[:, order[: num_c // 2]], codes_RC[:, order[num_c // 2 :]]
-    return (lo | (hi << 4)).contiguous()
+def kernel_matrix(
+    codes_RC: Tensor, scale_RG: Tensor, zero_RG: Tensor, bits: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stored-order codes uint8 ``[R, C]``, scale float16 ``[R, G]`` and zero uint8 ``[R, G]`` ->
+    the kernel layout (see the module doc): ``(codes [R, C or C / 2], scale [R, G], zero [R, G])``."""
+    num_r, num_c = codes_RC.shape
+    num_g = scale_RG.shape[1]
+    codes_out, scale_out, zero_out = [], [], []
+    for first, num_t, h in _tiles(num_r):
+        q = codes_RC[first : first + num_t * h].reshape(num_t, h, num_c // QBLOCK, QBLOCK)
+        if bits == 8:
+            lanes = q.reshape(num_t, h, num_c // QBLOCK, 8, 4)
+        else:
+            lo = q[..., :16].reshape(num_t, h, num_c // QBLOCK, 4, 4)
+            lanes = lo | (q[..., 16:].reshape(num_t, h, num_c // QBLOCK, 4, 4) << 4)
+        codes_out.append(lanes.permute(0, 2, 3, 1, 4).reshape(-1))
+        for src, out in ((scale_RG, scale_out), (zero_RG, zero_out)):
+            out.append(src[first : first + num_t * h].reshape(num_t, h, num_g).transpose(1, 2).reshape(-1))
+    width = num_c if bits == 8 else num_c // 2
+    return (
+        torch.cat(codes_out).view(num_r, width),
+        torch.cat(scale_out).view(num_r, num_g),
+        torch.cat(zero_out).view(num_r, num_g),
+    )
 
 
-def stored_codes(k_codes: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`kernel_codes`: uint8 ``[R, C]`` codes in column order."""
-    if bits == 8:
-        return k_codes
-    num_r, half = k_codes.shape
-    order = _nibble_order(2 * half)
-    out = torch.empty(num_r, 2 * half, dtype=torch.uint8)
-    out[:, order[:half]] = k_codes & 15
-    out[:, order[half:]] = k_codes >> 4
-    return out
+def stored_matrix(
+    k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, bits: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`kernel_matrix`: ``(codes uint8 [R, C], scale [R, G], zero [R, G])`` in
+    the stored (row-major) order."""
+    num_r, width = k_codes.shape
+    num_c = width if bits == 8 else 2 * width
+    num_g = k_scale.shape[1]
+    blocks = num_c // QBLOCK
+    flat_c, flat_s, flat_z = k_codes.reshape(-1), k_scale.reshape(-1), k_zero.reshape(-1)
+    codes_out, scale_out, zero_out = [], [], []
+    for first, num_t, h in _tiles(num_r):
+        span = slice(first * width, (first + num_t * h) * width)
+        if bits == 8:
+            lanes = flat_c[span].view(num_t, blocks, 8, h, 4).permute(0, 3, 1, 2, 4)
+            codes_out.append(lanes.reshape(num_t * h, num_c))
+        else:
+            lanes = flat_c[span].view(num_t, blocks, 4, h, 4).permute(0, 3, 1, 2, 4)
+            lo, hi = (lanes & 15).reshape(num_t * h, blocks, 16), (lanes >> 4).reshape(num_t * h, blocks, 16)
+            codes_out.append(torch.cat([lo, hi], dim=-1).reshape(num_t * h, num_c))
+        span = slice(first * num_g, (first + num_t * h) * num_g)
+        for src, out in ((flat_s, scale_out), (flat_z, zero_out)):
+            out.append(src[span].view(num_t, num_g, h).transpose(1, 2).reshape(num_t * h, num_g))
+    return torch.cat(codes_out), torch.cat(scale_out), torch.cat(zero_out)
 
 
 def quantize_activations(x_NC: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,15 +155,16 @@ def quantize_activations(x_NC: Tensor) -> tuple[Tensor, Tensor]:
 def q_linear_reference(
     x_NC: Tensor,
     k_codes: Tensor,
-    scale_RG: Tensor,
-    zero_RG: Tensor,
+    k_scale: Tensor,
+    k_zero: Tensor,
     bits: int,
     group_size: int,
     dtype=torch.float32,
 ) -> Tensor:
-    """The kernel's math in PyTorch, summed in ``dtype`` (float64 for oracle tests): ``[N, R]``."""
+    """The kernel's math in PyTorch on a kernel-layout matrix, summed in ``dtype`` (float64 for
+    oracle tests): ``[N, R]``."""
     xq_NBb, d_NB = quantize_activations(x_NC)
-    q_RC = stored_codes(k_codes, bits)
+    q_RC, scale_RG, zero_RG = stored_matrix(k_codes, k_scale, k_zero, bits)
     num_r, num_c = q_RC.shape
     blocks = num_c // QBLOCK
     dot_NRB = torch.einsum("nbk,rbk->nrb", xq_NBb, q_RC.view(num_r, blocks, QBLOCK).float())
@@ -146,13 +180,13 @@ def _ops():
 
 
 def q_linear(
-    x_NC: Tensor, k_codes: Tensor, scale_RG: Tensor, zero_RG: Tensor, bits: int, group_size: int
+    x_NC: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, bits: int, group_size: int
 ) -> Tensor:
-    """``x [N, C] -> float32 [N, R]`` over one quantized matrix in kernel layout; the native op when
-    it loaded, else :func:`q_linear_reference` (float32)."""
+    """``x [N, C] -> float32 [N, R]`` over one quantized matrix in kernel layout
+    (:func:`kernel_matrix`); the native op when it loaded, else :func:`q_linear_reference`."""
     if native_available():
-        return _ops().q_linear(x_NC.float(), k_codes, scale_RG, zero_RG, bits, group_size)
-    return q_linear_reference(x_NC, k_codes, scale_RG, zero_RG, bits, group_size)
+        return _ops().q_linear(x_NC.float(), k_codes, k_scale, k_zero, bits, group_size)
+    return q_linear_reference(x_NC, k_codes, k_scale, k_zero, bits, group_size)
 
 
 def _act(h_NH: Tensor, activation: str) -> Tensor:

@@ -12,12 +12,10 @@
 // where the first dot is exact in int32 (u8 x s8: AVX-512 VNNI's dpbusd) and the second term
 // depends on the row only through (s_g, z_g), so it costs G multiply-adds per row.
 //
-// Kernel layouts (built by qlinear.py at load time; the saved format is unchanged):
-//     bits 8: codes uint8 [R, C] (the stored qweight as is);
-//     bits <= 4: uint8 [R, C / 2] nibbles, per 128-column super-chunk 64 bytes (low nibbles: columns
-//         0..63, high: 64..127), and a 64-column tail of 32 bytes when C % 128 == 64 (low nibbles:
-//         columns 0..31, high: 32..63); see nibble_code.
-// Needs C % 64 == 0 and g % 32 == 0 (g == 32 or g % 64 == 0).
+// Kernel layout (built by qlinear.py at load time; the saved format is unchanged): row tiles of 16
+// rows, block-interleaved so each dpbusd lane is one output row (quant_gemv.h, "The weight
+// layout"); codes keep the shape [R, C] (8 bits) or [R, C / 2] (1..4 bits, nibbles) and the
+// float16 scales and uint8 zeros [R, G], in tile order. Needs C % 32 == 0 and g % 32 == 0.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,8 +32,8 @@ namespace {
 
 constexpr int64_t ROW_GRAIN = 16;
 
-at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                    int64_t bits, int64_t group) {
+at::Tensor q_linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                         const at::Tensor& zero, int64_t bits, int64_t group, bool portable) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "q_linear: x must be float32 [N, C]");
   const auto xc = x.contiguous();
   const QMat w = check_matrix(codes, scale, zero, bits, group, xc.size(1));
@@ -43,8 +41,19 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   quantize_rows(xc.data_ptr<float>(), xc.size(0), xc.size(1), group, a);
   auto y = at::empty({xc.size(0), w.rows}, x.options());
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, w.rows, ROW_GRAIN, [&](int64_t r0, int64_t r1) { matvec_range(w, a, r0, r1, yp); });
+  at::parallel_for(0, w.rows, ROW_GRAIN, [&](int64_t r0, int64_t r1) { matvec_range(w, a, r0, r1, yp, portable); });
   return y;
+}
+
+at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                    int64_t bits, int64_t group) {
+  return q_linear_impl(x, codes, scale, zero, bits, group, false);
+}
+
+// The same product through the portable scalar tiles (what a CPU without VNNI runs): an oracle.
+at::Tensor q_linear_portable(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                             const at::Tensor& zero, int64_t bits, int64_t group) {
+  return q_linear_impl(x, codes, scale, zero, bits, group, true);
 }
 
 inline float apply_act(float v, int64_t act) {
@@ -129,10 +138,12 @@ TORCH_LIBRARY_FRAGMENT(moekit, m) {
       "q_experts_token(Tensor x, Tensor weights, Tensor[] in_codes, Tensor[] in_scale, Tensor[] in_zero, "
       "Tensor[] out_codes, Tensor[] out_scale, Tensor[] out_zero, int[] bits, int in_group, int out_group, "
       "int activation) -> Tensor");
+  m.def("q_linear_portable(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int group) -> Tensor");
   m.def("q_has_vnni() -> int", &q_has_vnni);
 }
 
 TORCH_LIBRARY_IMPL(moekit, CPU, m) {
   m.impl("q_linear", &q_linear);
+  m.impl("q_linear_portable", &q_linear_portable);
   m.impl("q_experts_token", &q_experts_token);
 }
