@@ -7,7 +7,10 @@
 One training step = forward with labels (LM loss + load-balance aux loss) + backward + AdamW
 step + zero_grad. Candidates run in interleaved rounds; the median step time is reported as
 tokens/s. moekit runs the same architecture as Mixtral (no q/k norm, untied embeddings) and,
-as a second row, its default preset (with per-head q/k RMSNorm).
+as a second row, its default preset (with per-head q/k RMSNorm). moekit's rows run the step as
+its training engine does (``CausalLMObjective``: the LM head and its cross-entropy fused chunk by
+chunk, ``moekit.kernels.linear_ce``); one more row runs ``model(ids, labels=...)``, which
+materializes the logits as transformers does.
 
 The profile times each part of a moekit step in isolation, forward + backward with the step's
 shapes: embeddings, attention (with its norms and rope), router, experts (the MoE layer minus
@@ -23,9 +26,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
+from moekit.kernels.linear_ce import linear_cross_entropy
 from moekit.models import MoEForCausalLM, get_preset
+from moekit.models.objectives import CausalLMObjective, LossWeights
 
 
 def timed_rounds(candidates: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
@@ -67,13 +71,18 @@ def hf_mixtral(cfg, impl: str):
     return MixtralForCausalLM(hcfg)
 
 
-def step_fn(model, batch, is_hf: bool):
+def step_fn(model, batch, is_hf: bool, engine: bool = True):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=False)
     inputs, labels = batch[:, :-1], batch[:, 1:]
+    objective = (
+        None if is_hf or not engine else CausalLMObjective(LossWeights.from_model_config(model.config))
+    )
 
     def step():
         if is_hf:
             out = model(input_ids=inputs, labels=batch[:, :-1], output_router_logits=True)
+        elif objective is not None:
+            out = objective.loss(objective.forward(model, batch), batch)
         else:
             out = model(inputs, labels=batch[:, :-1])
         out.loss.backward()
@@ -119,9 +128,11 @@ def profile_parts(model: MoEForCausalLM, batch: torch.Tensor, rounds: int) -> di
         if dense_ffn is not None:
             (dense_ffn(layer.post_attention_layernorm(hidden)) * g).sum().backward()
 
-    def head():
-        logits = model.lm_head(model.norm(hidden))
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
+    def head():  # as the engine's objective runs it: fused, chunk by chunk
+        h_ND = model.norm(hidden).reshape(-1, cfg.dim)
+        linear_cross_entropy(
+            h_ND, model.lm_head.weight, model.lm_head.bias, batch[:, 1:].reshape(-1)
+        ).backward()
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():
@@ -223,6 +234,10 @@ def main() -> None:
         onednn_ab(models["moekit (Mixtral architecture)"][0], batch, tokens, args)
         return
     steps = {name: step_fn(m, batch, hf) for name, (m, hf) in models.items()}
+    mixtral_moekit = models["moekit (Mixtral architecture)"][0]
+    steps["moekit (Mixtral architecture), logits materialized"] = step_fn(
+        mixtral_moekit, batch, False, engine=False
+    )
     res = timed_rounds(steps, args.rounds)
     base = res["moekit (Mixtral architecture)"]
     print(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,13 +33,14 @@ from moekit.blocks import (
     RotaryEmbedding,
     build_attention_mask,
 )
+from moekit.kernels import linear_ce
 from moekit.kernels.gemm import apply_linear
 from moekit.layers import FeedForward, FFNConfig, MoELayer, MoEOutput, RoutingInfo
 from moekit.layers.experts import StackedExpertWeights
 from moekit.layers.lora import LoRAExpertWeights
 from moekit.layers.moe import AuxLosses
 from moekit.models.config import ModelConfig
-from moekit.models.objectives import MODEL_CONFIG_COEFS, LossWeights, causal_lm_loss
+from moekit.models.objectives import MODEL_CONFIG_COEFS, LossWeights, token_cross_entropy
 
 # Aux-loss names ``forward(labels=...)`` weights, paired with their ModelConfig coefficient.
 AUX_LOSS_COEFS = MODEL_CONFIG_COEFS
@@ -223,7 +225,8 @@ class CausalLMOutput:
             aux losses weighted by the ModelConfig's recommended coefficients, as transformers does
             with ``router_aux_loss_coef``). Training uses an objective's own weights instead.
         lm_loss: scalar mean next-token cross-entropy over non-ignored labels, or None.
-        logits: ``[B, S, V]``.
+        logits: ``[B, S, V]``, or None when ``forward(return_logits=False)`` computed the loss
+            without them (:mod:`moekit.kernels.linear_ce`).
         aux_losses: unweighted aux losses averaged over MoE layers (``load_balance``,
             ``load_balance_first``, ``seq_balance``, ``z_loss``, ``entropy``), each computed on
             first access; empty for dense models.
@@ -235,7 +238,7 @@ class CausalLMOutput:
 
     loss: Tensor | None
     lm_loss: Tensor | None
-    logits: Tensor
+    logits: Tensor | None
     aux_losses: Mapping[str, Tensor] = field(default_factory=dict)
     routing: list[RoutingInfo] = field(default_factory=list)
     past_key_values: KVCache | None = None
@@ -246,9 +249,7 @@ class CausalLMOutput:
         """Scalar float32: the weighted aux-loss total (computed once, on first access)."""
         if "_aux_loss" not in self.__dict__:
             fn = self.aux_loss_fn
-            self.__dict__["_aux_loss"] = (
-                fn() if fn is not None else self.logits.new_zeros((), dtype=torch.float32)
-            )
+            self.__dict__["_aux_loss"] = fn() if fn is not None else torch.zeros((), dtype=torch.float32)
         return self.__dict__["_aux_loss"]
 
 
@@ -447,6 +448,8 @@ class MoEForCausalLM(nn.Module):
         position_ids: Tensor | None = None,
         moe_k: int | None = None,
         inputs_embeds: Tensor | None = None,
+        shift_labels: Tensor | None = None,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         """Runs the model (Hugging Face calling conventions).
 
@@ -464,6 +467,11 @@ class MoEForCausalLM(nn.Module):
             moe_k: experts per token for every MoE layer in this call (overrides ``top_k``).
             inputs_embeds: ``[B, S, D]`` used instead of ``embed_tokens(input_ids)`` (a VLM splices
                 image features into them); ``input_ids`` still gives the shape.
+            shift_labels: ``[B, S]`` targets already aligned with the positions (position t is
+                scored on ``shift_labels[t]``), used instead of ``labels`` (transformers' name).
+            return_logits: False with labels computes the loss chunk by chunk without the
+                ``[B, S, V]`` logits (:func:`moekit.kernels.linear_ce.linear_cross_entropy`, the
+                same loss and gradients); ``logits`` is then None. What training uses.
 
         Returns:
             :class:`CausalLMOutput`.
@@ -522,20 +530,37 @@ class MoEForCausalLM(nn.Module):
                 prev_logits_TE = moe_out.routing.router_logits
                 if cfg.pregated:
                     pregate_BSD = moe_out.moe_input
-        logits_BSV = self.lm_logits(x_BSD)
+        if shift_labels is None and labels is not None:
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        fused = not return_logits and shift_labels is not None and self._fused_loss_ok()
+        logits_BSV = None if fused else self.lm_logits(x_BSD)
 
         aux_losses = _mean_aux_losses(layer_aux)
 
         def weighted_aux() -> Tensor:
             # The config's recommended coefficients (HF convention); training weights come from
             # the objective (moekit.models.objectives), which does not read this.
-            return LossWeights.from_model_config(cfg).weighted(aux_losses, logits_BSV)
+            return LossWeights.from_model_config(cfg).weighted(aux_losses, x_BSD)
 
         out = CausalLMOutput(None, None, logits_BSV, aux_losses, routing, cache, aux_loss_fn=weighted_aux)
-        if labels is not None:
-            out.lm_loss = causal_lm_loss(logits_BSV, labels)
+        if shift_labels is not None:
+            if fused:
+                h_ND = self.norm(x_BSD).reshape(-1, cfg.dim)
+                out.lm_loss = linear_ce.linear_cross_entropy(
+                    h_ND, self.lm_head.weight, self.lm_head.bias, shift_labels.reshape(-1), cfg.logits_scaling
+                )
+            else:
+                out.lm_loss = token_cross_entropy(logits_BSV, shift_labels)
             out.loss = out.lm_loss + out.aux_loss
         return out
+
+    #: ``forward(return_logits=False)`` is understood (the training objective checks this).
+    supports_fused_loss = True
+
+    def _fused_loss_ok(self) -> bool:
+        # Only a plain head: a quantized, LoRA-wrapped or hooked one runs its own forward.
+        head = self.lm_head
+        return type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
 
     def num_parameters(self, active_only: bool = False) -> int:
         """Parameter count; tied weights count once.

@@ -193,12 +193,21 @@ class CausalLMObjective(Objective):
         self.weights = weights
 
     def forward(self, model: nn.Module, batch: Tensor, moe_k: int | None = None) -> Any:
-        """``model(batch[:, :-1], moe_k=moe_k)``."""
+        """``model(batch[:, :-1], moe_k=moe_k)``; a model with ``supports_fused_loss`` scores
+        ``batch[:, 1:]`` itself, chunk by chunk, without the logits (``return_logits=False``)."""
+        if getattr(model, "supports_fused_loss", False):
+            return model(batch[:, :-1], moe_k=moe_k, shift_labels=batch[:, 1:], return_logits=False)
         return model(batch[:, :-1], moe_k=moe_k)
+
+    @staticmethod
+    def _lm_loss(output: Any, batch: Tensor) -> Tensor:
+        if getattr(output, "logits", None) is None:
+            return output.lm_loss  # computed by the model on batch[:, 1:] (see forward)
+        return token_cross_entropy(output.logits, batch[:, 1:])
 
     def loss(self, output: Any, batch: Tensor) -> ObjectiveOutput:
         """``lm_loss + weighted aux``."""
-        lm_loss = token_cross_entropy(output.logits, batch[:, 1:])
+        lm_loss = self._lm_loss(output, batch)
         aux_losses = output.aux_losses or {}
         aux = self.weights.weighted(aux_losses, lm_loss)
         return ObjectiveOutput(
@@ -210,7 +219,7 @@ class CausalLMObjective(Objective):
 
     def eval_loss(self, output: Any, batch: Tensor) -> tuple[Tensor, int]:
         """Mean LM loss and the number of target tokens."""
-        return token_cross_entropy(output.logits, batch[:, 1:]), batch[:, 1:].numel()
+        return self._lm_loss(output, batch), batch[:, 1:].numel()
 
 
 __all__ = [
