@@ -200,10 +200,48 @@ class StackedExpertWeights(ExpertWeights):
         """Loop of matmuls over contiguous slices (see :meth:`ExpertWeights.forward_sorted`)."""
         if self.activation == "swiglu_clamped":  # autograd loop: the hand backward has no clamp
             return ExpertWeights.forward_sorted(self, x_ND, counts)
-        return SortedExpertsFunction.apply(x_ND, self.w_in, self.w_out, counts, self.activation)
+        bucket = expert_row_bucket(x_ND, self.w_in, counts)
+        if not bucket:
+            return SortedExpertsFunction.apply(x_ND, self.w_in, self.w_out, counts, self.activation)
+        # Each expert's rows padded with zero rows to a multiple of the bucket: oneDNN builds a
+        # primitive per product shape, and exact row counts change every step. Zero rows give
+        # zero outputs and, as no loss reads them, zero gradient terms: the result is exact.
+        padded, dest_N = padded_layout(counts, bucket, x_ND.device)
+        x_PD = x_ND.new_zeros(sum(padded), x_ND.shape[1]).index_copy(0, dest_N, x_ND)
+        y_PD = SortedExpertsFunction.apply(x_PD, self.w_in, self.w_out, padded, self.activation)
+        return y_PD.index_select(0, dest_N)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, ffn_dim={self.ffn_dim}, activation={self.activation}"
+
+
+#: Rows each expert's segment is padded to a multiple of on the oneDNN path (see
+#: :func:`expert_row_bucket`). Measured on one moe-small MoE layer's forward + backward (8192
+#: rows, 8 experts, counts varying per step): 124-141 ms exact, 102-108 ms at 32, 64 or 128.
+EXPERT_ROW_BUCKET = 64
+
+
+def expert_row_bucket(x_ND: Tensor, w_in_EHD: Tensor, counts: list[int]) -> int:
+    """:data:`EXPERT_ROW_BUCKET` when the sorted experts' products run on oneDNN (float32 CPU,
+    products above its size floor; see :func:`moekit.kernels.gemm.uses_onednn`), else 0 (exact
+    row counts: MKL has no per-shape setup cost)."""
+    if not counts or not gemm.onednn_enabled() or x_ND.dtype != torch.float32 or x_ND.device.type != "cpu":
+        return 0
+    mean_rows = x_ND.shape[0] / max(1, sum(1 for c in counts if c))
+    macs = mean_rows * w_in_EHD.shape[1] * w_in_EHD.shape[2]
+    return EXPERT_ROW_BUCKET if macs >= gemm.MIN_MACS else 0
+
+
+def padded_layout(counts: list[int], bucket: int, device: torch.device) -> tuple[list[int], Tensor]:
+    """``(padded counts, dest_N)``: each count rounded up to a multiple of ``bucket``, and the
+    row of the padded layout each of the ``N = sum(counts)`` sorted rows moves to."""
+    padded = [-(-c // bucket) * bucket for c in counts]
+    dest = []
+    start = 0
+    for count, size in zip(counts, padded, strict=True):
+        dest.append(torch.arange(start, start + count, device=device))
+        start += size
+    return padded, torch.cat(dest) if dest else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def _activation_backward(grad_a_NF: Tensor, h_NH: Tensor, activation: str, out_NH: Tensor) -> None:
