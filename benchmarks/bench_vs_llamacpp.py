@@ -84,9 +84,9 @@ SIZES = {
     "1g": Shape(dim=1024, ffn=4096, layers=8, heads=16, kv_heads=4),
     "tiny": Shape(dim=64, ffn=128, layers=2, heads=4, kv_heads=2, vocab=512, experts=4),  # tests only
 }
-ROWS = ("check", "decode", "prefill", "q8", "q4")
+ROWS = ("check", "decode", "prefill", "q8", "q4", "q8-prefill", "q4-prefill")
 # moekit quantize --bits B against the GGUF type with the same width; group 32 = q8_0/q4_0's block.
-QUANT_ROWS = {"q8": (8, "q8_0"), "q4": (4, "q4_0")}
+QUANT_ROWS = {"q8": (8, "q8_0"), "q4": (4, "q4_0"), "q8-prefill": (8, "q8_0"), "q4-prefill": (4, "q4_0")}
 LOGIT_STD = 3.0  # the lm_head is scaled so that random logits have this spread (not all ties)
 
 
@@ -392,7 +392,7 @@ def run_row(row: str, shape: Shape, size: str, paths: dict, threads: int, args) 
         "moekit": moekit_active_bytes(model, shape),
         "llama.cpp": gguf_active_bytes(gguf_path, shape),
     }
-    if row == "prefill":
+    if row == "prefill" or row.endswith("-prefill"):
         prompt = rng.integers(0, shape.vocab - 1, args.prefill).tolist()
         _warm(engines, prompt, 1)
         secs = time_prefill(engines, prompt, args.rounds)
@@ -490,7 +490,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     shape = SIZES[args.size]
     quant_bits = [QUANT_ROWS[r][0] for r in args.rows if r in QUANT_ROWS]
-    types = ["f32"] + [QUANT_ROWS[r][1] for r in args.rows if r in QUANT_ROWS]
+    types = ["f32"] + sorted({QUANT_ROWS[r][1] for r in args.rows if r in QUANT_ROWS})
     t0 = time.perf_counter()
     paths = prepare(shape, args.workdir, types, quant_bits, args.seed, args.group_size)
     print(f"# artifacts ready in {time.perf_counter() - t0:.0f}s under {args.workdir}", flush=True)

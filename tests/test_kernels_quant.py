@@ -289,3 +289,24 @@ def test_quantized_experts_never_compile_the_stacked_step():
         eager = generate(model, ids, max_new_tokens=6, compile=False)
         asked = generate(model, ids, max_new_tokens=6, compile=True)
     assert torch.equal(eager, asked)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_rows_run_native_and_inputs_needing_grad_dequantize(bits, monkeypatch):
+    lin = PackedLinear(quantize_rtn(torch.randn(96, 256) * 0.05, bits, 32))
+    assert lin.kernel == "native"
+    calls: list[str] = []
+    monkeypatch.setattr(qlinear, "_ops", lambda: _Counting(torch.ops.moekit, calls))
+    x = torch.randn(3, 100, 256)  # 300 rows: a prefill
+    y = lin(x)
+    assert calls == ["q_linear"]
+    k = lin.native_matrix()
+    ref64 = qlinear.q_linear_reference(x.reshape(-1, 256), *k[:3], bits, 32, torch.float64)
+    assert _rel(y.reshape(-1, 96), ref64) < REF_RTOL
+    # The op has no backward: an input that needs a gradient takes the dequantized weight.
+    calls.clear()
+    xg = x.clone().requires_grad_()
+    lin(xg).sum().backward()
+    assert calls == []
+    torch.testing.assert_close(xg.grad, lin.dequantized_weight().sum(0).expand_as(xg), rtol=1e-5, atol=1e-6)

@@ -22,8 +22,9 @@ Kernels (measured in docs/compression.md, ``benchmarks/bench_compress.py kernels
         (:mod:`moekit.kernels.qlinear`, ``csrc/quant_gemv.cpp``) for 8-bit codes and for codes of
         1..4 bits held as nibbles. Activations are quantized to int8 in blocks of 32 on the fly
         (llama.cpp's q8_0 scheme) and the block dots run in int32 with AVX-512 VNNI; the weights
-        are the stored codes exactly. Up to :data:`NATIVE_MAX_ROWS` input rows (decode); more
-        rows (prefill) dequantize and run a float matmul. Needs C and g multiples of 32.
+        are the stored codes exactly. Every row count runs it (decode and prefill: 2-4x a
+        dequantize-then-matmul at 16-512 rows); an input that needs a gradient dequantizes and
+        runs a float matmul instead (the op has no backward). Needs C and g multiples of 32.
     ``dequant``: dequantize the stored codes, then a float matmul. Works for every width and
         every dtype, and is slow (it rebuilds the float matrix on each call).
 
@@ -45,9 +46,6 @@ from moekit.kernels import qlinear
 
 INT4_GROUPS = (32, 64, 128, 256)
 KERNEL_NAMES = ("native", "int4pack", "int4x2", "int8group", "fbgemm", "dequant")
-# Input rows up to which the native kernel runs; beyond it the weight is dequantized once per call
-# and a float matmul runs (prefill), which is faster there than re-reading the codes per 8 rows.
-NATIVE_MAX_ROWS = 16
 
 
 def int4_kernel_available() -> bool:
@@ -281,7 +279,7 @@ class PackedLinear(nn.Module):
         """``x [..., C] -> [..., R]`` in ``x.dtype``."""
         lead = x.shape[:-1]
         x_NC = x.reshape(-1, self.in_features)
-        if self.kernel == "native" and x_NC.shape[0] <= NATIVE_MAX_ROWS:
+        if self.kernel == "native" and not (x_NC.requires_grad and torch.is_grad_enabled()):
             y = qlinear.q_linear(x_NC, self.k_weight, self.k_scale, self.k_zero, self.bits, self.group_size)
             y = y.to(x.dtype)
         elif self.kernel == "int4pack":
