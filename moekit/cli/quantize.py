@@ -18,7 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bits", type=int, default=4, help="bit width (2, 3, 4 or 8); with --mixed, the non-expert width"
     )
     p.add_argument("--method", default="rtn", help="rtn or gptq (gptq needs calibration text)")
-    p.add_argument("--group-size", type=int, default=128, help="columns per scale/zero point")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="columns per scale/zero point (default 128; 32 is q4_0/q8_0's block)",
+    )
     p.add_argument(
         "--include-non-experts", action="store_true", help="also quantize attention, dense FFNs and lm_head"
     )
