@@ -39,6 +39,22 @@ def test_mm_matches_float64_in_every_layout(layout, m):
     _close(out, a.double() @ b.double())
 
 
+@pytest.mark.parametrize("swap", [False, True])
+def test_mm_with_a_transposed_left_operand_takes_each_route(swap):
+    # A weight gradient g^T x: copied first, or (x^T g)^T when the right operand is narrow.
+    gen = torch.Generator().manual_seed(1)
+    m, k, n = 300, 96, (16 if swap else 80)
+    a = torch.randn(k, m, generator=gen).t()
+    b = torch.randn(k, n, generator=gen)
+    assert gemm.uses_onednn(a, b) and gemm.swaps_operands(a, b) is swap
+    got = gemm.mm(a, b)
+    assert got.is_contiguous()
+    _close(got, a.double() @ b.double())
+    out = torch.empty(m, n)
+    assert gemm.mm(a, b, out=out) is out
+    _close(out, a.double() @ b.double())
+
+
 def test_small_products_stay_on_torch_mm(monkeypatch):
     monkeypatch.setattr(gemm, "MIN_MACS", 1 << 24)
     a, b = torch.randn(64, 256), torch.randn(256, 512)  # 8.4M multiply-adds: under the floor

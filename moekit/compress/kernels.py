@@ -195,13 +195,17 @@ class PackedLinear(nn.Module):
     ):
         if self.qweight is not None or prefix + "qweight" not in state_dict:
             return
-        _, scale, zero = self._recover_stored()
-        dropped = self.scale is None  # native: the buffers are gone, so the keys must be consumed
-        take = state_dict.pop if dropped else state_dict.get
+        # native: the scale/zero buffers are gone, so their keys must be consumed here.
+        take = state_dict.pop if self.scale is None else state_dict.get
+        scale, zero = take(prefix + "scale", None), take(prefix + "zero", None)
+        if scale is None or zero is None:  # a partial state dict keeps the current ones
+            _, old_scale, old_zero = self._recover_stored()
+            scale = old_scale if scale is None else scale
+            zero = old_zero if zero is None else zero
         qt = QuantizedTensor(
             state_dict.pop(prefix + "qweight"),
-            take(prefix + "scale", scale),
-            take(prefix + "zero", zero),
+            scale,
+            zero,
             self.bits,
             self.group_size,
             (self.out_features, self.in_features),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.kernels.gemm import mm
+from moekit.kernels.gemm import mm  # oneDNN where it pays, else torch.mm
 
 #: floats of one chunk's logits (8 MB in float32): big enough for full-rate products, small
 #: enough to stay in malloc's reused heap instead of fresh page-faulted mappings.
@@ -38,12 +38,6 @@ MIN_CHUNK_ROWS = 16
 def chunk_rows(num_n: int, num_v: int) -> int:
     """Rows per chunk for ``N`` positions over a ``V``-word vocabulary."""
     return max(1, min(num_n, max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(num_v, 1))))
-
-
-def _product(a_MK: Tensor, b_KN: Tensor) -> Tensor:
-    if a_MK.dtype == torch.float32:
-        return mm(a_MK, b_KN)  # oneDNN where it pays
-    return a_MK @ b_KN
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -64,7 +58,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h_cD = h_ND[start : start + rows]
             t_c = targets_N[start : start + rows]
             valid_c = valid_N[start : start + rows]
-            z_cV = _product(h_cD, w_DV)
+            z_cV = mm(h_cD, w_DV)
             if b_V is not None:
                 z_cV += b_V
             z_cV = z_cV.to(loss_dtype)
@@ -83,9 +77,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_b += g_cV.sum(0)
             g_cV = g_cV.to(h_ND.dtype)
             if need_h:
-                grad_h[start : start + rows] = _product(g_cV, w_VD)
+                grad_h[start : start + rows] = mm(g_cV, w_VD)
             if need_w:
-                grad_w += _product(g_cV.t(), h_cD)
+                grad_w += mm(g_cV.t(), h_cD)
         ctx.save_for_backward(
             *(g for g in (grad_h, grad_w, grad_b) if g is not None),
         )

@@ -12,13 +12,11 @@ labels shifted inside the model with -100 ignored.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -38,9 +36,9 @@ from moekit.kernels.gemm import apply_linear
 from moekit.layers import FeedForward, FFNConfig, MoELayer, MoEOutput, RoutingInfo
 from moekit.layers.experts import StackedExpertWeights
 from moekit.layers.lora import LoRAExpertWeights
-from moekit.layers.moe import AuxLosses
 from moekit.models.config import ModelConfig
-from moekit.models.objectives import MODEL_CONFIG_COEFS, LossWeights, token_cross_entropy
+from moekit.models.objectives import MODEL_CONFIG_COEFS, LossWeights, shifted_labels, token_cross_entropy
+from moekit.models.outputs import CausalLMOutput, mean_aux_losses
 
 # Aux-loss names ``forward(labels=...)`` weights, paired with their ModelConfig coefficient.
 AUX_LOSS_COEFS = MODEL_CONFIG_COEFS
@@ -214,43 +212,6 @@ class DecoderLayer(nn.Module):
         # Granite's residual_multiplier; 1.0 (every other family) skips the multiply.
         m = self.residual_multiplier
         return branch_BSD if m == 1.0 else branch_BSD * m
-
-
-@dataclass
-class CausalLMOutput:
-    """What :meth:`MoEForCausalLM.forward` returns.
-
-    Attributes:
-        loss: scalar ``lm_loss + aux_loss``, or None without labels (Hugging Face convention: the
-            aux losses weighted by the ModelConfig's recommended coefficients, as transformers does
-            with ``router_aux_loss_coef``). Training uses an objective's own weights instead.
-        lm_loss: scalar mean next-token cross-entropy over non-ignored labels, or None.
-        logits: ``[B, S, V]``, or None when ``forward(return_logits=False)`` computed the loss
-            without them (:mod:`moekit.kernels.linear_ce`).
-        aux_losses: unweighted aux losses averaged over MoE layers (``load_balance``,
-            ``load_balance_first``, ``seq_balance``, ``z_loss``, ``entropy``), each computed on
-            first access; empty for dense models.
-        routing: one :class:`~moekit.layers.RoutingInfo` per MoE layer, in layer order.
-        past_key_values: the :class:`KVCache` when ``use_cache``, else None.
-        aux_loss: (property) float32 scalar, the coefficient-weighted aux total (0 for dense
-            models). Computed on first access, so decoding, which never reads it, never pays for it.
-    """
-
-    loss: Tensor | None
-    lm_loss: Tensor | None
-    logits: Tensor | None
-    aux_losses: Mapping[str, Tensor] = field(default_factory=dict)
-    routing: list[RoutingInfo] = field(default_factory=list)
-    past_key_values: KVCache | None = None
-    aux_loss_fn: Callable[[], Tensor] | None = field(default=None, repr=False)
-
-    @property
-    def aux_loss(self) -> Tensor:
-        """Scalar float32: the weighted aux-loss total (computed once, on first access)."""
-        if "_aux_loss" not in self.__dict__:
-            fn = self.aux_loss_fn
-            self.__dict__["_aux_loss"] = fn() if fn is not None else torch.zeros((), dtype=torch.float32)
-        return self.__dict__["_aux_loss"]
 
 
 class MoEForCausalLM(nn.Module):
@@ -531,11 +492,11 @@ class MoEForCausalLM(nn.Module):
                 if cfg.pregated:
                     pregate_BSD = moe_out.moe_input
         if shift_labels is None and labels is not None:
-            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+            shift_labels = shifted_labels(labels)
         fused = not return_logits and shift_labels is not None and self._fused_loss_ok()
         logits_BSV = None if fused else self.lm_logits(x_BSD)
 
-        aux_losses = _mean_aux_losses(layer_aux)
+        aux_losses = mean_aux_losses(layer_aux)
 
         def weighted_aux() -> Tensor:
             # The config's recommended coefficients (HF convention); training weights come from
@@ -609,15 +570,3 @@ class MoEForCausalLM(nn.Module):
         from moekit.models.io import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype)
-
-
-def _mean_aux_losses(layer_aux: list[Mapping[str, Tensor]]) -> Mapping[str, Tensor]:
-    """Averages per-layer aux losses lazily: a loss no one reads is never computed."""
-    if not layer_aux:
-        return {}
-    names = list(layer_aux[0])
-
-    def mean_of(name: str):
-        return lambda: torch.stack([aux[name].float() for aux in layer_aux]).mean()
-
-    return AuxLosses({name: mean_of(name) for name in names})

@@ -41,7 +41,7 @@ from moekit.config import JsonConfig, check_choice
 from moekit.layers import FeedForward, FFNConfig, MoEConfig, MoELayer, RoutingInfo
 from moekit.layers.experts import StackedExpertWeights
 from moekit.models import moirai_dist as dist
-from moekit.models.decoder import _mean_aux_losses
+from moekit.models.outputs import mean_aux_losses
 from moekit.timeseries import fit_scale
 
 SCALE_METHODS = ("std", "robust")
@@ -343,7 +343,7 @@ class MoiraiMoEModel(nn.Module):
             obs_BNP,
             self.config.components,
             self.config.min_scale,
-            _mean_aux_losses(layer_aux),
+            mean_aux_losses(layer_aux),
             routing,
         )
 

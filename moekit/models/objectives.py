@@ -67,8 +67,13 @@ def causal_lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
     terms are summed without copying ``logits[:, :-1]`` in the forward and zero-filling a full
     ``[B, S, V]`` gradient to scatter it back in the backward (transformers does the same).
     """
-    shifted_BS = F.pad(labels_BS[:, 1:], (0, 1), value=-100)
-    return token_cross_entropy(logits_BSV, shifted_BS)
+    return token_cross_entropy(logits_BSV, shifted_labels(labels_BS))
+
+
+def shifted_labels(labels_BS: Tensor) -> Tensor:
+    """Hugging Face's shift as targets aligned with the positions: ``[B, S]``, position t gets
+    ``labels[t + 1]`` and the last position -100 (ignored)."""
+    return F.pad(labels_BS[:, 1:], (0, 1), value=-100)
 
 
 @dataclass(kw_only=True)
@@ -229,5 +234,6 @@ __all__ = [
     "Objective",
     "ObjectiveOutput",
     "causal_lm_loss",
+    "shifted_labels",
     "token_cross_entropy",
 ]

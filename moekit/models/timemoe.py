@@ -45,7 +45,7 @@ from moekit.blocks import (
 from moekit.config import JsonConfig, check_choice
 from moekit.layers import FeedForward, FFNConfig, MoEConfig, MoELayer, MoEOutput, RoutingInfo
 from moekit.layers.experts import StackedExpertWeights
-from moekit.layers.moe import AuxLosses
+from moekit.models.outputs import mean_aux_losses
 from moekit.timeseries import fit_scale, plan_horizon
 
 PLACEMENTS = ("all", "every_other", "none")
@@ -344,7 +344,7 @@ class TimeMoEForecaster(nn.Module):
                 layer_aux.append(moe_out.aux_losses)
         h_BSD = self.norm(x_BSD)
         predictions = tuple(head(h_BSD) for head in self.heads)
-        return TimeMoEOutput(predictions, _mean_aux_losses(layer_aux), routing, cache)
+        return TimeMoEOutput(predictions, mean_aux_losses(layer_aux), routing, cache)
 
     def num_parameters(self, active_only: bool = False) -> int:
         """Parameter count; with ``active_only`` each MoE layer's experts count ``top_k / E``."""
@@ -453,17 +453,6 @@ def _rows(context: Sequence[np.ndarray] | np.ndarray | Tensor) -> list:
     if isinstance(context, np.ndarray):
         return list(context) if context.ndim == 2 else [context]
     return list(context)
-
-
-def _mean_aux_losses(layer_aux: list[Mapping[str, Tensor]]) -> Mapping[str, Tensor]:
-    """Averages per-layer aux losses lazily: a loss no one reads is never computed."""
-    if not layer_aux:
-        return {}
-
-    def mean_of(name: str):
-        return lambda: torch.stack([aux[name].float() for aux in layer_aux]).mean()
-
-    return AuxLosses({name: mean_of(name) for name in layer_aux[0]})
 
 
 def _timemoe(dim: int, num_layers: int, d_ff: int, horizons=(1, 8, 32, 64), **overrides) -> TimeMoEConfig:
